@@ -1,0 +1,254 @@
+//! Attestation: runs the attestor module for a request's method over its
+//! evidence, in a wasmtime sandbox, and returns what the module proved.
+//!
+//! Each call gets a fresh instance from a pooling allocator (a trapped
+//! instance is thrown away with its store), an epoch deadline and memory
+//! limits. Modules are compiled once at load and instantiated from an
+//! `InstancePre`. The only host capabilities linked are the Castellan
+//! interfaces (`crypto`, `clock`, `log`): a module that imports anything else
+//! — WASI filesystem, sockets, environment — fails to load.
+
+mod host;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder};
+
+use crate::config::SandboxConfig;
+use crate::trust::Snapshot;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "attestor",
+        path: "../plugins-wasm/wit",
+    });
+}
+
+pub use bindings::castellan::attestor::types::AttestError as ModuleError;
+
+/// The built-in modules compiled into the binary.
+pub mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/embedded_attestors.rs"));
+}
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// What an attestor module proved about a caller.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attestation {
+    pub method: String,
+    pub subject: String,
+    pub selectors: Vec<String>,
+    /// Verified claims, a JSON object.
+    pub claims: Value,
+}
+
+/// Why attestation did not produce an [`Attestation`]. Every variant means
+/// no credential.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttestError {
+    /// No module handles this method.
+    #[error("unknown attestation method `{0}`")]
+    UnknownMethod(String),
+    /// The method has no trust source that fits.
+    #[error("{0}")]
+    NoTrustSource(String),
+    /// The evidence could not be parsed.
+    #[error("malformed evidence: {0}")]
+    Malformed(String),
+    /// The evidence did not verify.
+    #[error("{0}")]
+    Rejected(String),
+    /// The module's configuration is unusable.
+    #[error("attestor configuration: {0}")]
+    Config(String),
+    /// The module trapped, ran out of time or memory, or returned nonsense.
+    #[error("attestor module failed: {0}")]
+    Module(String),
+    /// A module could not be compiled or linked at load time.
+    #[error("attestor module `{method}` cannot be loaded: {message}")]
+    Load { method: String, message: String },
+}
+
+/// The per-call state a module's host functions see.
+pub struct HostState {
+    trust: Arc<Snapshot>,
+    method: String,
+    limits: StoreLimits,
+}
+
+struct Module {
+    pre: bindings::AttestorPre<HostState>,
+}
+
+/// The loaded attestor modules and the engine that runs them.
+pub struct Attestors {
+    engine: Engine,
+    modules: HashMap<String, Module>,
+    deadline_ticks: u64,
+    max_memory_bytes: usize,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for Attestors {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Attestors {
+    /// Builds the engine and compiles `modules` (method, component bytes).
+    pub fn new(config: &SandboxConfig, modules: &[(&str, &[u8])]) -> Result<Self, AttestError> {
+        let load_err = |message: String| AttestError::Load { method: "*".into(), message };
+        let mut pool = PoolingAllocationConfig::default();
+        let n = config.max_instances;
+        // A component instance is the module plus the small shim modules the
+        // component model generates; size the pools with room for them.
+        pool.total_component_instances(n);
+        pool.total_core_instances(n * 4);
+        pool.total_memories(n * 2);
+        pool.total_tables(n * 4);
+        pool.max_memory_size(config.max_memory_bytes);
+        pool.max_memories_per_module(1);
+        pool.max_tables_per_module(2);
+        let mut wasm = Config::new();
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        wasm.epoch_interruption(true);
+        wasm.wasm_component_model(true);
+        // Reserve only what a module may use; bounds checks cover the rest.
+        wasm.memory_reservation(config.max_memory_bytes as u64);
+        wasm.memory_guard_size(64 << 10);
+        wasm.max_wasm_stack(512 << 10);
+        let engine = Engine::new(&wasm).map_err(|e| load_err(e.to_string()))?;
+
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        bindings::Attestor::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| load_err(e.to_string()))?;
+
+        let mut loaded = HashMap::new();
+        for (method, bytes) in modules {
+            let fail = |e: wasmtime::Error| AttestError::Load { method: (*method).into(), message: format!("{e:#}") };
+            let component = Component::new(&engine, bytes).map_err(fail)?;
+            let pre = linker.instantiate_pre(&component).map_err(fail)?;
+            let pre = bindings::AttestorPre::new(pre).map_err(fail)?;
+            loaded.insert((*method).to_owned(), Module { pre });
+        }
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (stop, ticking) = (ticker_stop.clone(), engine.clone());
+        std::thread::Builder::new()
+            .name("castellan-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticking.increment_epoch();
+                }
+            })
+            .map_err(|e| load_err(e.to_string()))?;
+
+        let tick_ms = EPOCH_TICK.as_millis() as u64;
+        Ok(Self {
+            engine,
+            modules: loaded,
+            // +1: the first tick may come at once.
+            deadline_ticks: config.deadline_ms.div_ceil(tick_ms) + 1,
+            max_memory_bytes: config.max_memory_bytes,
+            ticker_stop,
+        })
+    }
+
+    /// The built-in modules.
+    pub fn embedded(config: &SandboxConfig) -> Result<Self, AttestError> {
+        Self::new(config, embedded::MODULES)
+    }
+
+    /// Whether a module handles `method`.
+    pub fn has_method(&self, method: &str) -> bool {
+        self.modules.contains_key(method)
+    }
+
+    /// Methods with a module, sorted.
+    pub fn methods(&self) -> Vec<String> {
+        let mut m: Vec<_> = self.modules.keys().cloned().collect();
+        m.sort();
+        m
+    }
+
+    /// Runs the module for `method`. Blocking: call from a blocking thread.
+    pub fn attest(
+        &self,
+        method: &str,
+        evidence: &str,
+        trust: Arc<Snapshot>,
+        context: &Value,
+    ) -> Result<Attestation, AttestError> {
+        let module = self.modules.get(method).ok_or_else(|| AttestError::UnknownMethod(method.to_owned()))?;
+        if !trust.has_method(method) {
+            return Err(AttestError::NoTrustSource(format!("no trust source is configured for `{method}`")));
+        }
+        let config = trust.module_config(method).to_string();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.max_memory_bytes)
+            .instances(8)
+            .tables(8)
+            .table_elements(10_000)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(&self.engine, HostState { trust, method: method.to_owned(), limits });
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(self.deadline_ticks);
+        store.epoch_deadline_trap();
+
+        let instance = module.pre.instantiate(&mut store).map_err(trap_text)?;
+        let result = instance
+            .call_attest(&mut store, evidence, &config, &context.to_string())
+            .map_err(trap_text)?;
+        // The store (and the instance in it) is dropped here, whatever happened.
+        match result {
+            Ok(a) => {
+                let claims: Value = serde_json::from_str(&a.claims_json)
+                    .map_err(|_| AttestError::Module("claims are not JSON".into()))?;
+                if !claims.is_object() {
+                    return Err(AttestError::Module("claims are not a JSON object".into()));
+                }
+                if a.subject.is_empty() {
+                    return Err(AttestError::Module("empty subject".into()));
+                }
+                Ok(Attestation { method: method.to_owned(), subject: a.subject, selectors: a.selectors, claims })
+            }
+            Err(ModuleError::Malformed(m)) => Err(AttestError::Malformed(m)),
+            Err(ModuleError::Rejected(m)) => Err(AttestError::Rejected(m)),
+            Err(ModuleError::NoTrustSource(m)) => Err(AttestError::NoTrustSource(m)),
+            Err(ModuleError::Config(m)) => Err(AttestError::Config(m)),
+        }
+    }
+}
+
+fn trap_text(e: wasmtime::Error) -> AttestError {
+    let text = match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => "exceeded its time limit".to_owned(),
+        Some(wasmtime::Trap::StackOverflow) => "overflowed its stack".to_owned(),
+        Some(wasmtime::Trap::UnreachableCodeReached) => "trapped (panic or unreachable)".to_owned(),
+        Some(t) => format!("trapped: {t}"),
+        None => {
+            let s = format!("{e:#}");
+            if s.contains("memory") || s.contains("resource limit") {
+                "exceeded its memory limit".to_owned()
+            } else {
+                format!("failed: {}", s.chars().take(200).collect::<String>())
+            }
+        }
+    };
+    AttestError::Module(text)
+}
+
+#[cfg(test)]
+mod tests;

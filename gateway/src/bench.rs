@@ -1,0 +1,150 @@
+//! `castellan bench issuance`: a load generator for attested issuance. It
+//! registers its own trust source over the admin API, pre-generates tokens
+//! and CSRs (so the client's crypto is not measured), drives the endpoint at
+//! a chosen concurrency over keep-alive connections, and prints issuances/s
+//! and latency percentiles. It measures; it asserts nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use hyper::{Method, StatusCode};
+use rcgen::KeyPair;
+use serde_json::json;
+
+use crate::client::Endpoint;
+use crate::dev::{mint_projected_token, p256_jwk};
+
+/// What to run.
+pub struct Options {
+    pub endpoint: Endpoint,
+    pub admin_token: String,
+    pub concurrency: usize,
+    pub requests: usize,
+    pub warmup: usize,
+}
+
+/// What was measured.
+#[derive(Debug)]
+pub struct Report {
+    pub requests: usize,
+    pub issued: usize,
+    pub refused: Vec<(u16, usize)>,
+    pub elapsed: Duration,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+impl Report {
+    pub fn rate(&self) -> f64 {
+        self.issued as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Runs the benchmark against a live server.
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let issuer = format!("https://bench-{tag}.castellan.invalid");
+    let kid = format!("bench-{tag}");
+    let mut admin = opts.endpoint.connect().await?;
+    let body = json!({
+        "name": format!("bench-{tag}"), "method": "k8s_sat", "issuer": issuer,
+        "audiences": ["castellan-bench"], "jwks": {"keys": [p256_jwk(&key, &kid)]},
+    });
+    let (status, resp) = admin
+        .send(Method::POST, "/api/v1/trust-sources", Some(&opts.admin_token), Some(Bytes::from(body.to_string())))
+        .await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "creating the bench trust source: {status} {}", String::from_utf8_lossy(&resp));
+    let source_id = serde_json::from_slice::<serde_json::Value>(&resp)?["id"].as_str().unwrap_or_default().to_owned();
+
+    let total = opts.requests + opts.warmup;
+    eprintln!("generating {total} tokens and CSRs…");
+    let bodies = Arc::new(generate_bodies(&key, &kid, &issuer, total)?);
+
+    let warm = run_phase(&opts.endpoint, bodies.clone(), 0, opts.warmup, opts.concurrency.min(opts.warmup.max(1))).await?;
+    drop(warm);
+    let started = Instant::now();
+    let (mut latencies, statuses) = run_phase(&opts.endpoint, bodies, opts.warmup, total, opts.concurrency).await?;
+    let elapsed = started.elapsed();
+
+    let _ = admin
+        .send(Method::DELETE, &format!("/api/v1/trust-sources/{source_id}"), Some(&opts.admin_token), None)
+        .await;
+
+    latencies.sort();
+    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
+    let issued = statuses.iter().filter(|s| **s == 201).count();
+    let mut refused: Vec<(u16, usize)> = Vec::new();
+    for s in statuses.iter().filter(|s| **s != 201) {
+        match refused.iter_mut().find(|(c, _)| c == s) {
+            Some((_, n)) => *n += 1,
+            None => refused.push((*s, 1)),
+        }
+    }
+    Ok(Report {
+        requests: opts.requests,
+        issued,
+        refused,
+        elapsed,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        max: latencies.last().copied().unwrap_or_default(),
+    })
+}
+
+fn generate_bodies(key: &KeyPair, kid: &str, issuer: &str, n: usize) -> anyhow::Result<Vec<Bytes>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let token = mint_projected_token(key, kid, issuer, "castellan-bench", "bench", &format!("load-{}", i % 64), None, 3600)?;
+        let csr_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&csr_key)?.pem()?;
+        let body = json!({ "method": "k8s_sat", "evidence": token, "csr": csr, "ttl_seconds": 600 });
+        out.push(Bytes::from(body.to_string()));
+    }
+    Ok(out)
+}
+
+async fn run_phase(
+    endpoint: &Endpoint,
+    bodies: Arc<Vec<Bytes>>,
+    start: usize,
+    end: usize,
+    concurrency: usize,
+) -> anyhow::Result<(Vec<Duration>, Vec<u16>)> {
+    let next = Arc::new(AtomicUsize::new(start));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (endpoint, bodies, next) = (endpoint.clone(), bodies.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = endpoint.connect().await?;
+            let mut lat = Vec::new();
+            let mut st = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= end {
+                    break;
+                }
+                let t0 = Instant::now();
+                let (status, _) = conn
+                    .send(Method::POST, "/api/v1/workloads/attested-issuance", None, Some(bodies[i].clone()))
+                    .await
+                    .context("request failed")?;
+                lat.push(t0.elapsed());
+                st.push(status.as_u16());
+            }
+            anyhow::Ok((lat, st))
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let (l, s) = t.await??;
+        latencies.extend(l);
+        statuses.extend(s);
+    }
+    Ok((latencies, statuses))
+}

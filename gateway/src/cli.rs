@@ -1,0 +1,397 @@
+//! The command line: `castellan dev`, `serve`, `svid`, `bench`, `policy`.
+//! Each command prints one clear `error:` line and exits non-zero on failure.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use hyper::{Method, StatusCode};
+
+use crate::client::Endpoint;
+use crate::config::Config;
+use crate::dev::DevCluster;
+use crate::policy::{TestOutcome, run_tests};
+use crate::server;
+
+/// Castellan: short-lived SPIFFE identities for workloads and AI agents,
+/// issued only after attestation and policy.
+#[derive(Parser)]
+#[command(name = "castellan", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything in one process on embedded defaults (loopback HTTP).
+    Dev(DevArgs),
+    /// Run a server from a config file (TLS; the production entry point).
+    Serve(ServeArgs),
+    /// Get an X.509-SVID from a running server.
+    #[command(subcommand)]
+    Svid(SvidCommand),
+    /// Measure a running server.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Work with policy bundles.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct DevArgs {
+    #[command(subcommand)]
+    command: Option<DevCommand>,
+    /// Directory for the store, CA keys, admin token and dev cluster key.
+    #[arg(long, default_value = "castellan-dev")]
+    data_dir: PathBuf,
+    /// Where to listen; plain HTTP, so loopback only. Port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    http_addr: SocketAddr,
+    /// SPIFFE trust domain to issue in.
+    #[arg(long, default_value = "example.org")]
+    trust_domain: String,
+    /// Load the policy bundle from this directory instead of the embedded one.
+    #[arg(long)]
+    policies: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Mint dev credentials.
+    #[command(subcommand)]
+    Token(DevTokenCommand),
+}
+
+#[derive(Subcommand)]
+enum DevTokenCommand {
+    /// Print a projected service-account token signed by the dev cluster.
+    K8s(DevTokenK8s),
+}
+
+#[derive(Args)]
+struct DevTokenK8s {
+    /// The `castellan dev` data directory.
+    #[arg(long, default_value = "castellan-dev")]
+    data_dir: PathBuf,
+    /// Kubernetes namespace.
+    #[arg(long)]
+    namespace: String,
+    /// Service account name.
+    #[arg(long)]
+    service_account: String,
+    /// Pod name (default: generated).
+    #[arg(long)]
+    pod: Option<String>,
+    /// Token lifetime in seconds.
+    #[arg(long, default_value_t = 600)]
+    ttl: i64,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file; `CASTELLAN_*` variables override it.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+#[derive(Args, Clone)]
+struct ServerArgs {
+    /// Server address, e.g. http://127.0.0.1:8443.
+    #[arg(long, env = "CASTELLAN_ADDR", default_value = "http://127.0.0.1:8443")]
+    addr: String,
+    /// CA certificate to trust for https:// addresses (e.g. DATA_DIR/ca/root.crt).
+    #[arg(long, env = "CASTELLAN_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum SvidCommand {
+    /// Attest with evidence and write an X.509-SVID, its key and the bundle.
+    Issue(SvidIssue),
+}
+
+#[derive(Args)]
+struct SvidIssue {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Attestation method.
+    #[arg(long, default_value = "k8s_sat")]
+    method: String,
+    /// File holding the evidence (e.g. a service-account token); `-` reads stdin.
+    #[arg(long)]
+    evidence_file: PathBuf,
+    /// Directory to write svid.pem, svid.key and bundle.pem into.
+    #[arg(long, default_value = ".")]
+    out_dir: PathBuf,
+    /// Requested lifetime in seconds (policy may shorten it).
+    #[arg(long)]
+    ttl: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Drive attested issuance and print issuances/s and latency percentiles.
+    Issuance(BenchIssuance),
+}
+
+#[derive(Args)]
+struct BenchIssuance {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Admin API token (used only to register the bench trust source).
+    #[arg(long, env = "CASTELLAN_TOKEN", hide_env_values = true, required_unless_present = "token_file")]
+    token: Option<String>,
+    /// File holding the admin API token, e.g. DATA_DIR/admin.token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Measured requests.
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
+    /// Unmeasured requests sent first.
+    #[arg(long, default_value_t = 500)]
+    warmup: usize,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Run the `test_` rules of a policy directory, like `opa test`.
+    Test(PolicyTest),
+}
+
+#[derive(Args)]
+struct PolicyTest {
+    /// Directory with .rego files (tests in *_test.rego) and data.json.
+    dir: PathBuf,
+    /// Print every test, not only failures.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CASTELLAN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Dev(args) => match args.command {
+            Some(DevCommand::Token(DevTokenCommand::K8s(t))) => dev_token(t),
+            None => dev(args).await,
+        },
+        Command::Serve(args) => serve(args).await,
+        Command::Svid(SvidCommand::Issue(args)) => svid_issue(args).await,
+        Command::Bench(BenchCommand::Issuance(args)) => bench(args).await,
+        Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
+    }
+}
+
+async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        args.http_addr.ip().is_loopback(),
+        "`castellan dev` serves plain HTTP, which is only allowed on a loopback address (not {}); use `castellan serve` for TLS",
+        args.http_addr
+    );
+    let mut config = Config {
+        data_dir: args.data_dir.clone(),
+        trust_domain: args.trust_domain,
+        policies: args.policies,
+        ..Config::default()
+    };
+    config.http.addr = args.http_addr;
+    config.http.tls.enabled = false;
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let cluster = DevCluster::load_or_create(&config.data_dir)?;
+    let app = server::build(config, vec![cluster.trust_source()]).await?;
+    let (listener, local) = server::bind(app.config.http.addr).await?;
+
+    let dir = std::fs::canonicalize(&app.config.data_dir).unwrap_or(app.config.data_dir.clone());
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "Castellan dev server — trust domain {}", app.config.trust_domain)?;
+    writeln!(out, "  data directory   {}", dir.display())?;
+    writeln!(out, "  store            {}", dir.join("castellan.redb").display())?;
+    writeln!(
+        out,
+        "  CA bundle        {} ({})",
+        dir.join("ca/root.crt").display(),
+        if app.ca_created { "created" } else { "reused" }
+    )?;
+    writeln!(out, "  admin token      {} (mode 0600)", dir.join("admin.token").display())?;
+    let policy_source = match &app.config.policies {
+        Some(p) => p.display().to_string(),
+        None => "embedded default".into(),
+    };
+    writeln!(out, "  policies         {policy_source} (revision {})", app.pipeline.policies.revision())?;
+    writeln!(out, "  attestors        {}", app.pipeline.attestors.methods().join(", "))?;
+    writeln!(
+        out,
+        "  dev trust source {} (method k8s_sat, issuer {}, audience {})",
+        crate::dev::DEV_CLUSTER,
+        crate::dev::DEV_ISSUER,
+        crate::dev::DEV_AUDIENCE
+    )?;
+    writeln!(
+        out,
+        "  get a token      castellan dev token k8s --data-dir {} --namespace default --service-account demo",
+        dir.display()
+    )?;
+    writeln!(out, "listening on http://{local}")?;
+    out.flush()?;
+    drop(out);
+    server::serve(&app, listener, None).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dev_token(t: DevTokenK8s) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!((1..=86_400).contains(&t.ttl), "--ttl must be between 1 and 86400 seconds");
+    let cluster = DevCluster::load(&t.data_dir)?;
+    let token = cluster.mint_token(&t.namespace, &t.service_account, t.pod.as_deref(), t.ttl)?;
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    let app = server::build(config, Vec::new()).await?;
+    let (listener, local) = server::bind(app.config.http.addr).await?;
+    let tls = if app.config.http.tls.enabled { Some(server::tls_config(&app, local)?) } else { None };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(
+        trust_domain = %app.config.trust_domain,
+        data_dir = %app.config.data_dir.display(),
+        admin_token = %app.admin_token_path.display(),
+        "castellan serving"
+    );
+    println!("listening on {scheme}://{local}");
+    server::serve(&app, listener, tls).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_evidence(path: &Path) -> anyhow::Result<String> {
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading evidence from stdin")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading evidence from {}", path.display()))?
+    };
+    Ok(text.trim().to_owned())
+}
+
+/// Turns a problem+json body into one readable line.
+fn problem_line(status: StatusCode, body: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(p) => format!(
+            "{} {}: {}",
+            status.as_u16(),
+            p["type"].as_str().and_then(|t| t.strip_prefix(crate::http::TYPE_PREFIX)).unwrap_or("error"),
+            p["detail"].as_str().unwrap_or("")
+        ),
+        Err(_) => format!("{status}"),
+    }
+}
+
+async fn svid_issue(args: SvidIssue) -> anyhow::Result<ExitCode> {
+    let evidence = read_evidence(&args.evidence_file)?;
+    let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?.pem()?;
+    let body = serde_json::json!({ "method": args.method, "evidence": evidence, "csr": csr, "ttl_seconds": args.ttl });
+    let mut conn = endpoint.connect().await?;
+    let (status, resp) = conn
+        .send(Method::POST, "/api/v1/workloads/attested-issuance", None, Some(Bytes::from(body.to_string())))
+        .await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "{}", problem_line(status, &resp));
+    let issued: serde_json::Value = serde_json::from_slice(&resp).context("server answer is not JSON")?;
+    let field = |k: &str| issued[k].as_str().map(str::to_owned).with_context(|| format!("answer has no `{k}`"));
+    std::fs::create_dir_all(&args.out_dir).with_context(|| format!("cannot create {}", args.out_dir.display()))?;
+    let svid = args.out_dir.join("svid.pem");
+    let key_path = args.out_dir.join("svid.key");
+    let bundle = args.out_dir.join("bundle.pem");
+    crate::util::write_private_file(&key_path, key.serialize_pem().as_bytes())
+        .with_context(|| format!("cannot write {}", key_path.display()))?;
+    std::fs::write(&svid, field("chain_pem")?).with_context(|| format!("cannot write {}", svid.display()))?;
+    std::fs::write(&bundle, field("bundle_pem")?).with_context(|| format!("cannot write {}", bundle.display()))?;
+    println!("{}", field("spiffe_id")?);
+    eprintln!(
+        "wrote {} (expires {}), {} and {}",
+        svid.display(),
+        field("not_after")?,
+        key_path.display(),
+        bundle.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bench(args: BenchIssuance) -> anyhow::Result<ExitCode> {
+    let token = match (args.token, &args.token_file) {
+        (_, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?.trim().to_owned(),
+        (Some(t), None) => t,
+        (None, None) => anyhow::bail!("give --token-file or CASTELLAN_TOKEN"),
+    };
+    anyhow::ensure!(args.concurrency >= 1 && args.requests >= 1, "--concurrency and --requests must be at least 1");
+    let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
+    let report = crate::bench::run(crate::bench::Options {
+        endpoint,
+        admin_token: token,
+        concurrency: args.concurrency,
+        requests: args.requests,
+        warmup: args.warmup,
+    })
+    .await?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    println!("attested issuance: {} requests at concurrency {}", report.requests, args.concurrency);
+    println!("  issued       {}", report.issued);
+    if !report.refused.is_empty() {
+        println!("  refused      {:?} (status, count)", report.refused);
+    }
+    println!("  elapsed      {:.2} s", report.elapsed.as_secs_f64());
+    println!("  throughput   {:.0} issuances/s", report.rate());
+    println!("  latency      p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms", ms(report.p50), ms(report.p99), ms(report.max));
+    Ok(if report.refused.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn policy_test(args: PolicyTest) -> anyhow::Result<ExitCode> {
+    let report = run_tests(&args.dir)?;
+    for (name, outcome, took) in &report.results {
+        match outcome {
+            TestOutcome::Pass if args.verbose => println!("PASS {name} ({:.1} ms)", took.as_secs_f64() * 1000.0),
+            TestOutcome::Pass => {}
+            TestOutcome::Fail => println!("FAIL {name}"),
+            TestOutcome::Error(e) => println!("ERROR {name}: {e}"),
+        }
+    }
+    println!("{} passed, {} failed", report.passed(), report.failed());
+    anyhow::ensure!(!report.results.is_empty(), "no test_ rules found in {}", args.dir.display());
+    Ok(if report.failed() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

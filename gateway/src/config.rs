@@ -1,0 +1,306 @@
+//! The one typed configuration of a Castellan server: parsed from TOML,
+//! overridden by `CASTELLAN_*` environment variables, validated at start-up
+//! with errors that name the offending key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::spiffe_id::validate_trust_domain;
+use crate::trust::TrustSourceSpec;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value is present but not acceptable.
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Everything a server needs. Every field has a default, so an empty file
+/// is a valid (loopback-only, TLS-on) configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for the store, the CA keys and the admin token.
+    /// Env: `CASTELLAN_DATA_DIR`. Default: `./castellan-data`.
+    pub data_dir: PathBuf,
+    /// The SPIFFE trust domain this server issues in.
+    /// Env: `CASTELLAN_TRUST_DOMAIN`. Default: `example.org`.
+    pub trust_domain: String,
+    /// Directory holding the policy bundle (`.manifest`, `*.rego`,
+    /// `data.json`); unset means the embedded default bundle.
+    /// Env: `CASTELLAN_POLICIES`.
+    pub policies: Option<PathBuf>,
+    /// The HTTP API.
+    pub http: HttpConfig,
+    /// Limits of the attestor sandbox.
+    pub sandbox: SandboxConfig,
+    /// Issuance limits that hold whatever a policy says.
+    pub issuance: IssuanceConfig,
+    /// Trust sources declared here live alongside those created over the
+    /// API; they cannot be deleted over the API.
+    pub trust_sources: Vec<TrustSourceSpec>,
+}
+
+/// The HTTP API listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on. Env: `CASTELLAN_HTTP_ADDR`. Default: `127.0.0.1:8443`.
+    pub addr: SocketAddr,
+    /// Largest request body accepted, in bytes. Default: 65536.
+    pub max_body_bytes: usize,
+    /// TLS settings. TLS is on unless `enabled = false`, which is only
+    /// accepted on a loopback address.
+    pub tls: TlsConfig,
+}
+
+/// TLS for the HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Serve TLS. Default: true.
+    pub enabled: bool,
+    /// PEM certificate chain to serve. Unset (with `key_file` unset) means a
+    /// server certificate issued by Castellan's own CA.
+    /// Env: `CASTELLAN_TLS_CERT_FILE`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key for `cert_file`. Env: `CASTELLAN_TLS_KEY_FILE`.
+    pub key_file: Option<PathBuf>,
+    /// DNS names for a certificate from the own CA. Default: `["localhost"]`.
+    pub dns_names: Vec<String>,
+}
+
+/// Limits on each attestor module call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Wall-clock budget of one call, in milliseconds. Default: 50.
+    pub deadline_ms: u64,
+    /// Linear memory a module may grow to, in bytes. Default: 16 MiB.
+    pub max_memory_bytes: usize,
+    /// Module instances alive at once (the pool size). Default: 64.
+    pub max_instances: u32,
+}
+
+/// Hard bounds on issued credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IssuanceConfig {
+    /// The longest X.509-SVID lifetime ever issued, whatever the policy
+    /// says, in seconds. Default: 86400.
+    pub max_ttl_seconds: u64,
+    /// The shortest lifetime that may be requested, in seconds. Default: 60.
+    pub min_ttl_seconds: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("castellan-data"),
+            trust_domain: "example.org".into(),
+            policies: None,
+            http: HttpConfig::default(),
+            sandbox: SandboxConfig::default(),
+            issuance: IssuanceConfig::default(),
+            trust_sources: Vec::new(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            max_body_bytes: 64 * 1024,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self { enabled: true, cert_file: None, key_file: None, dns_names: vec!["localhost".into()] }
+    }
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self { deadline_ms: 50, max_memory_bytes: 16 << 20, max_instances: 64 }
+    }
+}
+
+impl Default for IssuanceConfig {
+    fn default() -> Self {
+        Self { max_ttl_seconds: 86_400, min_ttl_seconds: 60 }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file, applies environment overrides and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut config: Config = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        // Relative paths in a file are relative to that file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_relative(base);
+        config.apply_env(|k| std::env::var(k).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies `CASTELLAN_*` overrides read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = get("CASTELLAN_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = get("CASTELLAN_TRUST_DOMAIN") {
+            self.trust_domain = v;
+        }
+        if let Some(v) = get("CASTELLAN_POLICIES") {
+            self.policies = Some(v.into());
+        }
+        if let Some(v) = get("CASTELLAN_HTTP_ADDR") {
+            self.http.addr = v.parse().map_err(|e| ConfigError::Invalid {
+                key: "http.addr (CASTELLAN_HTTP_ADDR)",
+                message: format!("`{v}` is not HOST:PORT: {e}"),
+            })?;
+        }
+        if let Some(v) = get("CASTELLAN_TLS_CERT_FILE") {
+            self.http.tls.cert_file = Some(v.into());
+        }
+        if let Some(v) = get("CASTELLAN_TLS_KEY_FILE") {
+            self.http.tls.key_file = Some(v.into());
+        }
+        Ok(())
+    }
+
+    fn resolve_relative(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        if let Some(p) = self.policies.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.http.tls.cert_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.http.tls.key_file.as_mut() {
+            fix(p);
+        }
+        for ts in &mut self.trust_sources {
+            if let Some(p) = ts.jwks_file.as_mut() {
+                fix(p);
+            }
+        }
+    }
+
+    /// Checks every value; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_trust_domain(&self.trust_domain).map_err(|e| ConfigError::Invalid {
+            key: "trust_domain",
+            message: format!("`{}`: {e}", self.trust_domain),
+        })?;
+        if !self.http.tls.enabled && !self.http.addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid {
+                key: "http.tls.enabled",
+                message: format!(
+                    "plain HTTP is only allowed on a loopback address, not {}",
+                    self.http.addr
+                ),
+            });
+        }
+        if self.http.tls.cert_file.is_some() != self.http.tls.key_file.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "http.tls.cert_file",
+                message: "cert_file and key_file must be given together".into(),
+            });
+        }
+        if !(1024..=16 << 20).contains(&self.http.max_body_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "http.max_body_bytes",
+                message: "must be between 1024 and 16777216".into(),
+            });
+        }
+        if !(1..=10_000).contains(&self.sandbox.deadline_ms) {
+            return Err(ConfigError::Invalid {
+                key: "sandbox.deadline_ms",
+                message: "must be between 1 and 10000".into(),
+            });
+        }
+        if !(1 << 20..=1 << 30).contains(&self.sandbox.max_memory_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "sandbox.max_memory_bytes",
+                message: "must be between 1 MiB and 1 GiB".into(),
+            });
+        }
+        if !(1..=4096).contains(&self.sandbox.max_instances) {
+            return Err(ConfigError::Invalid {
+                key: "sandbox.max_instances",
+                message: "must be between 1 and 4096".into(),
+            });
+        }
+        if self.issuance.min_ttl_seconds == 0
+            || self.issuance.min_ttl_seconds > self.issuance.max_ttl_seconds
+        {
+            return Err(ConfigError::Invalid {
+                key: "issuance.min_ttl_seconds",
+                message: "must be at least 1 and not above issuance.max_ttl_seconds".into(),
+            });
+        }
+        for (i, ts) in self.trust_sources.iter().enumerate() {
+            ts.check().map_err(|e| ConfigError::Invalid {
+                key: "trust_sources",
+                message: format!("entry {i} (`{}`): {e}", ts.name),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_a_valid_config() {
+        let c: Config = toml::from_str("").unwrap();
+        c.validate().unwrap();
+        assert!(c.http.tls.enabled);
+        assert_eq!(c.trust_domain, "example.org");
+    }
+
+    #[test]
+    fn plain_http_off_loopback_is_refused() {
+        let mut c: Config =
+            toml::from_str("[http]\naddr = \"0.0.0.0:8443\"\ntls = { enabled = false }").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("http.tls.enabled"), "{e}");
+        c.http.addr = "127.0.0.1:8443".parse().unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        assert!(toml::from_str::<Config>("trust_domian = \"x\"").is_err());
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "CASTELLAN_TRUST_DOMAIN").then(|| "Not Valid".to_string())).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("trust_domain"));
+        let e = c.apply_env(|k| (k == "CASTELLAN_HTTP_ADDR").then(|| "nope".to_string()));
+        assert!(e.unwrap_err().to_string().contains("CASTELLAN_HTTP_ADDR"));
+    }
+}

@@ -1,0 +1,358 @@
+//! The HTTP API: a thin adapter that parses requests, authenticates the
+//! caller, calls the pipeline and renders the answer (JSON, or RFC 9457
+//! problems). No issuance logic lives here.
+
+mod problem;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+pub use problem::{Problem, TYPE_PREFIX};
+
+use crate::auth::AdminAuth;
+use crate::issuance::{AttestedRequest, IssuanceError, Pipeline};
+use crate::store::AuditEvent;
+use crate::trust::{TrustError, TrustSourceSpec};
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub pipeline: Arc<Pipeline>,
+    pub admin: Arc<AdminAuth>,
+    pub max_body_bytes: usize,
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/v1/workloads/attested-issuance", post(attested_issuance))
+        .route("/api/v1/trust-sources", post(create_trust_source).get(list_trust_sources))
+        .route("/api/v1/trust-sources/{id}", delete(delete_trust_source).get(get_trust_source))
+        .route("/api/v1/certificates", get(list_certificates))
+        .route("/api/v1/audit", get(list_audit))
+        .fallback(|| async { Problem::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", "this endpoint does not accept that method")
+        })
+        .with_state(state)
+}
+
+/// Reads a JSON body of at most `limit` bytes.
+async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, Problem> {
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // `to_bytes` reports the limit through the error's source chain.
+        let mut source: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(s) = source {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return Problem::too_large(limit);
+            }
+            source = s.source();
+        }
+        Problem::malformed("the request body could not be read")
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| Problem::malformed(format!("invalid JSON body: {e}")))
+}
+
+impl AppState {
+    async fn audit(&self, kind: &str, actor: &str, detail: Value) {
+        let event = AuditEvent { kind: kind.into(), actor: actor.into(), detail };
+        if let Err(e) = self.pipeline.store.audit(event).await {
+            tracing::error!(error = %e, kind, "could not write audit event");
+        }
+    }
+
+    /// Checks the admin token; an unauthenticated attempt is audited.
+    async fn require_admin(&self, headers: &HeaderMap, what: &str) -> Result<(), Problem> {
+        let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if self.admin.check_header(header) {
+            return Ok(());
+        }
+        self.audit("auth.refused", "anonymous", json!({ "endpoint": what, "token_present": header.is_some() }))
+            .await;
+        Err(Problem::unauthorized())
+    }
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    axum::Json(json!({
+        "status": "ok",
+        "trust_domain": state.pipeline.trust_domain,
+        "policy_revision": state.pipeline.policies.revision(),
+        "attestors": state.pipeline.attestors.methods(),
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttestedIssuanceBody {
+    method: String,
+    evidence: String,
+    csr: String,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+fn issuance_problem(e: IssuanceError) -> Problem {
+    let detail = e.to_string();
+    match e {
+        IssuanceError::BadRequest(_) => Problem::malformed(detail),
+        IssuanceError::BadCsr(_) => Problem::new(StatusCode::BAD_REQUEST, "invalid-csr", "Invalid CSR", detail),
+        IssuanceError::UnknownMethod(_) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown-method",
+            "Unknown attestation method",
+            detail,
+        ),
+        IssuanceError::NoTrustSource(_) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "no-trust-source",
+            "No trust source for this method",
+            detail,
+        ),
+        IssuanceError::AttestationFailed(_) => {
+            Problem::new(StatusCode::FORBIDDEN, "attestation-failed", "Attestation failed", detail)
+        }
+        IssuanceError::PolicyDenied(reasons) => {
+            let mut p = Problem::new(StatusCode::FORBIDDEN, "policy-denied", "Denied by policy", detail);
+            p.reasons = Some(reasons);
+            p
+        }
+        IssuanceError::Internal(_) => Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "issuance-failed",
+            "Issuance failed",
+            format!("{detail}; nothing was issued"),
+        ),
+        IssuanceError::Unavailable(_) => Problem::unavailable(detail),
+    }
+}
+
+/// `POST /api/v1/workloads/attested-issuance`: no API token; the evidence is
+/// the credential.
+async fn attested_issuance(State(state): State<AppState>, req: Request<Body>) -> Response {
+    let body: AttestedIssuanceBody = match read_json(req.into_body(), state.max_body_bytes).await {
+        Ok(b) => b,
+        Err(p) => return state.refuse_issuance(None, p).await,
+    };
+    let method = printable(&body.method);
+    let request = AttestedRequest {
+        method: body.method,
+        evidence: body.evidence,
+        csr_pem: body.csr,
+        ttl_seconds: body.ttl_seconds,
+    };
+    match state.pipeline.issue_attested(request).await {
+        Ok(issued) => (StatusCode::CREATED, axum::Json(issued)).into_response(),
+        Err(e) => state.refuse_issuance(Some(method), issuance_problem(e)).await,
+    }
+}
+
+impl AppState {
+    /// Audits a refused issuance and renders the problem.
+    async fn refuse_issuance(&self, method: Option<String>, problem: Problem) -> Response {
+        let actor = method.as_deref().map(|m| format!("evidence:{m}")).unwrap_or_else(|| "anonymous".into());
+        self.audit(
+            "issuance.refused",
+            &actor,
+            json!({
+                "surface": "attested-issuance",
+                "status": problem.status,
+                "problem": problem.slug(),
+                "detail": problem.detail,
+                "method": method,
+            }),
+        )
+        .await;
+        problem.into_response()
+    }
+}
+
+fn printable(s: &str) -> String {
+    s.chars().take(64).filter(|c| !c.is_control()).collect()
+}
+
+fn trust_problem(e: TrustError) -> Problem {
+    match e {
+        TrustError::Duplicate(_) => {
+            Problem::new(StatusCode::CONFLICT, "trust-source-exists", "Trust source exists", e.to_string())
+        }
+        _ => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-trust-source",
+            "Invalid trust source",
+            e.to_string(),
+        ),
+    }
+}
+
+async fn create_trust_source(State(state): State<AppState>, req: Request<Body>) -> Response {
+    let (parts, body) = req.into_parts();
+    let result = async {
+        state.require_admin(&parts.headers, "trust-sources.create").await?;
+        let spec: TrustSourceSpec = read_json(body, state.max_body_bytes).await?;
+        if spec.jwks_file.is_some() {
+            return Err(Problem::malformed("`jwks_file` is only accepted in the config file; send `jwks` inline"));
+        }
+        let registry = &state.pipeline.trust;
+        let source = spec.into_source("api").map_err(trust_problem)?;
+        if !state.pipeline.attestors.has_method(&source.method) {
+            return Err(trust_problem(TrustError::UnknownMethod(source.method.clone())));
+        }
+        registry.check_insert(&source).map_err(trust_problem)?;
+        let event = AuditEvent {
+            kind: "trust_source.created".into(),
+            actor: "admin".into(),
+            detail: json!({ "id": source.id, "name": source.name, "method": source.method, "issuer": source.issuer }),
+        };
+        state.pipeline.store.put_trust_source(source.clone(), event).await.map_err(|e| {
+            tracing::error!(error = %e, "could not persist trust source");
+            Problem::unavailable("the trust source could not be stored")
+        })?;
+        registry.insert(source.clone()).map_err(trust_problem)?;
+        Ok(source)
+    }
+    .await;
+    match result {
+        Ok(source) => (StatusCode::CREATED, axum::Json(source)).into_response(),
+        Err(p) => p.into_response(),
+    }
+}
+
+async fn list_trust_sources(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(p) = state.require_admin(&headers, "trust-sources.list").await {
+        return p.into_response();
+    }
+    let items: Vec<_> = state.pipeline.trust.list().iter().map(|s| s.as_ref().clone()).collect();
+    axum::Json(json!({ "items": items })).into_response()
+}
+
+async fn get_trust_source(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(p) = state.require_admin(&headers, "trust-sources.get").await {
+        return p.into_response();
+    }
+    match state.pipeline.trust.get(&id) {
+        Some(s) => axum::Json(s.as_ref().clone()).into_response(),
+        None => Problem::not_found(format!("no trust source with id `{}`", id.chars().take(64).collect::<String>()))
+            .into_response(),
+    }
+}
+
+async fn delete_trust_source(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let result = async {
+        state.require_admin(&headers, "trust-sources.delete").await?;
+        let source = state
+            .pipeline
+            .trust
+            .get(&id)
+            .ok_or_else(|| Problem::not_found(format!("no trust source with id `{}`", id.chars().take(64).collect::<String>())))?;
+        if source.origin != "api" {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "trust-source-not-deletable",
+                "Trust source is not deletable",
+                format!("trust source `{}` comes from the {} and can only be removed there", source.name, match source.origin.as_str() {
+                    "config" => "config file",
+                    _ => "dev environment",
+                }),
+            ));
+        }
+        let event = AuditEvent {
+            kind: "trust_source.deleted".into(),
+            actor: "admin".into(),
+            detail: json!({ "id": source.id, "name": source.name }),
+        };
+        state.pipeline.store.delete_trust_source(&id, event).await.map_err(|e| {
+            tracing::error!(error = %e, "could not delete trust source");
+            Problem::unavailable("the trust source could not be deleted")
+        })?;
+        state.pipeline.trust.remove(&id);
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(p) => p.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+fn page_limit(q: &PageQuery) -> Result<usize, Problem> {
+    match q.limit {
+        None => Ok(100),
+        Some(n @ 1..=1000) => Ok(n),
+        Some(_) => Err(Problem::malformed("`limit` must be between 1 and 1000")),
+    }
+}
+
+fn parse_page(q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>) -> Result<(usize, Option<String>), Problem> {
+    let Query(q) = q.map_err(|e| Problem::malformed(format!("invalid query: {e}")))?;
+    let limit = page_limit(&q)?;
+    if let Some(c) = &q.cursor {
+        if c.parse::<u64>().is_err() {
+            return Err(Problem::malformed("`cursor` is not one this server returned"));
+        }
+    }
+    Ok((limit, q.cursor))
+}
+
+async fn list_certificates(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let result: Result<Value, Problem> = async {
+        state.require_admin(&headers, "certificates.list").await?;
+        let (limit, cursor) = parse_page(q)?;
+        let page = state
+            .pipeline
+            .store
+            .list_certificates(limit, cursor.as_deref())
+            .await
+            .map_err(|e| Problem::unavailable(format!("store: {e}")))?;
+        Ok(json!({ "items": page.items, "next_cursor": page.next_cursor }))
+    }
+    .await;
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(p) => p.into_response(),
+    }
+}
+
+async fn list_audit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let result: Result<Value, Problem> = async {
+        state.require_admin(&headers, "audit.list").await?;
+        let (limit, cursor) = parse_page(q)?;
+        let page = state
+            .pipeline
+            .store
+            .list_audit(limit, cursor.as_deref())
+            .await
+            .map_err(|e| Problem::unavailable(format!("store: {e}")))?;
+        Ok(json!({ "items": page.items, "next_cursor": page.next_cursor }))
+    }
+    .await;
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(p) => p.into_response(),
+    }
+}

@@ -1,0 +1,218 @@
+//! Policy: Rego (regorus) decides over verified attestations. This module
+//! owns loading a bundle (embedded or from a directory), the compiled template
+//! engine behind an atomic swap (cloned per evaluation), the decision shapes,
+//! and running a bundle's `test_` rules. Policies never do crypto.
+
+mod tester;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use tester::{TestOutcome, TestReport, run_tests};
+
+/// The default bundle compiled into the binary.
+pub mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/embedded_policies.rs"));
+}
+
+/// The rule attested issuance evaluates.
+pub const ISSUANCE_RULE: &str = "data.castellan.issuance.decision";
+
+/// Why a bundle could not be loaded or a decision not made. Every variant on
+/// the issuance path means no credential.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// A bundle file could not be read.
+    #[error("{path}: {message}")]
+    Read { path: PathBuf, message: String },
+    /// The bundle's `.manifest` is invalid.
+    #[error("bundle manifest: {0}")]
+    Manifest(String),
+    /// A Rego file does not parse or compile.
+    #[error("rego {file}: {message}")]
+    Compile { file: String, message: String },
+    /// `data.json` is not a JSON object.
+    #[error("data.json: {0}")]
+    Data(String),
+    /// Evaluation failed (runtime error, timeout).
+    #[error("policy evaluation failed: {0}")]
+    Eval(String),
+    /// The decision document is missing or has the wrong shape.
+    #[error("policy returned no valid decision: {0}")]
+    BadDecision(String),
+}
+
+/// A bundle's `.manifest` (OPA layout).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct Manifest {
+    #[serde(default)]
+    pub revision: String,
+    #[serde(default)]
+    pub roots: Vec<String>,
+    #[serde(default)]
+    pub metadata: Value,
+}
+
+/// The issuance decision document (version 1), see `policies/README.md`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuanceDecision {
+    pub allow: bool,
+    #[serde(default)]
+    pub spiffe_id: Option<String>,
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    #[serde(default)]
+    pub reasons: Vec<String>,
+}
+
+/// A compiled bundle ready to evaluate.
+struct Loaded {
+    engine: regorus::Engine,
+    manifest: Manifest,
+}
+
+/// The active policy bundle; swapped whole, never mutated in place.
+pub struct Policies {
+    active: ArcSwap<Loaded>,
+}
+
+/// Source files of a bundle: (name, text).
+pub struct BundleFiles {
+    pub manifest: Option<String>,
+    pub rego: Vec<(String, String)>,
+    pub data: Option<String>,
+}
+
+impl BundleFiles {
+    /// The embedded default bundle.
+    pub fn embedded() -> Self {
+        let mut files = Self { manifest: None, rego: Vec::new(), data: None };
+        for (name, text) in embedded::FILES {
+            match *name {
+                ".manifest" => files.manifest = Some((*text).to_owned()),
+                "data.json" => files.data = Some((*text).to_owned()),
+                _ => files.rego.push(((*name).to_owned(), (*text).to_owned())),
+            }
+        }
+        files
+    }
+
+    /// Reads a bundle directory. `include_tests` adds `*_test.rego`.
+    pub fn from_dir(dir: &Path, include_tests: bool) -> Result<Self, PolicyError> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| PolicyError::Read { path: p.to_owned(), message: e.to_string() })
+        };
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| PolicyError::Read { path: dir.to_owned(), message: e.to_string() })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        let mut files = Self { manifest: None, rego: Vec::new(), data: None };
+        for p in entries {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+            if name == ".manifest" {
+                files.manifest = Some(read(&p)?);
+            } else if name == "data.json" {
+                files.data = Some(read(&p)?);
+            } else if name.ends_with(".rego") && (include_tests || !name.ends_with("_test.rego")) {
+                files.rego.push((name, read(&p)?));
+            }
+        }
+        if files.rego.is_empty() {
+            return Err(PolicyError::Read { path: dir.to_owned(), message: "no .rego files".into() });
+        }
+        Ok(files)
+    }
+
+    /// Compiles the bundle into an engine.
+    fn compile(&self) -> Result<Loaded, PolicyError> {
+        let manifest: Manifest = match &self.manifest {
+            Some(m) => serde_json::from_str(m).map_err(|e| PolicyError::Manifest(e.to_string()))?,
+            None => Manifest::default(),
+        };
+        let mut engine = regorus::Engine::new();
+        // A builtin that errors (bad regex, type error) is an error, not undefined.
+        engine.set_strict_builtin_errors(true);
+        for (name, text) in &self.rego {
+            engine
+                .add_policy(name.clone(), text.clone())
+                .map_err(|e| PolicyError::Compile { file: name.clone(), message: e.to_string() })?;
+        }
+        if let Some(data) = &self.data {
+            let value: Value = serde_json::from_str(data).map_err(|e| PolicyError::Data(e.to_string()))?;
+            if !value.is_object() {
+                return Err(PolicyError::Data("must be a JSON object".into()));
+            }
+            engine.add_data(regorus::Value::from(value)).map_err(|e| PolicyError::Data(e.to_string()))?;
+        }
+        Ok(Loaded { engine, manifest })
+    }
+}
+
+impl Policies {
+    /// Compiles a bundle and checks that the issuance rule evaluates.
+    pub fn load(files: &BundleFiles) -> Result<Self, PolicyError> {
+        let loaded = files.compile()?;
+        let policies = Self { active: ArcSwap::from_pointee(loaded) };
+        policies.smoke_test()?;
+        Ok(policies)
+    }
+
+    /// The embedded default bundle.
+    pub fn embedded() -> Result<Self, PolicyError> {
+        Self::load(&BundleFiles::embedded())
+    }
+
+    /// The active bundle's revision.
+    pub fn revision(&self) -> String {
+        self.active.load().manifest.revision.clone()
+    }
+
+    /// A compile-time check that the entry point exists and evaluates on a
+    /// minimal input; catches a bundle that loads but cannot decide.
+    fn smoke_test(&self) -> Result<(), PolicyError> {
+        let input = serde_json::json!({
+            "version": 1,
+            "trust_domain": "example.org",
+            "attestation": {"method": "", "subject": "", "selectors": [], "claims": {}},
+            "request": {"ttl_seconds": null, "dns_names": []},
+        });
+        self.eval(ISSUANCE_RULE, &input).map(drop)
+    }
+
+    /// Evaluates `rule` with `input` on a clone of the template engine.
+    /// Blocking: call from a blocking thread.
+    pub fn eval(&self, rule: &str, input: &Value) -> Result<Value, PolicyError> {
+        let active = self.active.load_full();
+        let mut engine = active.engine.clone();
+        engine.set_input(regorus::Value::from(input.clone()));
+        let result = engine.eval_rule(rule.to_owned()).map_err(|e| PolicyError::Eval(e.to_string()))?;
+        if result == regorus::Value::Undefined {
+            return Ok(Value::Null);
+        }
+        serde_json::to_value(&result).map_err(|e| PolicyError::Eval(e.to_string()))
+    }
+
+    /// Evaluates the issuance decision and checks its shape.
+    pub fn decide_issuance(&self, input: &Value) -> Result<IssuanceDecision, PolicyError> {
+        let value = self.eval(ISSUANCE_RULE, input)?;
+        if value.is_null() {
+            return Err(PolicyError::BadDecision(format!("`{ISSUANCE_RULE}` is undefined")));
+        }
+        serde_json::from_value(value).map_err(|e| PolicyError::BadDecision(e.to_string()))
+    }
+}
+
+/// Shared handle to the active policies.
+pub type SharedPolicies = Arc<Policies>;
+
+#[cfg(test)]
+mod tests;

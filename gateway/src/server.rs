@@ -1,0 +1,194 @@
+//! Assembles a running server from a [`Config`]: the store, CA and signer,
+//! trust sources, attestors, policies and the HTTP listener (plain on
+//! loopback, rustls TLS otherwise).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+use crate::attest::Attestors;
+use crate::auth::AdminAuth;
+use crate::ca;
+use crate::config::Config;
+use crate::http::{AppState, router};
+use crate::issuance::Pipeline;
+use crate::policy::{BundleFiles, Policies};
+use crate::signer::{InProcessSigner, Signer};
+use crate::store::{RedbStore, Store};
+use crate::trust::{Registry, TrustSource};
+
+/// A server ready to listen.
+pub struct App {
+    pub pipeline: Arc<Pipeline>,
+    pub admin: Arc<AdminAuth>,
+    pub admin_token_path: PathBuf,
+    pub store_path: PathBuf,
+    pub ca_dir: PathBuf,
+    pub ca_created: bool,
+    pub config: Config,
+}
+
+/// Builds every stage from `config`. `extra_sources` are in-memory trust
+/// sources (the dev cluster) that are never persisted.
+pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::Result<App> {
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    restrict_dir(dir)?;
+
+    let store_path = dir.join("castellan.redb");
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&store_path)?);
+
+    let ca_dir = dir.join("ca");
+    let ca = ca::load_or_create(&ca_dir, &config.trust_domain)?;
+    let signer: Arc<dyn Signer> = Arc::new(InProcessSigner::new(&ca)?);
+
+    let admin_token_path = dir.join("admin.token");
+    let admin = Arc::new(
+        AdminAuth::load_or_create(&admin_token_path)
+            .with_context(|| format!("admin token {}", admin_token_path.display()))?,
+    );
+
+    let attestors = Arc::new(Attestors::embedded(&config.sandbox)?);
+
+    let mut sources = Vec::new();
+    for spec in config.trust_sources.clone() {
+        let name = spec.name.clone();
+        sources.push(spec.into_source("config").with_context(|| format!("config trust source `{name}`"))?);
+    }
+    sources.extend(extra_sources);
+    sources.extend(store.trust_sources().await?);
+    for s in &sources {
+        if !attestors.has_method(&s.method) {
+            anyhow::bail!("trust source `{}` uses method `{}`, which has no attestor", s.name, s.method);
+        }
+    }
+    let trust = Arc::new(Registry::new(sources)?);
+
+    let policies = Arc::new(match &config.policies {
+        Some(dir) => Policies::load(&BundleFiles::from_dir(dir, false)?)
+            .with_context(|| format!("policy bundle {}", dir.display()))?,
+        None => Policies::embedded()?,
+    });
+
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let max_in_flight = (workers * 4).min(config.sandbox.max_instances as usize);
+    let pipeline = Arc::new(Pipeline::new(
+        config.trust_domain.clone(),
+        attestors,
+        trust,
+        policies,
+        signer,
+        store,
+        config.issuance.clone(),
+        max_in_flight,
+    ));
+    Ok(App {
+        pipeline,
+        admin,
+        admin_token_path,
+        store_path,
+        ca_dir,
+        ca_created: ca.created,
+        config,
+    })
+}
+
+/// Keeps the data directory private to its owner: it holds CA keys.
+fn restrict_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set permissions on {}", dir.display()))
+}
+
+/// Builds the rustls configuration for the API listener.
+pub fn tls_config(app: &App, addr: SocketAddr) -> anyhow::Result<rustls::ServerConfig> {
+    let tls = &app.config.http.tls;
+    let (chain_pem, key_pem) = match (&tls.cert_file, &tls.key_file) {
+        (Some(c), Some(k)) => (
+            std::fs::read_to_string(c).with_context(|| format!("http.tls.cert_file {}", c.display()))?,
+            std::fs::read_to_string(k).with_context(|| format!("http.tls.key_file {}", k.display()))?,
+        ),
+        _ => {
+            let mut ips = vec![addr.ip()];
+            if addr.ip().is_unspecified() {
+                ips = vec![std::net::Ipv4Addr::LOCALHOST.into()];
+            }
+            app.pipeline.signer.issue_server_certificate(&tls.dns_names, &ips)?
+        }
+    };
+    let certs = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("TLS certificate chain is not PEM")?;
+    anyhow::ensure!(!certs.is_empty(), "TLS certificate file holds no certificate");
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .context("TLS private key is not PEM")?
+        .context("TLS key file holds no private key")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("TLS certificate and key do not match")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Binds the listener; returns it with the address actually bound.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+/// Serves the API until SIGINT or SIGTERM.
+pub async fn serve(app: &App, listener: TcpListener, tls: Option<rustls::ServerConfig>) -> anyhow::Result<()> {
+    let state = AppState {
+        pipeline: app.pipeline.clone(),
+        admin: app.admin.clone(),
+        max_body_bytes: app.config.http.max_body_bytes,
+    };
+    let service = TowerToHyperService::new(router(state));
+    let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let result = match acceptor {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(tls) => builder.serve_connection(TokioIo::new(tls), service).await,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+                None => builder.serve_connection(TokioIo::new(stream), service).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    tracing::info!("shutting down");
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! The signer: the only code that touches CA keys. It mints X.509-SVIDs from
+//! a [`Template`] exactly as the X.509-SVID standard asks (one URI SAN, leaf
+//! KeyUsage critical with digitalSignature, BasicConstraints CA:false) and
+//! never decides *whether* to sign: that is the pipeline's job.
+
+use rcgen::{
+    CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    SubjectPublicKeyInfo,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::ca::CaMaterial;
+use crate::spiffe_id::SpiffeId;
+
+/// How far NotBefore is backdated to absorb clock skew between machines.
+const BACKDATE: Duration = Duration::seconds(30);
+
+/// Why the signer refused or failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignerError {
+    /// The CA key or certificate could not be loaded.
+    #[error("signer key: {0}")]
+    Key(String),
+    /// The template's public key is not one the signer accepts.
+    #[error("public key: {0}")]
+    PublicKey(String),
+    /// The template is inconsistent (e.g. zero lifetime).
+    #[error("template: {0}")]
+    Template(String),
+    /// Signing itself failed.
+    #[error("signing failed: {0}")]
+    Sign(#[from] rcgen::Error),
+}
+
+/// What to put in an X.509-SVID.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub spiffe_id: SpiffeId,
+    /// DER SubjectPublicKeyInfo of the key the certificate is bound to.
+    pub public_key_der: Vec<u8>,
+    pub ttl: Duration,
+    /// DNS SANs in addition to the SPIFFE ID.
+    pub dns_names: Vec<String>,
+    /// Extra non-critical extensions (OID arcs, DER value).
+    pub extensions: Vec<(Vec<u64>, Vec<u8>)>,
+}
+
+/// A freshly minted certificate.
+#[derive(Debug, Clone)]
+pub struct IssuedCertificate {
+    pub der: Vec<u8>,
+    pub pem: String,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+/// Signs credentials. Implementations: [`InProcessSigner`] (embedded), and
+/// later a client for a separate signer process.
+pub trait Signer: Send + Sync + 'static {
+    /// Mints an X.509-SVID for the template.
+    fn sign_x509_svid(&self, template: &Template) -> Result<IssuedCertificate, SignerError>;
+
+    /// Intermediate certificates (PEM) that complete a leaf's chain.
+    fn intermediates_pem(&self) -> &str;
+
+    /// Trust anchors (PEM) relying parties verify chains against.
+    fn bundle_pem(&self) -> &str;
+
+    /// Issues a TLS server certificate for Castellan's own listener.
+    /// Returns the chain PEM (leaf first) and the new private key PEM.
+    fn issue_server_certificate(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+    ) -> Result<(String, String), SignerError>;
+}
+
+/// Signs in this process with the intermediate CA key.
+pub struct InProcessSigner {
+    issuer: Issuer<'static, KeyPair>,
+    intermediate_not_after: OffsetDateTime,
+    intermediates_pem: String,
+    bundle_pem: String,
+}
+
+impl InProcessSigner {
+    /// Loads the intermediate key and certificate.
+    pub fn new(ca: &CaMaterial) -> Result<Self, SignerError> {
+        let key = KeyPair::from_pem(&ca.intermediate_key_pem).map_err(|e| SignerError::Key(e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_pem(&ca.intermediate_cert_pem, key)
+            .map_err(|e| SignerError::Key(format!("intermediate certificate: {e}")))?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(ca.intermediate_cert_pem.as_bytes())
+            .map_err(|e| SignerError::Key(e.to_string()))?;
+        let cert = pem.parse_x509().map_err(|e| SignerError::Key(e.to_string()))?;
+        let intermediate_not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+            .map_err(|e| SignerError::Key(e.to_string()))?;
+        Ok(Self {
+            issuer,
+            intermediate_not_after,
+            intermediates_pem: ca.intermediate_cert_pem.clone(),
+            bundle_pem: ca.root_cert_pem.clone(),
+        })
+    }
+
+    fn leaf_params(&self, ttl: Duration) -> Result<CertificateParams, SignerError> {
+        if ttl <= Duration::ZERO {
+            return Err(SignerError::Template("lifetime must be positive".into()));
+        }
+        let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let mut params = CertificateParams::default();
+        params.not_before = now - BACKDATE;
+        // A leaf never outlives the CA that signed it.
+        params.not_after = (now + ttl).min(self.intermediate_not_after);
+        params.serial_number = Some(random_serial());
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, "Castellan");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        Ok(params)
+    }
+}
+
+/// 128 random bits, top bit clear so the DER INTEGER stays positive and
+/// 16 bytes long.
+fn random_serial() -> SerialNumber {
+    let mut b: [u8; 16] = crate::util::random_bytes();
+    b[0] &= 0x7f;
+    b[0] |= 0x01;
+    SerialNumber::from_slice(&b)
+}
+
+fn finish(cert: rcgen::Certificate, params: &CertificateParams) -> IssuedCertificate {
+    let serial = params.serial_number.as_ref().map(|s| hex::encode(s.as_ref())).unwrap_or_default();
+    IssuedCertificate {
+        der: cert.der().to_vec(),
+        pem: cert.pem(),
+        serial,
+        not_before: params.not_before,
+        not_after: params.not_after,
+    }
+}
+
+impl Signer for InProcessSigner {
+    fn sign_x509_svid(&self, t: &Template) -> Result<IssuedCertificate, SignerError> {
+        let public_key = SubjectPublicKeyInfo::from_der(&t.public_key_der)
+            .map_err(|e| SignerError::PublicKey(e.to_string()))?;
+        let mut params = self.leaf_params(t.ttl)?;
+        let uri = t.spiffe_id.to_string().try_into().map_err(|e: rcgen::Error| SignerError::Template(e.to_string()))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        for dns in &t.dns_names {
+            let name = dns.clone().try_into().map_err(|e: rcgen::Error| SignerError::Template(e.to_string()))?;
+            params.subject_alt_names.push(SanType::DnsName(name));
+        }
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.custom_extensions =
+            t.extensions.iter().map(|(oid, der)| CustomExtension::from_oid_content(oid, der.clone())).collect();
+        let cert = params.signed_by(&public_key, &self.issuer)?;
+        Ok(finish(cert, &params))
+    }
+
+    fn intermediates_pem(&self) -> &str {
+        &self.intermediates_pem
+    }
+
+    fn bundle_pem(&self) -> &str {
+        &self.bundle_pem
+    }
+
+    fn issue_server_certificate(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+    ) -> Result<(String, String), SignerError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = self.leaf_params(Duration::days(90))?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.distinguished_name.push(DnType::CommonName, "Castellan API");
+        for dns in dns_names {
+            let name = dns.clone().try_into().map_err(|e: rcgen::Error| SignerError::Template(e.to_string()))?;
+            params.subject_alt_names.push(SanType::DnsName(name));
+        }
+        params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let chain = format!("{}{}", cert.pem(), self.intermediates_pem);
+        Ok((chain, key.serialize_pem()))
+    }
+}

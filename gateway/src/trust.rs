@@ -1,0 +1,431 @@
+//! Trust sources: the issuers and keys that attestor modules verify evidence
+//! against. This module owns their validation, the key sets built from their
+//! JWKS, and the host side of the `verify-jws` capability. It never decides
+//! who gets an identity.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Attestation methods whose evidence is a JWS checked against a JWKS.
+pub const JWKS_METHODS: &[&str] = &["k8s_sat"];
+
+/// Largest number of keys one JWKS may hold.
+const MAX_KEYS: usize = 64;
+
+/// Why a trust source was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TrustError {
+    /// A required field is empty or missing.
+    #[error("`{0}` is required")]
+    Missing(&'static str),
+    /// The method has no attestor that uses trust sources of this kind.
+    #[error("method `{0}` is not supported for trust sources")]
+    UnknownMethod(String),
+    /// The JWKS is unusable; the text says which key and why.
+    #[error("jwks: {0}")]
+    Jwks(String),
+    /// Another trust source already has this name.
+    #[error("a trust source named `{0}` already exists")]
+    Duplicate(String),
+    /// `jwks_file` could not be read.
+    #[error("jwks_file {path}: {message}")]
+    JwksFile { path: String, message: String },
+}
+
+/// A trust source as declared in the config file or posted to the API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustSourceSpec {
+    /// Unique, human-chosen name, e.g. `prod-cluster`.
+    pub name: String,
+    /// Attestation method, e.g. `k8s_sat`.
+    pub method: String,
+    /// The `iss` the evidence must carry.
+    pub issuer: String,
+    /// Audiences accepted; the evidence's `aud` must contain one.
+    pub audiences: Vec<String>,
+    /// Public keys as a JWKS object (`{"keys": [...]}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<Value>,
+    /// Config files only: a path to read the JWKS from instead.
+    #[serde(default, skip_serializing)]
+    pub jwks_file: Option<PathBuf>,
+}
+
+/// A stored or declared trust source.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct TrustSource {
+    pub id: String,
+    pub name: String,
+    pub method: String,
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks: Value,
+    /// `api`, `config` or `dev`: only `api` ones can be deleted over the API.
+    pub origin: String,
+    pub created_at: String,
+}
+
+impl TrustSourceSpec {
+    /// Validates the spec, including every key of the JWKS.
+    pub fn check(&self) -> Result<(), TrustError> {
+        if self.name.trim().is_empty() {
+            return Err(TrustError::Missing("name"));
+        }
+        if !JWKS_METHODS.contains(&self.method.as_str()) {
+            return Err(TrustError::UnknownMethod(self.method.clone()));
+        }
+        if self.issuer.trim().is_empty() {
+            return Err(TrustError::Missing("issuer"));
+        }
+        if self.audiences.is_empty() || self.audiences.iter().any(|a| a.is_empty()) {
+            return Err(TrustError::Missing("audiences"));
+        }
+        match (&self.jwks, &self.jwks_file) {
+            (Some(jwks), _) => KeySet::from_jwks(jwks).map(drop),
+            (None, Some(_)) => Ok(()),
+            (None, None) => Err(TrustError::Missing("jwks")),
+        }
+    }
+
+    /// Turns the spec into a trust source, reading `jwks_file` if needed.
+    pub fn into_source(self, origin: &str) -> Result<TrustSource, TrustError> {
+        self.check()?;
+        let jwks = match (self.jwks, &self.jwks_file) {
+            (Some(j), _) => j,
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| TrustError::JwksFile {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                let v: Value = serde_json::from_str(&text).map_err(|e| TrustError::JwksFile {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                KeySet::from_jwks(&v)?;
+                v
+            }
+            (None, None) => return Err(TrustError::Missing("jwks")),
+        };
+        Ok(TrustSource {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: self.name,
+            method: self.method,
+            issuer: self.issuer,
+            audiences: self.audiences,
+            jwks,
+            origin: origin.to_owned(),
+            created_at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
+        })
+    }
+}
+
+/// One verification key from a JWKS.
+struct Key {
+    kid: String,
+    family: KeyFamily,
+    /// The JWK's `alg`, when it pins one.
+    alg: Option<Algorithm>,
+    key: DecodingKey,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyFamily {
+    Rsa,
+    EcP256,
+    EcP384,
+}
+
+/// The verification keys of one trust source, parsed once when the source
+/// is loaded so that the issuance path only looks keys up.
+pub struct KeySet {
+    keys: Vec<Key>,
+}
+
+/// Algorithms a JWS may use. `none` and HMAC are never accepted: a public
+/// key must not double as a shared secret.
+fn parse_alg(alg: &str) -> Option<Algorithm> {
+    Some(match alg {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        _ => return None,
+    })
+}
+
+fn alg_family(alg: Algorithm) -> Option<KeyFamily> {
+    match alg {
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => Some(KeyFamily::Rsa),
+        Algorithm::ES256 => Some(KeyFamily::EcP256),
+        Algorithm::ES384 => Some(KeyFamily::EcP384),
+        _ => None,
+    }
+}
+
+impl KeySet {
+    /// Parses a JWKS. Every key must be a public RSA (≥ 2048 bits) or EC
+    /// P-256/P-384 key with a unique `kid`; private or symmetric key material
+    /// is refused outright so it is never stored.
+    pub fn from_jwks(jwks: &Value) -> Result<Self, TrustError> {
+        let keys = jwks
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or_else(|| TrustError::Jwks("must be an object with a `keys` array".into()))?;
+        if keys.is_empty() || keys.len() > MAX_KEYS {
+            return Err(TrustError::Jwks(format!("must hold between 1 and {MAX_KEYS} keys")));
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            let obj = k.as_object().ok_or_else(|| TrustError::Jwks(format!("key {i} is not an object")))?;
+            let field = |name: &str| obj.get(name).and_then(Value::as_str);
+            let kid = field("kid")
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| TrustError::Jwks(format!("key {i} has no `kid`")))?
+                .to_owned();
+            if out.iter().any(|o: &Key| o.kid == kid) {
+                return Err(TrustError::Jwks(format!("`kid` {kid} appears twice")));
+            }
+            for private in ["d", "p", "q", "dp", "dq", "qi", "k"] {
+                if obj.contains_key(private) {
+                    return Err(TrustError::Jwks(format!(
+                        "key {kid} contains private or symmetric key material (`{private}`); give public keys only"
+                    )));
+                }
+            }
+            if matches!(field("use"), Some(u) if u != "sig") {
+                return Err(TrustError::Jwks(format!("key {kid} is not a signing key (`use`)")));
+            }
+            let alg = match field("alg") {
+                None => None,
+                Some(a) => Some(parse_alg(a).ok_or_else(|| {
+                    TrustError::Jwks(format!("key {kid}: algorithm `{a}` is not accepted (asymmetric only)"))
+                })?),
+            };
+            let bad = |m: &str| TrustError::Jwks(format!("key {kid}: {m}"));
+            let (family, key) = match field("kty") {
+                Some("RSA") => {
+                    let n = field("n").ok_or_else(|| bad("RSA key without `n`"))?;
+                    let e = field("e").ok_or_else(|| bad("RSA key without `e`"))?;
+                    let n_bytes = URL_SAFE_NO_PAD.decode(n).map_err(|_| bad("`n` is not base64url"))?;
+                    let bits = n_bytes.iter().skip_while(|b| **b == 0).count() * 8;
+                    if bits < 2048 {
+                        return Err(bad("RSA keys must be at least 2048 bits"));
+                    }
+                    let key = DecodingKey::from_rsa_components(n, e).map_err(|e| bad(&e.to_string()))?;
+                    (KeyFamily::Rsa, key)
+                }
+                Some("EC") => {
+                    let (family, len) = match field("crv") {
+                        Some("P-256") => (KeyFamily::EcP256, 32),
+                        Some("P-384") => (KeyFamily::EcP384, 48),
+                        _ => return Err(bad("EC keys must use crv P-256 or P-384")),
+                    };
+                    let x = field("x").ok_or_else(|| bad("EC key without `x`"))?;
+                    let y = field("y").ok_or_else(|| bad("EC key without `y`"))?;
+                    let xb = URL_SAFE_NO_PAD.decode(x).map_err(|_| bad("`x` is not base64url"))?;
+                    let yb = URL_SAFE_NO_PAD.decode(y).map_err(|_| bad("`y` is not base64url"))?;
+                    if xb.len() != len || yb.len() != len {
+                        return Err(bad("EC coordinates have the wrong length"));
+                    }
+                    let key = DecodingKey::from_ec_components(x, y).map_err(|e| bad(&e.to_string()))?;
+                    (family, key)
+                }
+                Some(other) => return Err(bad(&format!("key type `{other}` is not accepted (RSA or EC only)"))),
+                None => return Err(bad("no `kty`")),
+            };
+            if let Some(a) = alg {
+                if alg_family(a) != Some(family) {
+                    return Err(bad("`alg` does not fit the key type"));
+                }
+            }
+            out.push(Key { kid, family, alg, key });
+        }
+        Ok(Self { keys: out })
+    }
+
+    /// Verifies a compact JWS and returns its decoded header and payload.
+    /// The error text is safe to show the caller.
+    pub fn verify_compact(&self, compact: &str) -> Result<(Value, String), String> {
+        let mut parts = compact.split('.');
+        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err("not a compact JWS".into());
+        };
+        let header_bytes = URL_SAFE_NO_PAD.decode(h).map_err(|_| "header is not base64url")?;
+        let header: Value = serde_json::from_slice(&header_bytes).map_err(|_| "header is not JSON")?;
+        let alg_name = header.get("alg").and_then(Value::as_str).ok_or("header has no `alg`")?;
+        let alg = parse_alg(alg_name).ok_or_else(|| {
+            format!("algorithm `{}` is not accepted (asymmetric algorithms only)", printable(alg_name))
+        })?;
+        if header.get("crit").is_some() {
+            return Err("`crit` header parameters are not supported".into());
+        }
+        let kid = header.get("kid").and_then(Value::as_str).ok_or("header has no `kid`")?;
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.kid == kid)
+            .ok_or_else(|| format!("no key with kid `{}` in the trust source", printable(kid)))?;
+        if alg_family(alg) != Some(key.family) || key.alg.is_some_and(|a| a != alg) {
+            return Err(format!("algorithm {alg_name} does not fit key `{}`", key.kid));
+        }
+        let signing_input = &compact[..h.len() + 1 + p.len()];
+        let ok = jsonwebtoken::crypto::verify(s, signing_input.as_bytes(), &key.key, alg)
+            .map_err(|_| "signature is malformed")?;
+        if !ok {
+            return Err("signature does not verify".into());
+        }
+        let payload = URL_SAFE_NO_PAD.decode(p).map_err(|_| "payload is not base64url")?;
+        let payload = String::from_utf8(payload).map_err(|_| "payload is not UTF-8")?;
+        Ok((header, payload))
+    }
+}
+
+fn printable(s: &str) -> String {
+    s.chars().take(64).filter(|c| !c.is_control()).collect()
+}
+
+/// What attestors see of the trust sources at one instant.
+#[derive(Default)]
+pub struct Snapshot {
+    /// Sources by method, in creation order.
+    pub by_method: HashMap<String, Vec<Arc<TrustSource>>>,
+    /// Key sets by name (`ts:<id>`), as the `verify-jws` capability names them.
+    pub key_sets: HashMap<String, Arc<KeySet>>,
+}
+
+impl Snapshot {
+    /// The JSON `config` an attestor module receives for `method`.
+    pub fn module_config(&self, method: &str) -> Value {
+        let sources: Vec<Value> = self
+            .by_method
+            .get(method)
+            .map(|v| {
+                v.iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "name": s.name,
+                            "issuer": s.issuer,
+                            "audiences": s.audiences,
+                            "key_set": key_set_name(&s.id),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        serde_json::json!({ "trust_sources": sources })
+    }
+
+    /// Whether any trust source serves `method`.
+    pub fn has_method(&self, method: &str) -> bool {
+        self.by_method.get(method).is_some_and(|v| !v.is_empty())
+    }
+}
+
+fn key_set_name(id: &str) -> String {
+    format!("ts:{id}")
+}
+
+/// All trust sources, swapped atomically as a whole when one changes.
+pub struct Registry {
+    sources: ArcSwap<Vec<Arc<TrustSource>>>,
+    snapshot: ArcSwap<Snapshot>,
+    /// Serialises writers so two concurrent changes cannot lose one another;
+    /// readers never take it.
+    writes: std::sync::Mutex<()>,
+}
+
+impl Registry {
+    /// Builds a registry; every source's JWKS must parse.
+    pub fn new(sources: Vec<TrustSource>) -> Result<Self, TrustError> {
+        let sources: Vec<Arc<TrustSource>> = sources.into_iter().map(Arc::new).collect();
+        let snapshot = build_snapshot(&sources)?;
+        Ok(Self {
+            sources: ArcSwap::from_pointee(sources),
+            snapshot: ArcSwap::from_pointee(snapshot),
+            writes: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// The current snapshot; cheap, lock-free.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Every trust source, in creation order.
+    pub fn list(&self) -> Vec<Arc<TrustSource>> {
+        self.sources.load().as_ref().clone()
+    }
+
+    /// Finds a source by id.
+    pub fn get(&self, id: &str) -> Option<Arc<TrustSource>> {
+        self.sources.load().iter().find(|s| s.id == id).cloned()
+    }
+
+    /// Checks that `source` could be added (unique name, usable keys).
+    pub fn check_insert(&self, source: &TrustSource) -> Result<(), TrustError> {
+        if self.sources.load().iter().any(|s| s.name == source.name) {
+            return Err(TrustError::Duplicate(source.name.clone()));
+        }
+        KeySet::from_jwks(&source.jwks).map(drop)
+    }
+
+    /// Adds a source. Callers persist it first, then insert.
+    pub fn insert(&self, source: TrustSource) -> Result<(), TrustError> {
+        let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        self.check_insert(&source)?;
+        let mut next = self.list();
+        next.push(Arc::new(source));
+        self.replace(next)
+    }
+
+    /// Removes a source by id; returns it if it was there.
+    pub fn remove(&self, id: &str) -> Option<Arc<TrustSource>> {
+        let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.list();
+        let removed = current.iter().find(|s| s.id == id).cloned()?;
+        let next: Vec<_> = current.into_iter().filter(|s| s.id != id).collect();
+        // Removing cannot make a snapshot invalid.
+        let _ = self.replace(next);
+        Some(removed)
+    }
+
+    fn replace(&self, next: Vec<Arc<TrustSource>>) -> Result<(), TrustError> {
+        let snapshot = build_snapshot(&next)?;
+        self.sources.store(Arc::new(next));
+        self.snapshot.store(Arc::new(snapshot));
+        Ok(())
+    }
+}
+
+fn build_snapshot(sources: &[Arc<TrustSource>]) -> Result<Snapshot, TrustError> {
+    let mut snap = Snapshot::default();
+    for s in sources {
+        let keys = KeySet::from_jwks(&s.jwks)?;
+        snap.key_sets.insert(key_set_name(&s.id), Arc::new(keys));
+        snap.by_method.entry(s.method.clone()).or_default().push(s.clone());
+    }
+    Ok(snap)
+}
+
+#[cfg(test)]
+mod tests;

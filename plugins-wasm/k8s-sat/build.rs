@@ -1,0 +1,8 @@
+// Without std, nothing links wasi-libc's string routines (`memcmp`, `memcpy`),
+// which compiler-generated code still calls. Link them statically from the
+// target's self-contained libc: they are pure functions and import no WASI.
+fn main() {
+    if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("wasm32") {
+        println!("cargo:rustc-link-arg=-lc");
+    }
+}

@@ -1,0 +1,329 @@
+//! Test support: start the real `castellan` binary, talk to it over real
+//! HTTP, and make fixtures (keys, JWKS, tokens, CSRs) from scratch.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rcgen::KeyPair;
+use serde_json::{Value, json};
+
+/// The binary under test.
+pub fn castellan() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_castellan"));
+    c.env("CASTELLAN_LOG", "warn");
+    c
+}
+
+/// A running `castellan dev` (or `serve`) process, killed on drop.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub dir: PathBuf,
+    pub admin_token: String,
+    agent: ureq::Agent,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads stdout until `listening on <url>`; returns the URL.
+fn wait_for_listening(child: &mut Child) -> String {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !sent {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(url.trim().to_owned());
+                    sent = true;
+                }
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60)).expect("server did not report `listening on` within 60 s")
+}
+
+impl Server {
+    /// `castellan dev` in a fresh temporary data directory.
+    pub fn dev() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let mut s = Self::dev_in(&dir, &[]);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// `castellan dev` on a given data directory, with extra arguments.
+    pub fn dev_in(dir: &Path, extra: &[&str]) -> Self {
+        let mut child = castellan()
+            .args(["dev", "--data-dir"])
+            .arg(dir)
+            .args(["--http-addr", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn castellan dev");
+        let base = wait_for_listening(&mut child);
+        let admin_token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_owned();
+        Self { child, base, dir: dir.to_owned(), admin_token, agent: agent(), _tmp: None }
+    }
+
+    /// `castellan serve --config FILE`; the URL is what the server printed.
+    pub fn serve(config: &Path, dir: &Path) -> Self {
+        let mut child = castellan()
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn castellan serve");
+        let base = wait_for_listening(&mut child);
+        let admin_token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_owned();
+        Self { child, base, dir: dir.to_owned(), admin_token, agent: agent(), _tmp: None }
+    }
+
+    /// Stops the server and waits for it to exit.
+    pub fn stop(mut self) {
+        // SIGTERM-like shutdown is not needed for these tests; the store is
+        // durable at every acknowledged write.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POSTs raw bytes; returns status, content type and body JSON (Null if none).
+    pub fn post_raw(&self, path: &str, body: Vec<u8>, token: Option<&str>) -> Resp {
+        let mut req = self.agent.post(self.url(path)).header("content-type", "application/json");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        Resp::from(req.send(body).expect("request sent"))
+    }
+
+    pub fn post(&self, path: &str, body: &Value, token: Option<&str>) -> Resp {
+        self.post_raw(path, body.to_string().into_bytes(), token)
+    }
+
+    pub fn post_admin(&self, path: &str, body: &Value) -> Resp {
+        self.post(path, body, Some(&self.admin_token.clone()))
+    }
+
+    pub fn get(&self, path: &str, token: Option<&str>) -> Resp {
+        let mut req = self.agent.get(self.url(path));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        Resp::from(req.call().expect("request sent"))
+    }
+
+    pub fn get_admin(&self, path: &str) -> Resp {
+        self.get(path, Some(&self.admin_token.clone()))
+    }
+
+    pub fn delete_admin(&self, path: &str) -> Resp {
+        let req = self.agent.delete(self.url(path)).header("authorization", format!("Bearer {}", self.admin_token));
+        Resp::from(req.call().expect("request sent"))
+    }
+
+    /// Every certificate in the inventory, following cursors.
+    pub fn certificates(&self) -> Vec<Value> {
+        self.paged("/api/v1/certificates")
+    }
+
+    /// Every audit entry.
+    pub fn audit(&self) -> Vec<Value> {
+        self.paged("/api/v1/audit")
+    }
+
+    fn paged(&self, path: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let q = match &cursor {
+                Some(c) => format!("{path}?limit=1000&cursor={c}"),
+                None => format!("{path}?limit=1000"),
+            };
+            let r = self.get_admin(&q);
+            assert_eq!(r.status, 200, "{path}: {}", r.body);
+            out.extend(r.body["items"].as_array().unwrap().iter().cloned());
+            match r.body["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return out,
+            }
+        }
+    }
+
+    /// Registers a trust source for `cluster` over the API; returns its id.
+    pub fn add_trust_source(&self, name: &str, cluster: &Cluster) -> String {
+        let r = self.post_admin(
+            "/api/v1/trust-sources",
+            &json!({
+                "name": name, "method": "k8s_sat", "issuer": cluster.issuer,
+                "audiences": [cluster.audience], "jwks": cluster.jwks(),
+            }),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.body["id"].as_str().unwrap().to_owned()
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+/// A response as the tests look at it.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Value,
+}
+
+impl From<ureq::http::Response<ureq::Body>> for Resp {
+    fn from(r: ureq::http::Response<ureq::Body>) -> Self {
+        let status = r.status().as_u16();
+        let content_type =
+            r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        let text = r.into_body().read_to_string().unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Self { status, content_type, body }
+    }
+}
+
+impl Resp {
+    /// Asserts an RFC 9457 problem with this status and type slug.
+    pub fn assert_problem(&self, status: u16, slug: &str) {
+        assert_eq!(self.status, status, "body: {}", self.body);
+        assert_eq!(self.content_type, "application/problem+json", "body: {}", self.body);
+        assert_eq!(self.body["type"], format!("urn:castellan:problem:{slug}"), "body: {}", self.body);
+        assert_eq!(self.body["status"], status);
+        assert!(self.body["title"].as_str().is_some_and(|t| !t.is_empty()));
+        assert!(self.body["detail"].as_str().is_some_and(|t| !t.is_empty()));
+    }
+}
+
+/// A fake Kubernetes cluster: an ES256 signing key and its issuer.
+pub struct Cluster {
+    pub key: KeyPair,
+    pub kid: String,
+    pub issuer: String,
+    pub audience: String,
+}
+
+impl Cluster {
+    pub fn new(issuer: &str) -> Self {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        Self { key, kid: "cluster-key-1".into(), issuer: issuer.into(), audience: "castellan".into() }
+    }
+
+    pub fn jwk(&self) -> Value {
+        let raw = self.key.public_key_raw();
+        json!({
+            "kty": "EC", "crv": "P-256", "kid": self.kid, "alg": "ES256", "use": "sig",
+            "x": URL_SAFE_NO_PAD.encode(&raw[1..33]),
+            "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+        })
+    }
+
+    pub fn jwks(&self) -> Value {
+        json!({ "keys": [self.jwk()] })
+    }
+
+    /// Claims of a projected service-account token, valid for ten minutes.
+    pub fn claims(&self, ns: &str, sa: &str) -> Value {
+        let now = now();
+        json!({
+            "iss": self.issuer, "aud": [self.audience],
+            "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "iat": now, "nbf": now, "exp": now + 600,
+            "kubernetes.io": {
+                "namespace": ns,
+                "serviceaccount": {"name": sa, "uid": "6a1b0c7e-0000-4000-8000-000000000001"},
+                "pod": {"name": format!("{sa}-7d9f8"), "uid": "6a1b0c7e-0000-4000-8000-000000000002"},
+            },
+        })
+    }
+
+    /// Signs `claims` with ES256 under this cluster's kid.
+    pub fn sign(&self, claims: &Value) -> String {
+        self.sign_with_kid(claims, &self.kid)
+    }
+
+    pub fn sign_with_kid(&self, claims: &Value, kid: &str) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.into());
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(self.key.serialize_pem().as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, claims, &key).unwrap()
+    }
+
+    pub fn token(&self, ns: &str, sa: &str) -> String {
+        self.sign(&self.claims(ns, sa))
+    }
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// A fresh P-256 key and a CSR for it.
+pub fn csr() -> (KeyPair, String) {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let pem = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap().pem().unwrap();
+    (key, pem)
+}
+
+/// The attested-issuance request body.
+pub fn issuance_body(token: &str, csr: &str, ttl: Option<u64>) -> Value {
+    let mut b = json!({ "method": "k8s_sat", "evidence": token, "csr": csr });
+    if let Some(t) = ttl {
+        b["ttl_seconds"] = t.into();
+    }
+    b
+}
+
+/// Polls until `f` is true or the timeout passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// DER certificates from a PEM text.
+pub fn pem_certs(pem_text: &str) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = pem_text.as_bytes();
+    while let Ok((r, pem)) = x509_parser::pem::parse_x509_pem(rest) {
+        out.push(pem.contents);
+        rest = r;
+        if rest.iter().all(|b| b.is_ascii_whitespace()) {
+            break;
+        }
+    }
+    out
+}
