@@ -12,7 +12,10 @@ const MODULES: &[(&str, &str, &str)] = &[("k8s_sat", "k8s-sat", "k8s_sat.wasm")]
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let root = manifest_dir.parent().expect("gateway/ sits in the workspace root").to_path_buf();
+    let root = manifest_dir
+        .parent()
+        .expect("gateway/ sits in the workspace root")
+        .to_path_buf();
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo"));
     let plugins = root.join("plugins-wasm");
     let policies = root.join("policies");
@@ -37,7 +40,13 @@ fn build_modules(root: &Path, plugins: &Path, out_dir: &Path) {
         .join("wasm-plugins");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--manifest-path",
+        ])
         .arg(plugins.join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&target_dir)
@@ -50,14 +59,22 @@ fn build_modules(root: &Path, plugins: &Path, out_dir: &Path) {
         .env_remove("CARGO_TARGET_DIR")
         .status()
         .expect("cannot run cargo to build the attestor modules");
-    assert!(status.success(), "building the attestor modules in plugins-wasm/ failed");
+    assert!(
+        status.success(),
+        "building the attestor modules in plugins-wasm/ failed"
+    );
 
-    let mut code = String::from("/// Built-in attestor modules: (method, component bytes).\npub const MODULES: &[(&str, &[u8])] = &[\n");
+    let mut code = String::from(
+        "/// Built-in attestor modules: (method, component bytes).\npub const MODULES: &[(&str, &[u8])] = &[\n",
+    );
     for (method, _, artifact) in MODULES {
         let built = target_dir.join("wasm32-wasip2/release").join(artifact);
         let dest = out_dir.join(artifact);
         std::fs::copy(&built, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
-        code.push_str(&format!("    ({method:?}, include_bytes!({:?})),\n", dest.display().to_string()));
+        code.push_str(&format!(
+            "    ({method:?}, include_bytes!({:?})),\n",
+            dest.display().to_string()
+        ));
     }
     code.push_str("];\n");
     std::fs::write(out_dir.join("embedded_attestors.rs"), code).expect("write embedded_attestors.rs");
@@ -70,11 +87,21 @@ fn ensure_wasm_target() {
         .args(["--print", "target-libdir", "--target", "wasm32-wasip2"])
         .output()
         .ok()
-        .and_then(|o| o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_owned()))
+        .and_then(|o| {
+            o.status
+                .success()
+                .then(|| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        })
         .is_some_and(|dir| Path::new(&dir).exists());
     if !installed {
-        let ok = Command::new("rustup").args(["target", "add", "wasm32-wasip2"]).status().is_ok_and(|s| s.success());
-        assert!(ok, "the wasm32-wasip2 target is missing: run `rustup target add wasm32-wasip2`");
+        let ok = Command::new("rustup")
+            .args(["target", "add", "wasm32-wasip2"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "the wasm32-wasip2 target is missing: run `rustup target add wasm32-wasip2`"
+        );
     }
 }
 
@@ -84,14 +111,25 @@ fn embed_policies(dir: &Path, out_dir: &Path) {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            (name.ends_with(".rego") && !name.ends_with("_test.rego")) || name == "data.json" || name == ".manifest"
+            (name.ends_with(".rego") && !name.ends_with("_test.rego"))
+                || name == "data.json"
+                || name == ".manifest"
         })
         .collect();
     files.sort();
-    let mut code = String::from("/// The default policy bundle: (file name, contents).\npub const FILES: &[(&str, &str)] = &[\n");
+    let mut code = String::from(
+        "/// The default policy bundle: (file name, contents).\npub const FILES: &[(&str, &str)] = &[\n",
+    );
     for f in files {
-        let name = f.file_name().and_then(|n| n.to_str()).expect("utf-8 name").to_owned();
-        code.push_str(&format!("    ({name:?}, include_str!({:?})),\n", f.display().to_string()));
+        let name = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("utf-8 name")
+            .to_owned();
+        code.push_str(&format!(
+            "    ({name:?}, include_str!({:?})),\n",
+            f.display().to_string()
+        ));
     }
     code.push_str("];\n");
     std::fs::write(out_dir.join("embedded_policies.rs"), code).expect("write embedded_policies.rs");

@@ -42,7 +42,9 @@ impl AdminAuth {
 
     /// Builds a checker for one known token.
     pub fn from_token(token: &str) -> Self {
-        Self { hash: Sha256::digest(token.as_bytes()).into() }
+        Self {
+            hash: Sha256::digest(token.as_bytes()).into(),
+        }
     }
 
     /// Whether an `Authorization` header value carries the admin token.
@@ -52,7 +54,11 @@ impl AdminAuth {
         };
         let presented: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
         // Compare every byte whatever the first mismatch, so timing says nothing.
-        presented.iter().zip(self.hash.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        presented
+            .iter()
+            .zip(self.hash.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
     }
 }
 
@@ -73,7 +79,10 @@ mod tests {
         let a = AdminAuth::load_or_create(&path).unwrap();
         let token = std::fs::read_to_string(&path).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert!(a.check_header(Some(&format!("Bearer {}", token.trim()))));
         assert!(!a.check_header(Some("Bearer cst_wrong")));
         assert!(!a.check_header(Some(token.trim())));

@@ -56,27 +56,57 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         "audiences": ["castellan-bench"], "jwks": {"keys": [p256_jwk(&key, &kid)]},
     });
     let (status, resp) = admin
-        .send(Method::POST, "/api/v1/trust-sources", Some(&opts.admin_token), Some(Bytes::from(body.to_string())))
+        .send(
+            Method::POST,
+            "/api/v1/trust-sources",
+            Some(&opts.admin_token),
+            Some(Bytes::from(body.to_string())),
+        )
         .await?;
-    anyhow::ensure!(status == StatusCode::CREATED, "creating the bench trust source: {status} {}", String::from_utf8_lossy(&resp));
-    let source_id = serde_json::from_slice::<serde_json::Value>(&resp)?["id"].as_str().unwrap_or_default().to_owned();
+    anyhow::ensure!(
+        status == StatusCode::CREATED,
+        "creating the bench trust source: {status} {}",
+        String::from_utf8_lossy(&resp)
+    );
+    let source_id = serde_json::from_slice::<serde_json::Value>(&resp)?["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
 
     let total = opts.requests + opts.warmup;
     eprintln!("generating {total} tokens and CSRs…");
     let bodies = Arc::new(generate_bodies(&key, &kid, &issuer, total)?);
 
-    let warm = run_phase(&opts.endpoint, bodies.clone(), 0, opts.warmup, opts.concurrency.min(opts.warmup.max(1))).await?;
+    let warm = run_phase(
+        &opts.endpoint,
+        bodies.clone(),
+        0,
+        opts.warmup,
+        opts.concurrency.min(opts.warmup.max(1)),
+    )
+    .await?;
     drop(warm);
     let started = Instant::now();
-    let (mut latencies, statuses) = run_phase(&opts.endpoint, bodies, opts.warmup, total, opts.concurrency).await?;
+    let (mut latencies, statuses) =
+        run_phase(&opts.endpoint, bodies, opts.warmup, total, opts.concurrency).await?;
     let elapsed = started.elapsed();
 
     let _ = admin
-        .send(Method::DELETE, &format!("/api/v1/trust-sources/{source_id}"), Some(&opts.admin_token), None)
+        .send(
+            Method::DELETE,
+            &format!("/api/v1/trust-sources/{source_id}"),
+            Some(&opts.admin_token),
+            None,
+        )
         .await;
 
     latencies.sort();
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     let issued = statuses.iter().filter(|s| **s == 201).count();
     let mut refused: Vec<(u16, usize)> = Vec::new();
     for s in statuses.iter().filter(|s| **s != 201) {
@@ -99,9 +129,20 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
 fn generate_bodies(key: &KeyPair, kid: &str, issuer: &str, n: usize) -> anyhow::Result<Vec<Bytes>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let token = mint_projected_token(key, kid, issuer, "castellan-bench", "bench", &format!("load-{}", i % 64), None, 3600)?;
+        let token = mint_projected_token(
+            key,
+            kid,
+            issuer,
+            "castellan-bench",
+            "bench",
+            &format!("load-{}", i % 64),
+            None,
+            3600,
+        )?;
         let csr_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&csr_key)?.pem()?;
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+            .serialize_request(&csr_key)?
+            .pem()?;
         let body = json!({ "method": "k8s_sat", "evidence": token, "csr": csr, "ttl_seconds": 600 });
         out.push(Bytes::from(body.to_string()));
     }
@@ -130,7 +171,12 @@ async fn run_phase(
                 }
                 let t0 = Instant::now();
                 let (status, _) = conn
-                    .send(Method::POST, "/api/v1/workloads/attested-issuance", None, Some(bodies[i].clone()))
+                    .send(
+                        Method::POST,
+                        "/api/v1/workloads/attested-issuance",
+                        None,
+                        Some(bodies[i].clone()),
+                    )
                     .await
                     .context("request failed")?;
                 lat.push(t0.elapsed());

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -29,7 +29,11 @@ pub enum CaError {
     Invalid { path: PathBuf, message: String },
     /// The existing CA belongs to another trust domain.
     #[error("the CA in {dir} is for trust domain `{found}`, not `{wanted}`; use another data directory")]
-    TrustDomainMismatch { dir: PathBuf, found: String, wanted: String },
+    TrustDomainMismatch {
+        dir: PathBuf,
+        found: String,
+        wanted: String,
+    },
     /// Generating or signing failed.
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
@@ -47,7 +51,10 @@ pub struct CaMaterial {
 
 impl std::fmt::Debug for CaMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CaMaterial").field("dir", &self.dir).field("created", &self.created).finish_non_exhaustive()
+        f.debug_struct("CaMaterial")
+            .field("dir", &self.dir)
+            .field("created", &self.created)
+            .finish_non_exhaustive()
     }
 }
 
@@ -121,14 +128,20 @@ fn ca_params(trust_domain: &str, cn: &str, td_uri: &str) -> Result<CertificatePa
     params.distinguished_name = dn;
     // A signing certificate may carry the trust domain's own SPIFFE ID.
     params.subject_alt_names = vec![SanType::URI(td_uri.try_into()?)];
-    params.key_usages =
-        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     Ok(params)
 }
 
 fn load(dir: &Path, p: &Paths, trust_domain: &str) -> Result<CaMaterial, CaError> {
     let read = |path: &Path| {
-        std::fs::read_to_string(path).map_err(|source| CaError::Io { path: path.to_owned(), source })
+        std::fs::read_to_string(path).map_err(|source| CaError::Io {
+            path: path.to_owned(),
+            source,
+        })
     };
     let root_cert_pem = read(&p.root_cert)?;
     let intermediate_cert_pem = read(&p.int_cert)?;
@@ -137,12 +150,24 @@ fn load(dir: &Path, p: &Paths, trust_domain: &str) -> Result<CaMaterial, CaError
         path: p.int_key.clone(),
         message: format!("not a usable private key: {e}"),
     })?;
-    let found = trust_domain_of(&root_cert_pem)
-        .map_err(|message| CaError::Invalid { path: p.root_cert.clone(), message })?;
+    let found = trust_domain_of(&root_cert_pem).map_err(|message| CaError::Invalid {
+        path: p.root_cert.clone(),
+        message,
+    })?;
     if found != trust_domain {
-        return Err(CaError::TrustDomainMismatch { dir: dir.to_owned(), found, wanted: trust_domain.to_owned() });
+        return Err(CaError::TrustDomainMismatch {
+            dir: dir.to_owned(),
+            found,
+            wanted: trust_domain.to_owned(),
+        });
     }
-    Ok(CaMaterial { root_cert_pem, intermediate_cert_pem, intermediate_key_pem, created: false, dir: dir.to_owned() })
+    Ok(CaMaterial {
+        root_cert_pem,
+        intermediate_cert_pem,
+        intermediate_key_pem,
+        created: false,
+        dir: dir.to_owned(),
+    })
 }
 
 /// Reads the trust domain from a CA certificate's `spiffe://` URI SAN.
@@ -180,7 +205,10 @@ mod tests {
         let err = load_or_create(&ca_dir, "other.org").unwrap_err();
         assert!(matches!(err, CaError::TrustDomainMismatch { .. }), "{err}");
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(ca_dir.join("intermediate.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(ca_dir.join("intermediate.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

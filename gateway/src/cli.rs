@@ -146,7 +146,12 @@ struct BenchIssuance {
     #[command(flatten)]
     server: ServerArgs,
     /// Admin API token (used only to register the bench trust source).
-    #[arg(long, env = "CASTELLAN_TOKEN", hide_env_values = true, required_unless_present = "token_file")]
+    #[arg(
+        long,
+        env = "CASTELLAN_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "token_file"
+    )]
     token: Option<String>,
     /// File holding the admin API token, e.g. DATA_DIR/admin.token.
     #[arg(long)]
@@ -200,7 +205,10 @@ pub fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CASTELLAN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -239,7 +247,11 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
 
     let dir = std::fs::canonicalize(&app.config.data_dir).unwrap_or(app.config.data_dir.clone());
     let mut out = std::io::stdout().lock();
-    writeln!(out, "Castellan dev server — trust domain {}", app.config.trust_domain)?;
+    writeln!(
+        out,
+        "Castellan dev server — trust domain {}",
+        app.config.trust_domain
+    )?;
     writeln!(out, "  data directory   {}", dir.display())?;
     writeln!(out, "  store            {}", dir.join("castellan.redb").display())?;
     writeln!(
@@ -248,13 +260,25 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         dir.join("ca/root.crt").display(),
         if app.ca_created { "created" } else { "reused" }
     )?;
-    writeln!(out, "  admin token      {} (mode 0600)", dir.join("admin.token").display())?;
+    writeln!(
+        out,
+        "  admin token      {} (mode 0600)",
+        dir.join("admin.token").display()
+    )?;
     let policy_source = match &app.config.policies {
         Some(p) => p.display().to_string(),
         None => "embedded default".into(),
     };
-    writeln!(out, "  policies         {policy_source} (revision {})", app.pipeline.policies.revision())?;
-    writeln!(out, "  attestors        {}", app.pipeline.attestors.methods().join(", "))?;
+    writeln!(
+        out,
+        "  policies         {policy_source} (revision {})",
+        app.pipeline.policies.revision()
+    )?;
+    writeln!(
+        out,
+        "  attestors        {}",
+        app.pipeline.attestors.methods().join(", ")
+    )?;
     writeln!(
         out,
         "  dev trust source {} (method k8s_sat, issuer {}, audience {})",
@@ -275,7 +299,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn dev_token(t: DevTokenK8s) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!((1..=86_400).contains(&t.ttl), "--ttl must be between 1 and 86400 seconds");
+    anyhow::ensure!(
+        (1..=86_400).contains(&t.ttl),
+        "--ttl must be between 1 and 86400 seconds"
+    );
     let cluster = DevCluster::load(&t.data_dir)?;
     let token = cluster.mint_token(&t.namespace, &t.service_account, t.pod.as_deref(), t.ttl)?;
     println!("{token}");
@@ -286,7 +313,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
     let app = server::build(config, Vec::new()).await?;
     let (listener, local) = server::bind(app.config.http.addr).await?;
-    let tls = if app.config.http.tls.enabled { Some(server::tls_config(&app, local)?) } else { None };
+    let tls = if app.config.http.tls.enabled {
+        Some(server::tls_config(&app, local)?)
+    } else {
+        None
+    };
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(
         trust_domain = %app.config.trust_domain,
@@ -314,7 +345,10 @@ fn problem_line(status: StatusCode, body: &[u8]) -> String {
         Ok(p) => format!(
             "{} {}: {}",
             status.as_u16(),
-            p["type"].as_str().and_then(|t| t.strip_prefix(crate::http::TYPE_PREFIX)).unwrap_or("error"),
+            p["type"]
+                .as_str()
+                .and_then(|t| t.strip_prefix(crate::http::TYPE_PREFIX))
+                .unwrap_or("error"),
             p["detail"].as_str().unwrap_or("")
         ),
         Err(_) => format!("{status}"),
@@ -325,23 +359,37 @@ async fn svid_issue(args: SvidIssue) -> anyhow::Result<ExitCode> {
     let evidence = read_evidence(&args.evidence_file)?;
     let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?.pem()?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)?
+        .pem()?;
     let body = serde_json::json!({ "method": args.method, "evidence": evidence, "csr": csr, "ttl_seconds": args.ttl });
     let mut conn = endpoint.connect().await?;
     let (status, resp) = conn
-        .send(Method::POST, "/api/v1/workloads/attested-issuance", None, Some(Bytes::from(body.to_string())))
+        .send(
+            Method::POST,
+            "/api/v1/workloads/attested-issuance",
+            None,
+            Some(Bytes::from(body.to_string())),
+        )
         .await?;
     anyhow::ensure!(status == StatusCode::CREATED, "{}", problem_line(status, &resp));
     let issued: serde_json::Value = serde_json::from_slice(&resp).context("server answer is not JSON")?;
-    let field = |k: &str| issued[k].as_str().map(str::to_owned).with_context(|| format!("answer has no `{k}`"));
-    std::fs::create_dir_all(&args.out_dir).with_context(|| format!("cannot create {}", args.out_dir.display()))?;
+    let field = |k: &str| {
+        issued[k]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("answer has no `{k}`"))
+    };
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let svid = args.out_dir.join("svid.pem");
     let key_path = args.out_dir.join("svid.key");
     let bundle = args.out_dir.join("bundle.pem");
     crate::util::write_private_file(&key_path, key.serialize_pem().as_bytes())
         .with_context(|| format!("cannot write {}", key_path.display()))?;
     std::fs::write(&svid, field("chain_pem")?).with_context(|| format!("cannot write {}", svid.display()))?;
-    std::fs::write(&bundle, field("bundle_pem")?).with_context(|| format!("cannot write {}", bundle.display()))?;
+    std::fs::write(&bundle, field("bundle_pem")?)
+        .with_context(|| format!("cannot write {}", bundle.display()))?;
     println!("{}", field("spiffe_id")?);
     eprintln!(
         "wrote {} (expires {}), {} and {}",
@@ -355,11 +403,17 @@ async fn svid_issue(args: SvidIssue) -> anyhow::Result<ExitCode> {
 
 async fn bench(args: BenchIssuance) -> anyhow::Result<ExitCode> {
     let token = match (args.token, &args.token_file) {
-        (_, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?.trim().to_owned(),
+        (_, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("{}", f.display()))?
+            .trim()
+            .to_owned(),
         (Some(t), None) => t,
         (None, None) => anyhow::bail!("give --token-file or CASTELLAN_TOKEN"),
     };
-    anyhow::ensure!(args.concurrency >= 1 && args.requests >= 1, "--concurrency and --requests must be at least 1");
+    anyhow::ensure!(
+        args.concurrency >= 1 && args.requests >= 1,
+        "--concurrency and --requests must be at least 1"
+    );
     let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
     let report = crate::bench::run(crate::bench::Options {
         endpoint,
@@ -370,28 +424,50 @@ async fn bench(args: BenchIssuance) -> anyhow::Result<ExitCode> {
     })
     .await?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-    println!("attested issuance: {} requests at concurrency {}", report.requests, args.concurrency);
+    println!(
+        "attested issuance: {} requests at concurrency {}",
+        report.requests, args.concurrency
+    );
     println!("  issued       {}", report.issued);
     if !report.refused.is_empty() {
         println!("  refused      {:?} (status, count)", report.refused);
     }
     println!("  elapsed      {:.2} s", report.elapsed.as_secs_f64());
     println!("  throughput   {:.0} issuances/s", report.rate());
-    println!("  latency      p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms", ms(report.p50), ms(report.p99), ms(report.max));
-    Ok(if report.refused.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    println!(
+        "  latency      p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(report.p50),
+        ms(report.p99),
+        ms(report.max)
+    );
+    Ok(if report.refused.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn policy_test(args: PolicyTest) -> anyhow::Result<ExitCode> {
     let report = run_tests(&args.dir)?;
     for (name, outcome, took) in &report.results {
         match outcome {
-            TestOutcome::Pass if args.verbose => println!("PASS {name} ({:.1} ms)", took.as_secs_f64() * 1000.0),
+            TestOutcome::Pass if args.verbose => {
+                println!("PASS {name} ({:.1} ms)", took.as_secs_f64() * 1000.0)
+            }
             TestOutcome::Pass => {}
             TestOutcome::Fail => println!("FAIL {name}"),
             TestOutcome::Error(e) => println!("ERROR {name}: {e}"),
         }
     }
     println!("{} passed, {} failed", report.passed(), report.failed());
-    anyhow::ensure!(!report.results.is_empty(), "no test_ rules found in {}", args.dir.display());
-    Ok(if report.failed() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    anyhow::ensure!(
+        !report.results.is_empty(),
+        "no test_ rules found in {}",
+        args.dir.display()
+    );
+    Ok(if report.failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

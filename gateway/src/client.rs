@@ -43,17 +43,21 @@ impl Endpoint {
         let authority = rest.trim_end_matches('/').to_owned();
         anyhow::ensure!(!authority.contains('/'), "address `{url}` must not have a path");
         let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                (h.trim_start_matches('[').trim_end_matches(']').to_owned(), p.parse().context("invalid port")?)
-            }
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                p.parse().context("invalid port")?,
+            ),
             _ => (authority.clone(), if https { 443 } else { 80 }),
         };
         let tls = if https {
-            let ca_file = ca_file.context("an https:// address needs --ca-file (e.g. DATA_DIR/ca/root.crt)")?;
+            let ca_file =
+                ca_file.context("an https:// address needs --ca-file (e.g. DATA_DIR/ca/root.crt)")?;
             let pem = std::fs::read(ca_file).with_context(|| format!("{}", ca_file.display()))?;
             let mut roots = rustls::RootCertStore::empty();
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                roots.add(cert.context("CA file is not PEM")?).context("CA certificate not usable")?;
+                roots
+                    .add(cert.context("CA file is not PEM")?)
+                    .context("CA certificate not usable")?;
             }
             let provider = Arc::new(rustls::crypto::ring::default_provider());
             let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -65,7 +69,12 @@ impl Endpoint {
         } else {
             None
         };
-        Ok(Self { host, port, authority, tls })
+        Ok(Self {
+            host,
+            port,
+            authority,
+            tls,
+        })
     }
 
     /// Opens a connection.
@@ -76,12 +85,18 @@ impl Endpoint {
         tcp.set_nodelay(true)?;
         let sender = match &self.tls {
             Some((connector, name)) => {
-                let tls = connector.connect(name.clone(), tcp).await.context("TLS handshake failed")?;
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .context("TLS handshake failed")?;
                 handshake(TokioIo::new(tls)).await?
             }
             None => handshake(TokioIo::new(tcp)).await?,
         };
-        Ok(Conn { sender, authority: self.authority.clone() })
+        Ok(Conn {
+            sender,
+            authority: self.authority.clone(),
+        })
     }
 }
 
@@ -105,7 +120,10 @@ impl Conn {
         token: Option<&str>,
         body: Option<Bytes>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
-        let mut req = Request::builder().method(method).uri(path).header("host", &self.authority);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.authority);
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }

@@ -129,29 +129,45 @@ impl Default for HttpConfig {
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        Self { enabled: true, cert_file: None, key_file: None, dns_names: vec!["localhost".into()] }
+        Self {
+            enabled: true,
+            cert_file: None,
+            key_file: None,
+            dns_names: vec!["localhost".into()],
+        }
     }
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        Self { deadline_ms: 50, max_memory_bytes: 16 << 20, max_instances: 64 }
+        Self {
+            deadline_ms: 50,
+            max_memory_bytes: 16 << 20,
+            max_instances: 64,
+        }
     }
 }
 
 impl Default for IssuanceConfig {
     fn default() -> Self {
-        Self { max_ttl_seconds: 86_400, min_ttl_seconds: 60 }
+        Self {
+            max_ttl_seconds: 86_400,
+            min_ttl_seconds: 60,
+        }
     }
 }
 
 impl Config {
     /// Reads a TOML file, applies environment overrides and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let mut config: Config = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
         // Relative paths in a file are relative to that file.
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_relative(base);
@@ -254,8 +270,7 @@ impl Config {
                 message: "must be between 1 and 4096".into(),
             });
         }
-        if self.issuance.min_ttl_seconds == 0
-            || self.issuance.min_ttl_seconds > self.issuance.max_ttl_seconds
+        if self.issuance.min_ttl_seconds == 0 || self.issuance.min_ttl_seconds > self.issuance.max_ttl_seconds
         {
             return Err(ConfigError::Invalid {
                 key: "issuance.min_ttl_seconds",
@@ -298,7 +313,8 @@ mod tests {
     fn unknown_keys_and_bad_values_name_the_key() {
         assert!(toml::from_str::<Config>("trust_domian = \"x\"").is_err());
         let mut c = Config::default();
-        c.apply_env(|k| (k == "CASTELLAN_TRUST_DOMAIN").then(|| "Not Valid".to_string())).unwrap();
+        c.apply_env(|k| (k == "CASTELLAN_TRUST_DOMAIN").then(|| "Not Valid".to_string()))
+            .unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("trust_domain"));
         let e = c.apply_env(|k| (k == "CASTELLAN_HTTP_ADDR").then(|| "nope".to_string()));
         assert!(e.unwrap_err().to_string().contains("CASTELLAN_HTTP_ADDR"));

@@ -53,9 +53,15 @@ impl DevCluster {
     pub fn load(data_dir: &Path) -> anyhow::Result<Self> {
         let path = key_path(data_dir);
         let pem = std::fs::read_to_string(&path).with_context(|| {
-            format!("no dev cluster key at {}; start `castellan dev --data-dir {}` first", path.display(), data_dir.display())
+            format!(
+                "no dev cluster key at {}; start `castellan dev --data-dir {}` first",
+                path.display(),
+                data_dir.display()
+            )
         })?;
-        Ok(Self::from_key(KeyPair::from_pem(&pem).with_context(|| format!("{} is not a private key", path.display()))?))
+        Ok(Self::from_key(KeyPair::from_pem(&pem).with_context(|| {
+            format!("{} is not a private key", path.display())
+        })?))
     }
 
     fn from_key(key: KeyPair) -> Self {
@@ -83,8 +89,23 @@ impl DevCluster {
     }
 
     /// Mints a projected service-account token.
-    pub fn mint_token(&self, namespace: &str, service_account: &str, pod: Option<&str>, ttl_seconds: i64) -> anyhow::Result<String> {
-        mint_projected_token(&self.key, &self.kid, DEV_ISSUER, DEV_AUDIENCE, namespace, service_account, pod, ttl_seconds)
+    pub fn mint_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: Option<&str>,
+        ttl_seconds: i64,
+    ) -> anyhow::Result<String> {
+        mint_projected_token(
+            &self.key,
+            &self.kid,
+            DEV_ISSUER,
+            DEV_AUDIENCE,
+            namespace,
+            service_account,
+            pod,
+            ttl_seconds,
+        )
     }
 }
 
@@ -111,7 +132,12 @@ pub fn mint_projected_token(
     ttl_seconds: i64,
 ) -> anyhow::Result<String> {
     let now = now_unix();
-    let pod_name = pod.map(str::to_owned).unwrap_or_else(|| format!("{service_account}-{}", &uuid::Uuid::new_v4().simple().to_string()[..5]));
+    let pod_name = pod.map(str::to_owned).unwrap_or_else(|| {
+        format!(
+            "{service_account}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..5]
+        )
+    });
     let claims = json!({
         "iss": issuer,
         "aud": [audience],

@@ -131,11 +131,16 @@ impl Pipeline {
 
     /// Runs the whole pipeline for one attested issuance.
     pub async fn issue_attested(self: &Arc<Self>, req: AttestedRequest) -> Result<Issued, IssuanceError> {
-        let _permit = self.permits.acquire().await.map_err(|_| IssuanceError::Unavailable("shutting down".into()))?;
-        let this = self.clone();
-        let (attestation, cert, spiffe_id, spki_sha) = tokio::task::spawn_blocking(move || this.attest_decide_sign(&req))
+        let _permit = self
+            .permits
+            .acquire()
             .await
-            .map_err(|e| IssuanceError::Internal(format!("issuance task failed: {e}")))??;
+            .map_err(|_| IssuanceError::Unavailable("shutting down".into()))?;
+        let this = self.clone();
+        let (attestation, cert, spiffe_id, spki_sha) =
+            tokio::task::spawn_blocking(move || this.attest_decide_sign(&req))
+                .await
+                .map_err(|e| IssuanceError::Internal(format!("issuance task failed: {e}")))??;
 
         let record = CertificateRecord {
             serial: cert.serial.clone(),
@@ -163,10 +168,13 @@ impl Pipeline {
         };
         // Durable before the answer leaves: a certificate nobody recorded is
         // never handed out.
-        self.store.record_issuance(record, event).await.map_err(|e: StoreError| {
-            tracing::error!(error = %e, "could not record issuance; certificate withheld");
-            IssuanceError::Unavailable("the issuance could not be recorded; nothing was issued".into())
-        })?;
+        self.store
+            .record_issuance(record, event)
+            .await
+            .map_err(|e: StoreError| {
+                tracing::error!(error = %e, "could not record issuance; certificate withheld");
+                IssuanceError::Unavailable("the issuance could not be recorded; nothing was issued".into())
+            })?;
 
         Ok(Issued {
             spiffe_id,
@@ -187,13 +195,13 @@ impl Pipeline {
         &self,
         req: &AttestedRequest,
     ) -> Result<(Attestation, IssuedCertificate, String, String), IssuanceError> {
-        if let Some(ttl) = req.ttl_seconds {
-            if ttl < self.limits.min_ttl_seconds {
-                return Err(IssuanceError::BadRequest(format!(
-                    "ttl_seconds must be at least {}",
-                    self.limits.min_ttl_seconds
-                )));
-            }
+        if let Some(ttl) = req.ttl_seconds
+            && ttl < self.limits.min_ttl_seconds
+        {
+            return Err(IssuanceError::BadRequest(format!(
+                "ttl_seconds must be at least {}",
+                self.limits.min_ttl_seconds
+            )));
         }
         let csr = verify_csr(&req.csr_pem)?;
         if !self.attestors.has_method(&req.method) {
@@ -229,16 +237,28 @@ impl Pipeline {
             IssuanceError::Internal(format!("the policy could not decide: {e}"))
         })?;
         if !decision.allow {
-            let reasons = if decision.reasons.is_empty() { vec!["no reason given".to_owned()] } else { decision.reasons };
+            let reasons = if decision.reasons.is_empty() {
+                vec!["no reason given".to_owned()]
+            } else {
+                decision.reasons
+            };
             return Err(IssuanceError::PolicyDenied(reasons));
         }
-        let invalid = |m: String| IssuanceError::Internal(format!("the policy returned an invalid decision: {m}"));
-        let spiffe_id = decision.spiffe_id.ok_or_else(|| invalid("allow without spiffe_id".into()))?;
+        let invalid =
+            |m: String| IssuanceError::Internal(format!("the policy returned an invalid decision: {m}"));
+        let spiffe_id = decision
+            .spiffe_id
+            .ok_or_else(|| invalid("allow without spiffe_id".into()))?;
         let spiffe_id = SpiffeId::parse(&spiffe_id).map_err(|e| invalid(format!("spiffe_id: {e}")))?;
         if spiffe_id.trust_domain() != self.trust_domain || spiffe_id.path().is_empty() {
-            return Err(invalid(format!("spiffe_id `{spiffe_id}` is not a workload ID in {}", self.trust_domain)));
+            return Err(invalid(format!(
+                "spiffe_id `{spiffe_id}` is not a workload ID in {}",
+                self.trust_domain
+            )));
         }
-        let ttl = decision.ttl_seconds.ok_or_else(|| invalid("allow without ttl_seconds".into()))?;
+        let ttl = decision
+            .ttl_seconds
+            .ok_or_else(|| invalid("allow without ttl_seconds".into()))?;
         if ttl < self.limits.min_ttl_seconds {
             return Err(invalid(format!("ttl_seconds {ttl} is below the minimum")));
         }
@@ -256,7 +276,12 @@ impl Pipeline {
             tracing::error!(error = %e, "signer failed");
             IssuanceError::Internal("the signer could not issue the certificate".into())
         })?;
-        Ok((attestation, cert, spiffe_id.to_string(), sha256_hex(&csr.spki_der)))
+        Ok((
+            attestation,
+            cert,
+            spiffe_id.to_string(),
+            sha256_hex(&csr.spki_der),
+        ))
     }
 }
 
@@ -275,16 +300,22 @@ fn verify_csr(pem_text: &str) -> Result<VerifiedCsr, IssuanceError> {
     if !rest.is_empty() {
         return Err(bad("trailing data after the request"));
     }
-    csr.verify_signature().map_err(|_| bad("signature does not verify with the request's own key"))?;
+    csr.verify_signature()
+        .map_err(|_| bad("signature does not verify with the request's own key"))?;
     let spki = &csr.certification_request_info.subject_pki;
     check_public_key(spki).map_err(|m| bad(&m))?;
-    Ok(VerifiedCsr { spki_der: spki.raw.to_vec() })
+    Ok(VerifiedCsr {
+        spki_der: spki.raw.to_vec(),
+    })
 }
 
 /// Accepts EC P-256/P-384, Ed25519 and RSA of 2048 to 8192 bits.
 fn check_public_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<(), String> {
     use x509_parser::public_key::PublicKey;
-    match spki.parsed().map_err(|_| "public key does not parse".to_owned())? {
+    match spki
+        .parsed()
+        .map_err(|_| "public key does not parse".to_owned())?
+    {
         PublicKey::EC(point) => match point.key_size() {
             256 | 384 => Ok(()),
             n => Err(format!("EC keys must be P-256 or P-384, not {n} bits")),

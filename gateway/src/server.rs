@@ -38,7 +38,8 @@ pub struct App {
 /// sources (the dev cluster) that are never persisted.
 pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::Result<App> {
     let dir = &config.data_dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
     restrict_dir(dir)?;
 
     let store_path = dir.join("castellan.redb");
@@ -59,13 +60,20 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     let mut sources = Vec::new();
     for spec in config.trust_sources.clone() {
         let name = spec.name.clone();
-        sources.push(spec.into_source("config").with_context(|| format!("config trust source `{name}`"))?);
+        sources.push(
+            spec.into_source("config")
+                .with_context(|| format!("config trust source `{name}`"))?,
+        );
     }
     sources.extend(extra_sources);
     sources.extend(store.trust_sources().await?);
     for s in &sources {
         if !attestors.has_method(&s.method) {
-            anyhow::bail!("trust source `{}` uses method `{}`, which has no attestor", s.name, s.method);
+            anyhow::bail!(
+                "trust source `{}` uses method `{}`, which has no attestor",
+                s.name,
+                s.method
+            );
         }
     }
     let trust = Arc::new(Registry::new(sources)?);
@@ -119,7 +127,9 @@ pub fn tls_config(app: &App, addr: SocketAddr) -> anyhow::Result<rustls::ServerC
             if addr.ip().is_unspecified() {
                 ips = vec![std::net::Ipv4Addr::LOCALHOST.into()];
             }
-            app.pipeline.signer.issue_server_certificate(&tls.dns_names, &ips)?
+            app.pipeline
+                .signer
+                .issue_server_certificate(&tls.dns_names, &ips)?
         }
     };
     let certs = rustls_pemfile::certs(&mut chain_pem.as_bytes())
@@ -141,13 +151,19 @@ pub fn tls_config(app: &App, addr: SocketAddr) -> anyhow::Result<rustls::ServerC
 
 /// Binds the listener; returns it with the address actually bound.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
     Ok((listener, local))
 }
 
 /// Serves the API until SIGINT or SIGTERM.
-pub async fn serve(app: &App, listener: TcpListener, tls: Option<rustls::ServerConfig>) -> anyhow::Result<()> {
+pub async fn serve(
+    app: &App,
+    listener: TcpListener,
+    tls: Option<rustls::ServerConfig>,
+) -> anyhow::Result<()> {
     let state = AppState {
         pipeline: app.pipeline.clone(),
         admin: app.admin.clone(),

@@ -4,9 +4,8 @@
 //! never decides *whether* to sign: that is the pipeline's job.
 
 use rcgen::{
-    CertificateParams, CustomExtension, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-    SubjectPublicKeyInfo,
+    CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -96,8 +95,9 @@ impl InProcessSigner {
         let (_, pem) = x509_parser::pem::parse_x509_pem(ca.intermediate_cert_pem.as_bytes())
             .map_err(|e| SignerError::Key(e.to_string()))?;
         let cert = pem.parse_x509().map_err(|e| SignerError::Key(e.to_string()))?;
-        let intermediate_not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
-            .map_err(|e| SignerError::Key(e.to_string()))?;
+        let intermediate_not_after =
+            OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+                .map_err(|e| SignerError::Key(e.to_string()))?;
         Ok(Self {
             issuer,
             intermediate_not_after,
@@ -110,14 +110,18 @@ impl InProcessSigner {
         if ttl <= Duration::ZERO {
             return Err(SignerError::Template("lifetime must be positive".into()));
         }
-        let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let now = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc());
         let mut params = CertificateParams::default();
         params.not_before = now - BACKDATE;
         // A leaf never outlives the CA that signed it.
         params.not_after = (now + ttl).min(self.intermediate_not_after);
         params.serial_number = Some(random_serial());
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, "Castellan");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Castellan");
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
@@ -135,7 +139,11 @@ fn random_serial() -> SerialNumber {
 }
 
 fn finish(cert: rcgen::Certificate, params: &CertificateParams) -> IssuedCertificate {
-    let serial = params.serial_number.as_ref().map(|s| hex::encode(s.as_ref())).unwrap_or_default();
+    let serial = params
+        .serial_number
+        .as_ref()
+        .map(|s| hex::encode(s.as_ref()))
+        .unwrap_or_default();
     IssuedCertificate {
         der: cert.der().to_vec(),
         pem: cert.pem(),
@@ -150,16 +158,28 @@ impl Signer for InProcessSigner {
         let public_key = SubjectPublicKeyInfo::from_der(&t.public_key_der)
             .map_err(|e| SignerError::PublicKey(e.to_string()))?;
         let mut params = self.leaf_params(t.ttl)?;
-        let uri = t.spiffe_id.to_string().try_into().map_err(|e: rcgen::Error| SignerError::Template(e.to_string()))?;
+        let uri = t
+            .spiffe_id
+            .to_string()
+            .try_into()
+            .map_err(|e: rcgen::Error| SignerError::Template(e.to_string()))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         for dns in &t.dns_names {
-            let name = dns.clone().try_into().map_err(|e: rcgen::Error| SignerError::Template(e.to_string()))?;
+            let name = dns
+                .clone()
+                .try_into()
+                .map_err(|e: rcgen::Error| SignerError::Template(e.to_string()))?;
             params.subject_alt_names.push(SanType::DnsName(name));
         }
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.custom_extensions =
-            t.extensions.iter().map(|(oid, der)| CustomExtension::from_oid_content(oid, der.clone())).collect();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.custom_extensions = t
+            .extensions
+            .iter()
+            .map(|(oid, der)| CustomExtension::from_oid_content(oid, der.clone()))
+            .collect();
         let cert = params.signed_by(&public_key, &self.issuer)?;
         Ok(finish(cert, &params))
     }
@@ -180,12 +200,19 @@ impl Signer for InProcessSigner {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = self.leaf_params(Duration::days(90))?;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.distinguished_name.push(DnType::CommonName, "Castellan API");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Castellan API");
         for dns in dns_names {
-            let name = dns.clone().try_into().map_err(|e: rcgen::Error| SignerError::Template(e.to_string()))?;
+            let name = dns
+                .clone()
+                .try_into()
+                .map_err(|e: rcgen::Error| SignerError::Template(e.to_string()))?;
             params.subject_alt_names.push(SanType::DnsName(name));
         }
-        params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &self.issuer)?;
         let chain = format!("{}{}", cert.pem(), self.intermediates_pem);

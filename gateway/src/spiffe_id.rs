@@ -52,7 +52,10 @@ impl SpiffeId {
                 }
             }
         }
-        Ok(Self { trust_domain: td.to_owned(), path: path.to_owned() })
+        Ok(Self {
+            trust_domain: td.to_owned(),
+            path: path.to_owned(),
+        })
     }
 
     /// The trust domain name.
@@ -79,7 +82,11 @@ pub fn validate_trust_domain(td: &str) -> Result<(), SpiffeIdError> {
         && td
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'));
-    if ok { Ok(()) } else { Err(SpiffeIdError::TrustDomain) }
+    if ok {
+        Ok(())
+    } else {
+        Err(SpiffeIdError::TrustDomain)
+    }
 }
 
 #[cfg(test)]

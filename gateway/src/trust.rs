@@ -191,11 +191,15 @@ impl KeySet {
             .and_then(Value::as_array)
             .ok_or_else(|| TrustError::Jwks("must be an object with a `keys` array".into()))?;
         if keys.is_empty() || keys.len() > MAX_KEYS {
-            return Err(TrustError::Jwks(format!("must hold between 1 and {MAX_KEYS} keys")));
+            return Err(TrustError::Jwks(format!(
+                "must hold between 1 and {MAX_KEYS} keys"
+            )));
         }
         let mut out = Vec::with_capacity(keys.len());
         for (i, k) in keys.iter().enumerate() {
-            let obj = k.as_object().ok_or_else(|| TrustError::Jwks(format!("key {i} is not an object")))?;
+            let obj = k
+                .as_object()
+                .ok_or_else(|| TrustError::Jwks(format!("key {i} is not an object")))?;
             let field = |name: &str| obj.get(name).and_then(Value::as_str);
             let kid = field("kid")
                 .filter(|s| !s.is_empty())
@@ -212,12 +216,16 @@ impl KeySet {
                 }
             }
             if matches!(field("use"), Some(u) if u != "sig") {
-                return Err(TrustError::Jwks(format!("key {kid} is not a signing key (`use`)")));
+                return Err(TrustError::Jwks(format!(
+                    "key {kid} is not a signing key (`use`)"
+                )));
             }
             let alg = match field("alg") {
                 None => None,
                 Some(a) => Some(parse_alg(a).ok_or_else(|| {
-                    TrustError::Jwks(format!("key {kid}: algorithm `{a}` is not accepted (asymmetric only)"))
+                    TrustError::Jwks(format!(
+                        "key {kid}: algorithm `{a}` is not accepted (asymmetric only)"
+                    ))
                 })?),
             };
             let bad = |m: &str| TrustError::Jwks(format!("key {kid}: {m}"));
@@ -225,7 +233,9 @@ impl KeySet {
                 Some("RSA") => {
                     let n = field("n").ok_or_else(|| bad("RSA key without `n`"))?;
                     let e = field("e").ok_or_else(|| bad("RSA key without `e`"))?;
-                    let n_bytes = URL_SAFE_NO_PAD.decode(n).map_err(|_| bad("`n` is not base64url"))?;
+                    let n_bytes = URL_SAFE_NO_PAD
+                        .decode(n)
+                        .map_err(|_| bad("`n` is not base64url"))?;
                     let bits = n_bytes.iter().skip_while(|b| **b == 0).count() * 8;
                     if bits < 2048 {
                         return Err(bad("RSA keys must be at least 2048 bits"));
@@ -241,23 +251,36 @@ impl KeySet {
                     };
                     let x = field("x").ok_or_else(|| bad("EC key without `x`"))?;
                     let y = field("y").ok_or_else(|| bad("EC key without `y`"))?;
-                    let xb = URL_SAFE_NO_PAD.decode(x).map_err(|_| bad("`x` is not base64url"))?;
-                    let yb = URL_SAFE_NO_PAD.decode(y).map_err(|_| bad("`y` is not base64url"))?;
+                    let xb = URL_SAFE_NO_PAD
+                        .decode(x)
+                        .map_err(|_| bad("`x` is not base64url"))?;
+                    let yb = URL_SAFE_NO_PAD
+                        .decode(y)
+                        .map_err(|_| bad("`y` is not base64url"))?;
                     if xb.len() != len || yb.len() != len {
                         return Err(bad("EC coordinates have the wrong length"));
                     }
                     let key = DecodingKey::from_ec_components(x, y).map_err(|e| bad(&e.to_string()))?;
                     (family, key)
                 }
-                Some(other) => return Err(bad(&format!("key type `{other}` is not accepted (RSA or EC only)"))),
+                Some(other) => {
+                    return Err(bad(&format!(
+                        "key type `{other}` is not accepted (RSA or EC only)"
+                    )));
+                }
                 None => return Err(bad("no `kty`")),
             };
-            if let Some(a) = alg {
-                if alg_family(a) != Some(family) {
-                    return Err(bad("`alg` does not fit the key type"));
-                }
+            if let Some(a) = alg
+                && alg_family(a) != Some(family)
+            {
+                return Err(bad("`alg` does not fit the key type"));
             }
-            out.push(Key { kid, family, alg, key });
+            out.push(Key {
+                kid,
+                family,
+                alg,
+                key,
+            });
         }
         Ok(Self { keys: out })
     }
@@ -272,14 +295,23 @@ impl KeySet {
         };
         let header_bytes = URL_SAFE_NO_PAD.decode(h).map_err(|_| "header is not base64url")?;
         let header: Value = serde_json::from_slice(&header_bytes).map_err(|_| "header is not JSON")?;
-        let alg_name = header.get("alg").and_then(Value::as_str).ok_or("header has no `alg`")?;
+        let alg_name = header
+            .get("alg")
+            .and_then(Value::as_str)
+            .ok_or("header has no `alg`")?;
         let alg = parse_alg(alg_name).ok_or_else(|| {
-            format!("algorithm `{}` is not accepted (asymmetric algorithms only)", printable(alg_name))
+            format!(
+                "algorithm `{}` is not accepted (asymmetric algorithms only)",
+                printable(alg_name)
+            )
         })?;
         if header.get("crit").is_some() {
             return Err("`crit` header parameters are not supported".into());
         }
-        let kid = header.get("kid").and_then(Value::as_str).ok_or("header has no `kid`")?;
+        let kid = header
+            .get("kid")
+            .and_then(Value::as_str)
+            .ok_or("header has no `kid`")?;
         let key = self
             .keys
             .iter()
@@ -294,7 +326,9 @@ impl KeySet {
         if !ok {
             return Err("signature does not verify".into());
         }
-        let payload = URL_SAFE_NO_PAD.decode(p).map_err(|_| "payload is not base64url")?;
+        let payload = URL_SAFE_NO_PAD
+            .decode(p)
+            .map_err(|_| "payload is not base64url")?;
         let payload = String::from_utf8(payload).map_err(|_| "payload is not UTF-8")?;
         Ok((header, payload))
     }
@@ -422,7 +456,10 @@ fn build_snapshot(sources: &[Arc<TrustSource>]) -> Result<Snapshot, TrustError> 
     for s in sources {
         let keys = KeySet::from_jwks(&s.jwks)?;
         snap.key_sets.insert(key_set_name(&s.id), Arc::new(keys));
-        snap.by_method.entry(s.method.clone()).or_default().push(s.clone());
+        snap.by_method
+            .entry(s.method.clone())
+            .or_default()
+            .push(s.clone());
     }
     Ok(snap)
 }

@@ -14,7 +14,8 @@ pub fn now_unix() -> i64 {
 /// RFC 3339 text for a time, to the second, in UTC.
 pub fn rfc3339(t: OffsetDateTime) -> String {
     let t = t.replace_nanosecond(0).unwrap_or(t);
-    t.format(&Rfc3339).unwrap_or_else(|_| t.unix_timestamp().to_string())
+    t.format(&Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
 /// Writes a file readable by its owner only (keys, tokens). The file is

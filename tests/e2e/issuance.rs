@@ -28,8 +28,18 @@ fn happy_path_issues_a_valid_bound_x509_svid() {
     assert_eq!(b["spiffe_id"], "spiffe://example.org/ns/payments/sa/api");
     assert_eq!(b["attestation"]["method"], "k8s_sat");
     assert_eq!(b["attestation"]["subject"], "ns/payments/sa/api");
-    let selectors: Vec<&str> = b["attestation"]["selectors"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
-    for s in ["k8s:ns:payments", "k8s:sa:api", "k8s:pod-name:api-7d9f8", "k8s:pod-uid:6a1b0c7e-0000-4000-8000-000000000002"] {
+    let selectors: Vec<&str> = b["attestation"]["selectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    for s in [
+        "k8s:ns:payments",
+        "k8s:sa:api",
+        "k8s:pod-name:api-7d9f8",
+        "k8s:pod-uid:6a1b0c7e-0000-4000-8000-000000000002",
+    ] {
         assert!(selectors.contains(&s), "missing selector {s}: {selectors:?}");
     }
 
@@ -38,14 +48,26 @@ fn happy_path_issues_a_valid_bound_x509_svid() {
     assert_eq!(chain.len(), 2, "leaf then intermediate");
     assert_eq!(pem_certs(b["certificate_pem"].as_str().unwrap())[0], chain[0]);
     let chain_der: Vec<u8> = chain.concat();
-    let svid = spiffe::X509Svid::parse_from_der(&chain_der, &key.serialize_der()).expect("spiffe crate accepts the SVID");
-    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/ns/payments/sa/api");
+    let svid = spiffe::X509Svid::parse_from_der(&chain_der, &key.serialize_der())
+        .expect("spiffe crate accepts the SVID");
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        "spiffe://example.org/ns/payments/sa/api"
+    );
 
     // Certificate fields, as the X.509-SVID standard asks.
     let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
-    assert_eq!(leaf.public_key().raw, &rcgen::PublicKeyData::subject_public_key_info(&key)[..], "bound to the CSR's key");
+    assert_eq!(
+        leaf.public_key().raw,
+        &rcgen::PublicKeyData::subject_public_key_info(&key)[..],
+        "bound to the CSR's key"
+    );
     let san = leaf.subject_alternative_name().unwrap().unwrap().value;
-    let uris: Vec<_> = san.general_names.iter().filter(|n| matches!(n, GeneralName::URI(_))).collect();
+    let uris: Vec<_> = san
+        .general_names
+        .iter()
+        .filter(|n| matches!(n, GeneralName::URI(_)))
+        .collect();
     assert_eq!(uris.len(), 1, "exactly one URI SAN");
     let bc = leaf.basic_constraints().unwrap().unwrap().value;
     assert!(!bc.ca);
@@ -64,7 +86,11 @@ fn happy_path_issues_a_valid_bound_x509_svid() {
     let bundle = pem_certs(b["bundle_pem"].as_str().unwrap());
     let anchors: Vec<_> = bundle
         .iter()
-        .map(|d| webpki::anchor_from_trusted_cert(&rustls_pki_types::CertificateDer::from(d.as_slice())).unwrap().to_owned())
+        .map(|d| {
+            webpki::anchor_from_trusted_cert(&rustls_pki_types::CertificateDer::from(d.as_slice()))
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     let leaf_der = rustls_pki_types::CertificateDer::from(chain[0].as_slice());
     let end_entity = webpki::EndEntityCert::try_from(&leaf_der).unwrap();
@@ -87,7 +113,12 @@ fn happy_path_issues_a_valid_bound_x509_svid() {
     assert_eq!(certs[0]["serial"], b["serial"]);
     assert_eq!(certs[0]["spiffe_id"], b["spiffe_id"]);
     assert_eq!(certs[0]["source"], "attested-issuance");
-    assert!(server.audit().iter().any(|e| e["kind"] == "issuance.issued" && e["detail"]["serial"] == b["serial"]));
+    assert!(
+        server
+            .audit()
+            .iter()
+            .any(|e| e["kind"] == "issuance.issued" && e["detail"]["serial"] == b["serial"])
+    );
 }
 
 fn hex_of(b: &[u8]) -> String {
@@ -101,14 +132,21 @@ fn ttl_is_the_smaller_of_request_and_policy_maximum() {
     server.add_trust_source("ttl", &cluster);
     let lifetime = |ttl: Option<u64>| {
         let (_, csr_pem) = csr();
-        let r = server.post(ISSUE, &issuance_body(&cluster.token("web", "frontend"), &csr_pem, ttl), None);
+        let r = server.post(
+            ISSUE,
+            &issuance_body(&cluster.token("web", "frontend"), &csr_pem, ttl),
+            None,
+        );
         assert_eq!(r.status, 201, "{}", r.body);
         let der = pem_certs(r.body["certificate_pem"].as_str().unwrap()).remove(0);
         let (_, c) = X509Certificate::from_der(&der).unwrap();
         c.validity().not_after.timestamp() - c.validity().not_before.timestamp()
     };
     let default = lifetime(None);
-    assert!((900..=960).contains(&default), "default 15 minutes, got {default}");
+    assert!(
+        (900..=960).contains(&default),
+        "default 15 minutes, got {default}"
+    );
     let capped = lifetime(Some(86_400));
     assert!((3600..=3660).contains(&capped), "capped at 1 hour, got {capped}");
     let short = lifetime(Some(120));
@@ -141,7 +179,10 @@ fn refusals_have_precise_problems_and_issue_nothing() {
     let forged = impostor.token("shop", "cart");
     // alg none, HS256 keyed with the public JWK.
     let claims_b64 = URL_SAFE_NO_PAD.encode(cluster.claims("shop", "cart").to_string());
-    let none = format!("{}.{claims_b64}.", URL_SAFE_NO_PAD.encode(json!({"alg": "none", "kid": cluster.kid}).to_string()));
+    let none = format!(
+        "{}.{claims_b64}.",
+        URL_SAFE_NO_PAD.encode(json!({"alg": "none", "kid": cluster.kid}).to_string())
+    );
     let hs256 = {
         let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
         h.kid = Some(cluster.kid.clone());
@@ -149,32 +190,108 @@ fn refusals_have_precise_problems_and_issue_nothing() {
         jsonwebtoken::encode(&h, &cluster.claims("shop", "cart"), &secret).unwrap()
     };
     let mut missing_ns = cluster.claims("shop", "cart");
-    missing_ns["kubernetes.io"].as_object_mut().unwrap().remove("namespace");
+    missing_ns["kubernetes.io"]
+        .as_object_mut()
+        .unwrap()
+        .remove("namespace");
     missing_ns.as_object_mut().unwrap().remove("sub");
 
     let cases: Vec<(&str, String, u16, &str, &str)> = vec![
         ("forged signature", forged, 403, "attestation-failed", "signature"),
         ("alg none", none, 403, "attestation-failed", "not accepted"),
-        ("HS256 with the public key", hs256, 403, "attestation-failed", "not accepted"),
-        ("expired", with(json!({"exp": now - 3600, "iat": now - 7200, "nbf": now - 7200})), 403, "attestation-failed", "expired"),
-        ("not yet valid", with(json!({"nbf": now + 3600, "iat": now})), 403, "attestation-failed", "nbf"),
-        ("wrong issuer", with(json!({"iss": "https://evil.example"})), 403, "attestation-failed", "not trusted"),
-        ("wrong audience", with(json!({"aud": ["someone-else"]})), 403, "attestation-failed", "audience"),
-        ("missing claims", cluster.sign(&missing_ns), 403, "attestation-failed", "namespace"),
-        ("missing exp", with(json!({"exp": null})), 403, "attestation-failed", "exp"),
-        ("unknown kid", cluster.sign_with_kid(&cluster.claims("shop", "cart"), "rotated-away"), 403, "attestation-failed", "kid"),
-        ("denied namespace", cluster.token("kube-system", "default"), 403, "policy-denied", "kube-system"),
-        ("garbage evidence", "not-a-jwt".into(), 403, "attestation-failed", "malformed"),
+        (
+            "HS256 with the public key",
+            hs256,
+            403,
+            "attestation-failed",
+            "not accepted",
+        ),
+        (
+            "expired",
+            with(json!({"exp": now - 3600, "iat": now - 7200, "nbf": now - 7200})),
+            403,
+            "attestation-failed",
+            "expired",
+        ),
+        (
+            "not yet valid",
+            with(json!({"nbf": now + 3600, "iat": now})),
+            403,
+            "attestation-failed",
+            "nbf",
+        ),
+        (
+            "wrong issuer",
+            with(json!({"iss": "https://evil.example"})),
+            403,
+            "attestation-failed",
+            "not trusted",
+        ),
+        (
+            "wrong audience",
+            with(json!({"aud": ["someone-else"]})),
+            403,
+            "attestation-failed",
+            "audience",
+        ),
+        (
+            "missing claims",
+            cluster.sign(&missing_ns),
+            403,
+            "attestation-failed",
+            "namespace",
+        ),
+        (
+            "missing exp",
+            with(json!({"exp": null})),
+            403,
+            "attestation-failed",
+            "exp",
+        ),
+        (
+            "unknown kid",
+            cluster.sign_with_kid(&cluster.claims("shop", "cart"), "rotated-away"),
+            403,
+            "attestation-failed",
+            "kid",
+        ),
+        (
+            "denied namespace",
+            cluster.token("kube-system", "default"),
+            403,
+            "policy-denied",
+            "kube-system",
+        ),
+        (
+            "garbage evidence",
+            "not-a-jwt".into(),
+            403,
+            "attestation-failed",
+            "malformed",
+        ),
     ];
     for (name, token, status, slug, needle) in &cases {
         let r = server.post(ISSUE, &issuance_body(token, &good_csr, None), None);
         r.assert_problem(*status, slug);
         let detail = r.body["detail"].as_str().unwrap();
-        assert!(detail.contains(needle), "{name}: detail `{detail}` should mention `{needle}`");
-        assert!(!detail.contains(token.as_str()) || token.len() < 20, "{name}: detail must not echo the token");
+        assert!(
+            detail.contains(needle),
+            "{name}: detail `{detail}` should mention `{needle}`"
+        );
+        assert!(
+            !detail.contains(token.as_str()) || token.len() < 20,
+            "{name}: detail must not echo the token"
+        );
     }
-    let denied = server.post(ISSUE, &issuance_body(&cluster.token("kube-system", "x"), &good_csr, None), None);
-    assert_eq!(denied.body["reasons"][0], "namespace \"kube-system\" may not receive identities");
+    let denied = server.post(
+        ISSUE,
+        &issuance_body(&cluster.token("kube-system", "x"), &good_csr, None),
+        None,
+    );
+    assert_eq!(
+        denied.body["reasons"][0],
+        "namespace \"kube-system\" may not receive identities"
+    );
 
     // Malformed requests.
     let token = cluster.token("shop", "cart");
@@ -186,24 +303,49 @@ fn refusals_have_precise_problems_and_issue_nothing() {
         der[n - 5] ^= 0x5a; // inside the signature
         pem_wrap("CERTIFICATE REQUEST", &der)
     };
-    let r = server.post(ISSUE, &issuance_body(&token, "-----BEGIN CERTIFICATE REQUEST-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE REQUEST-----\n", None), None);
+    let r = server.post(
+        ISSUE,
+        &issuance_body(
+            &token,
+            "-----BEGIN CERTIFICATE REQUEST-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE REQUEST-----\n",
+            None,
+        ),
+        None,
+    );
     r.assert_problem(400, "invalid-csr");
     let r = server.post(ISSUE, &issuance_body(&token, "hello", None), None);
     r.assert_problem(400, "invalid-csr");
     let r = server.post(ISSUE, &issuance_body(&token, &tampered_csr, None), None);
     r.assert_problem(400, "invalid-csr");
     assert!(r.body["detail"].as_str().unwrap().contains("signature"));
-    server.post_raw(ISSUE, b"{not json".to_vec(), None).assert_problem(400, "malformed-request");
-    server.post(ISSUE, &json!({"method": "k8s_sat"}), None).assert_problem(400, "malformed-request");
-    server.post(ISSUE, &issuance_body(&token, &good_csr, Some(5)), None).assert_problem(400, "malformed-request");
+    server
+        .post_raw(ISSUE, b"{not json".to_vec(), None)
+        .assert_problem(400, "malformed-request");
+    server
+        .post(ISSUE, &json!({"method": "k8s_sat"}), None)
+        .assert_problem(400, "malformed-request");
+    server
+        .post(ISSUE, &issuance_body(&token, &good_csr, Some(5)), None)
+        .assert_problem(400, "malformed-request");
     let huge = json!({"method": "k8s_sat", "evidence": "a".repeat(200_000), "csr": good_csr});
-    server.post(ISSUE, &huge, None).assert_problem(413, "payload-too-large");
+    server
+        .post(ISSUE, &huge, None)
+        .assert_problem(413, "payload-too-large");
     let mut unknown = issuance_body(&token, &good_csr, None);
     unknown["method"] = "carrier_pigeon".into();
-    server.post(ISSUE, &unknown, None).assert_problem(422, "unknown-method");
+    server
+        .post(ISSUE, &unknown, None)
+        .assert_problem(422, "unknown-method");
 
-    assert!(server.certificates().is_empty(), "nothing may be issued on any refusal");
-    let refused = server.audit().iter().filter(|e| e["kind"] == "issuance.refused").count();
+    assert!(
+        server.certificates().is_empty(),
+        "nothing may be issued on any refusal"
+    );
+    let refused = server
+        .audit()
+        .iter()
+        .filter(|e| e["kind"] == "issuance.refused")
+        .count();
     // cases, the second denied request, 3 bad CSRs, 3 malformed bodies, 413, 422.
     let expected = cases.len() + 1 + 3 + 3 + 1 + 1;
     assert_eq!(refused, expected, "every refusal is audited");
@@ -215,8 +357,15 @@ fn refusals_have_precise_problems_and_issue_nothing() {
 fn pem_wrap(label: &str, der: &[u8]) -> String {
     use base64::engine::general_purpose::STANDARD;
     let b64 = STANDARD.encode(der);
-    let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
-    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
 }
 
 #[test]
@@ -244,14 +393,24 @@ fn dev_cluster_tokens_work_through_the_cli() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "spiffe://example.org/ns/default/sa/demo");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "spiffe://example.org/ns/default/sa/demo"
+    );
     let chain = std::fs::read(out_dir.join("svid.pem")).unwrap();
     let key_pem = std::fs::read_to_string(out_dir.join("svid.key")).unwrap();
     let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
     let der: Vec<u8> = pem_certs(std::str::from_utf8(&chain).unwrap()).concat();
     spiffe::X509Svid::parse_from_der(&der, &key.serialize_der()).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(out_dir.join("svid.key")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(out_dir.join("svid.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
 
     // A refused request is one error line and a non-zero exit.
     std::fs::write(&token_file, "not-a-token").unwrap();

@@ -31,11 +31,21 @@ fn ca_token_and_trust_sources_survive_a_restart() {
     assert_eq!(second.admin_token, token_before, "the admin token is reused");
     assert_eq!(std::fs::read(dir.join("ca/root.crt")).unwrap(), root_before);
     let listed = second.get_admin("/api/v1/trust-sources");
-    assert!(listed.body["items"].as_array().unwrap().iter().any(|s| s["id"] == id), "persisted trust source");
+    assert!(
+        listed.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == id),
+        "persisted trust source"
+    );
     let (_, csr2) = csr();
     let r2 = second.post(ISSUE, &issuance_body(&cluster.token("a", "b"), &csr2, None), None);
     assert_eq!(r2.status, 201, "{}", r2.body);
-    assert_eq!(r1.body["bundle_pem"], r2.body["bundle_pem"], "same trust anchor after restart");
+    assert_eq!(
+        r1.body["bundle_pem"], r2.body["bundle_pem"],
+        "same trust anchor after restart"
+    );
     assert_eq!(second.certificates().len(), 2, "inventory survives too");
 }
 
@@ -47,10 +57,18 @@ fn trust_source_api_requires_the_admin_token_and_validates() {
         "name": "api-test", "method": "k8s_sat", "issuer": cluster.issuer,
         "audiences": ["castellan"], "jwks": cluster.jwks(),
     });
-    server.post("/api/v1/trust-sources", &spec, None).assert_problem(401, "unauthorized");
-    server.post("/api/v1/trust-sources", &spec, Some("cst_wrong")).assert_problem(401, "unauthorized");
-    server.get("/api/v1/trust-sources", None).assert_problem(401, "unauthorized");
-    server.get("/api/v1/certificates", None).assert_problem(401, "unauthorized");
+    server
+        .post("/api/v1/trust-sources", &spec, None)
+        .assert_problem(401, "unauthorized");
+    server
+        .post("/api/v1/trust-sources", &spec, Some("cst_wrong"))
+        .assert_problem(401, "unauthorized");
+    server
+        .get("/api/v1/trust-sources", None)
+        .assert_problem(401, "unauthorized");
+    server
+        .get("/api/v1/certificates", None)
+        .assert_problem(401, "unauthorized");
 
     let mut private = spec.clone();
     private["jwks"]["keys"][0]["d"] = "c2VjcmV0".into();
@@ -59,34 +77,65 @@ fn trust_source_api_requires_the_admin_token_and_validates() {
     assert!(r.body["detail"].as_str().unwrap().contains("private"));
     let mut hmac = spec.clone();
     hmac["jwks"] = json!({"keys": [{"kty": "oct", "kid": "h", "k": "c2VjcmV0"}]});
-    server.post_admin("/api/v1/trust-sources", &hmac).assert_problem(422, "invalid-trust-source");
+    server
+        .post_admin("/api/v1/trust-sources", &hmac)
+        .assert_problem(422, "invalid-trust-source");
     let mut no_aud = spec.clone();
     no_aud["audiences"] = json!([]);
-    server.post_admin("/api/v1/trust-sources", &no_aud).assert_problem(422, "invalid-trust-source");
+    server
+        .post_admin("/api/v1/trust-sources", &no_aud)
+        .assert_problem(422, "invalid-trust-source");
     let mut bad_method = spec.clone();
     bad_method["method"] = "carrier_pigeon".into();
-    server.post_admin("/api/v1/trust-sources", &bad_method).assert_problem(422, "invalid-trust-source");
+    server
+        .post_admin("/api/v1/trust-sources", &bad_method)
+        .assert_problem(422, "invalid-trust-source");
 
     let created = server.post_admin("/api/v1/trust-sources", &spec);
     assert_eq!(created.status, 201, "{}", created.body);
     let id = created.body["id"].as_str().unwrap().to_owned();
-    server.post_admin("/api/v1/trust-sources", &spec).assert_problem(409, "trust-source-exists");
+    server
+        .post_admin("/api/v1/trust-sources", &spec)
+        .assert_problem(409, "trust-source-exists");
 
-    let items = server.get_admin("/api/v1/trust-sources").body["items"].as_array().unwrap().clone();
+    let items = server.get_admin("/api/v1/trust-sources").body["items"]
+        .as_array()
+        .unwrap()
+        .clone();
     let names: Vec<_> = items.iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert!(names.contains(&"api-test") && names.contains(&"dev-cluster"), "{names:?}");
+    assert!(
+        names.contains(&"api-test") && names.contains(&"dev-cluster"),
+        "{names:?}"
+    );
     let dev = items.iter().find(|s| s["name"] == "dev-cluster").unwrap();
-    server.delete_admin(&format!("/api/v1/trust-sources/{}", dev["id"].as_str().unwrap()))
+    server
+        .delete_admin(&format!("/api/v1/trust-sources/{}", dev["id"].as_str().unwrap()))
         .assert_problem(409, "trust-source-not-deletable");
 
     // Deleting a source stops its tokens at once.
     let (_, c) = csr();
-    assert_eq!(server.post(ISSUE, &issuance_body(&cluster.token("x", "y"), &c, None), None).status, 201);
-    assert_eq!(server.delete_admin(&format!("/api/v1/trust-sources/{id}")).status, 204);
-    server.delete_admin(&format!("/api/v1/trust-sources/{id}")).assert_problem(404, "not-found");
-    server.post(ISSUE, &issuance_body(&cluster.token("x", "y"), &c, None), None).assert_problem(403, "attestation-failed");
+    assert_eq!(
+        server
+            .post(ISSUE, &issuance_body(&cluster.token("x", "y"), &c, None), None)
+            .status,
+        201
+    );
+    assert_eq!(
+        server.delete_admin(&format!("/api/v1/trust-sources/{id}")).status,
+        204
+    );
+    server
+        .delete_admin(&format!("/api/v1/trust-sources/{id}"))
+        .assert_problem(404, "not-found");
+    server
+        .post(ISSUE, &issuance_body(&cluster.token("x", "y"), &c, None), None)
+        .assert_problem(403, "attestation-failed");
 
-    let kinds: Vec<_> = server.audit().iter().map(|e| e["kind"].as_str().unwrap().to_owned()).collect();
+    let kinds: Vec<_> = server
+        .audit()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
     assert!(kinds.contains(&"trust_source.created".to_owned()));
     assert!(kinds.contains(&"trust_source.deleted".to_owned()));
     assert!(kinds.contains(&"auth.refused".to_owned()));
@@ -99,7 +148,11 @@ fn certificate_inventory_pages_with_a_cursor() {
     server.add_trust_source("pages", &cluster);
     for i in 0..5 {
         let (_, c) = csr();
-        let r = server.post(ISSUE, &issuance_body(&cluster.token("ns", &format!("sa{i}")), &c, None), None);
+        let r = server.post(
+            ISSUE,
+            &issuance_body(&cluster.token("ns", &format!("sa{i}")), &c, None),
+            None,
+        );
         assert_eq!(r.status, 201);
     }
     let p1 = server.get_admin("/api/v1/certificates?limit=2");
@@ -108,9 +161,16 @@ fn certificate_inventory_pages_with_a_cursor() {
     let p2 = server.get_admin(&format!("/api/v1/certificates?limit=10&cursor={cursor}"));
     assert_eq!(p2.body["items"].as_array().unwrap().len(), 3);
     assert!(p2.body["next_cursor"].is_null());
-    assert_eq!(p2.body["items"][2]["spiffe_id"], "spiffe://example.org/ns/ns/sa/sa4");
-    server.get_admin("/api/v1/certificates?limit=0").assert_problem(400, "malformed-request");
-    server.get_admin("/api/v1/certificates?cursor=zzz").assert_problem(400, "malformed-request");
+    assert_eq!(
+        p2.body["items"][2]["spiffe_id"],
+        "spiffe://example.org/ns/ns/sa/sa4"
+    );
+    server
+        .get_admin("/api/v1/certificates?limit=0")
+        .assert_problem(400, "malformed-request");
+    server
+        .get_admin("/api/v1/certificates?cursor=zzz")
+        .assert_problem(400, "malformed-request");
     let health = server.get("/healthz", None);
     assert_eq!(health.status, 200);
     assert_eq!(health.body["status"], "ok");
@@ -161,7 +221,10 @@ jwks_file = "jwks.json"
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "spiffe://serve.example/ns/billing/sa/worker");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "spiffe://serve.example/ns/billing/sa/worker"
+    );
 
     // Without the CA the TLS handshake fails: the server is not anonymous.
     let out = castellan()
@@ -181,7 +244,13 @@ jwks_file = "jwks.json"
     let bare = Server::serve(&config, &tmp.path().join("data2"));
     let port = bare.base.rsplit(':').next().unwrap();
     let out = castellan()
-        .args(["svid", "issue", "--addr", &format!("https://localhost:{port}"), "--ca-file"])
+        .args([
+            "svid",
+            "issue",
+            "--addr",
+            &format!("https://localhost:{port}"),
+            "--ca-file",
+        ])
         .arg(tmp.path().join("data2/ca/root.crt"))
         .arg("--evidence-file")
         .arg(&token_file)
@@ -198,11 +267,22 @@ jwks_file = "jwks.json"
 fn plain_http_is_refused_off_loopback() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("castellan.toml");
-    std::fs::write(&config, "[http]\naddr = \"0.0.0.0:0\"\ntls = { enabled = false }\n").unwrap();
-    let out = castellan().args(["serve", "--config"]).arg(&config).output().unwrap();
+    std::fs::write(
+        &config,
+        "[http]\naddr = \"0.0.0.0:0\"\ntls = { enabled = false }\n",
+    )
+    .unwrap();
+    let out = castellan()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("http.tls.enabled") && stderr.contains("loopback"), "{stderr}");
+    assert!(
+        stderr.contains("http.tls.enabled") && stderr.contains("loopback"),
+        "{stderr}"
+    );
 
     let out = castellan()
         .args(["dev", "--data-dir"])
@@ -227,21 +307,44 @@ fn cli_has_help_everywhere_and_one_line_errors() {
     ] {
         let out = castellan().args(&args).output().unwrap();
         assert!(out.status.success(), "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage:"), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage:"),
+            "{args:?}"
+        );
     }
-    let out = castellan().args(["serve", "--config", "/nonexistent/castellan.toml"]).output().unwrap();
+    let out = castellan()
+        .args(["serve", "--config", "/nonexistent/castellan.toml"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("error: cannot read config file"), "{stderr}");
 
-    let out = castellan().args(["dev", "token", "k8s", "--data-dir", "/nonexistent", "--namespace", "a", "--service-account", "b"]).output().unwrap();
+    let out = castellan()
+        .args([
+            "dev",
+            "token",
+            "k8s",
+            "--data-dir",
+            "/nonexistent",
+            "--namespace",
+            "a",
+            "--service-account",
+            "b",
+        ])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: no dev cluster key"));
 
     // `castellan policy test` runs the default bundle's Rego tests.
     let policies = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    let out = castellan().args(["policy", "test"]).arg(&policies).output().unwrap();
+    let out = castellan()
+        .args(["policy", "test"])
+        .arg(&policies)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains(" passed, 0 failed"));
 }

@@ -45,15 +45,14 @@ fn wait_for_listening(child: &mut Child) -> String {
         let mut sent = false;
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if !sent {
-                if let Some(url) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(url.trim().to_owned());
-                    sent = true;
-                }
+            if !sent && let Some(url) = line.strip_prefix("listening on ") {
+                let _ = tx.send(url.trim().to_owned());
+                sent = true;
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(60)).expect("server did not report `listening on` within 60 s")
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("server did not report `listening on` within 60 s")
 }
 
 impl Server {
@@ -78,8 +77,18 @@ impl Server {
             .spawn()
             .expect("spawn castellan dev");
         let base = wait_for_listening(&mut child);
-        let admin_token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_owned();
-        Self { child, base, dir: dir.to_owned(), admin_token, agent: agent(), _tmp: None }
+        let admin_token = std::fs::read_to_string(dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        Self {
+            child,
+            base,
+            dir: dir.to_owned(),
+            admin_token,
+            agent: agent(),
+            _tmp: None,
+        }
     }
 
     /// `castellan serve --config FILE`; the URL is what the server printed.
@@ -92,8 +101,18 @@ impl Server {
             .spawn()
             .expect("spawn castellan serve");
         let base = wait_for_listening(&mut child);
-        let admin_token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_owned();
-        Self { child, base, dir: dir.to_owned(), admin_token, agent: agent(), _tmp: None }
+        let admin_token = std::fs::read_to_string(dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        Self {
+            child,
+            base,
+            dir: dir.to_owned(),
+            admin_token,
+            agent: agent(),
+            _tmp: None,
+        }
     }
 
     /// Stops the server and waits for it to exit.
@@ -110,7 +129,10 @@ impl Server {
 
     /// POSTs raw bytes; returns status, content type and body JSON (Null if none).
     pub fn post_raw(&self, path: &str, body: Vec<u8>, token: Option<&str>) -> Resp {
-        let mut req = self.agent.post(self.url(path)).header("content-type", "application/json");
+        let mut req = self
+            .agent
+            .post(self.url(path))
+            .header("content-type", "application/json");
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
@@ -138,7 +160,10 @@ impl Server {
     }
 
     pub fn delete_admin(&self, path: &str) -> Resp {
-        let req = self.agent.delete(self.url(path)).header("authorization", format!("Bearer {}", self.admin_token));
+        let req = self
+            .agent
+            .delete(self.url(path))
+            .header("authorization", format!("Bearer {}", self.admin_token));
         Resp::from(req.call().expect("request sent"))
     }
 
@@ -203,11 +228,19 @@ pub struct Resp {
 impl From<ureq::http::Response<ureq::Body>> for Resp {
     fn from(r: ureq::http::Response<ureq::Body>) -> Self {
         let status = r.status().as_u16();
-        let content_type =
-            r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        let content_type = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         let text = r.into_body().read_to_string().unwrap_or_default();
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Self { status, content_type, body }
+        Self {
+            status,
+            content_type,
+            body,
+        }
     }
 }
 
@@ -215,8 +248,17 @@ impl Resp {
     /// Asserts an RFC 9457 problem with this status and type slug.
     pub fn assert_problem(&self, status: u16, slug: &str) {
         assert_eq!(self.status, status, "body: {}", self.body);
-        assert_eq!(self.content_type, "application/problem+json", "body: {}", self.body);
-        assert_eq!(self.body["type"], format!("urn:castellan:problem:{slug}"), "body: {}", self.body);
+        assert_eq!(
+            self.content_type, "application/problem+json",
+            "body: {}",
+            self.body
+        );
+        assert_eq!(
+            self.body["type"],
+            format!("urn:castellan:problem:{slug}"),
+            "body: {}",
+            self.body
+        );
         assert_eq!(self.body["status"], status);
         assert!(self.body["title"].as_str().is_some_and(|t| !t.is_empty()));
         assert!(self.body["detail"].as_str().is_some_and(|t| !t.is_empty()));
@@ -234,7 +276,12 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(issuer: &str) -> Self {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        Self { key, kid: "cluster-key-1".into(), issuer: issuer.into(), audience: "castellan".into() }
+        Self {
+            key,
+            kid: "cluster-key-1".into(),
+            issuer: issuer.into(),
+            audience: "castellan".into(),
+        }
     }
 
     pub fn jwk(&self) -> Value {
@@ -283,13 +330,21 @@ impl Cluster {
 }
 
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 /// A fresh P-256 key and a CSR for it.
 pub fn csr() -> (KeyPair, String) {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let pem = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap().pem().unwrap();
+    let pem = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
     (key, pem)
 }
 

@@ -9,13 +9,17 @@ impl types::Host for HostState {}
 
 impl crypto::Host for HostState {
     fn verify_jws(&mut self, key_set: String, compact: String) -> Result<crypto::VerifiedJws, String> {
-        let keys = self
-            .trust
-            .key_sets
-            .get(&key_set)
-            .ok_or_else(|| format!("unknown key set `{}`", key_set.chars().take(64).collect::<String>()))?;
+        let keys = self.trust.key_sets.get(&key_set).ok_or_else(|| {
+            format!(
+                "unknown key set `{}`",
+                key_set.chars().take(64).collect::<String>()
+            )
+        })?;
         let (header, payload) = keys.verify_compact(&compact)?;
-        Ok(crypto::VerifiedJws { header_json: header.to_string(), payload_json: payload })
+        Ok(crypto::VerifiedJws {
+            header_json: header.to_string(),
+            payload_json: payload,
+        })
     }
 }
 

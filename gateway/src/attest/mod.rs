@@ -18,7 +18,10 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder,
+};
 
 use crate::config::SandboxConfig;
 use crate::trust::Snapshot;
@@ -107,7 +110,10 @@ impl Drop for Attestors {
 impl Attestors {
     /// Builds the engine and compiles `modules` (method, component bytes).
     pub fn new(config: &SandboxConfig, modules: &[(&str, &[u8])]) -> Result<Self, AttestError> {
-        let load_err = |message: String| AttestError::Load { method: "*".into(), message };
+        let load_err = |message: String| AttestError::Load {
+            method: "*".into(),
+            message,
+        };
         let mut pool = PoolingAllocationConfig::default();
         let n = config.max_instances;
         // A component instance is the module plus the small shim modules the
@@ -130,12 +136,18 @@ impl Attestors {
         let engine = Engine::new(&wasm).map_err(|e| load_err(e.to_string()))?;
 
         let mut linker: Linker<HostState> = Linker::new(&engine);
-        bindings::Attestor::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(|e| load_err(e.to_string()))?;
+        bindings::Attestor::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(|e| load_err(e.to_string()))?;
 
         let mut loaded = HashMap::new();
         for (method, bytes) in modules {
-            let fail = |e: wasmtime::Error| AttestError::Load { method: (*method).into(), message: format!("{e:#}") };
+            let fail = |e: wasmtime::Error| AttestError::Load {
+                method: (*method).into(),
+                message: format!("{e:#}"),
+            };
             let component = Component::new(&engine, bytes).map_err(fail)?;
             let pre = linker.instantiate_pre(&component).map_err(fail)?;
             let pre = bindings::AttestorPre::new(pre).map_err(fail)?;
@@ -190,9 +202,14 @@ impl Attestors {
         trust: Arc<Snapshot>,
         context: &Value,
     ) -> Result<Attestation, AttestError> {
-        let module = self.modules.get(method).ok_or_else(|| AttestError::UnknownMethod(method.to_owned()))?;
+        let module = self
+            .modules
+            .get(method)
+            .ok_or_else(|| AttestError::UnknownMethod(method.to_owned()))?;
         if !trust.has_method(method) {
-            return Err(AttestError::NoTrustSource(format!("no trust source is configured for `{method}`")));
+            return Err(AttestError::NoTrustSource(format!(
+                "no trust source is configured for `{method}`"
+            )));
         }
         let config = trust.module_config(method).to_string();
         let limits = StoreLimitsBuilder::new()
@@ -202,7 +219,14 @@ impl Attestors {
             .table_elements(10_000)
             .trap_on_grow_failure(true)
             .build();
-        let mut store = Store::new(&self.engine, HostState { trust, method: method.to_owned(), limits });
+        let mut store = Store::new(
+            &self.engine,
+            HostState {
+                trust,
+                method: method.to_owned(),
+                limits,
+            },
+        );
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(self.deadline_ticks);
         store.epoch_deadline_trap();
@@ -222,7 +246,12 @@ impl Attestors {
                 if a.subject.is_empty() {
                     return Err(AttestError::Module("empty subject".into()));
                 }
-                Ok(Attestation { method: method.to_owned(), subject: a.subject, selectors: a.selectors, claims })
+                Ok(Attestation {
+                    method: method.to_owned(),
+                    subject: a.subject,
+                    selectors: a.selectors,
+                    claims,
+                })
             }
             Err(ModuleError::Malformed(m)) => Err(AttestError::Malformed(m)),
             Err(ModuleError::Rejected(m)) => Err(AttestError::Rejected(m)),

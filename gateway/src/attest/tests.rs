@@ -27,7 +27,9 @@ fn embedded_module_imports_only_castellan_capabilities() {
 fn genuine_token_attests_with_selectors() {
     let (cluster, registry, _dir) = dev_setup();
     let token = cluster.mint_token("prod", "api", Some("api-1"), 300).unwrap();
-    let a = attestors().attest("k8s_sat", &token, registry.snapshot(), &serde_json::json!({})).unwrap();
+    let a = attestors()
+        .attest("k8s_sat", &token, registry.snapshot(), &serde_json::json!({}))
+        .unwrap();
     assert_eq!(a.subject, "ns/prod/sa/api");
     assert!(a.selectors.contains(&"k8s:pod-name:api-1".to_owned()));
     assert_eq!(a.claims["trust_source"], "dev-cluster");
@@ -41,11 +43,17 @@ fn forged_token_is_rejected_and_unknown_method_refused() {
     // Same issuer and kid shape, different key: the signature must fail.
     let forged = impostor.mint_token("prod", "api", None, 300).unwrap();
     let a = attestors();
-    let err = a.attest("k8s_sat", &forged, registry.snapshot(), &serde_json::json!({})).unwrap_err();
+    let err = a
+        .attest("k8s_sat", &forged, registry.snapshot(), &serde_json::json!({}))
+        .unwrap_err();
     assert!(matches!(err, AttestError::Rejected(_)), "{err}");
-    let err = a.attest("tpm", &forged, registry.snapshot(), &serde_json::json!({})).unwrap_err();
+    let err = a
+        .attest("tpm", &forged, registry.snapshot(), &serde_json::json!({}))
+        .unwrap_err();
     assert!(matches!(err, AttestError::UnknownMethod(_)));
     let empty = Arc::new(Registry::new(Vec::<TrustSource>::new()).unwrap());
-    let err = a.attest("k8s_sat", &forged, empty.snapshot(), &serde_json::json!({})).unwrap_err();
+    let err = a
+        .attest("k8s_sat", &forged, empty.snapshot(), &serde_json::json!({}))
+        .unwrap_err();
     assert!(matches!(err, AttestError::NoTrustSource(_)));
 }

@@ -36,13 +36,24 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/api/v1/workloads/attested-issuance", post(attested_issuance))
-        .route("/api/v1/trust-sources", post(create_trust_source).get(list_trust_sources))
-        .route("/api/v1/trust-sources/{id}", delete(delete_trust_source).get(get_trust_source))
+        .route(
+            "/api/v1/trust-sources",
+            post(create_trust_source).get(list_trust_sources),
+        )
+        .route(
+            "/api/v1/trust-sources/{id}",
+            delete(delete_trust_source).get(get_trust_source),
+        )
         .route("/api/v1/certificates", get(list_certificates))
         .route("/api/v1/audit", get(list_audit))
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
-            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", "this endpoint does not accept that method")
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "this endpoint does not accept that method",
+            )
         })
         .with_state(state)
 }
@@ -65,7 +76,11 @@ async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, P
 
 impl AppState {
     async fn audit(&self, kind: &str, actor: &str, detail: Value) {
-        let event = AuditEvent { kind: kind.into(), actor: actor.into(), detail };
+        let event = AuditEvent {
+            kind: kind.into(),
+            actor: actor.into(),
+            detail,
+        };
         if let Err(e) = self.pipeline.store.audit(event).await {
             tracing::error!(error = %e, kind, "could not write audit event");
         }
@@ -77,8 +92,12 @@ impl AppState {
         if self.admin.check_header(header) {
             return Ok(());
         }
-        self.audit("auth.refused", "anonymous", json!({ "endpoint": what, "token_present": header.is_some() }))
-            .await;
+        self.audit(
+            "auth.refused",
+            "anonymous",
+            json!({ "endpoint": what, "token_present": header.is_some() }),
+        )
+        .await;
         Err(Problem::unauthorized())
     }
 }
@@ -107,7 +126,9 @@ fn issuance_problem(e: IssuanceError) -> Problem {
     let detail = e.to_string();
     match e {
         IssuanceError::BadRequest(_) => Problem::malformed(detail),
-        IssuanceError::BadCsr(_) => Problem::new(StatusCode::BAD_REQUEST, "invalid-csr", "Invalid CSR", detail),
+        IssuanceError::BadCsr(_) => {
+            Problem::new(StatusCode::BAD_REQUEST, "invalid-csr", "Invalid CSR", detail)
+        }
         IssuanceError::UnknownMethod(_) => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "unknown-method",
@@ -120,9 +141,12 @@ fn issuance_problem(e: IssuanceError) -> Problem {
             "No trust source for this method",
             detail,
         ),
-        IssuanceError::AttestationFailed(_) => {
-            Problem::new(StatusCode::FORBIDDEN, "attestation-failed", "Attestation failed", detail)
-        }
+        IssuanceError::AttestationFailed(_) => Problem::new(
+            StatusCode::FORBIDDEN,
+            "attestation-failed",
+            "Attestation failed",
+            detail,
+        ),
         IssuanceError::PolicyDenied(reasons) => {
             let mut p = Problem::new(StatusCode::FORBIDDEN, "policy-denied", "Denied by policy", detail);
             p.reasons = Some(reasons);
@@ -161,7 +185,10 @@ async fn attested_issuance(State(state): State<AppState>, req: Request<Body>) ->
 impl AppState {
     /// Audits a refused issuance and renders the problem.
     async fn refuse_issuance(&self, method: Option<String>, problem: Problem) -> Response {
-        let actor = method.as_deref().map(|m| format!("evidence:{m}")).unwrap_or_else(|| "anonymous".into());
+        let actor = method
+            .as_deref()
+            .map(|m| format!("evidence:{m}"))
+            .unwrap_or_else(|| "anonymous".into());
         self.audit(
             "issuance.refused",
             &actor,
@@ -184,9 +211,12 @@ fn printable(s: &str) -> String {
 
 fn trust_problem(e: TrustError) -> Problem {
     match e {
-        TrustError::Duplicate(_) => {
-            Problem::new(StatusCode::CONFLICT, "trust-source-exists", "Trust source exists", e.to_string())
-        }
+        TrustError::Duplicate(_) => Problem::new(
+            StatusCode::CONFLICT,
+            "trust-source-exists",
+            "Trust source exists",
+            e.to_string(),
+        ),
         _ => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-trust-source",
@@ -233,38 +263,60 @@ async fn list_trust_sources(State(state): State<AppState>, headers: HeaderMap) -
     if let Err(p) = state.require_admin(&headers, "trust-sources.list").await {
         return p.into_response();
     }
-    let items: Vec<_> = state.pipeline.trust.list().iter().map(|s| s.as_ref().clone()).collect();
+    let items: Vec<_> = state
+        .pipeline
+        .trust
+        .list()
+        .iter()
+        .map(|s| s.as_ref().clone())
+        .collect();
     axum::Json(json!({ "items": items })).into_response()
 }
 
-async fn get_trust_source(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn get_trust_source(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if let Err(p) = state.require_admin(&headers, "trust-sources.get").await {
         return p.into_response();
     }
     match state.pipeline.trust.get(&id) {
         Some(s) => axum::Json(s.as_ref().clone()).into_response(),
-        None => Problem::not_found(format!("no trust source with id `{}`", id.chars().take(64).collect::<String>()))
-            .into_response(),
+        None => Problem::not_found(format!(
+            "no trust source with id `{}`",
+            id.chars().take(64).collect::<String>()
+        ))
+        .into_response(),
     }
 }
 
-async fn delete_trust_source(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn delete_trust_source(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     let result = async {
         state.require_admin(&headers, "trust-sources.delete").await?;
-        let source = state
-            .pipeline
-            .trust
-            .get(&id)
-            .ok_or_else(|| Problem::not_found(format!("no trust source with id `{}`", id.chars().take(64).collect::<String>())))?;
+        let source = state.pipeline.trust.get(&id).ok_or_else(|| {
+            Problem::not_found(format!(
+                "no trust source with id `{}`",
+                id.chars().take(64).collect::<String>()
+            ))
+        })?;
         if source.origin != "api" {
             return Err(Problem::new(
                 StatusCode::CONFLICT,
                 "trust-source-not-deletable",
                 "Trust source is not deletable",
-                format!("trust source `{}` comes from the {} and can only be removed there", source.name, match source.origin.as_str() {
-                    "config" => "config file",
-                    _ => "dev environment",
-                }),
+                format!(
+                    "trust source `{}` comes from the {} and can only be removed there",
+                    source.name,
+                    match source.origin.as_str() {
+                        "config" => "config file",
+                        _ => "dev environment",
+                    }
+                ),
             ));
         }
         let event = AuditEvent {
@@ -272,10 +324,15 @@ async fn delete_trust_source(State(state): State<AppState>, headers: HeaderMap, 
             actor: "admin".into(),
             detail: json!({ "id": source.id, "name": source.name }),
         };
-        state.pipeline.store.delete_trust_source(&id, event).await.map_err(|e| {
-            tracing::error!(error = %e, "could not delete trust source");
-            Problem::unavailable("the trust source could not be deleted")
-        })?;
+        state
+            .pipeline
+            .store
+            .delete_trust_source(&id, event)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "could not delete trust source");
+                Problem::unavailable("the trust source could not be deleted")
+            })?;
         state.pipeline.trust.remove(&id);
         Ok(())
     }
@@ -300,13 +357,15 @@ fn page_limit(q: &PageQuery) -> Result<usize, Problem> {
     }
 }
 
-fn parse_page(q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>) -> Result<(usize, Option<String>), Problem> {
+fn parse_page(
+    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(usize, Option<String>), Problem> {
     let Query(q) = q.map_err(|e| Problem::malformed(format!("invalid query: {e}")))?;
     let limit = page_limit(&q)?;
-    if let Some(c) = &q.cursor {
-        if c.parse::<u64>().is_err() {
-            return Err(Problem::malformed("`cursor` is not one this server returned"));
-        }
+    if let Some(c) = &q.cursor
+        && c.parse::<u64>().is_err()
+    {
+        return Err(Problem::malformed("`cursor` is not one this server returned"));
     }
     Ok((limit, q.cursor))
 }

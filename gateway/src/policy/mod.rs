@@ -94,7 +94,11 @@ pub struct BundleFiles {
 impl BundleFiles {
     /// The embedded default bundle.
     pub fn embedded() -> Self {
-        let mut files = Self { manifest: None, rego: Vec::new(), data: None };
+        let mut files = Self {
+            manifest: None,
+            rego: Vec::new(),
+            data: None,
+        };
         for (name, text) in embedded::FILES {
             match *name {
                 ".manifest" => files.manifest = Some((*text).to_owned()),
@@ -108,16 +112,30 @@ impl BundleFiles {
     /// Reads a bundle directory. `include_tests` adds `*_test.rego`.
     pub fn from_dir(dir: &Path, include_tests: bool) -> Result<Self, PolicyError> {
         let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|e| PolicyError::Read { path: p.to_owned(), message: e.to_string() })
+            std::fs::read_to_string(p).map_err(|e| PolicyError::Read {
+                path: p.to_owned(),
+                message: e.to_string(),
+            })
         };
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| PolicyError::Read { path: dir.to_owned(), message: e.to_string() })?
+            .map_err(|e| PolicyError::Read {
+                path: dir.to_owned(),
+                message: e.to_string(),
+            })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
         entries.sort();
-        let mut files = Self { manifest: None, rego: Vec::new(), data: None };
+        let mut files = Self {
+            manifest: None,
+            rego: Vec::new(),
+            data: None,
+        };
         for p in entries {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+            let name = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
             if name == ".manifest" {
                 files.manifest = Some(read(&p)?);
             } else if name == "data.json" {
@@ -127,7 +145,10 @@ impl BundleFiles {
             }
         }
         if files.rego.is_empty() {
-            return Err(PolicyError::Read { path: dir.to_owned(), message: "no .rego files".into() });
+            return Err(PolicyError::Read {
+                path: dir.to_owned(),
+                message: "no .rego files".into(),
+            });
         }
         Ok(files)
     }
@@ -144,14 +165,19 @@ impl BundleFiles {
         for (name, text) in &self.rego {
             engine
                 .add_policy(name.clone(), text.clone())
-                .map_err(|e| PolicyError::Compile { file: name.clone(), message: e.to_string() })?;
+                .map_err(|e| PolicyError::Compile {
+                    file: name.clone(),
+                    message: e.to_string(),
+                })?;
         }
         if let Some(data) = &self.data {
             let value: Value = serde_json::from_str(data).map_err(|e| PolicyError::Data(e.to_string()))?;
             if !value.is_object() {
                 return Err(PolicyError::Data("must be a JSON object".into()));
             }
-            engine.add_data(regorus::Value::from(value)).map_err(|e| PolicyError::Data(e.to_string()))?;
+            engine
+                .add_data(regorus::Value::from(value))
+                .map_err(|e| PolicyError::Data(e.to_string()))?;
         }
         Ok(Loaded { engine, manifest })
     }
@@ -161,7 +187,9 @@ impl Policies {
     /// Compiles a bundle and checks that the issuance rule evaluates.
     pub fn load(files: &BundleFiles) -> Result<Self, PolicyError> {
         let loaded = files.compile()?;
-        let policies = Self { active: ArcSwap::from_pointee(loaded) };
+        let policies = Self {
+            active: ArcSwap::from_pointee(loaded),
+        };
         policies.smoke_test()?;
         Ok(policies)
     }
@@ -194,7 +222,9 @@ impl Policies {
         let active = self.active.load_full();
         let mut engine = active.engine.clone();
         engine.set_input(regorus::Value::from(input.clone()));
-        let result = engine.eval_rule(rule.to_owned()).map_err(|e| PolicyError::Eval(e.to_string()))?;
+        let result = engine
+            .eval_rule(rule.to_owned())
+            .map_err(|e| PolicyError::Eval(e.to_string()))?;
         if result == regorus::Value::Undefined {
             return Ok(Value::Null);
         }
@@ -205,7 +235,9 @@ impl Policies {
     pub fn decide_issuance(&self, input: &Value) -> Result<IssuanceDecision, PolicyError> {
         let value = self.eval(ISSUANCE_RULE, input)?;
         if value.is_null() {
-            return Err(PolicyError::BadDecision(format!("`{ISSUANCE_RULE}` is undefined")));
+            return Err(PolicyError::BadDecision(format!(
+                "`{ISSUANCE_RULE}` is undefined"
+            )));
         }
         serde_json::from_value(value).map_err(|e| PolicyError::BadDecision(e.to_string()))
     }

@@ -43,7 +43,10 @@ pub fn run_tests(dir: &Path) -> Result<TestReport, PolicyError> {
             .lines()
             .find_map(|l| l.trim().strip_prefix("package "))
             .map(|p| p.trim().to_owned())
-            .ok_or_else(|| PolicyError::Compile { file: name.clone(), message: "no package".into() })?;
+            .ok_or_else(|| PolicyError::Compile {
+                file: name.clone(),
+                message: "no package".into(),
+            })?;
         let mut seen = std::collections::BTreeSet::new();
         for rule in text.lines().filter_map(test_rule_name) {
             if !seen.insert(rule.clone()) {
@@ -53,7 +56,7 @@ pub fn run_tests(dir: &Path) -> Result<TestReport, PolicyError> {
             let mut engine = loaded.engine.clone();
             let started = Instant::now();
             let outcome = match engine.eval_rule(path.clone()) {
-                Ok(v) if v == regorus::Value::Bool(true) => TestOutcome::Pass,
+                Ok(regorus::Value::Bool(true)) => TestOutcome::Pass,
                 Ok(_) => TestOutcome::Fail,
                 Err(e) => TestOutcome::Error(e.to_string()),
             };
@@ -66,6 +69,9 @@ pub fn run_tests(dir: &Path) -> Result<TestReport, PolicyError> {
 /// `test_foo if {` or `test_foo {` at the start of a line.
 fn test_rule_name(line: &str) -> Option<String> {
     let rest = line.strip_prefix("test_")?;
-    let ident: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+    let ident: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
     Some(format!("test_{ident}"))
 }

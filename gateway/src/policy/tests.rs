@@ -20,10 +20,19 @@ fn embedded_bundle_allows_and_caps_ttl() {
     assert_eq!(p.revision(), "castellan-default-1");
     let d = p.decide_issuance(&input("prod", None)).unwrap();
     assert!(d.allow);
-    assert_eq!(d.spiffe_id.as_deref(), Some("spiffe://example.org/ns/prod/sa/api"));
+    assert_eq!(
+        d.spiffe_id.as_deref(),
+        Some("spiffe://example.org/ns/prod/sa/api")
+    );
     assert_eq!(d.ttl_seconds, Some(900));
-    assert_eq!(p.decide_issuance(&input("prod", Some(7200))).unwrap().ttl_seconds, Some(3600));
-    assert_eq!(p.decide_issuance(&input("prod", Some(300))).unwrap().ttl_seconds, Some(300));
+    assert_eq!(
+        p.decide_issuance(&input("prod", Some(7200))).unwrap().ttl_seconds,
+        Some(3600)
+    );
+    assert_eq!(
+        p.decide_issuance(&input("prod", Some(300))).unwrap().ttl_seconds,
+        Some(300)
+    );
 }
 
 #[test]
@@ -31,7 +40,10 @@ fn embedded_bundle_denies_kube_system_with_a_reason() {
     let p = Policies::embedded().unwrap();
     let d = p.decide_issuance(&input("kube-system", None)).unwrap();
     assert!(!d.allow);
-    assert_eq!(d.reasons, ["namespace \"kube-system\" may not receive identities"]);
+    assert_eq!(
+        d.reasons,
+        ["namespace \"kube-system\" may not receive identities"]
+    );
 }
 
 #[test]
@@ -41,13 +53,22 @@ fn a_bundle_without_the_entry_point_is_refused() {
         rego: vec![("x.rego".into(), "package castellan.other\nallow := true\n".into())],
         data: None,
     };
-    assert!(matches!(Policies::load(&files), Err(PolicyError::BadDecision(_)) | Err(PolicyError::Eval(_))));
+    assert!(matches!(
+        Policies::load(&files),
+        Err(PolicyError::BadDecision(_)) | Err(PolicyError::Eval(_))
+    ));
     let broken = BundleFiles {
         manifest: None,
-        rego: vec![("x.rego".into(), "package castellan.issuance\ndecision := {\n".into())],
+        rego: vec![(
+            "x.rego".into(),
+            "package castellan.issuance\ndecision := {\n".into(),
+        )],
         data: None,
     };
-    assert!(matches!(Policies::load(&broken), Err(PolicyError::Compile { .. })));
+    assert!(matches!(
+        Policies::load(&broken),
+        Err(PolicyError::Compile { .. })
+    ));
 }
 
 #[test]

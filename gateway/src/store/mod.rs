@@ -111,7 +111,11 @@ pub trait Store: Send + Sync + 'static {
     async fn audit(&self, event: AuditEvent) -> Result<(), StoreError>;
 
     /// Lists certificates in issuance order, `limit` at a time.
-    async fn list_certificates(&self, limit: usize, cursor: Option<&str>) -> Result<Page<CertificateRecord>, StoreError>;
+    async fn list_certificates(
+        &self,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<CertificateRecord>, StoreError>;
 
     /// Number of certificates in the inventory.
     async fn count_certificates(&self) -> Result<u64, StoreError>;

@@ -70,7 +70,14 @@ impl RedbStore {
         let writer_db = db.clone();
         std::thread::Builder::new()
             .name("castellan-store-writer".into())
-            .spawn(move || Writer { db: writer_db, head_seq, head_hash }.run(rx))
+            .spawn(move || {
+                Writer {
+                    db: writer_db,
+                    head_seq,
+                    head_hash,
+                }
+                .run(rx)
+            })
             .map_err(backend)?;
         Ok(Self { db, writer: tx })
     }
@@ -86,7 +93,9 @@ impl RedbStore {
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db)).await.map_err(backend)?
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(backend)?
     }
 }
 
@@ -121,7 +130,11 @@ impl Writer {
                 let mut certs = txn.open_table(CERTS).map_err(backend)?;
                 let mut audit = txn.open_table(AUDIT).map_err(backend)?;
                 let mut sources = txn.open_table(TRUST_SOURCES).map_err(backend)?;
-                let mut next_cert = certs.last().map_err(backend)?.map(|(k, _)| k.value()).unwrap_or(0);
+                let mut next_cert = certs
+                    .last()
+                    .map_err(backend)?
+                    .map(|(k, _)| k.value())
+                    .unwrap_or(0);
                 for (op, _) in &batch {
                     let (event, result) = match op {
                         Op::Issue(cert, event) => {
@@ -133,7 +146,9 @@ impl Writer {
                         Op::Audit(event) => (event, true),
                         Op::PutTrustSource(source, event) => {
                             let bytes = serde_json::to_vec(source).map_err(backend)?;
-                            sources.insert(source.id.as_str(), bytes.as_slice()).map_err(backend)?;
+                            sources
+                                .insert(source.id.as_str(), bytes.as_slice())
+                                .map_err(backend)?;
                             (event, true)
                         }
                         Op::DeleteTrustSource(id, event) => {
@@ -184,7 +199,9 @@ impl Writer {
 fn parse_cursor(cursor: Option<&str>) -> Result<u64, StoreError> {
     match cursor {
         None => Ok(0),
-        Some(c) => c.parse().map_err(|_| StoreError::Backend("invalid cursor".into())),
+        Some(c) => c
+            .parse()
+            .map_err(|_| StoreError::Backend("invalid cursor".into())),
     }
 }
 
@@ -208,7 +225,10 @@ fn page<T: serde::de::DeserializeOwned>(
         items.push(serde_json::from_slice(v.value()).map_err(backend)?);
         last = Some(k.value());
     }
-    Ok(Page { items, next_cursor: if more { last.map(|l| l.to_string()) } else { None } })
+    Ok(Page {
+        items,
+        next_cursor: if more { last.map(|l| l.to_string()) } else { None },
+    })
 }
 
 #[async_trait::async_trait]
@@ -221,7 +241,11 @@ impl Store for RedbStore {
         self.submit(Op::Audit(event)).await.map(drop)
     }
 
-    async fn list_certificates(&self, limit: usize, cursor: Option<&str>) -> Result<Page<CertificateRecord>, StoreError> {
+    async fn list_certificates(
+        &self,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<CertificateRecord>, StoreError> {
         let after = parse_cursor(cursor)?;
         self.read(move |db| page(db, CERTS, limit, after)).await
     }
@@ -288,7 +312,11 @@ mod tests {
     use super::*;
 
     fn event(kind: &str) -> AuditEvent {
-        AuditEvent { kind: kind.into(), actor: "test".into(), detail: serde_json::json!({"n": 1}) }
+        AuditEvent {
+            kind: kind.into(),
+            actor: "test".into(),
+            detail: serde_json::json!({"n": 1}),
+        }
     }
 
     fn cert(serial: &str) -> CertificateRecord {
@@ -315,7 +343,8 @@ mod tests {
             for i in 0..50 {
                 let s = store.clone();
                 tasks.push(tokio::spawn(async move {
-                    s.record_issuance(cert(&format!("{i:02x}")), event("issuance.issued")).await
+                    s.record_issuance(cert(&format!("{i:02x}")), event("issuance.issued"))
+                        .await
                 }));
             }
             for t in tasks {

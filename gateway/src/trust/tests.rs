@@ -38,12 +38,23 @@ fn refuses_forgeries_and_weak_algorithms() {
     let (other, _) = ec_jwk("k1");
     let set = KeySet::from_jwks(&serde_json::json!({"keys": [jwk.clone()]})).unwrap();
     let forged = sign(&other, header("k1"), &serde_json::json!({"sub": "x"}));
-    assert_eq!(set.verify_compact(&forged).unwrap_err(), "signature does not verify");
+    assert_eq!(
+        set.verify_compact(&forged).unwrap_err(),
+        "signature does not verify"
+    );
     let unknown = sign(&kp, header("k2"), &serde_json::json!({}));
-    assert!(set.verify_compact(&unknown).unwrap_err().contains("no key with kid"));
+    assert!(
+        set.verify_compact(&unknown)
+            .unwrap_err()
+            .contains("no key with kid")
+    );
 
     let enc = |v: Value| URL_SAFE_NO_PAD.encode(v.to_string());
-    let none = format!("{}.{}.", enc(serde_json::json!({"alg": "none", "kid": "k1"})), enc(serde_json::json!({})));
+    let none = format!(
+        "{}.{}.",
+        enc(serde_json::json!({"alg": "none", "kid": "k1"})),
+        enc(serde_json::json!({}))
+    );
     assert!(set.verify_compact(&none).unwrap_err().contains("not accepted"));
 
     // HS256 with the public JWK as the shared secret: the classic key confusion.
@@ -51,14 +62,20 @@ fn refuses_forgeries_and_weak_algorithms() {
     hs.kid = Some("k1".into());
     let secret = jsonwebtoken::EncodingKey::from_secret(jwk.to_string().as_bytes());
     let hs_token = jsonwebtoken::encode(&hs, &serde_json::json!({}), &secret).unwrap();
-    assert!(set.verify_compact(&hs_token).unwrap_err().contains("not accepted"));
+    assert!(
+        set.verify_compact(&hs_token)
+            .unwrap_err()
+            .contains("not accepted")
+    );
 }
 
 #[test]
 fn refuses_private_symmetric_and_unlabelled_keys() {
     let (_, mut jwk) = ec_jwk("k1");
     jwk["d"] = "c2VjcmV0".into();
-    let e = KeySet::from_jwks(&serde_json::json!({"keys": [jwk]})).err().unwrap();
+    let e = KeySet::from_jwks(&serde_json::json!({"keys": [jwk]}))
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("private"), "{e}");
     let oct = serde_json::json!({"keys": [{"kty": "oct", "kid": "h", "k": "c2VjcmV0"}]});
     assert!(KeySet::from_jwks(&oct).is_err());

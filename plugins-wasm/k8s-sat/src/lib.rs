@@ -24,7 +24,6 @@ wit_bindgen::generate!({
     path: "../wit",
 });
 
-
 /// Seconds of clock skew tolerated on `exp`, `nbf` and `iat` unless the host
 /// configures another value.
 const DEFAULT_LEEWAY_SECONDS: i64 = 60;
@@ -54,17 +53,12 @@ pub struct TrustSource {
 struct K8sSat;
 
 impl Guest for K8sSat {
-    fn attest(
-        evidence: String,
-        config: String,
-        _context: String,
-    ) -> Result<Attestation, AttestError> {
+    fn attest(evidence: String, config: String, _context: String) -> Result<Attestation, AttestError> {
         let config: Config = serde_json::from_str(&config)
             .map_err(|e| AttestError::Config(format!("k8s_sat configuration: {e}")))?;
         let now = castellan::attestor::clock::now();
         attest_token(&evidence, &config, now, |key_set, token| {
-            castellan::attestor::crypto::verify_jws(key_set, token)
-                .map(|v| v.payload_json)
+            castellan::attestor::crypto::verify_jws(key_set, token).map(|v| v.payload_json)
         })
     }
 }
@@ -104,7 +98,11 @@ mod guest_rt {
             if old_len == 0 {
                 alloc(Layout::from_size_align_unchecked(new_len, align))
             } else {
-                realloc(old_ptr, Layout::from_size_align_unchecked(old_len, align), new_len)
+                realloc(
+                    old_ptr,
+                    Layout::from_size_align_unchecked(old_len, align),
+                    new_len,
+                )
             }
         };
         if ptr.is_null() {
@@ -155,8 +153,8 @@ pub fn attest_token(
             ))
         })?;
 
-    let payload = verify(&source.key_set, token)
-        .map_err(|e| AttestError::Rejected(format!("signature: {e}")))?;
+    let payload =
+        verify(&source.key_set, token).map_err(|e| AttestError::Rejected(format!("signature: {e}")))?;
     let claims: Map<String, Value> = serde_json::from_str::<Value>(&payload)
         .ok()
         .and_then(|v| match v {
@@ -165,7 +163,10 @@ pub fn attest_token(
         })
         .ok_or_else(|| AttestError::Malformed("token payload is not a JSON object".into()))?;
 
-    let leeway = config.leeway_seconds.unwrap_or(DEFAULT_LEEWAY_SECONDS).clamp(0, 300);
+    let leeway = config
+        .leeway_seconds
+        .unwrap_or(DEFAULT_LEEWAY_SECONDS)
+        .clamp(0, 300);
     check_issuer(&claims, &source.issuer)?;
     let audiences = check_audience(&claims, &source.audiences)?;
     let expires_at = check_lifetime(&claims, now, leeway)?;
@@ -213,21 +214,22 @@ fn decode_payload_unverified(token: &str) -> Result<Map<String, Value>, AttestEr
         .map_err(|_| AttestError::Malformed("token payload is not base64url".into()))?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        _ => Err(AttestError::Malformed("token payload is not a JSON object".into())),
+        _ => Err(AttestError::Malformed(
+            "token payload is not a JSON object".into(),
+        )),
     }
 }
 
 fn check_issuer(claims: &Map<String, Value>, expected: &str) -> Result<(), AttestError> {
     match claims.get("iss").and_then(Value::as_str) {
         Some(iss) if iss == expected => Ok(()),
-        _ => Err(AttestError::Rejected("issuer does not match the trust source".into())),
+        _ => Err(AttestError::Rejected(
+            "issuer does not match the trust source".into(),
+        )),
     }
 }
 
-fn check_audience(
-    claims: &Map<String, Value>,
-    accepted: &[String],
-) -> Result<Vec<String>, AttestError> {
+fn check_audience(claims: &Map<String, Value>, accepted: &[String]) -> Result<Vec<String>, AttestError> {
     let auds: Vec<String> = match claims.get("aud") {
         Some(Value::String(a)) => vec![a.clone()],
         Some(Value::Array(items)) => items
@@ -262,15 +264,17 @@ fn check_lifetime(claims: &Map<String, Value>, now: i64, leeway: i64) -> Result<
     if now > exp.saturating_add(leeway) {
         return Err(AttestError::Rejected("token has expired".into()));
     }
-    if let Some(nbf) = time("nbf")? {
-        if now.saturating_add(leeway) < nbf {
-            return Err(AttestError::Rejected("token is not valid yet (`nbf`)".into()));
-        }
+    if let Some(nbf) = time("nbf")?
+        && now.saturating_add(leeway) < nbf
+    {
+        return Err(AttestError::Rejected("token is not valid yet (`nbf`)".into()));
     }
-    if let Some(iat) = time("iat")? {
-        if now.saturating_add(leeway) < iat {
-            return Err(AttestError::Rejected("token was issued in the future (`iat`)".into()));
-        }
+    if let Some(iat) = time("iat")?
+        && now.saturating_add(leeway) < iat
+    {
+        return Err(AttestError::Rejected(
+            "token was issued in the future (`iat`)".into(),
+        ));
     }
     Ok(exp)
 }
@@ -290,7 +294,9 @@ impl Identity {
     fn from_claims(claims: &Map<String, Value>) -> Result<Self, AttestError> {
         let id = if let Some(k8s) = claims.get("kubernetes.io").and_then(Value::as_object) {
             let str_at = |obj: Option<&Value>, key: &str| {
-                obj.and_then(|o| o.get(key)).and_then(Value::as_str).map(str::to_owned)
+                obj.and_then(|o| o.get(key))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
             };
             let sa = k8s.get("serviceaccount");
             let pod = k8s.get("pod");
@@ -318,7 +324,10 @@ impl Identity {
                 shape: "legacy",
             }
         };
-        for (what, value) in [("namespace", &id.namespace), ("service account", &id.service_account)] {
+        for (what, value) in [
+            ("namespace", &id.namespace),
+            ("service account", &id.service_account),
+        ] {
             if !is_dns_label_like(value) {
                 return Err(AttestError::Rejected(format!(
                     "{what} `{}` is not a valid Kubernetes name",
@@ -348,7 +357,8 @@ fn missing(claim: &str) -> AttestError {
 fn is_dns_label_like(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
 /// Caps and sanitises untrusted text before it is echoed in an error.

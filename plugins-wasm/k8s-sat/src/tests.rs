@@ -16,7 +16,11 @@ fn config() -> Config {
 
 fn token(payload: &Value) -> String {
     let enc = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
-    format!("{}.{}.c2ln", enc(&serde_json::json!({"alg": "ES256", "kid": "k1"})), enc(payload))
+    format!(
+        "{}.{}.c2ln",
+        enc(&serde_json::json!({"alg": "ES256", "kid": "k1"})),
+        enc(payload)
+    )
 }
 
 fn projected() -> Value {
@@ -55,7 +59,12 @@ fn projected_token_yields_subject_and_selectors() {
     assert_eq!(a.subject, "ns/prod/sa/api");
     assert_eq!(
         a.selectors,
-        ["k8s:ns:prod", "k8s:sa:api", "k8s:pod-name:api-7d9", "k8s:pod-uid:p1"]
+        [
+            "k8s:ns:prod",
+            "k8s:sa:api",
+            "k8s:pod-name:api-7d9",
+            "k8s:pod-uid:p1"
+        ]
     );
     let claims: Value = serde_json::from_str(&a.claims_json).unwrap();
     assert_eq!(claims["trust_source"], "prod");
@@ -126,15 +135,29 @@ fn verification_failure_is_a_rejection() {
 
 #[test]
 fn garbage_is_malformed_not_a_panic() {
-    for evidence in ["", "abc", "a.b", "a.b.c.d", "a.!!!.c", "a.bnVsbA.c", "\u{0}.\u{1}.\u{2}"] {
+    for evidence in [
+        "",
+        "abc",
+        "a.b",
+        "a.b.c.d",
+        "a.!!!.c",
+        "a.bnVsbA.c",
+        "\u{0}.\u{1}.\u{2}",
+    ] {
         let r = attest_token(evidence, &config(), NOW, |_, _| unreachable!());
-        assert!(matches!(r, Err(AttestError::Malformed(_))), "{evidence:?} gave {r:?}");
+        assert!(
+            matches!(r, Err(AttestError::Malformed(_))),
+            "{evidence:?} gave {r:?}"
+        );
     }
 }
 
 #[test]
 fn no_trust_source_is_distinct() {
-    let cfg = Config { trust_sources: vec![], leeway_seconds: None };
+    let cfg = Config {
+        trust_sources: vec![],
+        leeway_seconds: None,
+    };
     let r = attest_token(&token(&projected()), &cfg, NOW, |_, _| unreachable!());
     assert!(matches!(r, Err(AttestError::NoTrustSource(_))));
 }
