@@ -40,6 +40,9 @@ pub mod embedded {
     include!(concat!(env!("OUT_DIR"), "/embedded_attestors.rs"));
 }
 
+/// Bytes of each linear memory kept resident between calls (see `new`).
+const KEEP_RESIDENT_BYTES: usize = 512 << 10;
+
 /// How often the epoch advances; deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -125,6 +128,15 @@ impl Attestors {
         pool.max_memory_size(config.max_memory_bytes);
         pool.max_memories_per_module(1);
         pool.max_tables_per_module(2);
+        // Returning a slot's memory with one `madvise` per call makes the
+        // kernel shoot down TLBs on every core each time; batching the
+        // decommits amortises that across calls.
+        pool.decommit_batch_size(16);
+        // Keep the first pages of each slot mapped and reset them with
+        // `memset`: a module's stack, data and small heap live there, and
+        // re-faulting them on every call costs page faults and TLB flushes.
+        pool.linear_memory_keep_resident(KEEP_RESIDENT_BYTES.min(config.max_memory_bytes));
+        pool.table_keep_resident(64 << 10);
         let mut wasm = Config::new();
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         wasm.epoch_interruption(true);
@@ -133,6 +145,9 @@ impl Attestors {
         wasm.memory_reservation(config.max_memory_bytes as u64);
         wasm.memory_guard_size(64 << 10);
         wasm.max_wasm_stack(512 << 10);
+        // Copy data segments into the (resident) slot instead of mapping a
+        // copy-on-write image, whose first write per page faults.
+        wasm.memory_init_cow(false);
         let engine = Engine::new(&wasm).map_err(|e| load_err(e.to_string()))?;
 
         let mut linker: Linker<HostState> = Linker::new(&engine);

@@ -73,9 +73,16 @@ pub struct IssuanceDecision {
     pub reasons: Vec<String>,
 }
 
+/// Rules the gateway evaluates; each is compiled once when a bundle loads.
+pub const ENTRYPOINTS: &[&str] = &[ISSUANCE_RULE];
+
 /// A compiled bundle ready to evaluate.
 struct Loaded {
+    /// The engine with every module and the data, for tests and tooling.
     engine: regorus::Engine,
+    /// One prepared policy per entry point: evaluating one builds a cheap
+    /// engine over shared, already-analysed modules.
+    compiled: Vec<(&'static str, regorus::CompiledPolicy)>,
     manifest: Manifest,
 }
 
@@ -179,7 +186,21 @@ impl BundleFiles {
                 .add_data(regorus::Value::from(value))
                 .map_err(|e| PolicyError::Data(e.to_string()))?;
         }
-        Ok(Loaded { engine, manifest })
+        let mut compiled = Vec::with_capacity(ENTRYPOINTS.len());
+        for rule in ENTRYPOINTS {
+            let policy = engine
+                .clone()
+                .compile_with_entrypoint(&(*rule).into())
+                .map_err(|e| {
+                    PolicyError::BadDecision(format!("entry point `{rule}` does not compile: {e}"))
+                })?;
+            compiled.push((*rule, policy));
+        }
+        Ok(Loaded {
+            engine,
+            compiled,
+            manifest,
+        })
     }
 }
 
@@ -216,14 +237,17 @@ impl Policies {
         self.eval(ISSUANCE_RULE, &input).map(drop)
     }
 
-    /// Evaluates `rule` with `input` on a clone of the template engine.
-    /// Blocking: call from a blocking thread.
+    /// Evaluates the entry point `rule` with `input`. Blocking: call from a
+    /// blocking thread.
     pub fn eval(&self, rule: &str, input: &Value) -> Result<Value, PolicyError> {
-        let active = self.active.load_full();
-        let mut engine = active.engine.clone();
-        engine.set_input(regorus::Value::from(input.clone()));
-        let result = engine
-            .eval_rule(rule.to_owned())
+        let active = self.active.load();
+        let (_, policy) = active
+            .compiled
+            .iter()
+            .find(|(r, _)| *r == rule)
+            .ok_or_else(|| PolicyError::Eval(format!("`{rule}` is not an entry point")))?;
+        let result = policy
+            .eval_with_input(regorus::Value::from(input.clone()))
             .map_err(|e| PolicyError::Eval(e.to_string()))?;
         if result == regorus::Value::Undefined {
             return Ok(Value::Null);
