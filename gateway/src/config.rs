@@ -40,6 +40,9 @@ pub struct Config {
     /// `data.json`); unset means the embedded default bundle.
     /// Env: `CASTELLAN_POLICIES`.
     pub policies: Option<PathBuf>,
+    /// Wall-clock budget of one policy evaluation, in milliseconds; a policy
+    /// that runs longer fails the request closed. Default: 100.
+    pub policy_deadline_ms: u64,
     /// The HTTP API.
     pub http: HttpConfig,
     /// Limits of the attestor sandbox.
@@ -109,6 +112,7 @@ impl Default for Config {
             data_dir: PathBuf::from("castellan-data"),
             trust_domain: "example.org".into(),
             policies: None,
+            policy_deadline_ms: 100,
             http: HttpConfig::default(),
             sandbox: SandboxConfig::default(),
             issuance: IssuanceConfig::default(),
@@ -250,6 +254,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "http.max_body_bytes",
                 message: "must be between 1024 and 16777216".into(),
+            });
+        }
+        if !(1..=10_000).contains(&self.policy_deadline_ms) {
+            return Err(ConfigError::Invalid {
+                key: "policy_deadline_ms",
+                message: "must be between 1 and 10000".into(),
             });
         }
         if !(1..=10_000).contains(&self.sandbox.deadline_ms) {

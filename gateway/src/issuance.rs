@@ -250,10 +250,15 @@ impl Pipeline {
             .spiffe_id
             .ok_or_else(|| invalid("allow without spiffe_id".into()))?;
         let spiffe_id = SpiffeId::parse(&spiffe_id).map_err(|e| invalid(format!("spiffe_id: {e}")))?;
-        if spiffe_id.trust_domain() != self.trust_domain || spiffe_id.path().is_empty() {
+        if spiffe_id.trust_domain() != self.trust_domain {
             return Err(invalid(format!(
-                "spiffe_id `{spiffe_id}` is not a workload ID in {}",
+                "spiffe_id `{spiffe_id}` is outside the trust domain {}",
                 self.trust_domain
+            )));
+        }
+        if spiffe_id.path().is_empty() {
+            return Err(invalid(format!(
+                "spiffe_id `{spiffe_id}` names the trust domain, not a workload"
             )));
         }
         let ttl = decision

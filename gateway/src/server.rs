@@ -78,6 +78,7 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     }
     let trust = Arc::new(Registry::new(sources)?);
 
+    crate::policy::set_eval_deadline(std::time::Duration::from_millis(config.policy_deadline_ms));
     let policies = Arc::new(match &config.policies {
         Some(dir) => Policies::load(&BundleFiles::from_dir(dir, false)?)
             .with_context(|| format!("policy bundle {}", dir.display()))?,

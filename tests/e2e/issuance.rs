@@ -426,3 +426,170 @@ fn dev_cluster_tokens_work_through_the_cli() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("error: 403 attestation-failed"), "{stderr}");
 }
+
+/// Writes a policy bundle directory with one `issuance.rego`.
+fn policy_dir(root: &std::path::Path, name: &str, rego: &str) -> std::path::PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(".manifest"),
+        json!({"revision": format!("{name}-7"), "roots": ["castellan"]}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("issuance.rego"), rego).unwrap();
+    dir
+}
+
+#[test]
+fn policies_dir_replaces_the_default_bundle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let custom = policy_dir(
+        tmp.path(),
+        "custom",
+        r#"package castellan.issuance
+import rego.v1
+ns := input.attestation.claims.namespace
+decision := {"allow": true, "spiffe_id": sprintf("spiffe://%s/k8s/%s/%s", [input.trust_domain, ns, input.attestation.claims.service_account]), "ttl_seconds": 300} if ns == "allowed"
+decision := {"allow": false, "reasons": [sprintf("only namespace allowed, not %s", [ns])]} if ns != "allowed"
+"#,
+    );
+    let server = Server::dev_in(
+        &tmp.path().join("data"),
+        &["--policies", custom.to_str().unwrap()],
+    );
+    assert_eq!(server.get("/healthz", None).body["policy_revision"], "custom-7");
+    let cluster = Cluster::new("https://k8s.custom.example");
+    server.add_trust_source("custom", &cluster);
+    let (_, c) = csr();
+    let r = server.post(
+        ISSUE,
+        &issuance_body(&cluster.token("allowed", "svc"), &c, None),
+        None,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/k8s/allowed/svc");
+    let r = server.post(
+        ISSUE,
+        &issuance_body(&cluster.token("other", "svc"), &c, None),
+        None,
+    );
+    r.assert_problem(403, "policy-denied");
+    assert_eq!(r.body["reasons"][0], "only namespace allowed, not other");
+}
+
+#[test]
+fn policy_errors_fail_closed() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A policy that never finishes in time, one that answers outside the
+    // trust domain, and one that allows without a lifetime.
+    let slow = policy_dir(
+        tmp.path(),
+        "slow",
+        r#"package castellan.issuance
+import rego.v1
+decision := {"allow": true, "spiffe_id": "spiffe://example.org/a", "ttl_seconds": 300} if {
+    input.attestation.method == "k8s_sat"
+    count([x | some x in numbers.range(1, 50000000); x % 7 == 3]) > 0
+}
+"#,
+    );
+    let foreign = policy_dir(
+        tmp.path(),
+        "foreign",
+        "package castellan.issuance\ndecision := {\"allow\": true, \"spiffe_id\": \"spiffe://evil.org/x\", \"ttl_seconds\": 300}\n",
+    );
+    let no_ttl = policy_dir(
+        tmp.path(),
+        "nottl",
+        "package castellan.issuance\ndecision := {\"allow\": true, \"spiffe_id\": \"spiffe://example.org/x\"}\n",
+    );
+    let cluster = Cluster::new("https://k8s.failclosed.example");
+    for (dir, needle) in [
+        (slow, "could not decide"),
+        (foreign, "trust domain"),
+        (no_ttl, "ttl_seconds"),
+    ] {
+        let data = tmp
+            .path()
+            .join(format!("data-{}", dir.file_name().unwrap().to_str().unwrap()));
+        let server = Server::dev_in(&data, &["--policies", dir.to_str().unwrap()]);
+        server.add_trust_source("fc", &cluster);
+        let (_, c) = csr();
+        let r = server.post(ISSUE, &issuance_body(&cluster.token("a", "b"), &c, None), None);
+        r.assert_problem(500, "issuance-failed");
+        assert!(r.body["detail"].as_str().unwrap().contains(needle), "{}", r.body);
+        assert!(server.certificates().is_empty());
+    }
+}
+
+#[test]
+fn a_broken_policy_dir_stops_start_up_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broken = policy_dir(
+        tmp.path(),
+        "broken",
+        "package castellan.issuance\ndecision := {\n",
+    );
+    let out = support::castellan()
+        .args(["dev", "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .args(["--http-addr", "127.0.0.1:0", "--policies"])
+        .arg(&broken)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("issuance.rego"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn rsa_signed_tokens_verify_and_legacy_tokens_are_accepted() {
+    let server = Server::dev();
+    for (i, alg) in [
+        jsonwebtoken::Algorithm::RS256,
+        jsonwebtoken::Algorithm::PS256,
+        jsonwebtoken::Algorithm::RS512,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cluster = Cluster::new_rsa(&format!("https://k8s.rsa{i}.example"), alg);
+        server.add_trust_source(&format!("rsa{i}"), &cluster);
+        let (_, c) = csr();
+        let r = server.post(
+            ISSUE,
+            &issuance_body(&cluster.token("rsa", "svc"), &c, None),
+            None,
+        );
+        assert_eq!(r.status, 201, "{alg:?}: {}", r.body);
+        // An RSA key must not verify an EC-labelled token, nor the reverse.
+        let impostor = Cluster::new_rsa(&format!("https://k8s.rsa{i}.example"), alg);
+        let r = server.post(
+            ISSUE,
+            &issuance_body(&impostor.token("rsa", "svc"), &c, None),
+            None,
+        );
+        r.assert_problem(403, "attestation-failed");
+    }
+
+    // A legacy (secret-based) service-account token: no pod selectors.
+    let cluster = Cluster::new("https://k8s.legacy.example");
+    server.add_trust_source("legacy", &cluster);
+    let legacy = json!({
+        "iss": cluster.issuer, "aud": "castellan", "exp": support::now() + 300,
+        "sub": "system:serviceaccount:old:app",
+        "kubernetes.io/serviceaccount/namespace": "old",
+        "kubernetes.io/serviceaccount/service-account.name": "app",
+    });
+    let (_, c) = csr();
+    let r = server.post(ISSUE, &issuance_body(&cluster.sign(&legacy), &c, None), None);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/ns/old/sa/app");
+    assert_eq!(
+        r.body["attestation"]["selectors"],
+        json!(["k8s:ns:old", "k8s:sa:app"])
+    );
+}

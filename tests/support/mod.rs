@@ -265,12 +265,14 @@ impl Resp {
     }
 }
 
-/// A fake Kubernetes cluster: an ES256 signing key and its issuer.
+/// A fake Kubernetes cluster: a signing key and its issuer.
 pub struct Cluster {
     pub key: KeyPair,
     pub kid: String,
     pub issuer: String,
     pub audience: String,
+    /// When set, tokens are RSA-signed with this algorithm (RS256, PS256, …).
+    rsa: Option<(rsa::RsaPrivateKey, jsonwebtoken::Algorithm)>,
 }
 
 impl Cluster {
@@ -281,10 +283,28 @@ impl Cluster {
             kid: "cluster-key-1".into(),
             issuer: issuer.into(),
             audience: "castellan".into(),
+            rsa: None,
         }
     }
 
+    /// A cluster signing with a fresh 2048-bit RSA key, as most real clusters do.
+    pub fn new_rsa(issuer: &str, alg: jsonwebtoken::Algorithm) -> Self {
+        let rsa_key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
+        let mut c = Self::new(issuer);
+        c.kid = "cluster-rsa-1".into();
+        c.rsa = Some((rsa_key, alg));
+        c
+    }
+
     pub fn jwk(&self) -> Value {
+        if let Some((k, _)) = &self.rsa {
+            use rsa::traits::PublicKeyParts;
+            return json!({
+                "kty": "RSA", "kid": self.kid, "use": "sig",
+                "n": URL_SAFE_NO_PAD.encode(k.n().to_bytes_be()),
+                "e": URL_SAFE_NO_PAD.encode(k.e().to_bytes_be()),
+            });
+        }
         let raw = self.key.public_key_raw();
         json!({
             "kty": "EC", "crv": "P-256", "kid": self.kid, "alg": "ES256", "use": "sig",
@@ -318,9 +338,22 @@ impl Cluster {
     }
 
     pub fn sign_with_kid(&self, claims: &Value, kid: &str) -> String {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        let (alg, key) = match &self.rsa {
+            Some((k, alg)) => {
+                use rsa::pkcs8::EncodePrivateKey;
+                let pem = k.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).unwrap();
+                (
+                    *alg,
+                    jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
+                )
+            }
+            None => (
+                jsonwebtoken::Algorithm::ES256,
+                jsonwebtoken::EncodingKey::from_ec_pem(self.key.serialize_pem().as_bytes()).unwrap(),
+            ),
+        };
+        let mut header = jsonwebtoken::Header::new(alg);
         header.kid = Some(kid.into());
-        let key = jsonwebtoken::EncodingKey::from_ec_pem(self.key.serialize_pem().as_bytes()).unwrap();
         jsonwebtoken::encode(&header, claims, &key).unwrap()
     }
 

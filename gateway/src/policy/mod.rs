@@ -204,6 +204,18 @@ impl BundleFiles {
     }
 }
 
+/// Sets the wall-clock budget of every policy evaluation in this process.
+/// regorus checks it cooperatively; an evaluation past it returns an error,
+/// which fails the request closed.
+pub fn set_eval_deadline(deadline: std::time::Duration) {
+    regorus::utils::limits::set_fallback_execution_timer_config(Some(
+        regorus::utils::limits::ExecutionTimerConfig {
+            limit: deadline,
+            check_interval: std::num::NonZeroU32::MIN.saturating_add(63),
+        },
+    ));
+}
+
 impl Policies {
     /// Compiles a bundle and checks that the issuance rule evaluates.
     pub fn load(files: &BundleFiles) -> Result<Self, PolicyError> {
