@@ -7,8 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// (attestation method, crate directory, artifact name)
+/// Built-in modules: (attestation method, crate directory, artifact name).
 const MODULES: &[(&str, &str, &str)] = &[("k8s_sat", "k8s-sat", "k8s_sat.wasm")];
+
+/// Test fixtures (never embedded in the binary): (constant, artifact name).
+const FIXTURES: &[(&str, &str)] = &[("HOSTILE", "hostile.wasm"), ("WASI_FS", "wasi_fs.wasm")];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -24,6 +27,9 @@ fn main() {
     for (_, dir, _) in MODULES {
         println!("cargo:rerun-if-changed={}", plugins.join(dir).display());
     }
+    println!("cargo:rerun-if-changed={}", plugins.join("fixtures").display());
+    println!("cargo:rerun-if-changed={}", plugins.join(".cargo").display());
+    println!("cargo:rerun-if-changed={}", root.join("sdk/attestor").display());
     println!("cargo:rerun-if-changed={}", policies.display());
 
     build_modules(&root, &plugins, &out_dir);
@@ -40,6 +46,8 @@ fn build_modules(root: &Path, plugins: &Path, out_dir: &Path) {
         .join("wasm-plugins");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
+        // From inside plugins-wasm/ so its .cargo/config.toml applies.
+        .current_dir(plugins)
         .args([
             "build",
             "--release",
@@ -78,6 +86,18 @@ fn build_modules(root: &Path, plugins: &Path, out_dir: &Path) {
     }
     code.push_str("];\n");
     std::fs::write(out_dir.join("embedded_attestors.rs"), code).expect("write embedded_attestors.rs");
+
+    let mut fixtures = String::from("// Test fixtures: hostile and ungranted-import modules.\n");
+    for (name, artifact) in FIXTURES {
+        let built = target_dir.join("wasm32-wasip2/release").join(artifact);
+        let dest = out_dir.join(artifact);
+        std::fs::copy(&built, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
+        fixtures.push_str(&format!(
+            "pub const {name}: &[u8] = include_bytes!({:?});\n",
+            dest.display().to_string()
+        ));
+    }
+    std::fs::write(out_dir.join("test_fixtures.rs"), fixtures).expect("write test_fixtures.rs");
 }
 
 /// Adds the wasm32-wasip2 target when rustup is present and it is missing.

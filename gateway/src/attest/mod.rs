@@ -40,6 +40,19 @@ pub mod embedded {
     include!(concat!(env!("OUT_DIR"), "/embedded_attestors.rs"));
 }
 
+/// Misbehaving modules for the sandbox tests; not in the binary.
+#[cfg(test)]
+mod fixtures {
+    include!(concat!(env!("OUT_DIR"), "/test_fixtures.rs"));
+}
+
+/// Largest attestation a module may return: a subject, selectors and claims
+/// beyond these are a module fault, not data to carry into policy and audit.
+const MAX_SUBJECT_BYTES: usize = 1024;
+const MAX_SELECTORS: usize = 256;
+const MAX_SELECTOR_BYTES: usize = 1024;
+const MAX_CLAIMS_BYTES: usize = 64 * 1024;
+
 /// Bytes of each linear memory kept resident between calls (see `new`).
 const KEEP_RESIDENT_BYTES: usize = 512 << 10;
 
@@ -253,13 +266,29 @@ impl Attestors {
         // The store (and the instance in it) is dropped here, whatever happened.
         match result {
             Ok(a) => {
-                let claims: Value = serde_json::from_str(&a.claims_json)
-                    .map_err(|_| AttestError::Module("claims are not JSON".into()))?;
-                if !claims.is_object() {
-                    return Err(AttestError::Module("claims are not a JSON object".into()));
+                if a.subject.is_empty() || a.subject.len() > MAX_SUBJECT_BYTES {
+                    return Err(AttestError::Module(format!(
+                        "returned a subject that is empty or over {MAX_SUBJECT_BYTES} bytes"
+                    )));
                 }
-                if a.subject.is_empty() {
-                    return Err(AttestError::Module("empty subject".into()));
+                if a.selectors.len() > MAX_SELECTORS
+                    || a.selectors.iter().any(|s| s.len() > MAX_SELECTOR_BYTES)
+                {
+                    return Err(AttestError::Module(format!(
+                        "returned more than {MAX_SELECTORS} selectors or one over {MAX_SELECTOR_BYTES} bytes"
+                    )));
+                }
+                if a.claims_json.len() > MAX_CLAIMS_BYTES {
+                    return Err(AttestError::Module(format!(
+                        "returned claims over {MAX_CLAIMS_BYTES} bytes"
+                    )));
+                }
+                let claims: Value = serde_json::from_str(&a.claims_json)
+                    .map_err(|_| AttestError::Module("returned claims that are not JSON".into()))?;
+                if !claims.is_object() {
+                    return Err(AttestError::Module(
+                        "returned claims that are not a JSON object".into(),
+                    ));
                 }
                 Ok(Attestation {
                     method: method.to_owned(),
@@ -280,6 +309,11 @@ fn trap_text(e: wasmtime::Error) -> AttestError {
     let text = match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => "exceeded its time limit".to_owned(),
         Some(wasmtime::Trap::StackOverflow) => "overflowed its stack".to_owned(),
+        // With the stack at the bottom of linear memory, a module's own stack
+        // overflow runs off the start of memory and lands here.
+        Some(wasmtime::Trap::MemoryOutOfBounds) => {
+            "accessed memory out of bounds (e.g. overflowed its stack)".to_owned()
+        }
         Some(wasmtime::Trap::UnreachableCodeReached) => "trapped (panic or unreachable)".to_owned(),
         Some(t) => format!("trapped: {t}"),
         None => {

@@ -57,3 +57,101 @@ fn forged_token_is_rejected_and_unknown_method_refused() {
         .unwrap_err();
     assert!(matches!(err, AttestError::NoTrustSource(_)));
 }
+
+/// The hostile fixture under method `hostile`, with a dev trust source so
+/// calls reach the module.
+fn hostile() -> (Attestors, Arc<Registry>, tempfile::TempDir) {
+    let (cluster, _, dir) = dev_setup();
+    let mut source = cluster.trust_source();
+    source.method = "hostile".into();
+    let registry = Arc::new(Registry::new(vec![source]).unwrap());
+    let config = SandboxConfig {
+        deadline_ms: 50,
+        max_memory_bytes: 4 << 20,
+        max_instances: 16,
+    };
+    let modules: &[(&str, &[u8])] = &[
+        ("hostile", fixtures::HOSTILE),
+        ("k8s_sat", embedded::MODULES[0].1),
+    ];
+    (Attestors::new(&config, modules).unwrap(), registry, dir)
+}
+
+fn module_error(a: &Attestors, registry: &Registry, evidence: &str) -> String {
+    match a.attest("hostile", evidence, registry.snapshot(), &serde_json::json!({})) {
+        Err(AttestError::Module(m)) => m,
+        other => panic!("{evidence}: expected a module failure, got {other:?}"),
+    }
+}
+
+#[test]
+fn hostile_modules_are_stopped_and_fail_closed() {
+    let (a, registry, _dir) = hostile();
+    assert!(
+        a.attest("hostile", "ok", registry.snapshot(), &serde_json::json!({}))
+            .is_ok()
+    );
+
+    let started = std::time::Instant::now();
+    assert_eq!(module_error(&a, &registry, "loop"), "exceeded its time limit");
+    // Not a timing test: only that the endless loop was stopped at all.
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    assert_eq!(module_error(&a, &registry, "alloc"), "exceeded its memory limit");
+    assert!(module_error(&a, &registry, "recurse").contains("overflowed its stack"));
+    assert_eq!(
+        module_error(&a, &registry, "panic"),
+        "trapped (panic or unreachable)"
+    );
+    let huge = module_error(&a, &registry, "huge-subject");
+    assert!(huge.contains("subject"), "{huge}");
+    assert!(module_error(&a, &registry, "many-selectors").contains("selectors"));
+    assert!(module_error(&a, &registry, "bad-claims").contains("not JSON"));
+
+    // A trapped instance is gone: the next call gets a fresh one.
+    assert!(
+        a.attest("hostile", "ok", registry.snapshot(), &serde_json::json!({}))
+            .is_ok()
+    );
+}
+
+#[test]
+fn well_behaved_calls_succeed_while_hostile_ones_run() {
+    let (a, registry, dir) = hostile();
+    let a = Arc::new(a);
+    let cluster = crate::dev::DevCluster::load(dir.path()).unwrap();
+    let k8s = Arc::new(Registry::new(vec![cluster.trust_source()]).unwrap());
+    let token = cluster.mint_token("prod", "api", None, 300).unwrap();
+    let mut threads = Vec::new();
+    for i in 0..4 {
+        let (a, registry) = (a.clone(), registry.clone());
+        let evidence = if i % 2 == 0 { "loop" } else { "alloc" };
+        threads.push(std::thread::spawn(move || {
+            for _ in 0..3 {
+                assert!(
+                    a.attest("hostile", evidence, registry.snapshot(), &serde_json::json!({}))
+                        .is_err()
+                );
+            }
+        }));
+    }
+    for _ in 0..20 {
+        let ok = a
+            .attest("k8s_sat", &token, k8s.snapshot(), &serde_json::json!({}))
+            .unwrap();
+        assert_eq!(ok.subject, "ns/prod/sa/api");
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn a_module_importing_wasi_is_refused_at_load() {
+    let modules: &[(&str, &[u8])] = &[("wasi_fs", fixtures::WASI_FS)];
+    let err = Attestors::new(&SandboxConfig::default(), modules)
+        .err()
+        .expect("must not load");
+    let text = err.to_string();
+    assert!(text.contains("wasi_fs") && text.contains("wasi:"), "{text}");
+}

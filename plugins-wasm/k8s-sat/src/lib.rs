@@ -54,6 +54,7 @@ struct K8sSat;
 
 impl Guest for K8sSat {
     fn attest(evidence: String, config: String, _context: String) -> Result<Attestation, AttestError> {
+        castellan_attestor_sdk::link();
         let config: Config = serde_json::from_str(&config)
             .map_err(|e| AttestError::Config(format!("k8s_sat configuration: {e}")))?;
         let now = castellan::attestor::clock::now();
@@ -64,53 +65,6 @@ impl Guest for K8sSat {
 }
 
 export!(K8sSat);
-
-// A module has no std, so it cannot reach WASI (filesystem, clocks,
-// environment, sockets) behind the host's back: its only imports are the
-// Castellan capabilities. What std would have given is supplied here.
-#[cfg(all(target_arch = "wasm32", not(test)))]
-mod guest_rt {
-    use alloc::alloc::{Layout, alloc, realloc};
-
-    #[global_allocator]
-    static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
-
-    /// A panic is a trap: the host sees the call fail and refuses the request.
-    #[panic_handler]
-    fn panic(_: &core::panic::PanicInfo) -> ! {
-        core::arch::wasm32::unreachable()
-    }
-
-    /// The canonical ABI's allocator, which std exports on wasip2.
-    #[unsafe(no_mangle)]
-    unsafe extern "C" fn cabi_realloc(
-        old_ptr: *mut u8,
-        old_len: usize,
-        align: usize,
-        new_len: usize,
-    ) -> *mut u8 {
-        if new_len == 0 {
-            return align as *mut u8;
-        }
-        // SAFETY: the canonical ABI passes a power-of-two alignment and, for a
-        // reallocation, the pointer and size it was given earlier.
-        let ptr = unsafe {
-            if old_len == 0 {
-                alloc(Layout::from_size_align_unchecked(new_len, align))
-            } else {
-                realloc(
-                    old_ptr,
-                    Layout::from_size_align_unchecked(old_len, align),
-                    new_len,
-                )
-            }
-        };
-        if ptr.is_null() {
-            core::arch::wasm32::unreachable()
-        }
-        ptr
-    }
-}
 
 /// The whole check, with the host's signature verification passed in so the
 /// logic can be unit-tested natively. `verify` returns the verified payload.
