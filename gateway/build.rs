@@ -72,16 +72,21 @@ fn build_modules(root: &Path, plugins: &Path, out_dir: &Path) {
         "building the attestor modules in plugins-wasm/ failed"
     );
 
+    // Copies a built module next to the generated code; returns its path as
+    // an `include_bytes!` argument.
+    let stage = |artifact: &str| {
+        let built = target_dir.join("wasm32-wasip2/release").join(artifact);
+        let dest = out_dir.join(artifact);
+        std::fs::copy(&built, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
+        format!("{:?}", dest.display().to_string())
+    };
     let mut code = String::from(
         "/// Built-in attestor modules: (method, component bytes).\npub const MODULES: &[(&str, &[u8])] = &[\n",
     );
     for (method, _, artifact) in MODULES {
-        let built = target_dir.join("wasm32-wasip2/release").join(artifact);
-        let dest = out_dir.join(artifact);
-        std::fs::copy(&built, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
         code.push_str(&format!(
-            "    ({method:?}, include_bytes!({:?})),\n",
-            dest.display().to_string()
+            "    ({method:?}, include_bytes!({})),\n",
+            stage(artifact)
         ));
     }
     code.push_str("];\n");
@@ -89,12 +94,9 @@ fn build_modules(root: &Path, plugins: &Path, out_dir: &Path) {
 
     let mut fixtures = String::from("// Test fixtures: hostile and ungranted-import modules.\n");
     for (name, artifact) in FIXTURES {
-        let built = target_dir.join("wasm32-wasip2/release").join(artifact);
-        let dest = out_dir.join(artifact);
-        std::fs::copy(&built, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
         fixtures.push_str(&format!(
-            "pub const {name}: &[u8] = include_bytes!({:?});\n",
-            dest.display().to_string()
+            "pub const {name}: &[u8] = include_bytes!({});\n",
+            stage(artifact)
         ));
     }
     std::fs::write(out_dir.join("test_fixtures.rs"), fixtures).expect("write test_fixtures.rs");
