@@ -1,5 +1,5 @@
-//! Caller authentication for the admin API: bearer tokens, kept only as
-//! SHA-256 hashes in memory and compared in constant time.
+//! Caller authentication: the bootstrap admin token and API tokens with a
+//! role and groups, kept only as SHA-256 hashes and compared by hash.
 
 use std::path::Path;
 
@@ -12,18 +12,72 @@ use crate::util::write_private_file;
 /// Prefix that makes Castellan tokens recognisable to secret scanners.
 const TOKEN_PREFIX: &str = "cst_";
 
-/// Checks admin bearer tokens.
-pub struct AdminAuth {
-    hash: [u8; 32],
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything, including managing tokens and trust sources.
+    Admin,
+    /// Vote on requests the policy makes them eligible for; request too.
+    Approver,
+    /// Ask for ephemeral credentials.
+    Requester,
 }
 
-impl std::fmt::Debug for AdminAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AdminAuth(..)")
+impl Role {
+    /// Whether this role may vote on requests at all (policy narrows it).
+    pub fn can_approve(self) -> bool {
+        matches!(self, Role::Admin | Role::Approver)
     }
 }
 
-impl AdminAuth {
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// `user:<name>` for people and API tokens.
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub groups: Vec<String>,
+    /// `admin`, `token` or `oidc`.
+    pub kind: &'static str,
+}
+
+/// An API token as stored: never the token, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub groups: Vec<String>,
+    pub created_at: String,
+    /// Lowercase hex SHA-256 of the token.
+    pub token_sha256: String,
+}
+
+/// Checks bearer tokens: the bootstrap admin token and API tokens.
+pub struct Authenticator {
+    admin_hash: [u8; 32],
+    tokens: arc_swap::ArcSwap<std::collections::HashMap<String, std::sync::Arc<TokenRecord>>>,
+    writes: std::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Authenticator(..)")
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Compares every byte whatever the first mismatch, so timing says nothing.
+fn equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Authenticator {
     /// Loads the admin token from `path`, creating one (mode 0600) if the
     /// file does not exist.
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
@@ -40,26 +94,87 @@ impl AdminAuth {
         Ok(Self::from_token(&token))
     }
 
-    /// Builds a checker for one known token.
+    /// An authenticator for one known admin token.
     pub fn from_token(token: &str) -> Self {
         Self {
-            hash: Sha256::digest(token.as_bytes()).into(),
+            admin_hash: digest(token),
+            tokens: arc_swap::ArcSwap::from_pointee(Default::default()),
+            writes: std::sync::Mutex::new(()),
         }
+    }
+
+    /// Makes stored API tokens usable.
+    pub fn load_tokens(&self, records: Vec<TokenRecord>) {
+        let map = records
+            .into_iter()
+            .map(|r| (r.token_sha256.clone(), std::sync::Arc::new(r)))
+            .collect();
+        self.tokens.store(std::sync::Arc::new(map));
+    }
+
+    /// Whether a token name is taken (names identify people: unique).
+    pub fn name_taken(&self, name: &str) -> bool {
+        name == "admin" || self.tokens.load().values().any(|r| r.name == name)
+    }
+
+    /// Adds a stored token.
+    pub fn add_token(&self, record: TokenRecord) {
+        let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = self.tokens.load().as_ref().clone();
+        next.insert(record.token_sha256.clone(), std::sync::Arc::new(record));
+        self.tokens.store(std::sync::Arc::new(next));
+    }
+
+    /// The caller behind an `Authorization: Bearer …` header, if any.
+    pub fn authenticate(&self, header: Option<&str>) -> Option<Principal> {
+        let token = header?.strip_prefix("Bearer ")?.trim();
+        let presented = digest(token);
+        if equal(&presented, &self.admin_hash) {
+            return Some(Principal {
+                id: "user:admin".into(),
+                name: "admin".into(),
+                role: Role::Admin,
+                groups: Vec::new(),
+                kind: "admin",
+            });
+        }
+        // The map is keyed by hash: a lookup reveals nothing a hash does not.
+        let record = self.tokens.load().get(&hex::encode(presented)).cloned()?;
+        Some(Principal {
+            id: format!("user:{}", record.name),
+            name: record.name.clone(),
+            role: record.role,
+            groups: record.groups.clone(),
+            kind: "token",
+        })
     }
 
     /// Whether an `Authorization` header value carries the admin token.
     pub fn check_header(&self, header: Option<&str>) -> bool {
-        let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
-            return false;
-        };
-        let presented: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
-        // Compare every byte whatever the first mismatch, so timing says nothing.
-        presented
-            .iter()
-            .zip(self.hash.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+        self.authenticate(header).is_some_and(|p| p.role == Role::Admin)
     }
+}
+
+/// Creates an API token: returns the token (shown once) and its record.
+pub fn new_api_token(name: &str, role: Role, groups: Vec<String>) -> (String, TokenRecord) {
+    let token = generate_token();
+    let record = TokenRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: name.to_owned(),
+        role,
+        groups,
+        created_at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
+        token_sha256: hex::encode(digest(&token)),
+    };
+    (token, record)
+}
+
+/// Valid token and group names: what can safely sit in a principal id.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
 }
 
 /// A new random API token.
@@ -76,7 +191,7 @@ mod tests {
     fn token_file_is_private_and_reused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("admin.token");
-        let a = AdminAuth::load_or_create(&path).unwrap();
+        let a = Authenticator::load_or_create(&path).unwrap();
         let token = std::fs::read_to_string(&path).unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
@@ -87,7 +202,20 @@ mod tests {
         assert!(!a.check_header(Some("Bearer cst_wrong")));
         assert!(!a.check_header(Some(token.trim())));
         assert!(!a.check_header(None));
-        let b = AdminAuth::load_or_create(&path).unwrap();
+        let (api, record) = new_api_token("alice", Role::Approver, vec!["sre".into()]);
+        assert!(!record.token_sha256.contains(&api));
+        a.add_token(record);
+        let p = a.authenticate(Some(&format!("Bearer {api}"))).unwrap();
+        assert_eq!(
+            (p.id.as_str(), p.role, p.groups.as_slice()),
+            ("user:alice", Role::Approver, &["sre".to_owned()][..])
+        );
+        assert!(
+            !a.check_header(Some(&format!("Bearer {api}"))),
+            "an approver is not an admin"
+        );
+        assert!(a.name_taken("alice") && a.name_taken("admin") && !a.name_taken("bob"));
+        let b = Authenticator::load_or_create(&path).unwrap();
         assert!(b.check_header(Some(&format!("Bearer {}", token.trim()))));
     }
 }

@@ -101,8 +101,8 @@ pub struct Pipeline {
 }
 
 /// A verified CSR: its public key and nothing else from it is used.
-struct VerifiedCsr {
-    spki_der: Vec<u8>,
+pub struct VerifiedCsr {
+    pub spki_der: Vec<u8>,
 }
 
 impl Pipeline {
@@ -191,6 +191,57 @@ impl Pipeline {
         })
     }
 
+    /// Runs the attestor for `method` over `evidence`. Blocking.
+    pub fn attest(&self, method: &str, evidence: &str) -> Result<Attestation, IssuanceError> {
+        if !self.attestors.has_method(method) {
+            return Err(IssuanceError::UnknownMethod(printable(method)));
+        }
+        let context = serde_json::json!({ "trust_domain": self.trust_domain });
+        self.attestors
+            .attest(method, evidence, self.trust.snapshot(), &context)
+            .map_err(|e| match e {
+                AttestError::UnknownMethod(m) => IssuanceError::UnknownMethod(m),
+                AttestError::NoTrustSource(m) => IssuanceError::NoTrustSource(m),
+                AttestError::Malformed(_) | AttestError::Rejected(_) => {
+                    IssuanceError::AttestationFailed(format!("attestation failed: {e}"))
+                }
+                AttestError::Config(_) | AttestError::Module(_) | AttestError::Load { .. } => {
+                    tracing::warn!(method, error = %e, "attestor failed");
+                    IssuanceError::Internal(format!("attestation could not be completed: {e}"))
+                }
+            })
+    }
+
+    /// Checks a policy's SPIFFE ID and lifetime against the server's limits;
+    /// returns the ID and the lifetime after the operator's hard cap.
+    pub fn check_identity(
+        &self,
+        spiffe_id: Option<String>,
+        ttl: Option<u64>,
+    ) -> Result<(SpiffeId, u64), IssuanceError> {
+        let invalid =
+            |m: String| IssuanceError::Internal(format!("the policy returned an invalid decision: {m}"));
+        let spiffe_id = spiffe_id.ok_or_else(|| invalid("allow without spiffe_id".into()))?;
+        let spiffe_id = SpiffeId::parse(&spiffe_id).map_err(|e| invalid(format!("spiffe_id: {e}")))?;
+        if spiffe_id.trust_domain() != self.trust_domain {
+            return Err(invalid(format!(
+                "spiffe_id `{spiffe_id}` is outside the trust domain {}",
+                self.trust_domain
+            )));
+        }
+        if spiffe_id.path().is_empty() {
+            return Err(invalid(format!(
+                "spiffe_id `{spiffe_id}` names the trust domain, not a workload"
+            )));
+        }
+        let ttl = ttl.ok_or_else(|| invalid("allow without ttl_seconds".into()))?;
+        if ttl < self.limits.min_ttl_seconds {
+            return Err(invalid(format!("ttl_seconds {ttl} is below the minimum")));
+        }
+        // The operator's hard cap holds whatever the policy says.
+        Ok((spiffe_id, ttl.min(self.limits.max_ttl_seconds)))
+    }
+
     fn attest_decide_sign(
         &self,
         req: &AttestedRequest,
@@ -204,24 +255,7 @@ impl Pipeline {
             )));
         }
         let csr = verify_csr(&req.csr_pem)?;
-        if !self.attestors.has_method(&req.method) {
-            return Err(IssuanceError::UnknownMethod(printable(&req.method)));
-        }
-        let context = serde_json::json!({ "trust_domain": self.trust_domain });
-        let attestation = self
-            .attestors
-            .attest(&req.method, &req.evidence, self.trust.snapshot(), &context)
-            .map_err(|e| match e {
-                AttestError::UnknownMethod(m) => IssuanceError::UnknownMethod(m),
-                AttestError::NoTrustSource(m) => IssuanceError::NoTrustSource(m),
-                AttestError::Malformed(_) | AttestError::Rejected(_) => {
-                    IssuanceError::AttestationFailed(format!("attestation failed: {e}"))
-                }
-                AttestError::Config(_) | AttestError::Module(_) | AttestError::Load { .. } => {
-                    tracing::warn!(method = %req.method, error = %e, "attestor failed");
-                    IssuanceError::Internal(format!("attestation could not be completed: {e}"))
-                }
-            })?;
+        let attestation = self.attest(&req.method, &req.evidence)?;
 
         let input = serde_json::json!({
             "version": POLICY_INPUT_VERSION,
@@ -244,31 +278,7 @@ impl Pipeline {
             };
             return Err(IssuanceError::PolicyDenied(reasons));
         }
-        let invalid =
-            |m: String| IssuanceError::Internal(format!("the policy returned an invalid decision: {m}"));
-        let spiffe_id = decision
-            .spiffe_id
-            .ok_or_else(|| invalid("allow without spiffe_id".into()))?;
-        let spiffe_id = SpiffeId::parse(&spiffe_id).map_err(|e| invalid(format!("spiffe_id: {e}")))?;
-        if spiffe_id.trust_domain() != self.trust_domain {
-            return Err(invalid(format!(
-                "spiffe_id `{spiffe_id}` is outside the trust domain {}",
-                self.trust_domain
-            )));
-        }
-        if spiffe_id.path().is_empty() {
-            return Err(invalid(format!(
-                "spiffe_id `{spiffe_id}` names the trust domain, not a workload"
-            )));
-        }
-        let ttl = decision
-            .ttl_seconds
-            .ok_or_else(|| invalid("allow without ttl_seconds".into()))?;
-        if ttl < self.limits.min_ttl_seconds {
-            return Err(invalid(format!("ttl_seconds {ttl} is below the minimum")));
-        }
-        // The operator's hard cap holds whatever the policy says.
-        let ttl = ttl.min(self.limits.max_ttl_seconds);
+        let (spiffe_id, ttl) = self.check_identity(decision.spiffe_id, decision.ttl_seconds)?;
 
         let template = Template {
             spiffe_id: spiffe_id.clone(),
@@ -291,7 +301,7 @@ impl Pipeline {
 }
 
 /// Parses a PEM CSR, verifies its self-signature and checks its key.
-fn verify_csr(pem_text: &str) -> Result<VerifiedCsr, IssuanceError> {
+pub fn verify_csr(pem_text: &str) -> Result<VerifiedCsr, IssuanceError> {
     let bad = |m: &str| IssuanceError::BadCsr(format!("csr: {m}"));
     if pem_text.len() > MAX_CSR_BYTES {
         return Err(bad("too large"));

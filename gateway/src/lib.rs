@@ -5,6 +5,7 @@
 //! `ca`, `store`, `trust`, `auth`), with `issuance` tying the stages together
 //! and the surfaces (`http`, `cli`) as thin adapters over it.
 
+pub mod approvals;
 pub mod attest;
 pub mod auth;
 pub mod bench;

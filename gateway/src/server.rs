@@ -13,7 +13,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 use crate::attest::Attestors;
-use crate::auth::AdminAuth;
+use crate::auth::Authenticator;
 use crate::ca;
 use crate::config::Config;
 use crate::http::{AppState, router};
@@ -26,7 +26,8 @@ use crate::trust::{Registry, TrustSource};
 /// A server ready to listen.
 pub struct App {
     pub pipeline: Arc<Pipeline>,
-    pub admin: Arc<AdminAuth>,
+    pub auth: Arc<Authenticator>,
+    pub approvals: Arc<crate::approvals::Approvals>,
     pub admin_token_path: PathBuf,
     pub store_path: PathBuf,
     pub ca_dir: PathBuf,
@@ -50,10 +51,12 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     let signer: Arc<dyn Signer> = Arc::new(InProcessSigner::new(&ca)?);
 
     let admin_token_path = dir.join("admin.token");
-    let admin = Arc::new(
-        AdminAuth::load_or_create(&admin_token_path)
+    let auth = Arc::new(
+        Authenticator::load_or_create(&admin_token_path)
             .with_context(|| format!("admin token {}", admin_token_path.display()))?,
     );
+
+    auth.load_tokens(store.tokens().await?);
 
     let attestors = Arc::new(Attestors::embedded(&config.sandbox)?);
 
@@ -97,9 +100,11 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         config.issuance.clone(),
         max_in_flight,
     ));
+    let approvals = crate::approvals::Approvals::new(pipeline.clone());
     Ok(App {
         pipeline,
-        admin,
+        auth,
+        approvals,
         admin_token_path,
         store_path,
         ca_dir,
@@ -167,10 +172,12 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let state = AppState {
         pipeline: app.pipeline.clone(),
-        admin: app.admin.clone(),
+        auth: app.auth.clone(),
+        approvals: app.approvals.clone(),
         max_body_bytes: app.config.http.max_body_bytes,
     };
     let service = TowerToHyperService::new(router(state));
+    tokio::spawn(app.approvals.clone().run_housekeeping());
     let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {

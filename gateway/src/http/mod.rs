@@ -2,6 +2,8 @@
 //! caller, calls the pipeline and renders the answer (JSON, or RFC 9457
 //! problems). No issuance logic lives here.
 
+mod ephemeral;
+mod idempotency;
 mod problem;
 
 use std::sync::Arc;
@@ -18,7 +20,8 @@ use serde_json::{Value, json};
 
 pub use problem::{Problem, TYPE_PREFIX};
 
-use crate::auth::AdminAuth;
+use crate::approvals::Approvals;
+use crate::auth::{Authenticator, Principal, Role};
 use crate::issuance::{AttestedRequest, IssuanceError, Pipeline};
 use crate::store::AuditEvent;
 use crate::trust::{TrustError, TrustSourceSpec};
@@ -27,7 +30,8 @@ use crate::trust::{TrustError, TrustSourceSpec};
 #[derive(Clone)]
 pub struct AppState {
     pub pipeline: Arc<Pipeline>,
-    pub admin: Arc<AdminAuth>,
+    pub auth: Arc<Authenticator>,
+    pub approvals: Arc<Approvals>,
     pub max_body_bytes: usize,
 }
 
@@ -46,6 +50,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/certificates", get(list_certificates))
         .route("/api/v1/audit", get(list_audit))
+        .route("/api/v1/tokens", post(create_token))
+        .route("/api/v1/ephemeral", post(ephemeral::create).get(ephemeral::list))
+        .route("/api/v1/ephemeral/{id}", get(ephemeral::get))
+        .route("/api/v1/ephemeral/{id}/approvals", post(ephemeral::vote))
+        .route("/api/v1/ephemeral/{id}/cancel", post(ephemeral::cancel))
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -55,6 +64,10 @@ pub fn router(state: AppState) -> Router {
                 "this endpoint does not accept that method",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         .with_state(state)
 }
 
@@ -86,19 +99,45 @@ impl AppState {
         }
     }
 
-    /// Checks the admin token; an unauthenticated attempt is audited.
-    async fn require_admin(&self, headers: &HeaderMap, what: &str) -> Result<(), Problem> {
+    /// The caller behind the `Authorization` header, if any.
+    fn principal(&self, headers: &HeaderMap) -> Option<Principal> {
         let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        if self.admin.check_header(header) {
+        self.auth.authenticate(header)
+    }
+
+    /// Requires an authenticated caller; a failed attempt is audited.
+    async fn require_principal(&self, headers: &HeaderMap, what: &str) -> Result<Principal, Problem> {
+        if let Some(p) = self.principal(headers) {
+            return Ok(p);
+        }
+        let present = headers.contains_key(header::AUTHORIZATION);
+        self.audit(
+            "auth.refused",
+            "anonymous",
+            json!({ "endpoint": what, "token_present": present }),
+        )
+        .await;
+        Err(Problem::unauthorized())
+    }
+
+    /// Requires the admin role; a failed attempt is audited.
+    async fn require_admin(&self, headers: &HeaderMap, what: &str) -> Result<(), Problem> {
+        let p = self.require_principal(headers, what).await?;
+        if p.role == Role::Admin {
             return Ok(());
         }
         self.audit(
             "auth.refused",
-            "anonymous",
-            json!({ "endpoint": what, "token_present": header.is_some() }),
+            &p.id,
+            json!({ "endpoint": what, "reason": "not an admin" }),
         )
         .await;
-        Err(Problem::unauthorized())
+        Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Forbidden",
+            format!("{what} needs the admin role"),
+        ))
     }
 }
 
@@ -120,6 +159,54 @@ struct AttestedIssuanceBody {
     csr: String,
     #[serde(default)]
     ttl_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    name: String,
+    role: Role,
+    #[serde(default)]
+    groups: Vec<String>,
+}
+
+/// `POST /api/v1/tokens` (admin): a token shown once, stored hashed.
+async fn create_token(State(state): State<AppState>, req: Request<Body>) -> Response {
+    let (parts, body) = req.into_parts();
+    let result = async {
+        state.require_admin(&parts.headers, "tokens.create").await?;
+        let body: TokenBody = read_json(body, state.max_body_bytes).await?;
+        let invalid = |m: String| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-token-request", "Invalid token request", m);
+        if !crate::auth::valid_name(&body.name) {
+            return Err(invalid("`name` must be 1-64 letters, digits, `-`, `_`, `.` or `@`".into()));
+        }
+        if let Some(g) = body.groups.iter().find(|g| !crate::auth::valid_name(g)) {
+            return Err(invalid(format!("group `{}` must be 1-64 letters, digits, `-`, `_`, `.` or `@`", g.chars().take(64).collect::<String>())));
+        }
+        if state.auth.name_taken(&body.name) {
+            return Err(Problem::new(StatusCode::CONFLICT, "token-name-taken", "Token name taken", format!("a token named `{}` exists; names identify people", body.name)));
+        }
+        let (token, record) = crate::auth::new_api_token(&body.name, body.role, body.groups);
+        let event = AuditEvent {
+            kind: "token.created".into(),
+            actor: "user:admin".into(),
+            detail: json!({ "id": record.id, "name": record.name, "role": record.role, "groups": record.groups }),
+        };
+        state.pipeline.store.put_token(record.clone(), event).await.map_err(|e| {
+            tracing::error!(error = %e, "could not store token");
+            Problem::unavailable("the token could not be stored")
+        })?;
+        state.auth.add_token(record.clone());
+        Ok(json!({
+            "id": record.id, "name": record.name, "role": record.role, "groups": record.groups,
+            "created_at": record.created_at, "token": token,
+        }))
+    }
+    .await;
+    match result {
+        Ok(v) => (StatusCode::CREATED, axum::Json(v)).into_response(),
+        Err(p) => p.into_response(),
+    }
 }
 
 fn issuance_problem(e: IssuanceError) -> Problem {

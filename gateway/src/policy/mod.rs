@@ -22,6 +22,9 @@ pub mod embedded {
 /// The rule attested issuance evaluates.
 pub const ISSUANCE_RULE: &str = "data.castellan.issuance.decision";
 
+/// The rule ephemeral (approval-gated) issuance evaluates.
+pub const EPHEMERAL_RULE: &str = "data.castellan.ephemeral.decision";
+
 /// Why a bundle could not be loaded or a decision not made. Every variant on
 /// the issuance path means no credential.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +77,72 @@ pub struct IssuanceDecision {
 }
 
 /// Rules the gateway evaluates; each is compiled once when a bundle loads.
-pub const ENTRYPOINTS: &[&str] = &[ISSUANCE_RULE];
+pub const ENTRYPOINTS: &[&str] = &[ISSUANCE_RULE, EPHEMERAL_RULE];
+
+/// The ephemeral decision document (version 1), see `policies/README.md`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EphemeralDecision {
+    /// `deny`, `issue` (now) or `approve` (wait for approvers).
+    pub outcome: EphemeralOutcome,
+    #[serde(default)]
+    pub reasons: Vec<String>,
+    #[serde(default)]
+    pub spiffe_id: Option<String>,
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    #[serde(default)]
+    pub approval: Option<ApprovalRule>,
+    #[serde(default)]
+    pub emergency: Option<EmergencyRule>,
+}
+
+/// What the ephemeral policy decided.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EphemeralOutcome {
+    Deny,
+    Issue,
+    Approve,
+}
+
+/// Who must approve, from the policy.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRule {
+    pub required_approvals: u32,
+    #[serde(default)]
+    pub approver_groups: Vec<String>,
+    #[serde(default)]
+    pub approver_principals: Vec<String>,
+    #[serde(default = "one")]
+    pub deny_threshold: u32,
+    #[serde(default = "fifteen_minutes")]
+    pub pending_ttl_seconds: u64,
+}
+
+/// Whether break-glass may skip approval, and for how long at most.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EmergencyRule {
+    pub allowed: bool,
+    #[serde(default = "five_minutes")]
+    pub max_ttl_seconds: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn fifteen_minutes() -> u64 {
+    900
+}
+
+fn five_minutes() -> u64 {
+    300
+}
 
 /// A compiled bundle ready to evaluate.
 struct Loaded {
@@ -186,8 +254,16 @@ impl BundleFiles {
                 .add_data(regorus::Value::from(value))
                 .map_err(|e| PolicyError::Data(e.to_string()))?;
         }
+        let packages = engine
+            .get_packages()
+            .map_err(|e| PolicyError::Eval(e.to_string()))?;
         let mut compiled = Vec::with_capacity(ENTRYPOINTS.len());
         for rule in ENTRYPOINTS {
+            // A bundle may leave a surface out; that surface then refuses.
+            let package = rule.trim_end_matches(".decision");
+            if !packages.iter().any(|p| p == package) {
+                continue;
+            }
             let policy = engine
                 .clone()
                 .compile_with_entrypoint(&(*rule).into())
@@ -237,9 +313,19 @@ impl Policies {
         self.active.load().manifest.revision.clone()
     }
 
-    /// A compile-time check that the entry point exists and evaluates on a
-    /// minimal input; catches a bundle that loads but cannot decide.
+    /// A load-time check that the bundle decides something and that the
+    /// issuance entry point, when present, evaluates on a minimal input.
     fn smoke_test(&self) -> Result<(), PolicyError> {
+        let active = self.active.load();
+        if active.compiled.is_empty() {
+            return Err(PolicyError::BadDecision(format!(
+                "the bundle defines none of {}",
+                ENTRYPOINTS.join(", ")
+            )));
+        }
+        if !active.compiled.iter().any(|(r, _)| *r == ISSUANCE_RULE) {
+            return Ok(());
+        }
         let input = serde_json::json!({
             "version": 1,
             "trust_domain": "example.org",
@@ -253,11 +339,12 @@ impl Policies {
     /// blocking thread.
     pub fn eval(&self, rule: &str, input: &Value) -> Result<Value, PolicyError> {
         let active = self.active.load();
-        let (_, policy) = active
-            .compiled
-            .iter()
-            .find(|(r, _)| *r == rule)
-            .ok_or_else(|| PolicyError::Eval(format!("`{rule}` is not an entry point")))?;
+        let (_, policy) = active.compiled.iter().find(|(r, _)| *r == rule).ok_or_else(|| {
+            PolicyError::BadDecision(format!(
+                "the policy bundle has no `{}` package",
+                rule.trim_start_matches("data.").trim_end_matches(".decision")
+            ))
+        })?;
         let result = policy
             .eval_with_input(regorus::Value::from(input.clone()))
             .map_err(|e| PolicyError::Eval(e.to_string()))?;
@@ -265,6 +352,17 @@ impl Policies {
             return Ok(Value::Null);
         }
         serde_json::to_value(&result).map_err(|e| PolicyError::Eval(e.to_string()))
+    }
+
+    /// Evaluates the ephemeral decision and checks its shape.
+    pub fn decide_ephemeral(&self, input: &Value) -> Result<EphemeralDecision, PolicyError> {
+        let value = self.eval(EPHEMERAL_RULE, input)?;
+        if value.is_null() {
+            return Err(PolicyError::BadDecision(format!(
+                "`{EPHEMERAL_RULE}` is undefined"
+            )));
+        }
+        serde_json::from_value(value).map_err(|e| PolicyError::BadDecision(e.to_string()))
     }
 
     /// Evaluates the issuance decision and checks its shape.

@@ -8,9 +8,60 @@ mod redb_store;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::approvals::{ApprovalError, Request, State};
+use crate::auth::TokenRecord;
 use crate::trust::TrustSource;
 
 pub use redb_store::RedbStore;
+
+/// What a request transition writes beside the request itself, in the same
+/// transaction: audit events, notifications for the webhook outbox, and
+/// certificates for the inventory.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub audit: Vec<AuditEvent>,
+    pub notify: Vec<Notification>,
+    pub certificates: Vec<CertificateRecord>,
+}
+
+/// An event for webhooks, queued durably with the change that caused it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Notification {
+    /// `ephemeral.created`, `ephemeral.decided`, `ephemeral.issued`, `ephemeral.expired`.
+    pub event: String,
+    pub payload: Value,
+}
+
+/// A queued notification and its delivery state per webhook.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutboxItem {
+    pub seq: u64,
+    pub id: String,
+    pub notification: Notification,
+    pub created_at: String,
+    /// Webhook names this item was delivered to (or gave up on).
+    #[serde(default)]
+    pub done: Vec<String>,
+    /// Attempts so far, by webhook name.
+    #[serde(default)]
+    pub attempts: std::collections::BTreeMap<String, u32>,
+    /// Unix seconds before which no retry is made.
+    #[serde(default)]
+    pub next_attempt_at: i64,
+}
+
+/// A stored answer to an `Idempotency-Key`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IdempotentResponse {
+    pub body_sha256: String,
+    pub status: u16,
+    pub body: String,
+    pub content_type: String,
+    pub created_at: i64,
+}
+
+/// A transition applied to a stored request inside the writer.
+pub type RequestUpdate = Box<dyn FnOnce(&mut Request) -> Result<Effects, ApprovalError> + Send>;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -134,4 +185,40 @@ pub trait Store: Send + Sync + 'static {
 
     /// Re-hashes the whole audit log; returns the number of entries checked.
     async fn verify_audit_chain(&self) -> Result<u64, StoreError>;
+
+    /// Persists a new API token record with its audit event.
+    async fn put_token(&self, record: TokenRecord, event: AuditEvent) -> Result<(), StoreError>;
+
+    /// All API token records.
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Stores a new ephemeral request and its effects in one transaction.
+    async fn create_request(&self, request: Request, effects: Effects) -> Result<(), StoreError>;
+
+    /// One request.
+    async fn get_request(&self, id: &str) -> Result<Option<Request>, StoreError>;
+
+    /// Requests, optionally only in one state, oldest first.
+    async fn list_requests(&self, state: Option<State>) -> Result<Vec<Request>, StoreError>;
+
+    /// Applies `update` to the stored request atomically: concurrent updates
+    /// are serialised, and a refused update writes nothing. The inner result
+    /// is the domain outcome; the outer one the store's.
+    async fn update_request(
+        &self,
+        id: &str,
+        update: RequestUpdate,
+    ) -> Result<Result<Request, ApprovalError>, StoreError>;
+
+    /// Outbox items, oldest first.
+    async fn outbox(&self, limit: usize) -> Result<Vec<OutboxItem>, StoreError>;
+
+    /// Replaces an outbox item's delivery state, or removes it when `None`.
+    async fn outbox_update(&self, seq: u64, item: Option<OutboxItem>) -> Result<(), StoreError>;
+
+    /// A stored idempotent response.
+    async fn idempotency_get(&self, key: &str) -> Result<Option<IdempotentResponse>, StoreError>;
+
+    /// Stores an idempotent response.
+    async fn idempotency_put(&self, key: &str, response: IdempotentResponse) -> Result<(), StoreError>;
 }

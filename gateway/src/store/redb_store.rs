@@ -10,29 +10,47 @@ use std::sync::mpsc;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::oneshot;
 
-use super::{AuditEvent, AuditRecord, CertificateRecord, Page, Store, StoreError, genesis_hash};
+use super::{
+    AuditEvent, AuditRecord, CertificateRecord, Effects, IdempotentResponse, OutboxItem, Page, RequestUpdate,
+    Store, StoreError, genesis_hash,
+};
+use crate::approvals::{ApprovalError, Request, State};
+use crate::auth::TokenRecord;
 use crate::trust::TrustSource;
 
 const CERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("certificates");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const TRUST_SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("trust_sources");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_tokens");
+const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("ephemeral_requests");
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 
 /// Most writes folded into one transaction.
 const MAX_GROUP: usize = 512;
 
+type Ack = oneshot::Sender<Result<bool, StoreError>>;
+type UpdateReply = oneshot::Sender<Result<Result<Request, ApprovalError>, StoreError>>;
+
 enum Op {
-    Issue(CertificateRecord, AuditEvent),
-    Audit(AuditEvent),
-    PutTrustSource(TrustSource, AuditEvent),
-    DeleteTrustSource(String, AuditEvent),
+    Issue(CertificateRecord, AuditEvent, Ack),
+    Audit(AuditEvent, Ack),
+    PutTrustSource(TrustSource, AuditEvent, Ack),
+    DeleteTrustSource(String, AuditEvent, Ack),
+    PutToken(TokenRecord, AuditEvent, Ack),
+    CreateRequest(Box<Request>, Effects, Ack),
+    UpdateRequest(String, RequestUpdate, UpdateReply),
+    Outbox(u64, Option<OutboxItem>, Ack),
+    Idempotency(String, IdempotentResponse, Ack),
 }
 
-type Reply = oneshot::Sender<Result<bool, StoreError>>;
+/// Sends an op's answer once the group's commit outcome is known.
+type Finish = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
 
 /// redb-backed [`Store`].
 pub struct RedbStore {
     db: Arc<Database>,
-    writer: mpsc::Sender<(Op, Reply)>,
+    writer: mpsc::Sender<Op>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -52,6 +70,10 @@ impl RedbStore {
             txn.open_table(CERTS).map_err(backend)?;
             txn.open_table(AUDIT).map_err(backend)?;
             txn.open_table(TRUST_SOURCES).map_err(backend)?;
+            txn.open_table(TOKENS).map_err(backend)?;
+            txn.open_table(REQUESTS).map_err(backend)?;
+            txn.open_table(OUTBOX).map_err(backend)?;
+            txn.open_table(IDEMPOTENCY).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         let (head_seq, head_hash) = {
@@ -82,9 +104,9 @@ impl RedbStore {
         Ok(Self { db, writer: tx })
     }
 
-    async fn submit(&self, op: Op) -> Result<bool, StoreError> {
+    async fn submit(&self, op: impl FnOnce(Ack) -> Op) -> Result<bool, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.writer.send((op, tx)).map_err(|_| StoreError::Closed)?;
+        self.writer.send(op(tx)).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -105,8 +127,42 @@ struct Writer {
     head_hash: String,
 }
 
+/// Every table, open in one write transaction.
+struct Tables<'txn> {
+    certs: redb::Table<'txn, u64, &'static [u8]>,
+    audit: redb::Table<'txn, u64, &'static [u8]>,
+    sources: redb::Table<'txn, &'static str, &'static [u8]>,
+    tokens: redb::Table<'txn, &'static str, &'static [u8]>,
+    requests: redb::Table<'txn, &'static str, &'static [u8]>,
+    outbox: redb::Table<'txn, u64, &'static [u8]>,
+    idempotency: redb::Table<'txn, &'static str, &'static [u8]>,
+}
+
+impl Tables<'_> {
+    fn insert_cert(&mut self, cert: &CertificateRecord) -> Result<(), StoreError> {
+        let next = self
+            .certs
+            .last()
+            .map_err(backend)?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0)
+            + 1;
+        let bytes = serde_json::to_vec(cert).map_err(backend)?;
+        self.certs.insert(next, bytes.as_slice()).map_err(backend)?;
+        Ok(())
+    }
+
+    fn put_request(&mut self, request: &Request) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(request).map_err(backend)?;
+        self.requests
+            .insert(request.id.as_str(), bytes.as_slice())
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<(Op, Reply)>) {
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             while batch.len() < MAX_GROUP {
@@ -119,66 +175,174 @@ impl Writer {
         }
     }
 
-    /// Applies a group in one transaction. If the commit fails, every caller
-    /// in the group hears the error and the audit head is not advanced.
-    fn commit_group(&mut self, batch: Vec<(Op, Reply)>) {
+    /// Applies a group in one transaction, in arrival order, so each op sees
+    /// the writes of those before it. If the commit fails, every caller in
+    /// the group hears the error and the audit head is not advanced.
+    fn commit_group(&mut self, batch: Vec<Op>) {
         let (seq0, hash0) = (self.head_seq, self.head_hash.clone());
-        let mut results = Vec::with_capacity(batch.len());
+        let mut finishers: Vec<Finish> = Vec::with_capacity(batch.len());
         let outcome = (|| -> Result<(), StoreError> {
             let txn = self.db.begin_write().map_err(backend)?;
             {
-                let mut certs = txn.open_table(CERTS).map_err(backend)?;
-                let mut audit = txn.open_table(AUDIT).map_err(backend)?;
-                let mut sources = txn.open_table(TRUST_SOURCES).map_err(backend)?;
-                let mut next_cert = certs
-                    .last()
-                    .map_err(backend)?
-                    .map(|(k, _)| k.value())
-                    .unwrap_or(0);
-                for (op, _) in &batch {
-                    let (event, result) = match op {
-                        Op::Issue(cert, event) => {
-                            next_cert += 1;
-                            let bytes = serde_json::to_vec(cert).map_err(backend)?;
-                            certs.insert(next_cert, bytes.as_slice()).map_err(backend)?;
-                            (event, true)
-                        }
-                        Op::Audit(event) => (event, true),
-                        Op::PutTrustSource(source, event) => {
-                            let bytes = serde_json::to_vec(source).map_err(backend)?;
-                            sources
-                                .insert(source.id.as_str(), bytes.as_slice())
-                                .map_err(backend)?;
-                            (event, true)
-                        }
-                        Op::DeleteTrustSource(id, event) => {
-                            let existed = sources.remove(id.as_str()).map_err(backend)?.is_some();
-                            (event, existed)
-                        }
-                    };
-                    let record = self.chain(event.clone());
-                    let bytes = serde_json::to_vec(&record).map_err(backend)?;
-                    audit.insert(record.seq, bytes.as_slice()).map_err(backend)?;
-                    results.push(result);
+                let mut t = Tables {
+                    certs: txn.open_table(CERTS).map_err(backend)?,
+                    audit: txn.open_table(AUDIT).map_err(backend)?,
+                    sources: txn.open_table(TRUST_SOURCES).map_err(backend)?,
+                    tokens: txn.open_table(TOKENS).map_err(backend)?,
+                    requests: txn.open_table(REQUESTS).map_err(backend)?,
+                    outbox: txn.open_table(OUTBOX).map_err(backend)?,
+                    idempotency: txn.open_table(IDEMPOTENCY).map_err(backend)?,
+                };
+                for op in batch {
+                    finishers.push(self.apply(&mut t, op)?);
                 }
             }
             txn.commit().map_err(backend)
         })();
-        match outcome {
-            Ok(()) => {
-                for ((_, reply), result) in batch.into_iter().zip(results) {
-                    let _ = reply.send(Ok(result));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "store commit failed; {} writes refused", batch.len());
-                self.head_seq = seq0;
-                self.head_hash = hash0;
-                for (_, reply) in batch {
-                    let _ = reply.send(Err(StoreError::Backend(e.to_string())));
-                }
-            }
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, "store commit failed; {} writes refused", finishers.len());
+            self.head_seq = seq0;
+            self.head_hash = hash0;
         }
+        // Ops queued after a failure inside the closure never got a finisher;
+        // their senders drop and callers see `Closed`.
+        for finish in finishers {
+            finish(outcome.as_ref().map(|_| ()));
+        }
+    }
+
+    fn ack(reply: Ack, result: bool) -> Finish {
+        Box::new(move |outcome| {
+            let _ = reply.send(
+                outcome
+                    .map(|_| result)
+                    .map_err(|e| StoreError::Backend(e.to_string())),
+            );
+        })
+    }
+
+    /// Writes one op into the open transaction and returns how to answer it.
+    fn apply(&mut self, t: &mut Tables<'_>, op: Op) -> Result<Finish, StoreError> {
+        Ok(match op {
+            Op::Issue(cert, event, reply) => {
+                t.insert_cert(&cert)?;
+                self.append(t, event)?;
+                Self::ack(reply, true)
+            }
+            Op::Audit(event, reply) => {
+                self.append(t, event)?;
+                Self::ack(reply, true)
+            }
+            Op::PutTrustSource(source, event, reply) => {
+                let bytes = serde_json::to_vec(&source).map_err(backend)?;
+                t.sources
+                    .insert(source.id.as_str(), bytes.as_slice())
+                    .map_err(backend)?;
+                self.append(t, event)?;
+                Self::ack(reply, true)
+            }
+            Op::DeleteTrustSource(id, event, reply) => {
+                let existed = t.sources.remove(id.as_str()).map_err(backend)?.is_some();
+                self.append(t, event)?;
+                Self::ack(reply, existed)
+            }
+            Op::PutToken(record, event, reply) => {
+                let bytes = serde_json::to_vec(&record).map_err(backend)?;
+                t.tokens
+                    .insert(record.token_sha256.as_str(), bytes.as_slice())
+                    .map_err(backend)?;
+                self.append(t, event)?;
+                Self::ack(reply, true)
+            }
+            Op::CreateRequest(request, effects, reply) => {
+                t.put_request(&request)?;
+                self.effects(t, effects)?;
+                Self::ack(reply, true)
+            }
+            Op::UpdateRequest(id, update, reply) => {
+                let current = match t.requests.get(id.as_str()).map_err(backend)? {
+                    Some(v) => Some(serde_json::from_slice::<Request>(v.value()).map_err(backend)?),
+                    None => None,
+                };
+                let Some(mut request) = current else {
+                    return Ok(Box::new(move |_| {
+                        let _ = reply.send(Ok(Err(ApprovalError::NotFound)));
+                    }));
+                };
+                match update(&mut request) {
+                    Err(refusal) => Box::new(move |_| {
+                        let _ = reply.send(Ok(Err(refusal)));
+                    }),
+                    Ok(effects) => {
+                        t.put_request(&request)?;
+                        self.effects(t, effects)?;
+                        Box::new(move |outcome| {
+                            let _ = reply.send(
+                                outcome
+                                    .map(|_| Ok(request))
+                                    .map_err(|e| StoreError::Backend(e.to_string())),
+                            );
+                        })
+                    }
+                }
+            }
+            Op::Outbox(seq, item, reply) => {
+                match item {
+                    Some(item) => {
+                        let bytes = serde_json::to_vec(&item).map_err(backend)?;
+                        t.outbox.insert(seq, bytes.as_slice()).map_err(backend)?;
+                    }
+                    None => {
+                        t.outbox.remove(seq).map_err(backend)?;
+                    }
+                }
+                Self::ack(reply, true)
+            }
+            Op::Idempotency(key, response, reply) => {
+                let bytes = serde_json::to_vec(&response).map_err(backend)?;
+                t.idempotency
+                    .insert(key.as_str(), bytes.as_slice())
+                    .map_err(backend)?;
+                Self::ack(reply, true)
+            }
+        })
+    }
+
+    fn effects(&mut self, t: &mut Tables<'_>, effects: Effects) -> Result<(), StoreError> {
+        for cert in &effects.certificates {
+            t.insert_cert(cert)?;
+        }
+        for event in effects.audit {
+            self.append(t, event)?;
+        }
+        for notification in effects.notify {
+            let seq = t
+                .outbox
+                .last()
+                .map_err(backend)?
+                .map(|(k, _)| k.value())
+                .unwrap_or(0)
+                + 1;
+            let item = OutboxItem {
+                seq,
+                id: uuid::Uuid::new_v4().to_string(),
+                notification,
+                created_at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
+                done: Vec::new(),
+                attempts: Default::default(),
+                next_attempt_at: 0,
+            };
+            let bytes = serde_json::to_vec(&item).map_err(backend)?;
+            t.outbox.insert(seq, bytes.as_slice()).map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, t: &mut Tables<'_>, event: AuditEvent) -> Result<(), StoreError> {
+        let record = self.chain(event);
+        let bytes = serde_json::to_vec(&record).map_err(backend)?;
+        t.audit.insert(record.seq, bytes.as_slice()).map_err(backend)?;
+        Ok(())
     }
 
     fn chain(&mut self, event: AuditEvent) -> AuditRecord {
@@ -194,6 +358,20 @@ impl Writer {
         self.head_hash = record.hash.clone();
         record
     }
+}
+
+fn all_values<T: serde::de::DeserializeOwned>(
+    db: &Database,
+    table: TableDefinition<&str, &[u8]>,
+) -> Result<Vec<T>, StoreError> {
+    let read = db.begin_read().map_err(backend)?;
+    let t = read.open_table(table).map_err(backend)?;
+    let mut out = Vec::new();
+    for entry in t.iter().map_err(backend)? {
+        let (_, v) = entry.map_err(backend)?;
+        out.push(serde_json::from_slice(v.value()).map_err(backend)?);
+    }
+    Ok(out)
 }
 
 fn parse_cursor(cursor: Option<&str>) -> Result<u64, StoreError> {
@@ -234,11 +412,11 @@ fn page<T: serde::de::DeserializeOwned>(
 #[async_trait::async_trait]
 impl Store for RedbStore {
     async fn record_issuance(&self, cert: CertificateRecord, event: AuditEvent) -> Result<(), StoreError> {
-        self.submit(Op::Issue(cert, event)).await.map(drop)
+        self.submit(|r| Op::Issue(cert, event, r)).await.map(drop)
     }
 
     async fn audit(&self, event: AuditEvent) -> Result<(), StoreError> {
-        self.submit(Op::Audit(event)).await.map(drop)
+        self.submit(|r| Op::Audit(event, r)).await.map(drop)
     }
 
     async fn list_certificates(
@@ -264,26 +442,20 @@ impl Store for RedbStore {
     }
 
     async fn put_trust_source(&self, source: TrustSource, event: AuditEvent) -> Result<(), StoreError> {
-        self.submit(Op::PutTrustSource(source, event)).await.map(drop)
+        self.submit(|r| Op::PutTrustSource(source, event, r))
+            .await
+            .map(drop)
     }
 
     async fn delete_trust_source(&self, id: &str, event: AuditEvent) -> Result<bool, StoreError> {
-        self.submit(Op::DeleteTrustSource(id.to_owned(), event)).await
+        self.submit(|r| Op::DeleteTrustSource(id.to_owned(), event, r))
+            .await
     }
 
     async fn trust_sources(&self) -> Result<Vec<TrustSource>, StoreError> {
-        self.read(|db| {
-            let read = db.begin_read().map_err(backend)?;
-            let t = read.open_table(TRUST_SOURCES).map_err(backend)?;
-            let mut out: Vec<TrustSource> = Vec::new();
-            for entry in t.iter().map_err(backend)? {
-                let (_, v) = entry.map_err(backend)?;
-                out.push(serde_json::from_slice(v.value()).map_err(backend)?);
-            }
-            out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
-            Ok(out)
-        })
-        .await
+        let mut out: Vec<TrustSource> = self.read(|db| all_values(db, TRUST_SOURCES)).await?;
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        Ok(out)
     }
 
     async fn verify_audit_chain(&self) -> Result<u64, StoreError> {
@@ -304,6 +476,82 @@ impl Store for RedbStore {
             Ok(n)
         })
         .await
+    }
+
+    async fn put_token(&self, record: TokenRecord, event: AuditEvent) -> Result<(), StoreError> {
+        self.submit(|r| Op::PutToken(record, event, r)).await.map(drop)
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.read(|db| all_values(db, TOKENS)).await
+    }
+
+    async fn create_request(&self, request: Request, effects: Effects) -> Result<(), StoreError> {
+        self.submit(|r| Op::CreateRequest(Box::new(request), effects, r))
+            .await
+            .map(drop)
+    }
+
+    async fn get_request(&self, id: &str) -> Result<Option<Request>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |db| {
+            let read = db.begin_read().map_err(backend)?;
+            let t = read.open_table(REQUESTS).map_err(backend)?;
+            match t.get(id.as_str()).map_err(backend)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(backend)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn list_requests(&self, state: Option<State>) -> Result<Vec<Request>, StoreError> {
+        let mut all: Vec<Request> = self.read(|db| all_values(db, REQUESTS)).await?;
+        if let Some(state) = state {
+            all.retain(|r| r.state == state);
+        }
+        all.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        Ok(all)
+    }
+
+    async fn update_request(
+        &self,
+        id: &str,
+        update: RequestUpdate,
+    ) -> Result<Result<Request, ApprovalError>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(Op::UpdateRequest(id.to_owned(), update, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn outbox(&self, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        self.read(move |db| page(db, OUTBOX, limit, 0).map(|p| p.items))
+            .await
+    }
+
+    async fn outbox_update(&self, seq: u64, item: Option<OutboxItem>) -> Result<(), StoreError> {
+        self.submit(|r| Op::Outbox(seq, item, r)).await.map(drop)
+    }
+
+    async fn idempotency_get(&self, key: &str) -> Result<Option<IdempotentResponse>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |db| {
+            let read = db.begin_read().map_err(backend)?;
+            let t = read.open_table(IDEMPOTENCY).map_err(backend)?;
+            match t.get(key.as_str()).map_err(backend)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(backend)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn idempotency_put(&self, key: &str, response: IdempotentResponse) -> Result<(), StoreError> {
+        self.submit(|r| Op::Idempotency(key.to_owned(), response, r))
+            .await
+            .map(drop)
     }
 }
 

@@ -1,0 +1,370 @@
+//! Approvals: just-in-time ephemeral requests that wait for people.
+//!
+//! This module owns the request record, its state machine (`pending` →
+//! `approved` → `issued`; `pending` → `denied` | `expired` | `cancelled`),
+//! the binding that ties every vote to exactly what was approved, and the
+//! rules of voting (no self-approval, one vote per approver, eligibility from
+//! policy). It never signs: the surface asks the signer once the store has
+//! recorded the transition to `approved`, which happens exactly once because
+//! the store applies every transition in its single writer.
+
+mod service;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub use service::{Approvals, Created, EphemeralError, NewRequest};
+
+use crate::auth::Principal;
+
+/// The states of an ephemeral request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Pending,
+    Approved,
+    Issued,
+    Denied,
+    Expired,
+    Cancelled,
+}
+
+impl State {
+    /// Whether no transition leaves this state.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            State::Issued | State::Denied | State::Expired | State::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Approved => "approved",
+            State::Issued => "issued",
+            State::Denied => "denied",
+            State::Expired => "expired",
+            State::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => State::Pending,
+            "approved" => State::Approved,
+            "issued" => State::Issued,
+            "denied" => State::Denied,
+            "expired" => State::Expired,
+            "cancelled" => State::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// Who asked, as recorded on the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requester {
+    /// `user:<name>` for API tokens and people, `workload:<method>:<subject>`
+    /// for evidence.
+    pub id: String,
+    pub name: String,
+    /// `token`, `oidc` or `evidence`.
+    pub kind: String,
+}
+
+/// One approver's vote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vote {
+    pub approver: String,
+    pub decision: Decision,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    pub at: String,
+}
+
+/// A vote's direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Approve,
+    Deny,
+}
+
+/// Who may approve and how many must, from the policy decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub required_approvals: u32,
+    #[serde(default)]
+    pub approver_groups: Vec<String>,
+    #[serde(default)]
+    pub approver_principals: Vec<String>,
+    /// Denials that end the request.
+    pub deny_threshold: u32,
+}
+
+/// The certificate an issued request produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCert {
+    pub certificate_pem: String,
+    pub chain_pem: String,
+    pub bundle_pem: String,
+    pub serial: String,
+    pub not_after: String,
+}
+
+/// An ephemeral request as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: String,
+    pub state: State,
+    pub requester: Requester,
+    pub spiffe_id: String,
+    pub dns_names: Vec<String>,
+    pub ttl_seconds: u64,
+    pub justification: String,
+    #[serde(default)]
+    pub ticket: Option<String>,
+    pub emergency: bool,
+    /// Break-glass issuances are flagged for review after the fact.
+    pub post_review: bool,
+    /// DER SubjectPublicKeyInfo (base64) the certificate will be bound to.
+    pub public_key: String,
+    pub binding: String,
+    pub rule: Rule,
+    pub votes: Vec<Vote>,
+    pub created_at: String,
+    /// Unix seconds after which a pending request expires.
+    pub expires_at: i64,
+    #[serde(default)]
+    pub decided_at: Option<String>,
+    #[serde(default)]
+    pub issued: Option<IssuedCert>,
+    pub policy_revision: String,
+}
+
+/// Why a vote or cancellation was refused. Each maps to one problem type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApprovalError {
+    /// No request with that id.
+    #[error("no ephemeral request with that id")]
+    NotFound,
+    /// The request expired before the vote.
+    #[error("the request expired; ask the requester to submit a new one")]
+    Expired,
+    /// The request is no longer pending.
+    #[error("the request is {0} and takes no more votes")]
+    NotPending(&'static str),
+    /// The requester tried to approve their own request.
+    #[error("the requester cannot approve or deny their own request")]
+    SelfApproval,
+    /// The voter is not among those the policy named.
+    #[error("{0} is not an eligible approver for this request")]
+    NotEligible(String),
+    /// The vote was cast for something other than what the request asks.
+    #[error(
+        "the binding does not match the request; review the request again and vote on its current binding"
+    )]
+    BindingMismatch,
+    /// Only the requester may cancel.
+    #[error("only the requester can cancel a request")]
+    NotRequester,
+}
+
+/// What a successful vote did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VoteOutcome {
+    /// Recorded; the request stays pending.
+    Recorded,
+    /// The voter had already voted: nothing changed.
+    Repeat,
+    /// This vote reached the quorum: the request is now `approved`.
+    Approved,
+    /// This vote reached the deny threshold: the request is now `denied`.
+    Denied,
+}
+
+/// The binding: `sha256:<hex>` over the canonical JSON of what is approved.
+/// serde_json sorts object keys, so equal requests hash equally.
+pub fn binding(
+    spiffe_id: &str,
+    public_key_b64: &str,
+    ttl_seconds: u64,
+    dns_names: &[String],
+    justification: &str,
+) -> String {
+    let canonical = json!({
+        "subject": spiffe_id,
+        "public_key": public_key_b64,
+        "ttl_seconds": ttl_seconds,
+        "dns_names": dns_names,
+        "justification": justification,
+    });
+    format!(
+        "sha256:{}",
+        crate::util::sha256_hex(canonical.to_string().as_bytes())
+    )
+}
+
+impl Request {
+    /// Whether `principal` may vote on this request (ignoring self-approval).
+    pub fn is_eligible(&self, principal: &Principal) -> bool {
+        if !principal.role.can_approve() {
+            return false;
+        }
+        self.rule
+            .approver_principals
+            .iter()
+            .any(|p| *p == principal.id || *p == principal.name)
+            || principal
+                .groups
+                .iter()
+                .any(|g| self.rule.approver_groups.contains(g))
+    }
+
+    /// Moves a pending request past its deadline to `expired`. Returns
+    /// whether it changed.
+    pub fn expire_if_due(&mut self, now: i64) -> bool {
+        if self.state == State::Pending && now >= self.expires_at {
+            self.state = State::Expired;
+            self.decided_at = Some(crate::util::rfc3339(time::OffsetDateTime::now_utc()));
+            return true;
+        }
+        false
+    }
+
+    /// Applies one vote. The caller persists the result atomically.
+    pub fn vote(
+        &mut self,
+        voter: &Principal,
+        decision: Decision,
+        reason: &str,
+        binding: &str,
+        now: i64,
+    ) -> Result<VoteOutcome, ApprovalError> {
+        if self.expire_if_due(now) || self.state == State::Expired {
+            return Err(ApprovalError::Expired);
+        }
+        if self.state != State::Pending {
+            return Err(ApprovalError::NotPending(self.state.as_str()));
+        }
+        if voter.id == self.requester.id || voter.name == self.requester.name {
+            return Err(ApprovalError::SelfApproval);
+        }
+        if !self.is_eligible(voter) {
+            return Err(ApprovalError::NotEligible(voter.name.clone()));
+        }
+        if binding != self.binding {
+            return Err(ApprovalError::BindingMismatch);
+        }
+        if self.votes.iter().any(|v| v.approver == voter.id) {
+            return Ok(VoteOutcome::Repeat);
+        }
+        self.votes.push(Vote {
+            approver: voter.id.clone(),
+            decision,
+            reason: reason.chars().take(1024).collect(),
+            at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
+        });
+        let count = |d: Decision| self.votes.iter().filter(|v| v.decision == d).count() as u32;
+        if count(Decision::Deny) >= self.rule.deny_threshold.max(1) {
+            self.state = State::Denied;
+            self.decided_at = Some(crate::util::rfc3339(time::OffsetDateTime::now_utc()));
+            return Ok(VoteOutcome::Denied);
+        }
+        if count(Decision::Approve) >= self.rule.required_approvals.max(1) {
+            self.state = State::Approved;
+            self.decided_at = Some(crate::util::rfc3339(time::OffsetDateTime::now_utc()));
+            return Ok(VoteOutcome::Approved);
+        }
+        Ok(VoteOutcome::Recorded)
+    }
+
+    /// Cancels a pending request on behalf of `who`.
+    pub fn cancel(&mut self, who: &Principal, now: i64) -> Result<(), ApprovalError> {
+        if who.id != self.requester.id {
+            return Err(ApprovalError::NotRequester);
+        }
+        if self.expire_if_due(now) || self.state == State::Expired {
+            return Err(ApprovalError::Expired);
+        }
+        if self.state != State::Pending {
+            return Err(ApprovalError::NotPending(self.state.as_str()));
+        }
+        self.state = State::Cancelled;
+        self.decided_at = Some(crate::util::rfc3339(time::OffsetDateTime::now_utc()));
+        Ok(())
+    }
+
+    /// Approver ids that approved, in vote order.
+    pub fn approvers(&self) -> Vec<String> {
+        self.votes
+            .iter()
+            .filter(|v| v.decision == Decision::Approve)
+            .map(|v| v.approver.clone())
+            .collect()
+    }
+
+    /// The view callers get: everything but the raw public key.
+    pub fn view(&self) -> Value {
+        let mut v = json!({
+            "request_id": self.id,
+            "state": self.state,
+            "requester": self.requester,
+            "spiffe_id": self.spiffe_id,
+            "dns_names": self.dns_names,
+            "ttl_seconds": self.ttl_seconds,
+            "justification": self.justification,
+            "ticket": self.ticket,
+            "emergency": self.emergency,
+            "post_review": self.post_review,
+            "binding": self.binding,
+            "required_approvals": self.rule.required_approvals,
+            "approver_groups": self.rule.approver_groups,
+            "approvals": self.votes,
+            "created_at": self.created_at,
+            "expires_at": crate::util::rfc3339(
+                time::OffsetDateTime::from_unix_timestamp(self.expires_at).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+            ),
+            "decided_at": self.decided_at,
+        });
+        if let Some(cert) = &self.issued
+            && let (Some(obj), Ok(Value::Object(c))) = (v.as_object_mut(), serde_json::to_value(cert))
+        {
+            obj.extend(c);
+        }
+        v
+    }
+}
+
+/// The private X.509 extension carrying approval evidence. Until Castellan has
+/// its own enterprise number this sits under the documentation arc of RFC 5612
+/// (1.3.6.1.4.1.32473); relying parties match it by this constant.
+pub const APPROVAL_EXTENSION_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 32473, 6420, 1];
+
+/// DER of the extension value: a UTF8String holding
+/// `{"request_id", "binding", "approvers": [..]}` as JSON.
+pub fn approval_extension(req: &Request) -> Vec<u8> {
+    let text = json!({
+        "request_id": req.id,
+        "binding": req.binding,
+        "approvers": req.approvers(),
+        "emergency": req.emergency,
+    })
+    .to_string();
+    let mut der = vec![0x0c];
+    let len = text.len();
+    if len < 0x80 {
+        der.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+        der.push(0x80 | bytes.len() as u8);
+        der.extend(bytes);
+    }
+    der.extend(text.as_bytes());
+    der
+}
+
+#[cfg(test)]
+mod tests;

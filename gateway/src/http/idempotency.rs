@@ -1,0 +1,142 @@
+//! `Idempotency-Key` on every POST: the same key with the same body replays
+//! the original response; the same key with another body is refused (422).
+//! Keys are scoped by the caller's credentials, kept 24 hours, and a request
+//! still in flight under a key makes a second one wait its turn (409).
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, Method, Request, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{AppState, Problem};
+use crate::store::IdempotentResponse;
+use crate::util::{now_unix, sha256_hex};
+
+/// How long a key is remembered.
+const KEEP_SECONDS: i64 = 24 * 3600;
+
+fn in_flight() -> &'static Mutex<HashSet<String>> {
+    static SET: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    SET.get_or_init(Default::default)
+}
+
+/// Releases an in-flight key however the request ends.
+struct Claim(String);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        in_flight()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.0);
+    }
+}
+
+pub(super) async fn layer(State(state): State<AppState>, req: Request<Body>, next: Next) -> Response {
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let Some(key) = req
+        .headers()
+        .get("idempotency-key")
+        .map(|v| v.to_str().map(str::to_owned))
+    else {
+        return next.run(req).await;
+    };
+    let Some(key) = key.ok().filter(|k| !k.is_empty() && k.len() <= 255) else {
+        return Problem::malformed("`Idempotency-Key` must be 1 to 255 visible ASCII characters")
+            .into_response();
+    };
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, state.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => return Problem::too_large(state.max_body_bytes).into_response(),
+    };
+    // Scope: the credentials (hashed) and the route, so callers cannot
+    // collide with or replay one another's keys.
+    let auth = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes().to_vec())
+        .unwrap_or_default();
+    let scope = sha256_hex(
+        &[
+            auth.as_slice(),
+            b"\0",
+            parts.uri.path().as_bytes(),
+            b"\0",
+            key.as_bytes(),
+        ]
+        .concat(),
+    );
+    let body_sha256 = sha256_hex(&bytes);
+
+    match state.pipeline.store.idempotency_get(&scope).await {
+        Ok(Some(saved)) if now_unix() - saved.created_at < KEEP_SECONDS => {
+            if saved.body_sha256 != body_sha256 {
+                return Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency-key-reused",
+                    "Idempotency key reused",
+                    "this Idempotency-Key was used with a different request body",
+                )
+                .into_response();
+            }
+            let mut resp = (
+                StatusCode::from_u16(saved.status).unwrap_or(StatusCode::OK),
+                saved.body,
+            )
+                .into_response();
+            if let Ok(ct) = HeaderValue::from_str(&saved.content_type) {
+                resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            resp.headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return resp;
+        }
+        Ok(_) => {}
+        Err(e) => return Problem::unavailable(format!("store: {e}")).into_response(),
+    }
+    let _claim = {
+        let mut set = in_flight().lock().unwrap_or_else(|p| p.into_inner());
+        if !set.insert(scope.clone()) {
+            return Problem::new(
+                StatusCode::CONFLICT,
+                "idempotency-key-in-flight",
+                "Request in progress",
+                "a request with this Idempotency-Key is still being processed; retry shortly",
+            )
+            .into_response();
+        }
+        Claim(scope.clone())
+    };
+    let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    // Server errors are not remembered: a retry should get another chance.
+    if resp.status().is_server_error() {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, 4 << 20).await else {
+        return Problem::internal("the response could not be buffered").into_response();
+    };
+    let saved = IdempotentResponse {
+        body_sha256,
+        status: parts.status.as_u16(),
+        body: String::from_utf8_lossy(&body).into_owned(),
+        content_type: parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_owned(),
+        created_at: now_unix(),
+    };
+    if let Err(e) = state.pipeline.store.idempotency_put(&scope, saved).await {
+        tracing::warn!(error = %e, "could not remember an idempotent response");
+    }
+    Response::from_parts(parts, Body::from(body))
+}

@@ -1,0 +1,50 @@
+# Ephemeral, approval-gated issuance: POST /api/v1/ephemeral.
+# Input and decision documents (version 1) are described in policies/README.md.
+package castellan.ephemeral
+
+import rego.v1
+
+settings := data.castellan.ephemeral
+
+# A person or CI principal (API token) gets a user identity; a workload gets
+# the identity its attestation proves, never one it names itself.
+identity := sprintf("spiffe://%s/user/%s", [input.trust_domain, input.requester.name]) if {
+	input.requester.kind != "evidence"
+}
+
+identity := sprintf("spiffe://%s/ns/%s/sa/%s", [
+	input.trust_domain,
+	input.attestation.claims.namespace,
+	input.attestation.claims.service_account,
+]) if {
+	input.requester.kind == "evidence"
+	input.attestation.method == "k8s_sat"
+}
+
+deny contains "no identity is defined for this requester" if not identity
+
+deny contains msg if {
+	is_string(input.request.spiffe_id)
+	input.request.spiffe_id != identity
+	msg := sprintf("%s may not ask for %s", [input.requester.name, input.request.spiffe_id])
+}
+
+ttl_seconds := min([input.request.ttl_seconds, settings.max_ttl_seconds]) if is_number(input.request.ttl_seconds)
+
+ttl_seconds := settings.default_ttl_seconds if not is_number(input.request.ttl_seconds)
+
+decision := {"outcome": "deny", "reasons": sort([m | some m in deny])} if count(deny) > 0
+
+decision := {
+	"outcome": "approve",
+	"spiffe_id": identity,
+	"ttl_seconds": ttl_seconds,
+	"dns_names": [],
+	"approval": {
+		"required_approvals": settings.required_approvals,
+		"approver_groups": settings.approver_groups,
+		"deny_threshold": 1,
+		"pending_ttl_seconds": settings.pending_ttl_seconds,
+	},
+	"emergency": settings.emergency,
+} if count(deny) == 0
