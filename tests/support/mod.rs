@@ -195,6 +195,31 @@ impl Server {
         }
     }
 
+    /// Creates an API token over the admin API; returns the token.
+    pub fn token(&self, name: &str, role: &str, groups: &[&str]) -> String {
+        let r = self.post_admin(
+            "/api/v1/tokens",
+            &json!({ "name": name, "role": role, "groups": groups }),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// POSTs with extra headers.
+    pub fn post_with(&self, path: &str, body: &Value, token: Option<&str>, headers: &[(&str, &str)]) -> Resp {
+        let mut req = self
+            .agent
+            .post(self.url(path))
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Resp::from(req.send(body.to_string().into_bytes()).expect("request sent"))
+    }
+
     /// Registers a trust source for `cluster` over the API; returns its id.
     pub fn add_trust_source(&self, name: &str, cluster: &Cluster) -> String {
         let r = self.post_admin(
@@ -215,6 +240,22 @@ fn agent() -> ureq::Agent {
         .timeout_global(Some(Duration::from_secs(30)))
         .build()
         .into()
+}
+
+/// A copy of the default policy bundle with `edit` applied to its data.json.
+pub fn policies_with(root: &Path, name: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut data: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("data.json")).unwrap()).unwrap();
+    edit(&mut data);
+    std::fs::write(dir.join("data.json"), data.to_string()).unwrap();
+    dir
 }
 
 /// A response as the tests look at it.

@@ -285,7 +285,7 @@ impl Approvals {
             .as_ref()
             .map(|a| a.pending_ttl_seconds)
             .unwrap_or(900)
-            .clamp(30, 7 * 86_400);
+            .clamp(1, 7 * 86_400);
         let public_key = STANDARD.encode(&spki);
         let spiffe_id = spiffe_id.to_string();
         let binding = super::binding(&spiffe_id, &public_key, ttl, &decision.dns_names, &justification);

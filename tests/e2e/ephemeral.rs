@@ -1,0 +1,437 @@
+//! Just-in-time, approval-gated ephemeral issuance through the real binary:
+//! approvals bound to what was approved, minted exactly once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{Cluster, Resp, Server, csr, pem_certs, policies_with};
+use x509_parser::prelude::*;
+
+const EPHEMERAL: &str = "/api/v1/ephemeral";
+
+fn request_body(csr: &str, justification: &str) -> Value {
+    json!({ "csr": csr, "ttl_seconds": 600, "justification": justification, "ticket": "INC-1234" })
+}
+
+/// Starts dev with tokens: requester `alice`, approvers `sre1..3` in `sre`.
+fn setup() -> (Server, String, Vec<String>) {
+    let server = Server::dev();
+    let alice = server.token("alice", "requester", &[]);
+    let sres = (1..=3)
+        .map(|i| server.token(&format!("sre{i}"), "approver", &["sre"]))
+        .collect();
+    (server, alice, sres)
+}
+
+fn vote(server: &Server, token: &str, id: &str, decision: &str, binding: &str) -> Resp {
+    server.post(
+        &format!("{EPHEMERAL}/{id}/approvals"),
+        &json!({ "decision": decision, "reason": "looks right", "binding": binding }),
+        Some(token),
+    )
+}
+
+fn ephemeral_certs(server: &Server) -> Vec<Value> {
+    server
+        .certificates()
+        .into_iter()
+        .filter(|c| c["source"] == "ephemeral")
+        .collect()
+}
+
+#[test]
+fn two_of_three_approvals_issue_one_certificate_with_the_approval_extension() {
+    let (server, alice, sres) = setup();
+    let (key, c) = csr();
+    let r = server.post(
+        EPHEMERAL,
+        &request_body(&c, "rotate the payments DB password"),
+        Some(&alice),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["state"], "pending");
+    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/user/alice");
+    assert_eq!(r.body["required_approvals"], 2);
+    assert_eq!(r.body["approvals"], json!([]));
+    let binding = r.body["binding"].as_str().unwrap().to_owned();
+    assert!(binding.starts_with("sha256:") && binding.len() == 71, "{binding}");
+    let id = r.body["request_id"].as_str().unwrap().to_owned();
+    assert!(r.body["expires_at"].as_str().is_some());
+
+    // Approvers see it; the requester sees her own.
+    let listed = server.get(&format!("{EPHEMERAL}?state=pending"), Some(&sres[0]));
+    assert_eq!(listed.body["items"][0]["request_id"], id.as_str());
+    let mine = server.get(&format!("{EPHEMERAL}?state=pending"), Some(&alice));
+    assert_eq!(mine.body["items"].as_array().unwrap().len(), 1);
+
+    let first = vote(&server, &sres[0], &id, "approve", &binding);
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.body["state"], "pending");
+    // A repeat vote is a no-op.
+    let again = vote(&server, &sres[0], &id, "approve", &binding);
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body["approvals"].as_array().unwrap().len(), 1);
+    assert!(
+        ephemeral_certs(&server).is_empty(),
+        "one approval of two issues nothing"
+    );
+
+    let second = vote(&server, &sres[1], &id, "approve", &binding);
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert_eq!(second.body["state"], "issued");
+    let got = server.get(&format!("{EPHEMERAL}/{id}"), None);
+    assert_eq!(got.body["state"], "issued");
+    let chain = pem_certs(got.body["chain_pem"].as_str().unwrap());
+    spiffe::X509Svid::parse_from_der(&chain.concat(), &key.serialize_der()).unwrap();
+
+    // The approval evidence rides in the certificate.
+    let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
+    let ext = leaf
+        .extensions()
+        .iter()
+        .find(|e| e.oid.to_id_string() == "1.3.6.1.4.1.32473.6420.1")
+        .expect("approval extension");
+    assert!(!ext.critical);
+    let (_, text) = x509_parser::der_parser::der::parse_der_utf8string(ext.value).unwrap();
+    let evidence: Value = serde_json::from_str(text.as_str().unwrap()).unwrap();
+    assert_eq!(evidence["request_id"], id.as_str());
+    assert_eq!(evidence["binding"], binding.as_str());
+    assert_eq!(evidence["approvers"], json!(["user:sre1", "user:sre2"]));
+
+    // A late vote changes nothing; exactly one certificate exists.
+    vote(&server, &sres[2], &id, "approve", &binding).assert_problem(409, "request-not-pending");
+    assert_eq!(ephemeral_certs(&server).len(), 1);
+    let audit = server.audit();
+    let issued: Vec<_> = audit.iter().filter(|e| e["kind"] == "ephemeral.issued").collect();
+    assert_eq!(issued.len(), 1);
+    assert_eq!(
+        issued[0]["detail"]["approvers"],
+        json!(["user:sre1", "user:sre2"])
+    );
+}
+
+#[test]
+fn self_approval_wrong_binding_and_ineligible_voters_are_refused() {
+    let server = Server::dev();
+    // Alice is in `sre` herself: she still cannot approve her own request.
+    let alice = server.token("alice", "approver", &["sre"]);
+    let bob = server.token("bob", "approver", &["sre"]);
+    let carol = server.token("carol", "approver", &["dba"]);
+    let dave = server.token("dave", "requester", &["sre"]);
+    let (_, c) = csr();
+    let r = server.post(EPHEMERAL, &request_body(&c, "debug prod"), Some(&alice));
+    let id = r.body["request_id"].as_str().unwrap().to_owned();
+    let binding = r.body["binding"].as_str().unwrap().to_owned();
+
+    vote(&server, &alice, &id, "approve", &binding).assert_problem(403, "self-approval");
+    vote(&server, &carol, &id, "approve", &binding).assert_problem(403, "not-eligible");
+    vote(&server, &dave, &id, "approve", &binding).assert_problem(403, "not-eligible");
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    vote(&server, &bob, &id, "approve", &wrong).assert_problem(409, "binding-mismatch");
+    server
+        .post(
+            &format!("{EPHEMERAL}/{id}/approvals"),
+            &json!({"decision": "approve", "binding": binding}),
+            None,
+        )
+        .assert_problem(401, "unauthorized");
+    let r = server.get(&format!("{EPHEMERAL}/{id}"), None);
+    assert_eq!(r.body["approvals"], json!([]), "no refused vote was counted");
+    assert_eq!(
+        server
+            .audit()
+            .iter()
+            .filter(|e| e["kind"] == "ephemeral.refused")
+            .count(),
+        4
+    );
+
+    // Missing justification and a bad CSR are refused before anything is stored.
+    server
+        .post(EPHEMERAL, &json!({"csr": c, "justification": " "}), Some(&alice))
+        .assert_problem(400, "malformed-request");
+    server
+        .post(
+            EPHEMERAL,
+            &json!({"csr": "x", "justification": "j"}),
+            Some(&alice),
+        )
+        .assert_problem(400, "invalid-csr");
+    server
+        .post(EPHEMERAL, &request_body(&c, "no token"), None)
+        .assert_problem(401, "unauthorized");
+}
+
+#[test]
+fn deny_and_cancel_are_final() {
+    let (server, alice, sres) = setup();
+    let (_, c) = csr();
+    let r = server.post(EPHEMERAL, &request_body(&c, "one"), Some(&alice));
+    let (id, binding) = (
+        r.body["request_id"].as_str().unwrap().to_owned(),
+        r.body["binding"].as_str().unwrap().to_owned(),
+    );
+    let denied = vote(&server, &sres[0], &id, "deny", &binding);
+    assert_eq!(denied.body["state"], "denied", "{}", denied.body);
+    vote(&server, &sres[1], &id, "approve", &binding).assert_problem(409, "request-not-pending");
+
+    let r = server.post(EPHEMERAL, &request_body(&c, "two"), Some(&alice));
+    let (id2, binding2) = (
+        r.body["request_id"].as_str().unwrap().to_owned(),
+        r.body["binding"].as_str().unwrap().to_owned(),
+    );
+    server
+        .post(&format!("{EPHEMERAL}/{id2}/cancel"), &json!({}), Some(&sres[0]))
+        .assert_problem(403, "not-requester");
+    let cancelled = server.post(&format!("{EPHEMERAL}/{id2}/cancel"), &json!({}), Some(&alice));
+    assert_eq!(cancelled.body["state"], "cancelled", "{}", cancelled.body);
+    vote(&server, &sres[0], &id2, "approve", &binding2).assert_problem(409, "request-not-pending");
+    server
+        .post(&format!("{EPHEMERAL}/{id2}/cancel"), &json!({}), Some(&alice))
+        .assert_problem(409, "request-not-pending");
+    assert!(ephemeral_certs(&server).is_empty());
+    server
+        .get(&format!("{EPHEMERAL}/does-not-exist"), None)
+        .assert_problem(404, "not-found");
+}
+
+#[test]
+fn a_vote_after_expiry_is_refused_with_410() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policies = policies_with(tmp.path(), "short", |d| {
+        d["castellan"]["ephemeral"]["pending_ttl_seconds"] = 1.into()
+    });
+    let server = Server::dev_in(
+        &tmp.path().join("data"),
+        &["--policies", policies.to_str().unwrap()],
+    );
+    let alice = server.token("alice", "requester", &[]);
+    let sre = server.token("sre1", "approver", &["sre"]);
+    let (_, c) = csr();
+    let r = server.post(EPHEMERAL, &request_body(&c, "expire me"), Some(&alice));
+    let (id, binding) = (
+        r.body["request_id"].as_str().unwrap().to_owned(),
+        r.body["binding"].as_str().unwrap().to_owned(),
+    );
+    std::thread::sleep(Duration::from_millis(2100));
+    vote(&server, &sre, &id, "approve", &binding).assert_problem(410, "request-expired");
+    assert_eq!(
+        server.get(&format!("{EPHEMERAL}/{id}"), None).body["state"],
+        "expired"
+    );
+    assert!(
+        server
+            .audit()
+            .iter()
+            .any(|e| e["kind"] == "ephemeral.expired" && e["detail"]["request_id"] == id.as_str())
+    );
+}
+
+#[test]
+fn break_glass_follows_the_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, c) = csr();
+    let body = json!({ "csr": c, "ttl_seconds": 3600, "justification": "prod is down", "emergency": true });
+
+    // The default bundle refuses break-glass.
+    let strict = Server::dev_in(&tmp.path().join("strict"), &[]);
+    let alice = strict.token("alice", "requester", &[]);
+    let r = strict.post(EPHEMERAL, &body, Some(&alice));
+    r.assert_problem(403, "policy-denied");
+    assert!(r.body["detail"].as_str().unwrap().contains("break-glass"));
+
+    // A bundle that allows it issues at once, with the emergency TTL, flagged.
+    let policies = policies_with(tmp.path(), "glass", |d| {
+        d["castellan"]["ephemeral"]["emergency"] = json!({"allowed": true, "max_ttl_seconds": 120});
+    });
+    let lenient = Server::dev_in(
+        &tmp.path().join("lenient"),
+        &["--policies", policies.to_str().unwrap()],
+    );
+    let alice = lenient.token("alice", "requester", &[]);
+    let r = lenient.post(EPHEMERAL, &body, Some(&alice));
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["state"], "issued");
+    assert_eq!(r.body["post_review"], true);
+    let der = pem_certs(r.body["certificate_pem"].as_str().unwrap()).remove(0);
+    let (_, leaf) = X509Certificate::from_der(&der).unwrap();
+    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+    assert!(lifetime <= 180, "emergency TTL applies, got {lifetime}");
+    assert!(
+        lenient
+            .audit()
+            .iter()
+            .any(|e| e["kind"] == "ephemeral.break_glass")
+    );
+    // Justification stays mandatory for break-glass.
+    lenient
+        .post(
+            EPHEMERAL,
+            &json!({ "csr": c, "emergency": true, "justification": "" }),
+            Some(&alice),
+        )
+        .assert_problem(400, "malformed-request");
+}
+
+#[test]
+fn twenty_racing_approvals_mint_exactly_one_certificate() {
+    let server = Server::dev();
+    let alice = server.token("alice", "requester", &[]);
+    let approvers: Vec<String> = (0..20)
+        .map(|i| server.token(&format!("racer{i}"), "approver", &["sre"]))
+        .collect();
+    let (_, c) = csr();
+    let r = server.post(EPHEMERAL, &request_body(&c, "race"), Some(&alice));
+    let (id, binding) = (
+        r.body["request_id"].as_str().unwrap().to_owned(),
+        r.body["binding"].as_str().unwrap().to_owned(),
+    );
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(approvers.len()));
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = approvers
+            .iter()
+            .map(|t| {
+                let (server, id, binding, barrier) = (&server, &id, &binding, barrier.clone());
+                s.spawn(move || {
+                    barrier.wait();
+                    vote(server, t, id, "approve", binding).status
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 409), "{statuses:?}");
+    assert_eq!(ephemeral_certs(&server).len(), 1, "exactly one certificate");
+    let r = server.get(&format!("{EPHEMERAL}/{id}"), None);
+    assert_eq!(r.body["state"], "issued");
+    assert_eq!(
+        server
+            .audit()
+            .iter()
+            .filter(|e| e["kind"] == "ephemeral.issued")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn idempotency_key_replays_and_conflicts() {
+    let (server, alice, _) = setup();
+    let (_, c) = csr();
+    let body = request_body(&c, "idempotent");
+    let first = server.post_with(EPHEMERAL, &body, Some(&alice), &[("idempotency-key", "k-1")]);
+    assert_eq!(first.status, 202);
+    let replay = server.post_with(EPHEMERAL, &body, Some(&alice), &[("idempotency-key", "k-1")]);
+    assert_eq!(replay.status, 202);
+    assert_eq!(
+        replay.body["request_id"], first.body["request_id"],
+        "the original response"
+    );
+    let other = request_body(&c, "something else");
+    server
+        .post_with(EPHEMERAL, &other, Some(&alice), &[("idempotency-key", "k-1")])
+        .assert_problem(422, "idempotency-key-reused");
+    let mine = server.get(&format!("{EPHEMERAL}?state=pending"), Some(&alice));
+    assert_eq!(
+        mine.body["items"].as_array().unwrap().len(),
+        1,
+        "only one request was created"
+    );
+    // Without a key, a repeat is a new request.
+    assert_ne!(
+        server.post(EPHEMERAL, &body, Some(&alice)).body["request_id"],
+        first.body["request_id"]
+    );
+}
+
+#[test]
+fn pending_requests_and_votes_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let server = Server::dev_in(&dir, &[]);
+    let alice = server.token("alice", "requester", &[]);
+    let sre1 = server.token("sre1", "approver", &["sre"]);
+    let sre2 = server.token("sre2", "approver", &["sre"]);
+    let (_, c) = csr();
+    let r = server.post(EPHEMERAL, &request_body(&c, "survive"), Some(&alice));
+    let (id, binding) = (
+        r.body["request_id"].as_str().unwrap().to_owned(),
+        r.body["binding"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(vote(&server, &sre1, &id, "approve", &binding).status, 200);
+    server.stop();
+
+    let server = Server::dev_in(&dir, &[]);
+    let r = server.get(&format!("{EPHEMERAL}/{id}"), None);
+    assert_eq!(r.body["state"], "pending");
+    assert_eq!(
+        r.body["approvals"].as_array().unwrap().len(),
+        1,
+        "the vote survived"
+    );
+    let done = vote(&server, &sre2, &id, "approve", &binding);
+    assert_eq!(done.body["state"], "issued", "tokens survived too: {}", done.body);
+}
+
+#[test]
+fn long_poll_wakes_when_the_last_approval_lands() {
+    let (server, alice, sres) = setup();
+    let (_, c) = csr();
+    let r = server.post(EPHEMERAL, &request_body(&c, "wait for it"), Some(&alice));
+    let (id, binding) = (
+        r.body["request_id"].as_str().unwrap().to_owned(),
+        r.body["binding"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(vote(&server, &sres[0], &id, "approve", &binding).status, 200);
+    let (waited, elapsed) = std::thread::scope(|s| {
+        let poll = s.spawn(|| {
+            let t = Instant::now();
+            (
+                server.get(&format!("{EPHEMERAL}/{id}?wait=30"), None),
+                t.elapsed(),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(vote(&server, &sres[1], &id, "approve", &binding).status, 200);
+        poll.join().unwrap()
+    });
+    assert_eq!(waited.body["state"], "issued", "{}", waited.body);
+    assert!(waited.body["certificate_pem"].as_str().is_some());
+    // Not a timing test: only that it woke on the approval, not at its 30 s limit.
+    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
+}
+
+#[test]
+fn a_workload_can_ask_with_evidence_for_its_own_identity() {
+    let (server, _, sres) = setup();
+    let cluster = Cluster::new("https://k8s.jit.example");
+    server.add_trust_source("jit", &cluster);
+    let (_, c) = csr();
+    let body = json!({
+        "csr": c, "justification": "nightly migration", "method": "k8s_sat",
+        "evidence": cluster.token("ci", "deployer"),
+    });
+    let r = server.post(EPHEMERAL, &body, None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/ns/ci/sa/deployer");
+    assert_eq!(r.body["requester"]["kind"], "evidence");
+    let mut other = body.clone();
+    other["spiffe_id"] = "spiffe://example.org/ns/prod/sa/admin".into();
+    server
+        .post(EPHEMERAL, &other, None)
+        .assert_problem(403, "policy-denied");
+    let (id, binding) = (
+        r.body["request_id"].as_str().unwrap().to_owned(),
+        r.body["binding"].as_str().unwrap().to_owned(),
+    );
+    vote(&server, &sres[0], &id, "approve", &binding);
+    assert_eq!(
+        vote(&server, &sres[1], &id, "approve", &binding).body["state"],
+        "issued"
+    );
+}
