@@ -33,6 +33,13 @@ impl Endpoint {
     /// Parses `http://host:port` or `https://host:port`. For https the CA
     /// file is required: Castellan's server certificate comes from its own CA.
     pub fn parse(url: &str, ca_file: Option<&Path>) -> anyhow::Result<Self> {
+        let (endpoint, path) = Self::parse_url(url, ca_file)?;
+        anyhow::ensure!(path == "/", "address `{url}` must not have a path");
+        Ok(endpoint)
+    }
+
+    /// Parses a full URL into the endpoint and its path (with query).
+    pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<(Self, String)> {
         let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = url.strip_prefix("http://") {
@@ -40,8 +47,11 @@ impl Endpoint {
         } else {
             anyhow::bail!("address `{url}` must start with http:// or https://");
         };
-        let authority = rest.trim_end_matches('/').to_owned();
-        anyhow::ensure!(!authority.contains('/'), "address `{url}` must not have a path");
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (rest[..i].to_owned(), rest[i..].to_owned()),
+            None => (rest.to_owned(), "/".to_owned()),
+        };
+        anyhow::ensure!(!authority.is_empty(), "address `{url}` has no host");
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
                 h.trim_start_matches('[').trim_end_matches(']').to_owned(),
@@ -69,12 +79,15 @@ impl Endpoint {
         } else {
             None
         };
-        Ok(Self {
-            host,
-            port,
-            authority,
-            tls,
-        })
+        Ok((
+            Self {
+                host,
+                port,
+                authority,
+                tls,
+            },
+            path,
+        ))
     }
 
     /// Opens a connection.
@@ -120,10 +133,25 @@ impl Conn {
         token: Option<&str>,
         body: Option<Bytes>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
+        self.send_with(method, path, token, &[], body).await
+    }
+
+    /// Sends one request with extra headers and reads the whole response.
+    pub async fn send_with(
+        &mut self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, String)],
+        body: Option<Bytes>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
         let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", &self.authority);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }

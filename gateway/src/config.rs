@@ -52,6 +52,8 @@ pub struct Config {
     /// Trust sources declared here live alongside those created over the
     /// API; they cannot be deleted over the API.
     pub trust_sources: Vec<TrustSourceSpec>,
+    /// Webhooks notified of approval events, signed with HMAC-SHA256.
+    pub webhooks: Vec<crate::notify::WebhookConfig>,
 }
 
 /// The HTTP API listener.
@@ -117,6 +119,7 @@ impl Default for Config {
             sandbox: SandboxConfig::default(),
             issuance: IssuanceConfig::default(),
             trust_sources: Vec::new(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -224,6 +227,12 @@ impl Config {
         }
         for ts in &mut self.trust_sources {
             if let Some(p) = ts.jwks_file.as_mut() {
+                fix(p);
+            }
+        }
+        for w in &mut self.webhooks {
+            fix(&mut w.secret_file);
+            if let Some(p) = w.ca_file.as_mut() {
                 fix(p);
             }
         }

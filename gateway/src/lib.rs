@@ -16,6 +16,7 @@ pub mod config;
 pub mod dev;
 pub mod http;
 pub mod issuance;
+pub mod notify;
 pub mod policy;
 pub mod server;
 pub mod signer;

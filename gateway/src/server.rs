@@ -28,6 +28,8 @@ pub struct App {
     pub pipeline: Arc<Pipeline>,
     pub auth: Arc<Authenticator>,
     pub approvals: Arc<crate::approvals::Approvals>,
+    /// Started with the listener; `None` once started or when no webhooks.
+    pub dispatcher: std::sync::Mutex<Option<crate::notify::Dispatcher>>,
     pub admin_token_path: PathBuf,
     pub store_path: PathBuf,
     pub ca_dir: PathBuf,
@@ -101,10 +103,19 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         max_in_flight,
     ));
     let approvals = crate::approvals::Approvals::new(pipeline.clone());
+    let dispatcher = if config.webhooks.is_empty() {
+        None
+    } else {
+        Some(crate::notify::Dispatcher::new(
+            pipeline.store.clone(),
+            &config.webhooks,
+        )?)
+    };
     Ok(App {
         pipeline,
         auth,
         approvals,
+        dispatcher: std::sync::Mutex::new(dispatcher),
         admin_token_path,
         store_path,
         ca_dir,
@@ -178,6 +189,9 @@ pub async fn serve(
     };
     let service = TowerToHyperService::new(router(state));
     tokio::spawn(app.approvals.clone().run_housekeeping());
+    if let Some(d) = app.dispatcher.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        tokio::spawn(d.run());
+    }
     let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {

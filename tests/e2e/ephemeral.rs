@@ -435,3 +435,142 @@ fn a_workload_can_ask_with_evidence_for_its_own_identity() {
         "issued"
     );
 }
+
+/// A local webhook receiver: answers 500 to the first delivery, then 200,
+/// and keeps every request it got as (headers, body).
+fn receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(Vec<(String, String)>, Vec<u8>)>>>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hooks/castellan", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = got.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut headers = Vec::new();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = line.trim_end().split_once(':') {
+                    headers.push((k.to_ascii_lowercase(), v.trim().to_owned()));
+                }
+            }
+            let len: usize = headers
+                .iter()
+                .find(|(k, _)| k == "content-length")
+                .map(|(_, v)| v.parse().unwrap())
+                .unwrap_or(0);
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            let first = {
+                let mut g = seen.lock().unwrap();
+                g.push((headers, body));
+                g.len() == 1
+            };
+            let status = if first {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let _ = stream.write_all(
+                format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes(),
+            );
+        }
+    });
+    (url, got)
+}
+
+#[test]
+fn webhooks_are_signed_and_retried_from_the_outbox() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (url, got) = receiver();
+    let secret = "whsec-0123456789abcdef";
+    std::fs::write(tmp.path().join("hook.secret"), secret).unwrap();
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = {{ enabled = false }}\n\n[[webhooks]]\nname = \"ops\"\nurl = \"{url}\"\nsecret_file = \"hook.secret\"\n"
+        ),
+    )
+    .unwrap();
+    let server = Server::serve(&config, &tmp.path().join("data"));
+    let alice = server.token("alice", "requester", &[]);
+    let sre1 = server.token("sre1", "approver", &["sre"]);
+    let sre2 = server.token("sre2", "approver", &["sre"]);
+    let (_, c) = csr();
+    let r = server.post(EPHEMERAL, &request_body(&c, "hooked"), Some(&alice));
+    let (id, binding) = (
+        r.body["request_id"].as_str().unwrap().to_owned(),
+        r.body["binding"].as_str().unwrap().to_owned(),
+    );
+    vote(&server, &sre1, &id, "approve", &binding);
+    vote(&server, &sre2, &id, "approve", &binding);
+
+    let events = |g: &Vec<(Vec<(String, String)>, Vec<u8>)>| -> Vec<String> {
+        g.iter()
+            .map(|(h, _)| {
+                h.iter()
+                    .find(|(k, _)| k == "x-castellan-event")
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    let done = support::eventually(Duration::from_secs(20), || {
+        let g = got.lock().unwrap();
+        let e = events(&g);
+        // `created` twice: its first delivery fails and must be retried.
+        e.iter().filter(|x| *x == "ephemeral.created").count() >= 2
+            && ["ephemeral.decided", "ephemeral.issued"]
+                .iter()
+                .all(|want| e.iter().any(|x| x == want))
+    });
+    let g = got.lock().unwrap();
+    assert!(done, "events received: {:?}", events(&g));
+    // The first delivery failed and the same delivery came again.
+    let delivery = |i: usize| {
+        g[i].0
+            .iter()
+            .find(|(k, _)| k == "x-castellan-delivery")
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    assert_eq!(events(&g)[0], "ephemeral.created");
+    assert!(
+        (1..g.len()).any(|i| delivery(i) == delivery(0)),
+        "the failed delivery was retried"
+    );
+    // Every delivery is signed: t=<unix>,v1=hex(HMAC-SHA256(secret, "<t>.<body>")).
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    for (headers, body) in g.iter() {
+        let sig = headers
+            .iter()
+            .find(|(k, _)| k == "x-castellan-signature")
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        let (t, v1) = sig.split_once(",v1=").unwrap();
+        let t = t.strip_prefix("t=").unwrap();
+        let mut msg = format!("{t}.").into_bytes();
+        msg.extend_from_slice(body);
+        let mac: Vec<u8> = (0..v1.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&v1[i..i + 2], 16).unwrap())
+            .collect();
+        ring::hmac::verify(&key, &msg, &mac).expect("valid HMAC");
+        let payload: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(payload["data"]["request"]["request_id"], id.as_str());
+        assert!(
+            payload["data"]["request"].get("certificate_pem").is_none(),
+            "no certificate in webhooks"
+        );
+    }
+}

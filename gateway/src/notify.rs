@@ -1,0 +1,199 @@
+//! Webhook notifications. Events are queued in the store's outbox in the
+//! same transaction as the change they describe, so none is lost to a crash;
+//! this dispatcher delivers them, signed with HMAC-SHA256, and retries with
+//! exponential backoff until each configured webhook has taken the event or
+//! the attempts run out (then it is audited as undeliverable).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use hyper::Method;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::client::Endpoint;
+use crate::store::{AuditEvent, OutboxItem, Store};
+use crate::util::now_unix;
+
+/// Attempts per webhook before an event is given up on.
+const MAX_ATTEMPTS: u32 = 10;
+/// Longest wait between attempts.
+const MAX_BACKOFF_SECONDS: i64 = 300;
+/// How often the outbox is read.
+const POLL: Duration = Duration::from_millis(200);
+
+/// A webhook as configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// A name for logs and the audit trail.
+    pub name: String,
+    /// `http://` (loopback only) or `https://` URL that receives POSTs.
+    pub url: String,
+    /// File holding the shared HMAC secret.
+    pub secret_file: PathBuf,
+    /// Events to send; empty means all (`ephemeral.created`,
+    /// `ephemeral.decided`, `ephemeral.issued`, `ephemeral.expired`,
+    /// `ephemeral.break_glass`).
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// CA certificate (PEM) to trust for an `https://` URL.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A webhook ready to deliver to.
+struct Webhook {
+    name: String,
+    endpoint: Endpoint,
+    path: String,
+    key: ring::hmac::Key,
+    events: Vec<String>,
+}
+
+impl Webhook {
+    fn wants(&self, event: &str) -> bool {
+        self.events.is_empty() || self.events.iter().any(|e| e == event)
+    }
+}
+
+/// Delivers outbox items to the configured webhooks.
+pub struct Dispatcher {
+    store: Arc<dyn Store>,
+    hooks: Vec<Webhook>,
+}
+
+/// `t=<unix>,v1=<hex>` where v1 is HMAC-SHA256 over `<t>.<body>`.
+pub fn signature(key: &ring::hmac::Key, timestamp: i64, body: &[u8]) -> String {
+    let mut msg = format!("{timestamp}.").into_bytes();
+    msg.extend_from_slice(body);
+    format!(
+        "t={timestamp},v1={}",
+        hex::encode(ring::hmac::sign(key, &msg).as_ref())
+    )
+}
+
+impl Dispatcher {
+    /// Validates the webhook settings and reads their secrets.
+    pub fn new(store: Arc<dyn Store>, configs: &[WebhookConfig]) -> anyhow::Result<Self> {
+        let mut hooks = Vec::new();
+        for c in configs {
+            let (endpoint, path) = Endpoint::parse_url(&c.url, c.ca_file.as_deref())
+                .with_context(|| format!("webhook `{}` url", c.name))?;
+            if c.url.starts_with("http://") {
+                let host = c
+                    .url
+                    .trim_start_matches("http://")
+                    .split(['/', ':'])
+                    .next()
+                    .unwrap_or_default();
+                anyhow::ensure!(
+                    matches!(host, "127.0.0.1" | "localhost" | "[::1]"),
+                    "webhook `{}`: plain http:// is only allowed to a loopback address",
+                    c.name
+                );
+            }
+            let secret = std::fs::read_to_string(&c.secret_file)
+                .with_context(|| format!("webhook `{}` secret_file {}", c.name, c.secret_file.display()))?;
+            let secret = secret.trim();
+            anyhow::ensure!(
+                secret.len() >= 16,
+                "webhook `{}`: the secret must be at least 16 characters",
+                c.name
+            );
+            hooks.push(Webhook {
+                name: c.name.clone(),
+                endpoint,
+                path,
+                key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes()),
+                events: c.events.clone(),
+            });
+        }
+        Ok(Self { store, hooks })
+    }
+
+    /// Runs forever, delivering what the outbox holds.
+    pub async fn run(self) {
+        loop {
+            if let Err(e) = self.pass().await {
+                tracing::warn!(error = %e, "webhook dispatch pass failed");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn pass(&self) -> anyhow::Result<()> {
+        let now = now_unix();
+        for mut item in self.store.outbox(100).await? {
+            if item.next_attempt_at > now {
+                continue;
+            }
+            let mut failed = false;
+            for hook in &self.hooks {
+                if item.done.contains(&hook.name) {
+                    continue;
+                }
+                if !hook.wants(&item.notification.event) {
+                    item.done.push(hook.name.clone());
+                    continue;
+                }
+                match self.deliver(hook, &item).await {
+                    Ok(()) => item.done.push(hook.name.clone()),
+                    Err(e) => {
+                        let attempts = item.attempts.entry(hook.name.clone()).or_insert(0);
+                        *attempts += 1;
+                        tracing::warn!(webhook = %hook.name, attempt = *attempts, error = %e, "webhook delivery failed");
+                        if *attempts >= MAX_ATTEMPTS {
+                            item.done.push(hook.name.clone());
+                            let event = AuditEvent {
+                                kind: "webhook.undeliverable".into(),
+                                actor: "castellan".into(),
+                                detail: json!({ "webhook": hook.name, "delivery": item.id, "event": item.notification.event, "error": e.to_string() }),
+                            };
+                            self.store.audit(event).await?;
+                        } else {
+                            failed = true;
+                        }
+                    }
+                }
+            }
+            let all_done = self.hooks.iter().all(|h| item.done.contains(&h.name));
+            if all_done {
+                self.store.outbox_update(item.seq, None).await?;
+            } else if failed {
+                let worst = item.attempts.values().copied().max().unwrap_or(1);
+                item.next_attempt_at = now + (1i64 << (worst - 1).min(9)).min(MAX_BACKOFF_SECONDS);
+                self.store.outbox_update(item.seq, Some(item)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver(&self, hook: &Webhook, item: &OutboxItem) -> anyhow::Result<()> {
+        let body = serde_json::to_vec(&json!({
+            "id": item.id,
+            "event": item.notification.event,
+            "created_at": item.created_at,
+            "data": item.notification.payload,
+        }))?;
+        let timestamp = now_unix();
+        let headers = [
+            ("x-castellan-event", item.notification.event.clone()),
+            ("x-castellan-delivery", item.id.clone()),
+            ("x-castellan-signature", signature(&hook.key, timestamp, &body)),
+        ];
+        let send = async {
+            let mut conn = hook.endpoint.connect().await?;
+            conn.send_with(Method::POST, &hook.path, None, &headers, Some(Bytes::from(body)))
+                .await
+        };
+        let (status, _) = tokio::time::timeout(Duration::from_secs(10), send)
+            .await
+            .context("timed out")??;
+        anyhow::ensure!(status.is_success(), "receiver answered {status}");
+        Ok(())
+    }
+}
