@@ -436,12 +436,13 @@ fn a_workload_can_ask_with_evidence_for_its_own_identity() {
     );
 }
 
+/// One request a webhook receiver got: lowercase headers and the body.
+type Received = (Vec<(String, String)>, Vec<u8>);
+type Inbox = std::sync::Arc<std::sync::Mutex<Vec<Received>>>;
+
 /// A local webhook receiver: answers 500 to the first delivery, then 200,
 /// and keeps every request it got as (headers, body).
-fn receiver() -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<(Vec<(String, String)>, Vec<u8>)>>>,
-) {
+fn receiver() -> (String, Inbox) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hooks/castellan", listener.local_addr().unwrap());
@@ -515,7 +516,7 @@ fn webhooks_are_signed_and_retried_from_the_outbox() {
     vote(&server, &sre1, &id, "approve", &binding);
     vote(&server, &sre2, &id, "approve", &binding);
 
-    let events = |g: &Vec<(Vec<(String, String)>, Vec<u8>)>| -> Vec<String> {
+    let events = |g: &[Received]| -> Vec<String> {
         g.iter()
             .map(|(h, _)| {
                 h.iter()
