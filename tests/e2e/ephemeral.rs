@@ -575,3 +575,96 @@ fn webhooks_are_signed_and_retried_from_the_outbox() {
         );
     }
 }
+
+#[test]
+fn the_cli_runs_the_whole_approval_flow() {
+    let server = Server::dev();
+    let cli = |token: &str, args: &[&str]| {
+        let out = support::castellan()
+            .env("CASTELLAN_ADDR", &server.base)
+            .env("CASTELLAN_TOKEN", token)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let admin = server.admin_token.clone();
+    let (ok, alice, err) = cli(
+        &admin,
+        &["token", "create", "--name", "alice", "--role", "requester"],
+    );
+    assert!(ok, "{err}");
+    let alice = alice.trim().to_owned();
+    let sre: Vec<String> = (1..=2)
+        .map(|i| {
+            cli(
+                &admin,
+                &[
+                    "token",
+                    "create",
+                    "--name",
+                    &format!("sre{i}"),
+                    "--role",
+                    "approver",
+                    "--group",
+                    "sre",
+                ],
+            )
+            .1
+            .trim()
+            .to_owned()
+        })
+        .collect();
+    let (ok, _, err) = cli(
+        &alice,
+        &["token", "create", "--name", "mallory", "--role", "admin"],
+    );
+    assert!(!ok && err.starts_with("error: 403 forbidden"), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("creds");
+    let (ok, out, err) = cli(
+        &alice,
+        &[
+            "ephemeral",
+            "request",
+            "--justification",
+            "hotfix",
+            "--out-dir",
+            out_dir.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let req: Value = serde_json::from_str(out.trim()).unwrap();
+    let id = req["request_id"].as_str().unwrap().to_owned();
+    assert!(
+        out_dir.join("svid.key").exists(),
+        "the key stays with the requester"
+    );
+
+    let (ok, table, _) = cli(&sre[0], &["ephemeral", "list", "--state", "pending"]);
+    assert!(ok && table.starts_with("ID") && table.contains(&id), "{table}");
+    let (ok, shown, err) = cli(&sre[0], &["ephemeral", "approve", &id, "--reason", "ok"]);
+    assert!(
+        ok && shown.contains("binding") && shown.contains("voted approve"),
+        "{shown}{err}"
+    );
+    let (ok, _, err) = cli(&alice, &["ephemeral", "approve", &id]);
+    assert!(!ok && err.starts_with("error: 403 self-approval"), "{err}");
+    let (ok, _, err) = cli(&sre[1], &["ephemeral", "approve", &id]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(
+        &alice,
+        &["ephemeral", "wait", &id, "--out-dir", out_dir.to_str().unwrap()],
+    );
+    assert!(ok && out.contains("issued"), "{out}{err}");
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(out_dir.join("svid.key")).unwrap()).unwrap();
+    let chain = pem_certs(&std::fs::read_to_string(out_dir.join("svid.pem")).unwrap()).concat();
+    let svid = spiffe::X509Svid::parse_from_der(&chain, &key.serialize_der()).unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/user/alice");
+}

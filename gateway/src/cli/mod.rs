@@ -11,6 +11,8 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use hyper::{Method, StatusCode};
 
+mod ephemeral;
+
 use crate::client::Endpoint;
 use crate::config::Config;
 use crate::dev::DevCluster;
@@ -41,6 +43,32 @@ enum Command {
     /// Work with policy bundles.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Manage API tokens (admin).
+    #[command(subcommand)]
+    Token(ephemeral::TokenCommand),
+    /// Just-in-time, approval-gated certificates.
+    #[command(subcommand)]
+    Ephemeral(ephemeral::EphemeralCommand),
+}
+
+/// How client commands reach a server.
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// Server address, e.g. http://127.0.0.1:8443.
+    #[arg(long, env = "CASTELLAN_ADDR", default_value = "http://127.0.0.1:8443")]
+    addr: String,
+    /// CA certificate to trust for https:// addresses (e.g. DATA_DIR/ca/root.crt).
+    #[arg(long, env = "CASTELLAN_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// API token.
+    #[arg(long, env = "CASTELLAN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl ClientArgs {
+    fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        Endpoint::parse(&self.addr, self.ca_file.as_deref())
+    }
 }
 
 #[derive(Args)]
@@ -221,6 +249,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Svid(SvidCommand::Issue(args)) => svid_issue(args).await,
         Command::Bench(BenchCommand::Issuance(args)) => bench(args).await,
         Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
+        Command::Token(cmd) => ephemeral::token(cmd).await,
+        Command::Ephemeral(cmd) => ephemeral::ephemeral(cmd).await,
     }
 }
 
