@@ -54,6 +54,8 @@ pub struct Config {
     pub trust_sources: Vec<TrustSourceSpec>,
     /// Webhooks notified of approval events, signed with HMAC-SHA256.
     pub webhooks: Vec<crate::notify::WebhookConfig>,
+    /// OIDC issuers whose ID tokens authenticate people (approvers).
+    pub oidc_issuers: Vec<crate::auth::OidcIssuerConfig>,
 }
 
 /// The HTTP API listener.
@@ -120,6 +122,7 @@ impl Default for Config {
             issuance: IssuanceConfig::default(),
             trust_sources: Vec::new(),
             webhooks: Vec::new(),
+            oidc_issuers: Vec::new(),
         }
     }
 }
@@ -227,6 +230,11 @@ impl Config {
         }
         for ts in &mut self.trust_sources {
             if let Some(p) = ts.jwks_file.as_mut() {
+                fix(p);
+            }
+        }
+        for o in &mut self.oidc_issuers {
+            if let Some(p) = o.jwks_file.as_mut() {
                 fix(p);
             }
         }

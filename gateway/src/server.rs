@@ -53,9 +53,11 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     let signer: Arc<dyn Signer> = Arc::new(InProcessSigner::new(&ca)?);
 
     let admin_token_path = dir.join("admin.token");
+    let oidc = crate::auth::OidcIssuers::new(&config.oidc_issuers)?;
     let auth = Arc::new(
         Authenticator::load_or_create(&admin_token_path)
-            .with_context(|| format!("admin token {}", admin_token_path.display()))?,
+            .with_context(|| format!("admin token {}", admin_token_path.display()))?
+            .with_oidc(oidc),
     );
 
     auth.load_tokens(store.tokens().await?);

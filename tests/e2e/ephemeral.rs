@@ -668,3 +668,69 @@ fn the_cli_runs_the_whole_approval_flow() {
     let svid = spiffe::X509Svid::parse_from_der(&chain, &key.serialize_der()).unwrap();
     assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/user/alice");
 }
+
+#[test]
+fn approvers_can_sign_in_with_an_oidc_id_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let idp = Cluster::new("https://idp.example.com");
+    std::fs::write(tmp.path().join("idp-jwks.json"), idp.jwks().to_string()).unwrap();
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(
+        &config,
+        "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = { enabled = false }\n\n\
+         [[oidc_issuers]]\nname = \"corp\"\nissuer = \"https://idp.example.com\"\naudiences = [\"castellan\"]\njwks_file = \"idp-jwks.json\"\n",
+    )
+    .unwrap();
+    let server = Server::serve(&config, &tmp.path().join("data"));
+    let alice = server.token("alice", "requester", &[]);
+    let sre1 = server.token("sre1", "approver", &["sre"]);
+    let id_token = |email: &str, groups: &[&str], exp_offset: i64| {
+        let now = support::now();
+        idp.sign(&json!({
+            "iss": "https://idp.example.com", "aud": "castellan", "sub": format!("sub-{email}"),
+            "email": email, "groups": groups, "iat": now, "exp": now + exp_offset,
+        }))
+    };
+    let (_, c) = csr();
+    let r = server.post(EPHEMERAL, &request_body(&c, "oidc"), Some(&alice));
+    let (id, binding) = (
+        r.body["request_id"].as_str().unwrap().to_owned(),
+        r.body["binding"].as_str().unwrap().to_owned(),
+    );
+
+    // Expired, forged and wrong-group ID tokens do not count.
+    vote(
+        &server,
+        &id_token("carol@example.com", &["sre"], -3600),
+        &id,
+        "approve",
+        &binding,
+    )
+    .assert_problem(401, "unauthorized");
+    let impostor = Cluster::new("https://idp.example.com");
+    let now = support::now();
+    let forged = impostor.sign(&json!({"iss": "https://idp.example.com", "aud": "castellan", "email": "carol@example.com", "groups": ["sre"], "exp": now + 300}));
+    vote(&server, &forged, &id, "approve", &binding).assert_problem(401, "unauthorized");
+    vote(
+        &server,
+        &id_token("dan@example.com", &["eng"], 300),
+        &id,
+        "approve",
+        &binding,
+    )
+    .assert_problem(403, "not-eligible");
+
+    assert_eq!(
+        vote(&server, &sre1, &id, "approve", &binding).body["state"],
+        "pending"
+    );
+    let done = vote(
+        &server,
+        &id_token("carol@example.com", &["sre"], 300),
+        &id,
+        "approve",
+        &binding,
+    );
+    assert_eq!(done.body["state"], "issued", "{}", done.body);
+    assert_eq!(done.body["approvals"][1]["approver"], "user:carol@example.com");
+}

@@ -9,6 +9,10 @@ use sha2::{Digest, Sha256};
 
 use crate::util::write_private_file;
 
+mod oidc;
+
+pub use oidc::{OidcIssuerConfig, OidcIssuers};
+
 /// Prefix that makes Castellan tokens recognisable to secret scanners.
 const TOKEN_PREFIX: &str = "cst_";
 
@@ -58,6 +62,7 @@ pub struct TokenRecord {
 /// Checks bearer tokens: the bootstrap admin token and API tokens.
 pub struct Authenticator {
     admin_hash: [u8; 32],
+    oidc: OidcIssuers,
     tokens: arc_swap::ArcSwap<std::collections::HashMap<String, std::sync::Arc<TokenRecord>>>,
     writes: std::sync::Mutex<()>,
 }
@@ -98,9 +103,16 @@ impl Authenticator {
     pub fn from_token(token: &str) -> Self {
         Self {
             admin_hash: digest(token),
+            oidc: OidcIssuers::default(),
             tokens: arc_swap::ArcSwap::from_pointee(Default::default()),
             writes: std::sync::Mutex::new(()),
         }
+    }
+
+    /// Accepts ID tokens from these OIDC issuers.
+    pub fn with_oidc(mut self, oidc: OidcIssuers) -> Self {
+        self.oidc = oidc;
+        self
     }
 
     /// Makes stored API tokens usable.
@@ -139,7 +151,19 @@ impl Authenticator {
             });
         }
         // The map is keyed by hash: a lookup reveals nothing a hash does not.
-        let record = self.tokens.load().get(&hex::encode(presented)).cloned()?;
+        let Some(record) = self.tokens.load().get(&hex::encode(presented)).cloned() else {
+            // Not an API token: perhaps an ID token from a configured issuer.
+            if self.oidc.is_empty() || token.starts_with(TOKEN_PREFIX) || token.split('.').count() != 3 {
+                return None;
+            }
+            return match self.oidc.authenticate(token, crate::util::now_unix()) {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    tracing::info!(%why, "OIDC ID token refused");
+                    None
+                }
+            };
+        };
         Some(Principal {
             id: format!("user:{}", record.name),
             name: record.name.clone(),
