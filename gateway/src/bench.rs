@@ -194,3 +194,72 @@ async fn run_phase(
     }
     Ok((latencies, statuses))
 }
+
+/// What `bench approvals` measured.
+#[derive(Debug)]
+pub struct ApprovalReport {
+    pub requests: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+/// Measures the time from the final approval being sent to a requester that
+/// long-polls holding its certificate. Uses the default policy's shape (two
+/// approvers in `sre`); creates its own tokens with the admin token.
+pub async fn run_approvals(endpoint: Endpoint, admin_token: &str, requests: usize) -> anyhow::Result<ApprovalReport> {
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let mut admin = endpoint.connect().await?;
+    let mut token = async |name: String, role: &str| -> anyhow::Result<String> {
+        let body = json!({ "name": name, "role": role, "groups": ["sre"] });
+        let (status, resp) =
+            admin.send(Method::POST, "/api/v1/tokens", Some(admin_token), Some(Bytes::from(body.to_string()))).await?;
+        anyhow::ensure!(status == StatusCode::CREATED, "creating a bench token: {status} {}", String::from_utf8_lossy(&resp));
+        Ok(serde_json::from_slice::<serde_json::Value>(&resp)?["token"].as_str().unwrap_or_default().to_owned())
+    };
+    let requester = token(format!("bench-req-{tag}"), "requester").await?;
+    let first = token(format!("bench-a1-{tag}"), "approver").await?;
+    let last = token(format!("bench-a2-{tag}"), "approver").await?;
+
+    let mut req_conn = endpoint.connect().await?;
+    let mut vote_conn = endpoint.connect().await?;
+    let mut latencies = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?.pem()?;
+        let body = json!({ "csr": csr, "ttl_seconds": 600, "justification": "bench" });
+        let (status, resp) =
+            req_conn.send(Method::POST, "/api/v1/ephemeral", Some(&requester), Some(Bytes::from(body.to_string()))).await?;
+        anyhow::ensure!(status == StatusCode::ACCEPTED, "creating a request: {status} {}", String::from_utf8_lossy(&resp));
+        let created: serde_json::Value = serde_json::from_slice(&resp)?;
+        let id = created["request_id"].as_str().unwrap_or_default().to_owned();
+        let vote = json!({ "decision": "approve", "binding": created["binding"] }).to_string();
+        let path = format!("/api/v1/ephemeral/{id}/approvals");
+        let (status, _) = vote_conn.send(Method::POST, &path, Some(&first), Some(Bytes::from(vote.clone()))).await?;
+        anyhow::ensure!(status == StatusCode::OK, "first approval: {status}");
+
+        // The requester long-polls on its own connection.
+        let mut poll_conn = endpoint.connect().await?;
+        let poll_path = format!("/api/v1/ephemeral/{id}?wait=30");
+        let poll = tokio::spawn(async move {
+            let r = poll_conn.send(Method::GET, &poll_path, None, None).await;
+            (r, Instant::now())
+        });
+        // Let the poll reach the server and park before the final vote.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let sent = Instant::now();
+        let (status, _) = vote_conn.send(Method::POST, &path, Some(&last), Some(Bytes::from(vote))).await?;
+        anyhow::ensure!(status == StatusCode::OK, "final approval: {status}");
+        let (result, done) = poll.await?;
+        let (_, body) = result?;
+        let polled: serde_json::Value = serde_json::from_slice(&body)?;
+        anyhow::ensure!(
+            polled["state"] == "issued" && polled["certificate_pem"].is_string(),
+            "the long-poll returned without the certificate"
+        );
+        latencies.push(done.saturating_duration_since(sent));
+    }
+    latencies.sort();
+    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
+    Ok(ApprovalReport { requests, p50: pct(0.5), p99: pct(0.99), max: latencies.last().copied().unwrap_or_default() })
+}

@@ -167,6 +167,20 @@ struct SvidIssue {
 enum BenchCommand {
     /// Drive attested issuance and print issuances/s and latency percentiles.
     Issuance(BenchIssuance),
+    /// Time from the final approval to a long-polling requester holding its certificate.
+    Approvals(BenchApprovals),
+}
+
+#[derive(Args)]
+struct BenchApprovals {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// File holding the admin API token (to create the bench's own tokens).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Requests to approve, one after another.
+    #[arg(long, default_value_t = 200)]
+    requests: usize,
 }
 
 #[derive(Args)]
@@ -248,6 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(args).await,
         Command::Svid(SvidCommand::Issue(args)) => svid_issue(args).await,
         Command::Bench(BenchCommand::Issuance(args)) => bench(args).await,
+        Command::Bench(BenchCommand::Approvals(args)) => bench_approvals(args).await,
         Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
         Command::Token(cmd) => ephemeral::token(cmd).await,
         Command::Ephemeral(cmd) => ephemeral::ephemeral(cmd).await,
@@ -475,6 +490,20 @@ async fn bench(args: BenchIssuance) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn bench_approvals(args: BenchApprovals) -> anyhow::Result<ExitCode> {
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("{}", args.token_file.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(args.requests >= 1, "--requests must be at least 1");
+    let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
+    let r = crate::bench::run_approvals(endpoint, &token, args.requests).await?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    println!("final approval -> long-polling requester holds its certificate: {} requests", r.requests);
+    println!("  latency      p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms", ms(r.p50), ms(r.p99), ms(r.max));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn policy_test(args: PolicyTest) -> anyhow::Result<ExitCode> {
