@@ -207,15 +207,32 @@ pub struct ApprovalReport {
 /// Measures the time from the final approval being sent to a requester that
 /// long-polls holding its certificate. Uses the default policy's shape (two
 /// approvers in `sre`); creates its own tokens with the admin token.
-pub async fn run_approvals(endpoint: Endpoint, admin_token: &str, requests: usize) -> anyhow::Result<ApprovalReport> {
+pub async fn run_approvals(
+    endpoint: Endpoint,
+    admin_token: &str,
+    requests: usize,
+) -> anyhow::Result<ApprovalReport> {
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let mut admin = endpoint.connect().await?;
     let mut token = async |name: String, role: &str| -> anyhow::Result<String> {
         let body = json!({ "name": name, "role": role, "groups": ["sre"] });
-        let (status, resp) =
-            admin.send(Method::POST, "/api/v1/tokens", Some(admin_token), Some(Bytes::from(body.to_string()))).await?;
-        anyhow::ensure!(status == StatusCode::CREATED, "creating a bench token: {status} {}", String::from_utf8_lossy(&resp));
-        Ok(serde_json::from_slice::<serde_json::Value>(&resp)?["token"].as_str().unwrap_or_default().to_owned())
+        let (status, resp) = admin
+            .send(
+                Method::POST,
+                "/api/v1/tokens",
+                Some(admin_token),
+                Some(Bytes::from(body.to_string())),
+            )
+            .await?;
+        anyhow::ensure!(
+            status == StatusCode::CREATED,
+            "creating a bench token: {status} {}",
+            String::from_utf8_lossy(&resp)
+        );
+        Ok(serde_json::from_slice::<serde_json::Value>(&resp)?["token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
     };
     let requester = token(format!("bench-req-{tag}"), "requester").await?;
     let first = token(format!("bench-a1-{tag}"), "approver").await?;
@@ -226,16 +243,30 @@ pub async fn run_approvals(endpoint: Endpoint, admin_token: &str, requests: usiz
     let mut latencies = Vec::with_capacity(requests);
     for _ in 0..requests {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?.pem()?;
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+            .serialize_request(&key)?
+            .pem()?;
         let body = json!({ "csr": csr, "ttl_seconds": 600, "justification": "bench" });
-        let (status, resp) =
-            req_conn.send(Method::POST, "/api/v1/ephemeral", Some(&requester), Some(Bytes::from(body.to_string()))).await?;
-        anyhow::ensure!(status == StatusCode::ACCEPTED, "creating a request: {status} {}", String::from_utf8_lossy(&resp));
+        let (status, resp) = req_conn
+            .send(
+                Method::POST,
+                "/api/v1/ephemeral",
+                Some(&requester),
+                Some(Bytes::from(body.to_string())),
+            )
+            .await?;
+        anyhow::ensure!(
+            status == StatusCode::ACCEPTED,
+            "creating a request: {status} {}",
+            String::from_utf8_lossy(&resp)
+        );
         let created: serde_json::Value = serde_json::from_slice(&resp)?;
         let id = created["request_id"].as_str().unwrap_or_default().to_owned();
         let vote = json!({ "decision": "approve", "binding": created["binding"] }).to_string();
         let path = format!("/api/v1/ephemeral/{id}/approvals");
-        let (status, _) = vote_conn.send(Method::POST, &path, Some(&first), Some(Bytes::from(vote.clone()))).await?;
+        let (status, _) = vote_conn
+            .send(Method::POST, &path, Some(&first), Some(Bytes::from(vote.clone())))
+            .await?;
         anyhow::ensure!(status == StatusCode::OK, "first approval: {status}");
 
         // The requester long-polls on its own connection.
@@ -248,7 +279,9 @@ pub async fn run_approvals(endpoint: Endpoint, admin_token: &str, requests: usiz
         // Let the poll reach the server and park before the final vote.
         tokio::time::sleep(Duration::from_millis(20)).await;
         let sent = Instant::now();
-        let (status, _) = vote_conn.send(Method::POST, &path, Some(&last), Some(Bytes::from(vote))).await?;
+        let (status, _) = vote_conn
+            .send(Method::POST, &path, Some(&last), Some(Bytes::from(vote)))
+            .await?;
         anyhow::ensure!(status == StatusCode::OK, "final approval: {status}");
         let (result, done) = poll.await?;
         let (_, body) = result?;
@@ -260,6 +293,16 @@ pub async fn run_approvals(endpoint: Endpoint, admin_token: &str, requests: usiz
         latencies.push(done.saturating_duration_since(sent));
     }
     latencies.sort();
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
-    Ok(ApprovalReport { requests, p50: pct(0.5), p99: pct(0.99), max: latencies.last().copied().unwrap_or_default() })
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Ok(ApprovalReport {
+        requests,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        max: latencies.last().copied().unwrap_or_default(),
+    })
 }

@@ -79,7 +79,7 @@ pub struct Issued {
 }
 
 /// The attestation as shown to the caller: no claims, which may be sensitive.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct AttestationSummary {
     pub method: String,
     pub subject: String,

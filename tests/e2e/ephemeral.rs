@@ -420,6 +420,8 @@ fn a_workload_can_ask_with_evidence_for_its_own_identity() {
     assert_eq!(r.status, 202, "{}", r.body);
     assert_eq!(r.body["spiffe_id"], "spiffe://example.org/ns/ci/sa/deployer");
     assert_eq!(r.body["requester"]["kind"], "evidence");
+    assert_eq!(r.body["attestation"]["subject"], "ns/ci/sa/deployer");
+    assert_eq!(r.body["attestation"]["method"], "k8s_sat");
     let mut other = body.clone();
     other["spiffe_id"] = "spiffe://example.org/ns/prod/sa/admin".into();
     server

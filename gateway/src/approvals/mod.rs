@@ -141,6 +141,9 @@ pub struct Request {
     #[serde(default)]
     pub issued: Option<IssuedCert>,
     pub policy_revision: String,
+    /// What the attestor proved, for requesters that sent evidence.
+    #[serde(default)]
+    pub attestation: Option<crate::issuance::AttestationSummary>,
 }
 
 /// Why a vote or cancellation was refused. Each maps to one problem type.
@@ -329,6 +332,9 @@ impl Request {
             ),
             "decided_at": self.decided_at,
         });
+        if let (Some(obj), Some(a)) = (v.as_object_mut(), &self.attestation) {
+            obj.insert("attestation".into(), serde_json::to_value(a).unwrap_or_default());
+        }
         if let Some(cert) = &self.issued
             && let (Some(obj), Ok(Value::Object(c))) = (v.as_object_mut(), serde_json::to_value(cert))
         {

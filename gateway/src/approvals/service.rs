@@ -233,7 +233,6 @@ impl Approvals {
             })
             .await??
         };
-        let _ = attestation;
 
         if decision.outcome == EphemeralOutcome::Deny {
             let reasons = if decision.reasons.is_empty() {
@@ -309,6 +308,11 @@ impl Approvals {
             decided_at: None,
             issued: None,
             policy_revision: self.pipeline.policies.revision(),
+            attestation: attestation.map(|a| crate::issuance::AttestationSummary {
+                method: a.method,
+                subject: a.subject,
+                selectors: a.selectors,
+            }),
         };
         let actor = request.requester.id.clone();
 

@@ -1,1 +1,153 @@
+use super::*;
+use crate::auth::Role;
 
+fn principal(name: &str, role: Role, groups: &[&str]) -> Principal {
+    Principal {
+        id: format!("user:{name}"),
+        name: name.into(),
+        role,
+        groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        kind: "token",
+    }
+}
+
+fn request(required: u32) -> Request {
+    let binding = binding("spiffe://example.org/user/alice", "a2V5", 600, &[], "why");
+    Request {
+        id: "r1".into(),
+        state: State::Pending,
+        requester: Requester {
+            id: "user:alice".into(),
+            name: "alice".into(),
+            kind: "token".into(),
+        },
+        spiffe_id: "spiffe://example.org/user/alice".into(),
+        dns_names: vec![],
+        ttl_seconds: 600,
+        justification: "why".into(),
+        ticket: None,
+        emergency: false,
+        post_review: false,
+        public_key: "a2V5".into(),
+        binding,
+        rule: Rule {
+            required_approvals: required,
+            approver_groups: vec!["sre".into()],
+            approver_principals: vec!["bob".into()],
+            deny_threshold: 1,
+        },
+        votes: vec![],
+        created_at: "2026-01-01T00:00:00Z".into(),
+        expires_at: 1_000,
+        decided_at: None,
+        issued: None,
+        policy_revision: "t".into(),
+        attestation: None,
+    }
+}
+
+#[test]
+fn binding_covers_every_approved_field() {
+    let base = binding("spiffe://x/a", "k", 600, &[], "j");
+    assert_eq!(base, binding("spiffe://x/a", "k", 600, &[], "j"), "deterministic");
+    for other in [
+        binding("spiffe://x/b", "k", 600, &[], "j"),
+        binding("spiffe://x/a", "k2", 600, &[], "j"),
+        binding("spiffe://x/a", "k", 601, &[], "j"),
+        binding("spiffe://x/a", "k", 600, &["d.example".into()], "j"),
+        binding("spiffe://x/a", "k", 600, &[], "j2"),
+    ] {
+        assert_ne!(base, other);
+    }
+}
+
+#[test]
+fn quorum_approves_once_and_repeats_are_no_ops() {
+    let mut r = request(2);
+    let b = r.binding.clone();
+    let sre1 = principal("sre1", Role::Approver, &["sre"]);
+    assert_eq!(
+        r.vote(&sre1, Decision::Approve, "", &b, 10),
+        Ok(VoteOutcome::Recorded)
+    );
+    assert_eq!(
+        r.vote(&sre1, Decision::Approve, "", &b, 10),
+        Ok(VoteOutcome::Repeat)
+    );
+    // Named principal, no group needed.
+    let bob = principal("bob", Role::Approver, &[]);
+    assert_eq!(
+        r.vote(&bob, Decision::Approve, "", &b, 10),
+        Ok(VoteOutcome::Approved)
+    );
+    assert_eq!(r.state, State::Approved);
+    assert_eq!(r.approvers(), ["user:sre1", "user:bob"]);
+    let sre2 = principal("sre2", Role::Approver, &["sre"]);
+    assert_eq!(
+        r.vote(&sre2, Decision::Approve, "", &b, 10),
+        Err(ApprovalError::NotPending("approved"))
+    );
+}
+
+#[test]
+fn refusals_leave_the_request_untouched() {
+    let mut r = request(1);
+    let b = r.binding.clone();
+    let alice_in_sre = Principal {
+        groups: vec!["sre".into()],
+        ..principal("alice", Role::Approver, &[])
+    };
+    assert_eq!(
+        r.vote(&alice_in_sre, Decision::Approve, "", &b, 10),
+        Err(ApprovalError::SelfApproval)
+    );
+    let requester_role = principal("eve", Role::Requester, &["sre"]);
+    assert!(matches!(
+        r.vote(&requester_role, Decision::Approve, "", &b, 10),
+        Err(ApprovalError::NotEligible(_))
+    ));
+    let sre = principal("sre1", Role::Approver, &["sre"]);
+    assert_eq!(
+        r.vote(&sre, Decision::Approve, "", "sha256:00", 10),
+        Err(ApprovalError::BindingMismatch)
+    );
+    assert!(r.votes.is_empty() && r.state == State::Pending);
+    assert_eq!(r.cancel(&sre, 10), Err(ApprovalError::NotRequester));
+}
+
+#[test]
+fn deadline_expires_and_denial_ends() {
+    let mut r = request(2);
+    let b = r.binding.clone();
+    let sre = principal("sre1", Role::Approver, &["sre"]);
+    assert_eq!(
+        r.vote(&sre, Decision::Approve, "", &b, 1_000),
+        Err(ApprovalError::Expired)
+    );
+    assert_eq!(r.state, State::Expired);
+    let mut r = request(2);
+    assert_eq!(
+        r.vote(&sre, Decision::Deny, "no", &b, 10),
+        Ok(VoteOutcome::Denied)
+    );
+    assert!(r.state.is_terminal());
+    let alice = principal("alice", Role::Requester, &[]);
+    assert_eq!(r.cancel(&alice, 10), Err(ApprovalError::NotPending("denied")));
+}
+
+#[test]
+fn the_extension_is_a_der_utf8string_of_json() {
+    let mut r = request(1);
+    r.votes.push(Vote {
+        approver: "user:bob".into(),
+        decision: Decision::Approve,
+        reason: String::new(),
+        at: "t".into(),
+    });
+    let der = approval_extension(&r);
+    assert_eq!(der[0], 0x0c);
+    let (_, s) = x509_parser::der_parser::der::parse_der_utf8string(&der).unwrap();
+    let v: Value = serde_json::from_str(s.as_str().unwrap()).unwrap();
+    assert_eq!(v["approvers"], json!(["user:bob"]));
+    assert_eq!(v["binding"], r.binding.as_str());
+}

@@ -501,8 +501,16 @@ async fn bench_approvals(args: BenchApprovals) -> anyhow::Result<ExitCode> {
     let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
     let r = crate::bench::run_approvals(endpoint, &token, args.requests).await?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-    println!("final approval -> long-polling requester holds its certificate: {} requests", r.requests);
-    println!("  latency      p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms", ms(r.p50), ms(r.p99), ms(r.max));
+    println!(
+        "final approval -> long-polling requester holds its certificate: {} requests",
+        r.requests
+    );
+    println!(
+        "  latency      p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(r.p50),
+        ms(r.p99),
+        ms(r.max)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
