@@ -632,8 +632,9 @@ impl Approvals {
             .collect())
     }
 
-    /// Background duties: expire overdue requests, and finish any request
-    /// left `approved` by a crash between approval and signing.
+    /// Background duties: expire overdue requests, forget old idempotency
+    /// keys, and finish any request left `approved` by a crash between
+    /// approval and signing.
     pub async fn run_housekeeping(self: Arc<Self>) {
         if let Ok(approved) = self.pipeline.store.list_requests(Some(State::Approved)).await {
             for r in approved {
@@ -647,8 +648,20 @@ impl Approvals {
             }
         }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks: u64 = 0;
         loop {
             tick.tick().await;
+            ticks += 1;
+            // Idempotency keys are remembered for a day; forget older ones hourly.
+            if ticks % 3600 == 1
+                && let Err(e) = self
+                    .pipeline
+                    .store
+                    .idempotency_purge(now_unix() - 24 * 3600)
+                    .await
+            {
+                tracing::warn!(error = %e, "could not purge old idempotency keys");
+            }
             let Ok(pending) = self.pipeline.store.list_requests(Some(State::Pending)).await else {
                 continue;
             };

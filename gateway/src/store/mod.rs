@@ -219,6 +219,9 @@ pub trait Store: Send + Sync + 'static {
     /// A stored idempotent response.
     async fn idempotency_get(&self, key: &str) -> Result<Option<IdempotentResponse>, StoreError>;
 
+    /// Forgets idempotent responses created before `before` (Unix seconds).
+    async fn idempotency_purge(&self, before: i64) -> Result<(), StoreError>;
+
     /// Stores an idempotent response.
     async fn idempotency_put(&self, key: &str, response: IdempotentResponse) -> Result<(), StoreError>;
 }

@@ -42,6 +42,7 @@ enum Op {
     UpdateRequest(String, RequestUpdate, UpdateReply),
     Outbox(u64, Option<OutboxItem>, Ack),
     Idempotency(String, IdempotentResponse, Ack),
+    PurgeIdempotency(i64, Ack),
 }
 
 /// Sends an op's answer once the group's commit outcome is known.
@@ -298,6 +299,16 @@ impl Writer {
                 }
                 Self::ack(reply, true)
             }
+            Op::PurgeIdempotency(before, reply) => {
+                t.idempotency
+                    .retain(|_, v| {
+                        serde_json::from_slice::<IdempotentResponse>(v)
+                            .map(|r| r.created_at >= before)
+                            .unwrap_or(false)
+                    })
+                    .map_err(backend)?;
+                Self::ack(reply, true)
+            }
             Op::Idempotency(key, response, reply) => {
                 let bytes = serde_json::to_vec(&response).map_err(backend)?;
                 t.idempotency
@@ -548,6 +559,10 @@ impl Store for RedbStore {
         .await
     }
 
+    async fn idempotency_purge(&self, before: i64) -> Result<(), StoreError> {
+        self.submit(|r| Op::PurgeIdempotency(before, r)).await.map(drop)
+    }
+
     async fn idempotency_put(&self, key: &str, response: IdempotentResponse) -> Result<(), StoreError> {
         self.submit(|r| Op::Idempotency(key.to_owned(), response, r))
             .await
@@ -618,5 +633,23 @@ mod tests {
         let second = store.list_certificates(40, Some(&cursor)).await.unwrap();
         assert_eq!(second.items.len(), 30);
         assert!(second.next_cursor.is_none());
+    }
+
+    #[tokio::test]
+    async fn idempotency_keys_are_forgotten_after_their_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("s.redb")).unwrap();
+        let saved = |created_at| IdempotentResponse {
+            body_sha256: "h".into(),
+            status: 201,
+            body: "{}".into(),
+            content_type: "application/json".into(),
+            created_at,
+        };
+        store.idempotency_put("old", saved(100)).await.unwrap();
+        store.idempotency_put("new", saved(10_000)).await.unwrap();
+        store.idempotency_purge(5_000).await.unwrap();
+        assert!(store.idempotency_get("old").await.unwrap().is_none());
+        assert_eq!(store.idempotency_get("new").await.unwrap(), Some(saved(10_000)));
     }
 }
