@@ -23,6 +23,9 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const TRUST_SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("trust_sources");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_tokens");
 const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("ephemeral_requests");
+/// Ids of pending requests, so sweeps and approver listings do not scan
+/// every request ever made. Kept in step by `Tables::put_request`.
+const PENDING: TableDefinition<&str, ()> = TableDefinition::new("ephemeral_pending");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 
@@ -73,6 +76,7 @@ impl RedbStore {
             txn.open_table(TRUST_SOURCES).map_err(backend)?;
             txn.open_table(TOKENS).map_err(backend)?;
             txn.open_table(REQUESTS).map_err(backend)?;
+            txn.open_table(PENDING).map_err(backend)?;
             txn.open_table(OUTBOX).map_err(backend)?;
             txn.open_table(IDEMPOTENCY).map_err(backend)?;
         }
@@ -135,6 +139,7 @@ struct Tables<'txn> {
     sources: redb::Table<'txn, &'static str, &'static [u8]>,
     tokens: redb::Table<'txn, &'static str, &'static [u8]>,
     requests: redb::Table<'txn, &'static str, &'static [u8]>,
+    pending: redb::Table<'txn, &'static str, ()>,
     outbox: redb::Table<'txn, u64, &'static [u8]>,
     idempotency: redb::Table<'txn, &'static str, &'static [u8]>,
 }
@@ -158,6 +163,11 @@ impl Tables<'_> {
         self.requests
             .insert(request.id.as_str(), bytes.as_slice())
             .map_err(backend)?;
+        if request.state == State::Pending {
+            self.pending.insert(request.id.as_str(), ()).map_err(backend)?;
+        } else {
+            self.pending.remove(request.id.as_str()).map_err(backend)?;
+        }
         Ok(())
     }
 }
@@ -191,6 +201,7 @@ impl Writer {
                     sources: txn.open_table(TRUST_SOURCES).map_err(backend)?,
                     tokens: txn.open_table(TOKENS).map_err(backend)?,
                     requests: txn.open_table(REQUESTS).map_err(backend)?,
+                    pending: txn.open_table(PENDING).map_err(backend)?,
                     outbox: txn.open_table(OUTBOX).map_err(backend)?,
                     idempotency: txn.open_table(IDEMPOTENCY).map_err(backend)?,
                 };
@@ -517,7 +528,24 @@ impl Store for RedbStore {
     }
 
     async fn list_requests(&self, state: Option<State>) -> Result<Vec<Request>, StoreError> {
-        let mut all: Vec<Request> = self.read(|db| all_values(db, REQUESTS)).await?;
+        let mut all: Vec<Request> = if state == Some(State::Pending) {
+            self.read(|db| {
+                let read = db.begin_read().map_err(backend)?;
+                let pending = read.open_table(PENDING).map_err(backend)?;
+                let requests = read.open_table(REQUESTS).map_err(backend)?;
+                let mut out = Vec::new();
+                for entry in pending.iter().map_err(backend)? {
+                    let (id, _) = entry.map_err(backend)?;
+                    if let Some(v) = requests.get(id.value()).map_err(backend)? {
+                        out.push(serde_json::from_slice(v.value()).map_err(backend)?);
+                    }
+                }
+                Ok(out)
+            })
+            .await?
+        } else {
+            self.read(|db| all_values(db, REQUESTS)).await?
+        };
         if let Some(state) = state {
             all.retain(|r| r.state == state);
         }
