@@ -44,6 +44,8 @@ pub struct CaMaterial {
     pub root_cert_pem: String,
     pub intermediate_cert_pem: String,
     pub intermediate_key_pem: String,
+    /// The JWT-SVID signing key (ES256), purpose-bound: it never signs certificates.
+    pub jwt_key_pem: String,
     /// Whether this start created the CA.
     pub created: bool,
     pub dir: PathBuf,
@@ -114,6 +116,7 @@ pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<CaMaterial, CaEr
         root_cert_pem: root_cert.pem(),
         intermediate_cert_pem: int_cert.pem(),
         intermediate_key_pem: int_key.serialize_pem(),
+        jwt_key_pem: load_or_create_jwt_key(dir)?,
         created: true,
         dir: dir.to_owned(),
     })
@@ -165,9 +168,32 @@ fn load(dir: &Path, p: &Paths, trust_domain: &str) -> Result<CaMaterial, CaError
         root_cert_pem,
         intermediate_cert_pem,
         intermediate_key_pem,
+        jwt_key_pem: load_or_create_jwt_key(dir)?,
         created: false,
         dir: dir.to_owned(),
     })
+}
+
+/// Loads the JWT signing key, creating it (mode 0600) on first use. It is a
+/// separate key from the CA's: a JWT key that leaked could not mint
+/// certificates, and the reverse.
+fn load_or_create_jwt_key(dir: &Path) -> Result<String, CaError> {
+    let path = dir.join("jwt-signing.key");
+    if path.exists() {
+        let pem = std::fs::read_to_string(&path).map_err(|source| CaError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        KeyPair::from_pem(&pem).map_err(|e| CaError::Invalid {
+            path: path.clone(),
+            message: format!("not a usable private key: {e}"),
+        })?;
+        return Ok(pem);
+    }
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    write_private_file(&path, key.serialize_pem().as_bytes())
+        .map_err(|source| CaError::Io { path, source })?;
+    Ok(key.serialize_pem())
 }
 
 /// Reads the trust domain from a CA certificate's `spiffe://` URI SAN.

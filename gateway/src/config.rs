@@ -40,6 +40,10 @@ pub struct Config {
     /// `data.json`); unset means the embedded default bundle.
     /// Env: `CASTELLAN_POLICIES`.
     pub policies: Option<PathBuf>,
+    /// The URL relying parties reach this server at; the `iss` of JWT-SVIDs
+    /// and the base of discovery. Default: the listener's own address.
+    /// Env: `CASTELLAN_PUBLIC_URL`.
+    pub public_url: Option<String>,
     /// Wall-clock budget of one policy evaluation, in milliseconds; a policy
     /// that runs longer fails the request closed. Default: 100.
     pub policy_deadline_ms: u64,
@@ -117,6 +121,7 @@ impl Default for Config {
             trust_domain: "example.org".into(),
             policies: None,
             policy_deadline_ms: 100,
+            public_url: None,
             http: HttpConfig::default(),
             sandbox: SandboxConfig::default(),
             issuance: IssuanceConfig::default(),
@@ -193,6 +198,9 @@ impl Config {
         }
         if let Some(v) = get("CASTELLAN_TRUST_DOMAIN") {
             self.trust_domain = v;
+        }
+        if let Some(v) = get("CASTELLAN_PUBLIC_URL") {
+            self.public_url = Some(v);
         }
         if let Some(v) = get("CASTELLAN_POLICIES") {
             self.policies = Some(v.into());

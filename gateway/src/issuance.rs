@@ -95,6 +95,8 @@ pub struct Pipeline {
     pub signer: Arc<dyn Signer>,
     pub store: Arc<dyn Store>,
     pub limits: IssuanceConfig,
+    /// The externally reachable base URL (`iss` of JWT-SVIDs, discovery).
+    pub public_url: std::sync::OnceLock<String>,
     /// Bounds CPU work in flight (attest + decide + sign) to what the
     /// blocking pool and the instance pool can take.
     permits: Semaphore,
@@ -125,6 +127,7 @@ impl Pipeline {
             signer,
             store,
             limits,
+            public_url: std::sync::OnceLock::new(),
             permits: Semaphore::new(max_in_flight.max(1)),
         }
     }

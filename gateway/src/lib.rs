@@ -9,6 +9,7 @@ pub mod approvals;
 pub mod attest;
 pub mod auth;
 pub mod bench;
+pub mod broker;
 pub mod ca;
 pub mod cli;
 pub mod client;

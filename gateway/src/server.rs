@@ -28,6 +28,7 @@ pub struct App {
     pub pipeline: Arc<Pipeline>,
     pub auth: Arc<Authenticator>,
     pub approvals: Arc<crate::approvals::Approvals>,
+    pub broker: Arc<crate::broker::Broker>,
     /// Started with the listener; `None` once started or when no webhooks.
     pub dispatcher: std::sync::Mutex<Option<crate::notify::Dispatcher>>,
     pub admin_token_path: PathBuf,
@@ -53,11 +54,11 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     let signer: Arc<dyn Signer> = Arc::new(InProcessSigner::new(&ca)?);
 
     let admin_token_path = dir.join("admin.token");
-    let oidc = crate::auth::OidcIssuers::new(&config.oidc_issuers)?;
+    let oidc = Arc::new(crate::auth::OidcIssuers::new(&config.oidc_issuers)?);
     let auth = Arc::new(
         Authenticator::load_or_create(&admin_token_path)
             .with_context(|| format!("admin token {}", admin_token_path.display()))?
-            .with_oidc(oidc),
+            .with_oidc(oidc.clone()),
     );
 
     auth.load_tokens(store.tokens().await?);
@@ -104,7 +105,13 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         config.issuance.clone(),
         max_in_flight,
     ));
+    if let Some(url) = &config.public_url {
+        let _ = pipeline.public_url.set(url.trim_end_matches('/').to_owned());
+    }
     let approvals = crate::approvals::Approvals::new(pipeline.clone());
+    let broker = crate::broker::Broker::new(pipeline.clone(), approvals.clone(), oidc)
+        .await
+        .map_err(|e| anyhow::anyhow!("broker: {e}"))?;
     let dispatcher = if config.webhooks.is_empty() {
         None
     } else {
@@ -117,6 +124,7 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         pipeline,
         auth,
         approvals,
+        broker,
         dispatcher: std::sync::Mutex::new(dispatcher),
         admin_token_path,
         store_path,
@@ -187,6 +195,7 @@ pub async fn serve(
         pipeline: app.pipeline.clone(),
         auth: app.auth.clone(),
         approvals: app.approvals.clone(),
+        broker: app.broker.clone(),
         max_body_bytes: app.config.http.max_body_bytes,
     };
     let service = TowerToHyperService::new(router(state));

@@ -69,6 +69,13 @@ pub trait Signer: Send + Sync + 'static {
     /// Trust anchors (PEM) relying parties verify chains against.
     fn bundle_pem(&self) -> &str;
 
+    /// Signs a JWT (ES256) with the JWT-SVID key; the header carries `kid`
+    /// and `typ: JWT`. The caller builds the claims; the signer adds nothing.
+    fn sign_jwt(&self, claims: &serde_json::Value) -> Result<String, SignerError>;
+
+    /// The public JWT signing keys as a JWKS, for relying parties.
+    fn jwks(&self) -> serde_json::Value;
+
     /// Issues a TLS server certificate for Castellan's own listener.
     /// Returns the chain PEM (leaf first) and the new private key PEM.
     fn issue_server_certificate(
@@ -81,6 +88,9 @@ pub trait Signer: Send + Sync + 'static {
 /// Signs in this process with the intermediate CA key.
 pub struct InProcessSigner {
     issuer: Issuer<'static, KeyPair>,
+    jwt_key: jsonwebtoken::EncodingKey,
+    jwt_kid: String,
+    jwks: serde_json::Value,
     intermediate_not_after: OffsetDateTime,
     intermediates_pem: String,
     bundle_pem: String,
@@ -98,8 +108,19 @@ impl InProcessSigner {
         let intermediate_not_after =
             OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
                 .map_err(|e| SignerError::Key(e.to_string()))?;
+        let jwt_pair =
+            KeyPair::from_pem(&ca.jwt_key_pem).map_err(|e| SignerError::Key(format!("JWT key: {e}")))?;
+        let jwt_key = jsonwebtoken::EncodingKey::from_ec_pem(ca.jwt_key_pem.as_bytes())
+            .map_err(|e| SignerError::Key(format!("JWT key: {e}")))?;
+        let jwk = crate::dev::p256_jwk(&jwt_pair, "");
+        let jwt_kid = jwk_thumbprint(&jwk);
+        let mut public = jwk;
+        public["kid"] = jwt_kid.clone().into();
         Ok(Self {
             issuer,
+            jwt_key,
+            jwt_kid,
+            jwks: serde_json::json!({ "keys": [public] }),
             intermediate_not_after,
             intermediates_pem: ca.intermediate_cert_pem.clone(),
             bundle_pem: ca.root_cert_pem.clone(),
@@ -153,7 +174,37 @@ fn finish(cert: rcgen::Certificate, params: &CertificateParams) -> IssuedCertifi
     }
 }
 
+/// RFC 7638 JWK thumbprint (SHA-256, base64url) of an EC or RSA public JWK.
+pub fn jwk_thumbprint(jwk: &serde_json::Value) -> String {
+    use base64::Engine as _;
+    let f = |k: &str| jwk.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+    // Required members only, in lexicographic order, no whitespace.
+    let canonical = match f("kty") {
+        "RSA" => format!(r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#, f("e"), f("n")),
+        "OKP" => format!(r#"{{"crv":"{}","kty":"OKP","x":"{}"}}"#, f("crv"), f("x")),
+        _ => format!(
+            r#"{{"crv":"{}","kty":"EC","x":"{}","y":"{}"}}"#,
+            f("crv"),
+            f("x"),
+            f("y")
+        ),
+    };
+    use sha2::Digest;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(canonical.as_bytes()))
+}
+
 impl Signer for InProcessSigner {
+    fn sign_jwt(&self, claims: &serde_json::Value) -> Result<String, SignerError> {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.jwt_kid.clone());
+        header.typ = Some("JWT".into());
+        jsonwebtoken::encode(&header, claims, &self.jwt_key).map_err(|e| SignerError::Template(e.to_string()))
+    }
+
+    fn jwks(&self) -> serde_json::Value {
+        self.jwks.clone()
+    }
+
     fn sign_x509_svid(&self, t: &Template) -> Result<IssuedCertificate, SignerError> {
         let public_key = SubjectPublicKeyInfo::from_der(&t.public_key_der)
             .map_err(|e| SignerError::PublicKey(e.to_string()))?;
@@ -217,5 +268,43 @@ impl Signer for InProcessSigner {
         let cert = params.signed_by(&key, &self.issuer)?;
         let chain = format!("{}{}", cert.pem(), self.intermediates_pem);
         Ok((chain, key.serialize_pem()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example of RFC 7638, section 3.1.
+    #[test]
+    fn thumbprint_matches_rfc_7638() {
+        let jwk = serde_json::json!({
+            "kty": "RSA",
+            "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
+            "e": "AQAB",
+            "alg": "RS256",
+            "kid": "2011-04-29"
+        });
+        assert_eq!(
+            jwk_thumbprint(&jwk),
+            "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+        );
+    }
+
+    #[test]
+    fn jwts_carry_the_thumbprint_kid_and_verify_with_the_published_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::ca::load_or_create(&dir.path().join("ca"), "example.org").unwrap();
+        let signer = InProcessSigner::new(&ca).unwrap();
+        let token = signer
+            .sign_jwt(&serde_json::json!({"sub": "spiffe://example.org/a", "exp": 4_000_000_000u64}))
+            .unwrap();
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        let jwks = signer.jwks();
+        assert_eq!(header.kid.as_deref(), jwks["keys"][0]["kid"].as_str());
+        assert_eq!(header.typ.as_deref(), Some("JWT"));
+        let keys = crate::trust::KeySet::from_jwks(&jwks).unwrap();
+        keys.verify_compact(&token).unwrap();
+        assert!(jwks["keys"][0].get("d").is_none(), "public only");
     }
 }

@@ -111,6 +111,9 @@ pub struct IssuedCert {
     pub bundle_pem: String,
     pub serial: String,
     pub not_after: String,
+    /// The agent JWT-SVID, for broker requests that went through approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_svid: Option<String>,
 }
 
 /// An ephemeral request as stored.
@@ -144,6 +147,9 @@ pub struct Request {
     /// What the attestor proved, for requesters that sent evidence.
     #[serde(default)]
     pub attestation: Option<crate::issuance::AttestationSummary>,
+    /// For an agent identity escalated by the broker: what will be minted.
+    #[serde(default)]
+    pub agent: Option<crate::broker::AgentGrant>,
 }
 
 /// Why a vote or cancellation was refused. Each maps to one problem type.
@@ -197,13 +203,36 @@ pub fn binding(
     dns_names: &[String],
     justification: &str,
 ) -> String {
-    let canonical = json!({
+    binding_with(
+        spiffe_id,
+        public_key_b64,
+        ttl_seconds,
+        dns_names,
+        justification,
+        None,
+    )
+}
+
+/// The binding with more of what is approved (an agent's scopes, audience
+/// and delegation chain) under `grant`.
+pub fn binding_with(
+    spiffe_id: &str,
+    public_key_b64: &str,
+    ttl_seconds: u64,
+    dns_names: &[String],
+    justification: &str,
+    grant: Option<&Value>,
+) -> String {
+    let mut canonical = json!({
         "subject": spiffe_id,
         "public_key": public_key_b64,
         "ttl_seconds": ttl_seconds,
         "dns_names": dns_names,
         "justification": justification,
     });
+    if let Some(g) = grant {
+        canonical["grant"] = g.clone();
+    }
     format!(
         "sha256:{}",
         crate::util::sha256_hex(canonical.to_string().as_bytes())
@@ -332,6 +361,15 @@ impl Request {
             ),
             "decided_at": self.decided_at,
         });
+        if let (Some(obj), Some(g)) = (v.as_object_mut(), &self.agent) {
+            obj.insert(
+                "agent".into(),
+                json!({
+                    "agent_id": g.agent_id, "scopes": g.scopes, "audience": g.audience,
+                    "delegation_chain": g.chain, "task": g.task,
+                }),
+            );
+        }
         if let (Some(obj), Some(a)) = (v.as_object_mut(), &self.attestation) {
             obj.insert("attestation".into(), serde_json::to_value(a).unwrap_or_default());
         }

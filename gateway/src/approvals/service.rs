@@ -313,6 +313,7 @@ impl Approvals {
                 subject: a.subject,
                 selectors: a.selectors,
             }),
+            agent: None,
         };
         let actor = request.requester.id.clone();
 
@@ -340,6 +341,7 @@ impl Approvals {
                 )],
                 notify,
                 certificates: vec![record],
+                ..Effects::default()
             };
             self.pipeline
                 .store
@@ -356,6 +358,7 @@ impl Approvals {
             )],
             notify: vec![notification("ephemeral.created", &request)],
             certificates: vec![],
+            ..Effects::default()
         };
         self.pipeline
             .store
@@ -405,6 +408,7 @@ impl Approvals {
                 bundle_pem: p.signer.bundle_pem().to_owned(),
                 serial: cert.serial,
                 not_after: rfc3339(cert.not_after),
+                jwt_svid: None,
             };
             Ok((issued, record))
         })
@@ -493,10 +497,135 @@ impl Approvals {
         Ok(request)
     }
 
+    /// Records an agent identity the broker's policy escalated to approvers.
+    pub async fn create_agent_request(
+        &self,
+        attestation: Attestation,
+        grant: crate::broker::AgentGrant,
+        approval: crate::policy::ApprovalRule,
+        justification: String,
+    ) -> Result<Request, EphemeralError> {
+        let public_key = grant
+            .jkt
+            .clone()
+            .or_else(|| grant.csr_public_key.clone())
+            .unwrap_or_default();
+        let bound = json!({
+            "agent_id": grant.agent_id, "scopes": grant.scopes, "audience": grant.audience,
+            "chain": grant.chain, "task": grant.task, "parent_jti": grant.parent_jti,
+        });
+        let binding = super::binding_with(
+            &grant.spiffe_id,
+            &public_key,
+            grant.ttl_seconds,
+            &[],
+            &justification,
+            Some(&bound),
+        );
+        let request = Request {
+            id: uuid::Uuid::new_v4().to_string(),
+            state: State::Pending,
+            requester: Requester {
+                id: format!("workload:{}:{}", attestation.method, attestation.subject),
+                name: attestation.subject.clone(),
+                kind: "evidence".into(),
+            },
+            spiffe_id: grant.spiffe_id.clone(),
+            dns_names: vec![],
+            ttl_seconds: grant.ttl_seconds,
+            justification,
+            ticket: None,
+            emergency: false,
+            post_review: false,
+            public_key,
+            binding,
+            rule: Rule {
+                required_approvals: approval.required_approvals.max(1),
+                approver_groups: approval.approver_groups,
+                approver_principals: approval.approver_principals,
+                deny_threshold: approval.deny_threshold.max(1),
+            },
+            votes: Vec::new(),
+            created_at: rfc3339(time::OffsetDateTime::now_utc()),
+            expires_at: now_unix() + approval.pending_ttl_seconds.clamp(1, 7 * 86_400) as i64,
+            decided_at: None,
+            issued: None,
+            policy_revision: self.pipeline.policies.revision(),
+            attestation: Some(crate::issuance::AttestationSummary {
+                method: attestation.method,
+                subject: attestation.subject,
+                selectors: attestation.selectors,
+            }),
+            agent: Some(grant),
+        };
+        let actor = request.requester.id.clone();
+        let effects = Effects {
+            audit: vec![event(
+                "broker.escalated",
+                &actor,
+                &request,
+                json!({ "required_approvals": request.rule.required_approvals }),
+            )],
+            notify: vec![notification("ephemeral.created", &request)],
+            ..Effects::default()
+        };
+        self.pipeline
+            .store
+            .create_request(request.clone(), effects)
+            .await?;
+        Ok(request)
+    }
+
+    /// Mints an approved agent identity (JWT-SVID, and X.509-SVID if asked).
+    async fn issue_approved_agent(
+        &self,
+        request: Request,
+        grant: crate::broker::AgentGrant,
+    ) -> Result<Request, EphemeralError> {
+        let p = self.pipeline.clone();
+        let g = grant.clone();
+        let minted = blocking(move || crate::broker::mint(&p, &g)).await?;
+        let (granted, token, cert) = minted.map_err(|e| match e {
+            crate::broker::BrokerError::Issuance(i) => EphemeralError::Issuance(i),
+            other => EphemeralError::Forbidden(other.to_string()),
+        })?;
+        let issued = crate::broker::granted_as_issued(&granted);
+        let approvers = request.approvers();
+        let updated = self
+            .pipeline
+            .store
+            .update_request(
+                &request.id,
+                Box::new(move |r: &mut Request| {
+                    if r.state != State::Approved {
+                        return Err(ApprovalError::NotPending(r.state.as_str()));
+                    }
+                    r.state = State::Issued;
+                    r.issued = Some(issued);
+                    let mut audit = crate::broker::issued_event(&grant, &token, &[]);
+                    if let Some(d) = audit.detail.as_object_mut() {
+                        d.insert("request_id".into(), json!(r.id));
+                        d.insert("approvers".into(), json!(approvers));
+                    }
+                    Ok(Effects {
+                        audit: vec![audit],
+                        notify: vec![notification("ephemeral.issued", r)],
+                        certificates: cert.into_iter().collect(),
+                        agent_tokens: vec![token],
+                    })
+                }),
+            )
+            .await??;
+        Ok(updated)
+    }
+
     /// Signs an `approved` request and moves it to `issued`. Only the caller
     /// whose vote made it `approved` (or recovery) gets here, and the store
     /// refuses the move unless the request is still `approved`.
     pub async fn issue_approved(&self, request: Request) -> Result<Request, EphemeralError> {
+        if let Some(grant) = request.agent.clone() {
+            return self.issue_approved_agent(request, grant).await;
+        }
         let (cert, record) = self.sign(&request).await?;
         let approvers = request.approvers();
         let serial = record.serial.clone();
@@ -520,6 +649,7 @@ impl Approvals {
                         )],
                         notify: vec![notification("ephemeral.issued", r)],
                         certificates: vec![record],
+                        ..Effects::default()
                     })
                 }),
             )
@@ -541,6 +671,7 @@ impl Approvals {
                         audit: vec![event("ephemeral.cancelled", &who2.id, r, json!({}))],
                         notify: vec![notification("ephemeral.decided", r)],
                         certificates: vec![],
+                        ..Effects::default()
                     })
                 }),
             )
@@ -573,6 +704,7 @@ impl Approvals {
                         audit: vec![event("ephemeral.expired", "castellan", r, json!({}))],
                         notify: vec![notification("ephemeral.expired", r)],
                         certificates: vec![],
+                        ..Effects::default()
                     })
                 }),
             )

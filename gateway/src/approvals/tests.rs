@@ -43,6 +43,7 @@ fn request(required: u32) -> Request {
         issued: None,
         policy_revision: "t".into(),
         attestation: None,
+        agent: None,
     }
 }
 

@@ -62,7 +62,7 @@ pub struct TokenRecord {
 /// Checks bearer tokens: the bootstrap admin token and API tokens.
 pub struct Authenticator {
     admin_hash: [u8; 32],
-    oidc: OidcIssuers,
+    oidc: std::sync::Arc<OidcIssuers>,
     tokens: arc_swap::ArcSwap<std::collections::HashMap<String, std::sync::Arc<TokenRecord>>>,
     writes: std::sync::Mutex<()>,
 }
@@ -103,14 +103,14 @@ impl Authenticator {
     pub fn from_token(token: &str) -> Self {
         Self {
             admin_hash: digest(token),
-            oidc: OidcIssuers::default(),
+            oidc: Default::default(),
             tokens: arc_swap::ArcSwap::from_pointee(Default::default()),
             writes: std::sync::Mutex::new(()),
         }
     }
 
     /// Accepts ID tokens from these OIDC issuers.
-    pub fn with_oidc(mut self, oidc: OidcIssuers) -> Self {
+    pub fn with_oidc(mut self, oidc: std::sync::Arc<OidcIssuers>) -> Self {
         self.oidc = oidc;
         self
     }

@@ -2,6 +2,7 @@
 //! caller, calls the pipeline and renders the answer (JSON, or RFC 9457
 //! problems). No issuance logic lives here.
 
+mod broker;
 mod ephemeral;
 mod idempotency;
 mod problem;
@@ -32,6 +33,7 @@ pub struct AppState {
     pub pipeline: Arc<Pipeline>,
     pub auth: Arc<Authenticator>,
     pub approvals: Arc<Approvals>,
+    pub broker: Arc<crate::broker::Broker>,
     pub max_body_bytes: usize,
 }
 
@@ -55,6 +57,15 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/ephemeral/{id}", get(ephemeral::get))
         .route("/api/v1/ephemeral/{id}/approvals", post(ephemeral::vote))
         .route("/api/v1/ephemeral/{id}/cancel", post(ephemeral::cancel))
+        .route("/api/v1/broker/agent-identities", post(broker::agent_identities))
+        .route(
+            "/api/v1/broker/revocations",
+            post(broker::revoke).get(broker::revocation_feed),
+        )
+        .route("/oauth2/token", post(broker::token))
+        .route("/oauth2/introspect", post(broker::introspect))
+        .route("/.well-known/openid-configuration", get(broker::discovery))
+        .route("/.well-known/jwks.json", get(broker::jwks))
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(

@@ -25,6 +25,9 @@ pub const ISSUANCE_RULE: &str = "data.castellan.issuance.decision";
 /// The rule ephemeral (approval-gated) issuance evaluates.
 pub const EPHEMERAL_RULE: &str = "data.castellan.ephemeral.decision";
 
+/// The rule the agent broker evaluates.
+pub const BROKER_RULE: &str = "data.castellan.broker.decision";
+
 /// Why a bundle could not be loaded or a decision not made. Every variant on
 /// the issuance path means no credential.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +80,7 @@ pub struct IssuanceDecision {
 }
 
 /// Rules the gateway evaluates; each is compiled once when a bundle loads.
-pub const ENTRYPOINTS: &[&str] = &[ISSUANCE_RULE, EPHEMERAL_RULE];
+pub const ENTRYPOINTS: &[&str] = &[ISSUANCE_RULE, EPHEMERAL_RULE, BROKER_RULE];
 
 /// The ephemeral decision document (version 1), see `policies/README.md`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -97,6 +100,29 @@ pub struct EphemeralDecision {
     pub approval: Option<ApprovalRule>,
     #[serde(default)]
     pub emergency: Option<EmergencyRule>,
+}
+
+/// The broker decision document (version 1), see `policies/README.md`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerDecision {
+    /// `deny`, `issue` or `approve`.
+    pub outcome: EphemeralOutcome,
+    #[serde(default)]
+    pub reasons: Vec<String>,
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub spiffe_id: Option<String>,
+    /// Scopes policy allows for this request; the host intersects them with
+    /// the request and the parent's.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// The longest lifetime policy allows.
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub approval: Option<ApprovalRule>,
 }
 
 /// What the ephemeral policy decided.
@@ -352,6 +378,15 @@ impl Policies {
             return Ok(Value::Null);
         }
         serde_json::to_value(&result).map_err(|e| PolicyError::Eval(e.to_string()))
+    }
+
+    /// Evaluates the broker decision and checks its shape.
+    pub fn decide_broker(&self, input: &Value) -> Result<BrokerDecision, PolicyError> {
+        let value = self.eval(BROKER_RULE, input)?;
+        if value.is_null() {
+            return Err(PolicyError::BadDecision(format!("`{BROKER_RULE}` is undefined")));
+        }
+        serde_json::from_value(value).map_err(|e| PolicyError::BadDecision(e.to_string()))
     }
 
     /// Evaluates the ephemeral decision and checks its shape.

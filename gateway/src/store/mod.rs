@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::approvals::{ApprovalError, Request, State};
 use crate::auth::TokenRecord;
+use crate::broker::{AgentToken, Revocation, RevocationFilter};
 use crate::trust::TrustSource;
 
 pub use redb_store::RedbStore;
@@ -22,6 +23,8 @@ pub struct Effects {
     pub audit: Vec<AuditEvent>,
     pub notify: Vec<Notification>,
     pub certificates: Vec<CertificateRecord>,
+    /// Agent JWT-SVIDs issued by this change, for revocation and introspection.
+    pub agent_tokens: Vec<AgentToken>,
 }
 
 /// An event for webhooks, queued durably with the change that caused it.
@@ -218,6 +221,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// A stored idempotent response.
     async fn idempotency_get(&self, key: &str) -> Result<Option<IdempotentResponse>, StoreError>;
+
+    /// Records an issued agent token and its effects in one transaction.
+    async fn put_agent_token(&self, token: AgentToken, effects: Effects) -> Result<(), StoreError>;
+
+    /// One agent token record.
+    async fn agent_token(&self, jti: &str) -> Result<Option<AgentToken>, StoreError>;
+
+    /// Revokes every live token matching `filter` and all their descendants;
+    /// returns the revocations made (already-revoked tokens are skipped).
+    async fn revoke(&self, filter: RevocationFilter, actor: String) -> Result<Vec<Revocation>, StoreError>;
+
+    /// The revocation feed after `cursor`.
+    async fn revocations(&self, limit: usize, cursor: Option<&str>) -> Result<Page<Revocation>, StoreError>;
 
     /// Forgets idempotent responses created before `before` (Unix seconds).
     async fn idempotency_purge(&self, before: i64) -> Result<(), StoreError>;

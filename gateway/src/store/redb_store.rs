@@ -16,6 +16,7 @@ use super::{
 };
 use crate::approvals::{ApprovalError, Request, State};
 use crate::auth::TokenRecord;
+use crate::broker::{AgentToken, Revocation, RevocationFilter};
 use crate::trust::TrustSource;
 
 const CERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("certificates");
@@ -27,6 +28,8 @@ const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("ephemeral_r
 /// every request ever made. Kept in step by `Tables::put_request`.
 const PENDING: TableDefinition<&str, ()> = TableDefinition::new("ephemeral_pending");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const AGENT_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("agent_tokens");
+const REVOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revocations");
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 
 /// Most writes folded into one transaction.
@@ -46,6 +49,12 @@ enum Op {
     Outbox(u64, Option<OutboxItem>, Ack),
     Idempotency(String, IdempotentResponse, Ack),
     PurgeIdempotency(i64, Ack),
+    PutAgentToken(Box<AgentToken>, Effects, Ack),
+    Revoke(
+        RevocationFilter,
+        String,
+        oneshot::Sender<Result<Vec<Revocation>, StoreError>>,
+    ),
 }
 
 /// Sends an op's answer once the group's commit outcome is known.
@@ -79,6 +88,8 @@ impl RedbStore {
             txn.open_table(PENDING).map_err(backend)?;
             txn.open_table(OUTBOX).map_err(backend)?;
             txn.open_table(IDEMPOTENCY).map_err(backend)?;
+            txn.open_table(AGENT_TOKENS).map_err(backend)?;
+            txn.open_table(REVOCATIONS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         let (head_seq, head_hash) = {
@@ -142,9 +153,76 @@ struct Tables<'txn> {
     pending: redb::Table<'txn, &'static str, ()>,
     outbox: redb::Table<'txn, u64, &'static [u8]>,
     idempotency: redb::Table<'txn, &'static str, &'static [u8]>,
+    agent_tokens: redb::Table<'txn, &'static str, &'static [u8]>,
+    revocations: redb::Table<'txn, u64, &'static [u8]>,
 }
 
 impl Tables<'_> {
+    fn put_agent_token(&mut self, token: &AgentToken) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(token).map_err(backend)?;
+        self.agent_tokens
+            .insert(token.jti.as_str(), bytes.as_slice())
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// Marks matching live tokens and, transitively, every token whose parent
+    /// was revoked. One scan per generation: chains are short (policy caps
+    /// their depth).
+    fn revoke(&mut self, filter: &RevocationFilter) -> Result<Vec<Revocation>, StoreError> {
+        let now = crate::util::now_unix();
+        let mut all: Vec<AgentToken> = Vec::new();
+        for entry in self.agent_tokens.iter().map_err(backend)? {
+            let (_, v) = entry.map_err(backend)?;
+            all.push(serde_json::from_slice(v.value()).map_err(backend)?);
+        }
+        let mut revoked_now: std::collections::BTreeSet<String> = all
+            .iter()
+            .filter(|t| t.revoked_at.is_none() && filter.matches(t))
+            .map(|t| t.jti.clone())
+            .collect();
+        loop {
+            let children: Vec<String> = all
+                .iter()
+                .filter(|t| t.revoked_at.is_none() && !revoked_now.contains(&t.jti))
+                .filter(|t| t.parent_jti.as_ref().is_some_and(|p| revoked_now.contains(p)))
+                .map(|t| t.jti.clone())
+                .collect();
+            if children.is_empty() {
+                break;
+            }
+            revoked_now.extend(children);
+        }
+        let at = crate::util::rfc3339(time::OffsetDateTime::now_utc());
+        let mut out = Vec::new();
+        let mut seq = self
+            .revocations
+            .last()
+            .map_err(backend)?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0);
+        for mut t in all.into_iter().filter(|t| revoked_now.contains(&t.jti)) {
+            t.revoked_at = Some(at.clone());
+            self.put_agent_token(&t)?;
+            // Expired tokens need no feed entry: relying parties reject them anyway.
+            if t.exp <= now {
+                continue;
+            }
+            seq += 1;
+            let r = Revocation {
+                seq,
+                jti: t.jti.clone(),
+                agent_id: t.agent_id.clone(),
+                exp: t.exp,
+                revoked_at: at.clone(),
+            };
+            let bytes = serde_json::to_vec(&r).map_err(backend)?;
+            self.revocations.insert(seq, bytes.as_slice()).map_err(backend)?;
+            out.push(r);
+        }
+        Ok(out)
+    }
+
     fn insert_cert(&mut self, cert: &CertificateRecord) -> Result<(), StoreError> {
         let next = self
             .certs
@@ -204,6 +282,8 @@ impl Writer {
                     pending: txn.open_table(PENDING).map_err(backend)?,
                     outbox: txn.open_table(OUTBOX).map_err(backend)?,
                     idempotency: txn.open_table(IDEMPOTENCY).map_err(backend)?,
+                    agent_tokens: txn.open_table(AGENT_TOKENS).map_err(backend)?,
+                    revocations: txn.open_table(REVOCATIONS).map_err(backend)?,
                 };
                 for op in batch {
                     finishers.push(self.apply(&mut t, op)?);
@@ -310,6 +390,32 @@ impl Writer {
                 }
                 Self::ack(reply, true)
             }
+            Op::PutAgentToken(token, effects, reply) => {
+                t.put_agent_token(&token)?;
+                self.effects(t, effects)?;
+                Self::ack(reply, true)
+            }
+            Op::Revoke(filter, actor, reply) => {
+                let revoked = t.revoke(&filter)?;
+                if !revoked.is_empty() {
+                    let event = AuditEvent {
+                        kind: "broker.revoked".into(),
+                        actor,
+                        detail: serde_json::json!({
+                            "filter": filter,
+                            "jtis": revoked.iter().map(|r| r.jti.clone()).collect::<Vec<_>>(),
+                        }),
+                    };
+                    self.append(t, event)?;
+                }
+                Box::new(move |outcome| {
+                    let _ = reply.send(
+                        outcome
+                            .map(|_| revoked)
+                            .map_err(|e| StoreError::Backend(e.to_string())),
+                    );
+                })
+            }
             Op::PurgeIdempotency(before, reply) => {
                 t.idempotency
                     .retain(|_, v| {
@@ -333,6 +439,9 @@ impl Writer {
     fn effects(&mut self, t: &mut Tables<'_>, effects: Effects) -> Result<(), StoreError> {
         for cert in &effects.certificates {
             t.insert_cert(cert)?;
+        }
+        for token in &effects.agent_tokens {
+            t.put_agent_token(token)?;
         }
         for event in effects.audit {
             self.append(t, event)?;
@@ -585,6 +694,38 @@ impl Store for RedbStore {
             }
         })
         .await
+    }
+
+    async fn put_agent_token(&self, token: AgentToken, effects: Effects) -> Result<(), StoreError> {
+        self.submit(|r| Op::PutAgentToken(Box::new(token), effects, r))
+            .await
+            .map(drop)
+    }
+
+    async fn agent_token(&self, jti: &str) -> Result<Option<AgentToken>, StoreError> {
+        let jti = jti.to_owned();
+        self.read(move |db| {
+            let read = db.begin_read().map_err(backend)?;
+            let t = read.open_table(AGENT_TOKENS).map_err(backend)?;
+            match t.get(jti.as_str()).map_err(backend)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(backend)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn revoke(&self, filter: RevocationFilter, actor: String) -> Result<Vec<Revocation>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(Op::Revoke(filter, actor, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn revocations(&self, limit: usize, cursor: Option<&str>) -> Result<Page<Revocation>, StoreError> {
+        let after = parse_cursor(cursor)?;
+        self.read(move |db| page(db, REVOCATIONS, limit, after)).await
     }
 
     async fn idempotency_purge(&self, before: i64) -> Result<(), StoreError> {

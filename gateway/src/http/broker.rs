@@ -1,0 +1,400 @@
+//! The broker's surfaces: `/api/v1/broker/*`, RFC 8693 token exchange at
+//! `/oauth2/token`, RFC 7662 introspection at `/oauth2/introspect`, and
+//! discovery (`/.well-known/openid-configuration`, its JWKS). OAuth
+//! endpoints answer errors the RFC 6749 way (`{"error", "error_description"}`)
+//! because standard OAuth clients parse that shape.
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{AppState, Problem, issuance_problem, read_json};
+use crate::broker::{AgentRequest, BrokerError, Outcome, RevocationFilter, Task};
+
+fn problem(e: BrokerError) -> Problem {
+    match e {
+        BrokerError::Issuance(i) => issuance_problem(i),
+        BrokerError::Delegation(_) => Problem::new(
+            StatusCode::FORBIDDEN,
+            "delegation-refused",
+            "Delegation refused",
+            e.to_string(),
+        ),
+        BrokerError::Approval(a) => Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "issuance-failed",
+            "Issuance failed",
+            a.to_string(),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Delegation {
+    subject_token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentBody {
+    agent_id: String,
+    method: String,
+    evidence: String,
+    scopes: Vec<String>,
+    audience: Vec<String>,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+    #[serde(default)]
+    public_key_jwk: Option<Value>,
+    #[serde(default)]
+    csr: Option<String>,
+    #[serde(default)]
+    delegation: Option<Delegation>,
+    #[serde(default)]
+    task: Option<Task>,
+}
+
+impl AppState {
+    async fn refuse_broker(&self, actor: &str, what: &str, p: Problem) -> Response {
+        self.audit(
+            "broker.refused",
+            actor,
+            json!({ "operation": what, "status": p.status, "problem": p.slug(), "detail": p.detail, "reasons": p.reasons }),
+        )
+        .await;
+        p.into_response()
+    }
+}
+
+/// `POST /api/v1/broker/agent-identities`: the evidence is the credential.
+pub(super) async fn agent_identities(State(state): State<AppState>, req: Request<Body>) -> Response {
+    let body: AgentBody = match read_json(req.into_body(), state.max_body_bytes).await {
+        Ok(b) => b,
+        Err(p) => return state.refuse_broker("anonymous", "agent-identity", p).await,
+    };
+    let actor = format!("agent:{}", super::printable(&body.agent_id));
+    let request = AgentRequest {
+        agent_id: Some(body.agent_id),
+        method: body.method,
+        evidence: body.evidence,
+        scopes: body.scopes,
+        audience: body.audience,
+        ttl_seconds: body.ttl_seconds,
+        public_key_jwk: body.public_key_jwk,
+        csr: body.csr,
+        subject_token: body.delegation.map(|d| d.subject_token),
+        task: body.task,
+    };
+    match state.broker.request(request).await {
+        Ok(Outcome::Issued(g)) => (StatusCode::CREATED, axum::Json(g)).into_response(),
+        Ok(Outcome::Pending(r)) => (StatusCode::ACCEPTED, axum::Json(r.view())).into_response(),
+        Err(e) => state.refuse_broker(&actor, "agent-identity", problem(e)).await,
+    }
+}
+
+/// `POST /api/v1/broker/revocations` (admin): by `agent_id`, `task_id` or `jti`.
+pub(super) async fn revoke(State(state): State<AppState>, req: Request<Body>) -> Response {
+    let (parts, body) = req.into_parts();
+    let who = match state.require_admin(&parts.headers, "broker.revoke").await {
+        Ok(()) => "user:admin".to_owned(),
+        Err(p) => return p.into_response(),
+    };
+    let filter: RevocationFilter = match read_json(body, state.max_body_bytes).await {
+        Ok(f) => f,
+        Err(p) => return p.into_response(),
+    };
+    if !filter.is_valid() {
+        return Problem::malformed("give exactly one of `agent_id`, `task_id` or `jti`").into_response();
+    }
+    match state.broker.revoke(filter, who).await {
+        Ok(revoked) => axum::Json(json!({ "revoked": revoked })).into_response(),
+        Err(e) => problem(e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct FeedQuery {
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/broker/revocations`: the feed offline verifiers poll. Public,
+/// like the JWKS: it names token ids, nothing secret.
+pub(super) async fn revocation_feed(
+    State(state): State<AppState>,
+    q: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return Problem::malformed("invalid query").into_response();
+    };
+    let limit = q.limit.unwrap_or(500).clamp(1, 1000);
+    if q.cursor.as_ref().is_some_and(|c| c.parse::<u64>().is_err()) {
+        return Problem::malformed("`cursor` is not one this server returned").into_response();
+    }
+    match state.pipeline.store.revocations(limit, q.cursor.as_deref()).await {
+        Ok(page) => {
+            axum::Json(json!({ "items": page.items, "next_cursor": page.next_cursor })).into_response()
+        }
+        Err(e) => Problem::unavailable(format!("store: {e}")).into_response(),
+    }
+}
+
+/// `GET /.well-known/openid-configuration`.
+pub(super) async fn discovery(State(state): State<AppState>) -> Response {
+    let iss = crate::broker::issuer(&state.pipeline);
+    axum::Json(json!({
+        "issuer": iss,
+        "jwks_uri": format!("{iss}/.well-known/jwks.json"),
+        "token_endpoint": format!("{iss}/oauth2/token"),
+        "introspection_endpoint": format!("{iss}/oauth2/introspect"),
+        "revocation_feed": format!("{iss}/api/v1/broker/revocations"),
+        "grant_types_supported": ["urn:ietf:params:oauth:grant-type:token-exchange"],
+        "id_token_signing_alg_values_supported": ["ES256"],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "introspection_endpoint_auth_methods_supported": ["bearer"],
+        "response_types_supported": [],
+        "subject_types_supported": ["public"],
+    }))
+    .into_response()
+}
+
+/// `GET /.well-known/jwks.json`: the JWT-SVID signing keys.
+pub(super) async fn jwks(State(state): State<AppState>) -> Response {
+    axum::Json(state.pipeline.signer.jwks()).into_response()
+}
+
+/// An RFC 6749 error response: `{"error", "error_description"}`.
+struct OAuthError(StatusCode, &'static str, String);
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": self.1, "error_description": self.2 });
+        let mut resp = (self.0, axum::Json(body)).into_response();
+        resp.headers_mut()
+            .insert("cache-control", axum::http::HeaderValue::from_static("no-store"));
+        resp
+    }
+}
+
+fn oauth_error(status: StatusCode, error: &'static str, description: impl Into<String>) -> OAuthError {
+    OAuthError(status, error, description.into())
+}
+
+async fn read_form(req: Request<Body>, limit: usize) -> Result<Vec<(String, String)>, OAuthError> {
+    let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| {
+        oauth_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request",
+            "the request body is too large",
+        )
+    })?;
+    serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes).map_err(|_| {
+        oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the body must be application/x-www-form-urlencoded",
+        )
+    })
+}
+
+fn one<'a>(form: &'a [(String, String)], key: &str) -> Result<Option<&'a str>, OAuthError> {
+    let mut it = form.iter().filter(|(k, _)| k == key);
+    let first = it.next().map(|(_, v)| v.as_str());
+    if it.next().is_some() {
+        return Err(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("`{key}` appears more than once"),
+        ));
+    }
+    Ok(first)
+}
+
+const JWT_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+const ID_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:id_token";
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+/// `POST /oauth2/token`: RFC 8693 token exchange. The `actor_token` is the
+/// agent's attestation evidence (a JWT, e.g. its service-account token; the
+/// method is `actor_token_method`, default `k8s_sat`); the `subject_token`
+/// is who it acts for (a person's ID token, or a parent agent's JWT-SVID).
+pub(super) async fn token(State(state): State<AppState>, req: Request<Body>) -> Response {
+    let form = match read_form(req, state.max_body_bytes).await {
+        Ok(f) => f,
+        Err(r) => return r.into_response(),
+    };
+    let field = |k: &str| one(&form, k);
+    let get = |k: &str| -> Result<Option<String>, OAuthError> { field(k).map(|v| v.map(str::to_owned)) };
+    let result = (|| -> Result<AgentRequest, OAuthError> {
+        let grant_type = get("grant_type")?.unwrap_or_default();
+        if grant_type != "urn:ietf:params:oauth:grant-type:token-exchange" {
+            return Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "only token exchange (RFC 8693) is supported",
+            ));
+        }
+        let subject_token = get("subject_token")?.ok_or_else(|| {
+            oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "`subject_token` is required",
+            )
+        })?;
+        let subject_type = get("subject_token_type")?.unwrap_or_default();
+        if ![JWT_TYPE, ID_TOKEN_TYPE, ACCESS_TOKEN_TYPE].contains(&subject_type.as_str()) {
+            return Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "`subject_token_type` must be a JWT, ID token or access token type",
+            ));
+        }
+        let actor_token = get("actor_token")?.ok_or_else(|| {
+            oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "`actor_token` (the agent's attestation evidence) is required",
+            )
+        })?;
+        if get("actor_token_type")?.as_deref() != Some(JWT_TYPE) {
+            return Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("`actor_token_type` must be {JWT_TYPE}"),
+            ));
+        }
+        if let Some(t) = get("requested_token_type")?
+            && t != JWT_TYPE
+            && t != ACCESS_TOKEN_TYPE
+        {
+            return Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "only JWT tokens are issued",
+            ));
+        }
+        let audience: Vec<String> = form
+            .iter()
+            .filter(|(k, _)| k == "audience" || k == "resource")
+            .map(|(_, v)| v.clone())
+            .collect();
+        if audience.is_empty() {
+            return Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_target",
+                "`audience` or `resource` is required",
+            ));
+        }
+        let scopes: Vec<String> = get("scope")?
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if scopes.is_empty() {
+            return Err(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                "`scope` is required",
+            ));
+        }
+        Ok(AgentRequest {
+            agent_id: get("agent_id")?,
+            method: get("actor_token_method")?.unwrap_or_else(|| "k8s_sat".into()),
+            evidence: actor_token,
+            scopes,
+            audience,
+            ttl_seconds: None,
+            public_key_jwk: None,
+            csr: None,
+            subject_token: Some(subject_token),
+            task: None,
+        })
+    })();
+    let request = match result {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match state.broker.request(request).await {
+        Ok(Outcome::Issued(g)) => {
+            let mut resp = axum::Json(json!({
+                "access_token": g.jwt_svid,
+                "issued_token_type": JWT_TYPE,
+                "token_type": "Bearer",
+                "expires_in": g.expires_in,
+                "scope": g.scopes.join(" "),
+            }))
+            .into_response();
+            resp.headers_mut()
+                .insert("cache-control", axum::http::HeaderValue::from_static("no-store"));
+            resp
+        }
+        Ok(Outcome::Pending(r)) => oauth_error(
+            StatusCode::FORBIDDEN,
+            "authorization_pending",
+            format!("approval required; follow /api/v1/ephemeral/{}", r.id),
+        )
+        .into_response(),
+        Err(e) => {
+            let p = problem(e);
+            let error = match p.slug() {
+                "malformed-request" => "invalid_request",
+                "policy-denied" => "invalid_scope",
+                "issuance-failed" | "unavailable" => "server_error",
+                _ => "invalid_grant",
+            };
+            let status = if error == "server_error" {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            state
+                .audit(
+                    "broker.refused",
+                    "oauth2",
+                    json!({ "operation": "token-exchange", "problem": p.slug(), "detail": p.detail }),
+                )
+                .await;
+            oauth_error(status, error, p.detail).into_response()
+        }
+    }
+}
+
+/// `POST /oauth2/introspect` (any API token): RFC 7662.
+pub(super) async fn introspect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: Request<Body>,
+) -> Response {
+    if state
+        .require_principal(&headers, "oauth2.introspect")
+        .await
+        .is_err()
+    {
+        let mut r = oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "introspection needs an API token",
+        )
+        .into_response();
+        r.headers_mut()
+            .insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let form = match read_form(req, state.max_body_bytes).await {
+        Ok(f) => f,
+        Err(r) => return r.into_response(),
+    };
+    let token = match one(&form, "token") {
+        Ok(Some(t)) => t.to_owned(),
+        Ok(None) => {
+            return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "`token` is required")
+                .into_response();
+        }
+        Err(r) => return r.into_response(),
+    };
+    axum::Json(state.broker.introspect(&token).await).into_response()
+}
