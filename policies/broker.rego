@@ -36,7 +36,13 @@ deny contains msg if {
 	msg := sprintf("delegation chain depth %d reaches the limit of %d", [input.delegation.depth, settings.max_delegation_depth])
 }
 
-granted := [s | some s in input.request.scopes; s in settings.allowed_scopes]
+# What could be granted: requested, allowed here, and held by the parent agent
+# when there is one (the host enforces the same intersection afterwards).
+granted := [s | some s in input.request.scopes; s in settings.allowed_scopes; held_by_parent(s)]
+
+held_by_parent(_) if input.delegation.parent == null
+
+held_by_parent(s) if s in input.delegation.parent.scopes
 
 deny contains "none of the requested scopes is allowed" if count(granted) == 0
 

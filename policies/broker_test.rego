@@ -47,3 +47,9 @@ test_the_chain_depth_is_limited if {
 	d := broker.decision with input as i
 	d.outcome == "deny"
 }
+
+test_a_scope_the_parent_lacks_does_not_escalate if {
+	i := object.union(agent("agents", "bot", ["tickets:read", "payments:write"]), {"delegation": {"chain": [], "depth": 1, "parent": {"scopes": ["tickets:read"]}}})
+	d := broker.decision with input as i
+	d.outcome == "issue"
+}

@@ -191,6 +191,20 @@ pub async fn serve(
     listener: TcpListener,
     tls: Option<rustls::ServerConfig>,
 ) -> anyhow::Result<()> {
+    // Without a configured public URL, JWT-SVIDs and discovery name the
+    // address actually bound.
+    if let Ok(local) = listener.local_addr() {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let host = match local.ip() {
+            ip if ip.is_unspecified() => "localhost".to_owned(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let _ = app
+            .pipeline
+            .public_url
+            .set(format!("{scheme}://{host}:{}", local.port()));
+    }
     let state = AppState {
         pipeline: app.pipeline.clone(),
         auth: app.auth.clone(),

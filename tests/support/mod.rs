@@ -205,6 +205,15 @@ impl Server {
         r.body["token"].as_str().unwrap().to_owned()
     }
 
+    /// POSTs a form (application/x-www-form-urlencoded).
+    pub fn post_form(&self, path: &str, form: &[(&str, &str)], token: Option<&str>) -> Resp {
+        let mut req = self.agent.post(self.url(path));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        Resp::from(req.send_form(form.iter().copied()).expect("request sent"))
+    }
+
     /// POSTs with extra headers.
     pub fn post_with(&self, path: &str, body: &Value, token: Option<&str>, headers: &[(&str, &str)]) -> Resp {
         let mut req = self
