@@ -306,3 +306,194 @@ pub async fn run_approvals(
         max: latencies.last().copied().unwrap_or_default(),
     })
 }
+
+/// Options of `bench broker`.
+pub struct BrokerOptions {
+    pub endpoint: Endpoint,
+    pub admin_token: String,
+    pub concurrency: usize,
+    pub requests: usize,
+    /// Open-loop rate in requests/s; `None` runs flat out (closed loop).
+    pub rate: Option<f64>,
+}
+
+/// Agent identities with a one-hop delegation chain: a parent agent's
+/// JWT-SVID delegates to each child. Registers its own trust source; the
+/// default policy (namespace `agents`, agent id = service account) applies.
+pub async fn run_broker(opts: BrokerOptions) -> anyhow::Result<Report> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let issuer = format!("https://bench-broker-{tag}.castellan.invalid");
+    let kid = format!("bench-{tag}");
+    let mut admin = opts.endpoint.connect().await?;
+    let body = json!({
+        "name": format!("bench-broker-{tag}"), "method": "k8s_sat", "issuer": issuer,
+        "audiences": ["castellan-bench"], "jwks": {"keys": [p256_jwk(&key, &kid)]},
+    });
+    let (status, resp) = admin
+        .send(
+            Method::POST,
+            "/api/v1/trust-sources",
+            Some(&opts.admin_token),
+            Some(Bytes::from(body.to_string())),
+        )
+        .await?;
+    anyhow::ensure!(
+        status == StatusCode::CREATED,
+        "creating the bench trust source: {status} {}",
+        String::from_utf8_lossy(&resp)
+    );
+    let source_id = serde_json::from_slice::<serde_json::Value>(&resp)?["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+
+    // The parent agent, once.
+    let token =
+        |sa: &str| mint_projected_token(&key, &kid, &issuer, "castellan-bench", "agents", sa, None, 3600);
+    let parent_body = json!({
+        "agent_id": "bench-parent", "method": "k8s_sat", "evidence": token("bench-parent")?,
+        "scopes": ["tickets:read", "docs:read"], "audience": ["https://tools.bench"],
+    });
+    let (status, resp) = admin
+        .send(
+            Method::POST,
+            "/api/v1/broker/agent-identities",
+            None,
+            Some(Bytes::from(parent_body.to_string())),
+        )
+        .await?;
+    anyhow::ensure!(
+        status == StatusCode::CREATED,
+        "the parent agent: {status} {}",
+        String::from_utf8_lossy(&resp)
+    );
+    let parent_jwt = serde_json::from_slice::<serde_json::Value>(&resp)?["jwt_svid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+
+    let total = opts.requests + 200;
+    eprintln!("generating {total} agent requests…");
+    let mut bodies = Vec::with_capacity(total);
+    for i in 0..total {
+        let sa = format!("bench-child-{}", i % 64);
+        let b = json!({
+            "agent_id": sa, "method": "k8s_sat", "evidence": token(&sa)?,
+            "scopes": ["tickets:read"], "audience": ["https://tools.bench"],
+            "delegation": {"subject_token": parent_jwt},
+        });
+        bodies.push(Bytes::from(b.to_string()));
+    }
+    let bodies = Arc::new(bodies);
+    let path = "/api/v1/broker/agent-identities";
+    drop(
+        run_paced(
+            &opts.endpoint,
+            path,
+            bodies.clone(),
+            0,
+            200,
+            opts.concurrency.min(8),
+            None,
+        )
+        .await?,
+    );
+    let started = Instant::now();
+    let (mut latencies, statuses) = run_paced(
+        &opts.endpoint,
+        path,
+        bodies,
+        200,
+        total,
+        opts.concurrency,
+        opts.rate,
+    )
+    .await?;
+    let elapsed = started.elapsed();
+    let _ = admin
+        .send(
+            Method::DELETE,
+            &format!("/api/v1/trust-sources/{source_id}"),
+            Some(&opts.admin_token),
+            None,
+        )
+        .await;
+    latencies.sort();
+    Ok(summarise(opts.requests, latencies, &statuses, elapsed))
+}
+
+fn summarise(requests: usize, latencies: Vec<Duration>, statuses: &[u16], elapsed: Duration) -> Report {
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let issued = statuses.iter().filter(|s| **s == 201).count();
+    let mut refused: Vec<(u16, usize)> = Vec::new();
+    for s in statuses.iter().filter(|s| **s != 201) {
+        match refused.iter_mut().find(|(c, _)| c == s) {
+            Some((_, n)) => *n += 1,
+            None => refused.push((*s, 1)),
+        }
+    }
+    Report {
+        requests,
+        issued,
+        refused,
+        elapsed,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        max: latencies.last().copied().unwrap_or_default(),
+    }
+}
+
+/// Sends `bodies[start..end]`; with a rate, request i is due at
+/// `t0 + (i - start) / rate` and its latency counts from then, so a server
+/// that falls behind is charged for the queueing it causes.
+async fn run_paced(
+    endpoint: &Endpoint,
+    path: &'static str,
+    bodies: Arc<Vec<Bytes>>,
+    start: usize,
+    end: usize,
+    concurrency: usize,
+    rate: Option<f64>,
+) -> anyhow::Result<(Vec<Duration>, Vec<u16>)> {
+    let next = Arc::new(AtomicUsize::new(start));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (endpoint, bodies, next) = (endpoint.clone(), bodies.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = endpoint.connect().await?;
+            let (mut lat, mut st) = (Vec::new(), Vec::new());
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= end {
+                    break;
+                }
+                let due = match rate {
+                    Some(r) => t0 + Duration::from_secs_f64((i - start) as f64 / r),
+                    None => Instant::now(),
+                };
+                tokio::time::sleep_until(due.into()).await;
+                let (status, _) = conn
+                    .send(Method::POST, path, None, Some(bodies[i].clone()))
+                    .await
+                    .context("request failed")?;
+                lat.push(due.elapsed());
+                st.push(status.as_u16());
+            }
+            anyhow::Ok((lat, st))
+        }));
+    }
+    let (mut latencies, mut statuses) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (l, s) = t.await??;
+        latencies.extend(l);
+        statuses.extend(s);
+    }
+    Ok((latencies, statuses))
+}

@@ -169,6 +169,26 @@ enum BenchCommand {
     Issuance(BenchIssuance),
     /// Time from the final approval to a long-polling requester holding its certificate.
     Approvals(BenchApprovals),
+    /// Agent identities (JWT-SVID, one-hop delegation) per second, or latency at a set rate.
+    Broker(BenchBroker),
+}
+
+#[derive(Args)]
+struct BenchBroker {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// File holding the admin API token (to register the bench trust source).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Measured requests.
+    #[arg(long, default_value_t = 10_000)]
+    requests: usize,
+    /// Open-loop rate (requests/s); latency counts from each request's due time.
+    #[arg(long)]
+    rate: Option<f64>,
 }
 
 #[derive(Args)]
@@ -263,6 +283,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Svid(SvidCommand::Issue(args)) => svid_issue(args).await,
         Command::Bench(BenchCommand::Issuance(args)) => bench(args).await,
         Command::Bench(BenchCommand::Approvals(args)) => bench_approvals(args).await,
+        Command::Bench(BenchCommand::Broker(args)) => bench_broker(args).await,
         Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
         Command::Token(cmd) => ephemeral::token(cmd).await,
         Command::Ephemeral(cmd) => ephemeral::ephemeral(cmd).await,
@@ -486,6 +507,54 @@ async fn bench(args: BenchIssuance) -> anyhow::Result<ExitCode> {
         ms(report.max)
     );
     Ok(if report.refused.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn bench_broker(args: BenchBroker) -> anyhow::Result<ExitCode> {
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("{}", args.token_file.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(
+        args.concurrency >= 1 && args.requests >= 1,
+        "--concurrency and --requests must be at least 1"
+    );
+    anyhow::ensure!(args.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
+    let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
+    let r = crate::bench::run_broker(crate::bench::BrokerOptions {
+        endpoint,
+        admin_token: token,
+        concurrency: args.concurrency,
+        requests: args.requests,
+        rate: args.rate,
+    })
+    .await?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    match args.rate {
+        Some(rate) => println!(
+            "agent identities (one-hop delegation): {} requests at {rate:.0}/s open loop",
+            r.requests
+        ),
+        None => println!(
+            "agent identities (one-hop delegation): {} requests at concurrency {}",
+            r.requests, args.concurrency
+        ),
+    }
+    println!("  issued       {}", r.issued);
+    if !r.refused.is_empty() {
+        println!("  refused      {:?} (status, count)", r.refused);
+    }
+    println!("  throughput   {:.0} identities/s", r.rate());
+    println!(
+        "  latency      p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(r.p50),
+        ms(r.p99),
+        ms(r.max)
+    );
+    Ok(if r.refused.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
