@@ -10,6 +10,7 @@ pub mod attest;
 pub mod auth;
 pub mod bench;
 pub mod broker;
+pub mod bundle;
 pub mod ca;
 pub mod cli;
 pub mod client;

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use hyper::{Method, StatusCode};
 
+mod bundle;
 mod ephemeral;
 
 use crate::client::Endpoint;
@@ -43,6 +44,9 @@ enum Command {
     /// Work with policy bundles.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Build, sign, verify and inspect policy bundles.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
     /// Manage API tokens (admin).
     #[command(subcommand)]
     Token(ephemeral::TokenCommand),
@@ -286,6 +290,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Broker(args)) => bench_broker(args).await,
         Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
         Command::Token(cmd) => ephemeral::token(cmd).await,
+        Command::Bundle(cmd) => bundle::run(cmd),
         Command::Ephemeral(cmd) => ephemeral::ephemeral(cmd).await,
     }
 }

@@ -210,6 +210,38 @@ impl BundleFiles {
         files
     }
 
+    /// The policy part of a bundle: its `.manifest`, Rego (tests excluded)
+    /// and `data.json`.
+    pub fn from_bundle(bundle: &crate::bundle::Bundle) -> Result<Self, PolicyError> {
+        let text = |b: &Vec<u8>, name: &str| {
+            String::from_utf8(b.clone()).map_err(|_| PolicyError::Read {
+                path: name.into(),
+                message: "not UTF-8".into(),
+            })
+        };
+        let mut files = Self {
+            manifest: None,
+            rego: Vec::new(),
+            data: None,
+        };
+        for (name, bytes) in &bundle.files {
+            if name == ".manifest" {
+                files.manifest = Some(text(bytes, name)?);
+            } else if name == "data.json" {
+                files.data = Some(text(bytes, name)?);
+            } else if name.ends_with(".rego") && !name.ends_with("_test.rego") {
+                files.rego.push((name.clone(), text(bytes, name)?));
+            }
+        }
+        if files.rego.is_empty() {
+            return Err(PolicyError::Read {
+                path: "bundle".into(),
+                message: "no .rego files".into(),
+            });
+        }
+        Ok(files)
+    }
+
     /// Reads a bundle directory. `include_tests` adds `*_test.rego`.
     pub fn from_dir(dir: &Path, include_tests: bool) -> Result<Self, PolicyError> {
         let read = |p: &Path| {
