@@ -60,6 +60,51 @@ pub struct Config {
     pub webhooks: Vec<crate::notify::WebhookConfig>,
     /// OIDC issuers whose ID tokens authenticate people (approvers).
     pub oidc_issuers: Vec<crate::auth::OidcIssuerConfig>,
+    /// Policy bundles loaded at run time.
+    pub bundles: BundlesConfig,
+}
+
+/// Bundles pushed with `PUT /api/v1/bundles/{name}` or watched on disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BundlesConfig {
+    /// `required` (default): a bundle must be signed by one of `keys`.
+    /// `off` accepts unsigned bundles; only for development.
+    pub verification: String,
+    /// Public keys (PEM) that may sign bundles.
+    pub keys: Vec<BundleKey>,
+    /// Bundle files or directories to load at start and reload when they
+    /// change (checked every two seconds).
+    pub sources: Vec<BundleSource>,
+}
+
+/// A bundle signing key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleKey {
+    /// Matched against the signature's `keyid` when it has one.
+    #[serde(default)]
+    pub keyid: Option<String>,
+    pub public_key_file: PathBuf,
+}
+
+/// A watched bundle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleSource {
+    pub name: String,
+    /// A `.tar.gz` bundle or a bundle directory.
+    pub path: PathBuf,
+}
+
+impl Default for BundlesConfig {
+    fn default() -> Self {
+        Self {
+            verification: "required".into(),
+            keys: Vec::new(),
+            sources: Vec::new(),
+        }
+    }
 }
 
 /// The HTTP API listener.
@@ -128,6 +173,7 @@ impl Default for Config {
             trust_sources: Vec::new(),
             webhooks: Vec::new(),
             oidc_issuers: Vec::new(),
+            bundles: BundlesConfig::default(),
         }
     }
 }
@@ -241,6 +287,12 @@ impl Config {
                 fix(p);
             }
         }
+        for k in &mut self.bundles.keys {
+            fix(&mut k.public_key_file);
+        }
+        for s in &mut self.bundles.sources {
+            fix(&mut s.path);
+        }
         for o in &mut self.oidc_issuers {
             if let Some(p) = o.jwks_file.as_mut() {
                 fix(p);
@@ -279,6 +331,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "http.max_body_bytes",
                 message: "must be between 1024 and 16777216".into(),
+            });
+        }
+        if !matches!(self.bundles.verification.as_str(), "required" | "off") {
+            return Err(ConfigError::Invalid {
+                key: "bundles.verification",
+                message: format!("must be `required` or `off`, not `{}`", self.bundles.verification),
             });
         }
         if !(1..=10_000).contains(&self.policy_deadline_ms) {

@@ -194,14 +194,26 @@ impl Pipeline {
         })
     }
 
-    /// Runs the attestor for `method` over `evidence`. Blocking.
-    pub fn attest(&self, method: &str, evidence: &str) -> Result<Attestation, IssuanceError> {
-        if !self.attestors.has_method(method) {
+    /// Runs the attestor for `method` over `evidence` with the modules of
+    /// `snapshot`. Blocking.
+    pub fn attest(
+        &self,
+        snapshot: &crate::policy::Loaded,
+        method: &str,
+        evidence: &str,
+    ) -> Result<Attestation, IssuanceError> {
+        if !snapshot.modules.contains_key(method) {
             return Err(IssuanceError::UnknownMethod(printable(method)));
         }
         let context = serde_json::json!({ "trust_domain": self.trust_domain });
         self.attestors
-            .attest(method, evidence, self.trust.snapshot(), &context)
+            .attest_in(
+                &snapshot.modules,
+                method,
+                evidence,
+                self.trust.snapshot(),
+                &context,
+            )
             .map_err(|e| match e {
                 AttestError::UnknownMethod(m) => IssuanceError::UnknownMethod(m),
                 AttestError::NoTrustSource(m) => IssuanceError::NoTrustSource(m),
@@ -258,7 +270,9 @@ impl Pipeline {
             )));
         }
         let csr = verify_csr(&req.csr_pem)?;
-        let attestation = self.attest(&req.method, &req.evidence)?;
+        // One snapshot for the whole request: it never mixes two bundles.
+        let snapshot = self.policies.snapshot();
+        let attestation = self.attest(&snapshot, &req.method, &req.evidence)?;
 
         let input = serde_json::json!({
             "version": POLICY_INPUT_VERSION,
@@ -269,7 +283,7 @@ impl Pipeline {
                 "dns_names": Value::Array(vec![]),
             },
         });
-        let decision = self.policies.decide_issuance(&input).map_err(|e: PolicyError| {
+        let decision = snapshot.decide_issuance(&input).map_err(|e: PolicyError| {
             tracing::error!(error = %e, "policy evaluation failed");
             IssuanceError::Internal(format!("the policy could not decide: {e}"))
         })?;

@@ -18,7 +18,6 @@ use crate::ca;
 use crate::config::Config;
 use crate::http::{AppState, router};
 use crate::issuance::Pipeline;
-use crate::policy::{BundleFiles, Policies};
 use crate::signer::{InProcessSigner, Signer};
 use crate::store::{RedbStore, Store};
 use crate::trust::{Registry, TrustSource};
@@ -28,6 +27,9 @@ pub struct App {
     pub pipeline: Arc<Pipeline>,
     pub auth: Arc<Authenticator>,
     pub approvals: Arc<crate::approvals::Approvals>,
+    pub bundles: Arc<crate::bundle::Bundles>,
+    /// Public keys that may sign bundles, and whether unsigned ones pass.
+    pub bundle_keys: Arc<BundleKeys>,
     pub broker: Arc<crate::broker::Broker>,
     /// Started with the listener; `None` once started or when no webhooks.
     pub dispatcher: std::sync::Mutex<Option<crate::notify::Dispatcher>>,
@@ -75,23 +77,26 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     }
     sources.extend(extra_sources);
     sources.extend(store.trust_sources().await?);
-    for s in &sources {
-        if !attestors.has_method(&s.method) {
-            anyhow::bail!(
-                "trust source `{}` uses method `{}`, which has no attestor",
-                s.name,
-                s.method
-            );
-        }
-    }
     let trust = Arc::new(Registry::new(sources)?);
 
     crate::policy::set_eval_deadline(std::time::Duration::from_millis(config.policy_deadline_ms));
-    let policies = Arc::new(match &config.policies {
-        Some(dir) => Policies::load(&BundleFiles::from_dir(dir, false)?)
+    let initial = match &config.policies {
+        Some(dir) => crate::bundle::Bundle::from_dir(dir)
             .with_context(|| format!("policy bundle {}", dir.display()))?,
-        None => Policies::embedded()?,
-    });
+        None => crate::bundle::Bundle::embedded(),
+    };
+    let (bundles, policies) = crate::bundle::Bundles::start(attestors.clone(), "default", initial)
+        .map_err(|e| anyhow::anyhow!("policy bundle: {e}"))?;
+    let bundles = Arc::new(bundles);
+    let signing_keys = load_bundle_keys(&config)?;
+    // A source whose method no module serves stays inert until a bundle
+    // brings one; it is not an error (bundles may be pushed after start).
+    let snapshot = policies.snapshot();
+    for s in trust.list() {
+        if !snapshot.modules.contains_key(&s.method) {
+            tracing::warn!(source = %s.name, method = %s.method, "trust source's method has no attestor module yet");
+        }
+    }
 
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let max_in_flight = (workers * 4).min(config.sandbox.max_instances as usize);
@@ -124,6 +129,8 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         pipeline,
         auth,
         approvals,
+        bundles,
+        bundle_keys: Arc::new(signing_keys),
         broker,
         dispatcher: std::sync::Mutex::new(dispatcher),
         admin_token_path,
@@ -131,6 +138,73 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         ca_dir,
         ca_created: ca.created,
         config,
+    })
+}
+
+/// Who may sign bundles.
+pub struct BundleKeys {
+    /// (keyid, PEM public key).
+    pub keys: Vec<(Option<String>, String)>,
+    /// Unsigned bundles pass (`bundles.verification = "off"`, or `dev`).
+    pub verification_off: bool,
+}
+
+impl BundleKeys {
+    /// Verifies a bundle's signature with the configured keys. Returns
+    /// whether it was signed and verified.
+    pub fn verify(&self, bundle: &crate::bundle::Bundle) -> Result<bool, crate::bundle::BundleError> {
+        if !bundle.files.contains_key(crate::bundle::SIGNATURES_FILE) {
+            if self.verification_off {
+                return Ok(false);
+            }
+            return Err(crate::bundle::BundleError::Signature(
+                "the bundle is not signed, and bundles.verification is `required`".into(),
+            ));
+        }
+        if self.keys.is_empty() {
+            return Err(crate::bundle::BundleError::Signature(
+                "no bundle signing keys are configured (bundles.keys)".into(),
+            ));
+        }
+        let mut last = None;
+        for (_, pem) in &self.keys {
+            match crate::bundle::verify(bundle, pem) {
+                Ok(sig) => {
+                    let expected = self
+                        .keys
+                        .iter()
+                        .find(|(_, p)| p == pem)
+                        .and_then(|(k, _)| k.clone());
+                    if let (Some(want), Some(got)) = (expected, sig.keyid.as_ref())
+                        && want != *got
+                    {
+                        last = Some(crate::bundle::BundleError::Signature(format!(
+                            "keyid `{got}` does not match the key's `{want}`"
+                        )));
+                        continue;
+                    }
+                    return Ok(true);
+                }
+                // An integrity failure is final: the signature was good, the content is not.
+                Err(e @ crate::bundle::BundleError::Integrity(_)) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| crate::bundle::BundleError::Signature("no key verifies the signature".into())))
+    }
+}
+
+fn load_bundle_keys(config: &Config) -> anyhow::Result<BundleKeys> {
+    let mut keys = Vec::new();
+    for k in &config.bundles.keys {
+        let pem = std::fs::read_to_string(&k.public_key_file)
+            .with_context(|| format!("bundles.keys public_key_file {}", k.public_key_file.display()))?;
+        keys.push((k.keyid.clone(), pem));
+    }
+    Ok(BundleKeys {
+        keys,
+        verification_off: config.bundles.verification == "off",
     })
 }
 
@@ -209,9 +283,17 @@ pub async fn serve(
         pipeline: app.pipeline.clone(),
         auth: app.auth.clone(),
         approvals: app.approvals.clone(),
+        bundles: app.bundles.clone(),
+        bundle_keys: app.bundle_keys.clone(),
         broker: app.broker.clone(),
         max_body_bytes: app.config.http.max_body_bytes,
     };
+    if !app.config.bundles.sources.is_empty() {
+        tokio::spawn(crate::http::bundles::watch(
+            state.clone(),
+            app.config.bundles.sources.clone(),
+        ));
+    }
     let service = TowerToHyperService::new(router(state));
     tokio::spawn(app.approvals.clone().run_housekeeping());
     if let Some(d) = app.dispatcher.lock().unwrap_or_else(|p| p.into_inner()).take() {

@@ -177,6 +177,7 @@ impl Approvals {
             let justification = justification.clone();
             blocking(move || -> Result<_, EphemeralError> {
                 let csr = verify_csr(&new.csr_pem)?;
+                let snapshot = p.policies.snapshot();
                 let (requester, role, groups, attestation): (
                     Requester,
                     String,
@@ -184,7 +185,7 @@ impl Approvals {
                     Option<Attestation>,
                 ) = match (&new.evidence, &caller) {
                     (Some((method, evidence)), _) => {
-                        let a = p.attest(method, evidence)?;
+                        let a = p.attest(&snapshot, method, evidence)?;
                         let requester = Requester {
                             id: format!("workload:{}:{}", a.method, a.subject),
                             name: a.subject.clone(),
@@ -225,7 +226,7 @@ impl Approvals {
                         "extra": new.extra,
                     },
                 });
-                let decision = p.policies.decide_ephemeral(&input).map_err(|e| {
+                let decision = snapshot.decide_ephemeral(&input).map_err(|e| {
                     tracing::error!(error = %e, "ephemeral policy failed");
                     IssuanceError::Internal(format!("the policy could not decide: {e}"))
                 })?;

@@ -104,14 +104,22 @@ pub struct HostState {
     limits: StoreLimits,
 }
 
-struct Module {
+/// A compiled module, ready to instantiate.
+pub struct Module {
     pre: bindings::AttestorPre<HostState>,
+    /// The capabilities it imports (`crypto`, `clock`, `log`).
+    pub capabilities: Vec<String>,
 }
+
+/// Modules by attestation method.
+pub type ModuleSet = HashMap<String, Arc<Module>>;
 
 /// The loaded attestor modules and the engine that runs them.
 pub struct Attestors {
     engine: Engine,
-    modules: HashMap<String, Module>,
+    linker: Linker<HostState>,
+    /// The modules compiled into the binary; bundles may add or override.
+    modules: ModuleSet,
     deadline_ticks: u64,
     max_memory_bytes: usize,
     ticker_stop: Arc<AtomicBool>,
@@ -172,14 +180,8 @@ impl Attestors {
 
         let mut loaded = HashMap::new();
         for (method, bytes) in modules {
-            let fail = |e: wasmtime::Error| AttestError::Load {
-                method: (*method).into(),
-                message: format!("{e:#}"),
-            };
-            let component = Component::new(&engine, bytes).map_err(fail)?;
-            let pre = linker.instantiate_pre(&component).map_err(fail)?;
-            let pre = bindings::AttestorPre::new(pre).map_err(fail)?;
-            loaded.insert((*method).to_owned(), Module { pre });
+            let module = compile_module(&engine, &linker, method, bytes, None)?;
+            loaded.insert((*method).to_owned(), module);
         }
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
@@ -197,6 +199,7 @@ impl Attestors {
         let tick_ms = EPOCH_TICK.as_millis() as u64;
         Ok(Self {
             engine,
+            linker,
             modules: loaded,
             // +1: the first tick may come at once.
             deadline_ticks: config.deadline_ms.div_ceil(tick_ms) + 1,
@@ -230,8 +233,36 @@ impl Attestors {
         trust: Arc<Snapshot>,
         context: &Value,
     ) -> Result<Attestation, AttestError> {
-        let module = self
-            .modules
+        self.attest_in(&self.modules, method, evidence, trust, context)
+    }
+
+    /// The modules compiled into the binary.
+    pub fn builtin(&self) -> &ModuleSet {
+        &self.modules
+    }
+
+    /// Compiles a module from a bundle, granting only `capabilities`: a
+    /// module importing anything else (another Castellan capability, or any
+    /// WASI interface) is refused.
+    pub fn compile(
+        &self,
+        method: &str,
+        bytes: &[u8],
+        capabilities: &[String],
+    ) -> Result<Arc<Module>, AttestError> {
+        compile_module(&self.engine, &self.linker, method, bytes, Some(capabilities))
+    }
+
+    /// Runs the module for `method` from `modules`. Blocking.
+    pub fn attest_in(
+        &self,
+        modules: &ModuleSet,
+        method: &str,
+        evidence: &str,
+        trust: Arc<Snapshot>,
+        context: &Value,
+    ) -> Result<Attestation, AttestError> {
+        let module = modules
             .get(method)
             .ok_or_else(|| AttestError::UnknownMethod(method.to_owned()))?;
         if !trust.has_method(method) {
@@ -303,6 +334,45 @@ impl Attestors {
             Err(ModuleError::Config(m)) => Err(AttestError::Config(m)),
         }
     }
+}
+
+/// Compiles and links one component. Its imports are checked first: only
+/// Castellan capabilities, and with `granted`, only those granted.
+fn compile_module(
+    engine: &Engine,
+    linker: &Linker<HostState>,
+    method: &str,
+    bytes: &[u8],
+    granted: Option<&[String]>,
+) -> Result<Arc<Module>, AttestError> {
+    let fail = |message: String| AttestError::Load {
+        method: method.to_owned(),
+        message,
+    };
+    let component = Component::new(engine, bytes).map_err(|e| fail(format!("{e:#}")))?;
+    let mut capabilities = Vec::new();
+    for (name, _) in component.component_type().imports(engine) {
+        let interface = name
+            .strip_prefix("castellan:attestor/")
+            .map(|rest| rest.split('@').next().unwrap_or(rest))
+            .ok_or_else(|| fail(format!("imports `{name}`, which is not a Castellan capability")))?;
+        if interface == "types" {
+            continue;
+        }
+        if let Some(granted) = granted
+            && !granted.iter().any(|g| g == interface)
+        {
+            return Err(fail(format!(
+                "imports the `{interface}` capability, which its manifest entry does not grant"
+            )));
+        }
+        capabilities.push(interface.to_owned());
+    }
+    let pre = linker
+        .instantiate_pre(&component)
+        .map_err(|e| fail(format!("{e:#}")))?;
+    let pre = bindings::AttestorPre::new(pre).map_err(|e| fail(format!("{e:#}")))?;
+    Ok(Arc::new(Module { pre, capabilities }))
 }
 
 fn trap_text(e: wasmtime::Error) -> AttestError {

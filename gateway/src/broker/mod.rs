@@ -385,10 +385,12 @@ impl Broker {
         }
 
         let p = self.pipeline.clone();
-        let (method, evidence) = (req.method.clone(), req.evidence.clone());
-        let attestation: Attestation = tokio::task::spawn_blocking(move || p.attest(&method, &evidence))
-            .await
-            .map_err(|e| IssuanceError::Internal(format!("task failed: {e}")))??;
+        let snapshot = p.policies.snapshot();
+        let (method, evidence, snap) = (req.method.clone(), req.evidence.clone(), snapshot.clone());
+        let attestation: Attestation =
+            tokio::task::spawn_blocking(move || p.attest(&snap, &method, &evidence))
+                .await
+                .map_err(|e| IssuanceError::Internal(format!("task failed: {e}")))??;
 
         let now = now_unix();
         let parent_remaining = delegation.parent.as_ref().map(|p| (p.exp - now).max(0) as u64);
@@ -413,8 +415,7 @@ impl Broker {
                 })),
             },
         });
-        let p = self.pipeline.clone();
-        let decision = tokio::task::spawn_blocking(move || p.policies.decide_broker(&input))
+        let decision = tokio::task::spawn_blocking(move || snapshot.decide_broker(&input))
             .await
             .map_err(|e| IssuanceError::Internal(format!("task failed: {e}")))?
             .map_err(|e| {

@@ -8,6 +8,7 @@
 //! This module owns the format, its limits, building, signing and
 //! verification. It never activates anything: loading is the gateway's job.
 
+mod active;
 mod sign;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use active::{ActivationError, Bundles};
 pub use sign::{SigningAlg, VerifiedSignature, sign, verify};
 
 /// Largest compressed bundle accepted.
@@ -230,11 +232,12 @@ impl Bundle {
 
     /// The parsed `.manifest`.
     pub fn manifest(&self) -> Result<Manifest, BundleError> {
-        let bytes = self
-            .files
-            .get(".manifest")
-            .ok_or_else(|| BundleError::Manifest("no .manifest".into()))?;
-        serde_json::from_slice(bytes).map_err(|e| BundleError::Manifest(e.to_string()))
+        // As in OPA, a bundle without a manifest has no revision and owns
+        // every root.
+        match self.files.get(".manifest") {
+            None => Ok(Manifest::default()),
+            Some(bytes) => serde_json::from_slice(bytes).map_err(|e| BundleError::Manifest(e.to_string())),
+        }
     }
 
     /// Checks the manifest against the files: roots well-formed and
@@ -302,6 +305,16 @@ impl Bundle {
         Ok(m)
     }
 
+    /// The embedded default bundle: the policies compiled into the binary
+    /// (its modules are the built-in attestors, which every snapshot has).
+    pub fn embedded() -> Self {
+        let mut files = BTreeMap::new();
+        for (name, text) in crate::policy::embedded::FILES {
+            files.insert((*name).to_owned(), text.as_bytes().to_vec());
+        }
+        Self { files }
+    }
+
     /// Rego sources, by path.
     pub fn rego(&self) -> impl Iterator<Item = (&String, &Vec<u8>)> {
         self.files.iter().filter(|(p, _)| p.ends_with(".rego"))
@@ -321,6 +334,11 @@ pub fn build(dir: &Path) -> Result<Bundle, BundleError> {
     let mut bundle = Bundle::from_dir(dir)?;
     bundle.files.remove(SIGNATURES_FILE);
     let mut m = bundle.manifest()?;
+    if !bundle.files.contains_key(".manifest") && bundle.files.keys().any(|p| p.starts_with("attestors/")) {
+        return Err(BundleError::Manifest(
+            "a bundle with attestor modules needs a .manifest listing them".into(),
+        ));
+    }
     for a in &mut m.attestors {
         let bytes = bundle
             .files

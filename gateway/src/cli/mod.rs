@@ -309,6 +309,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     };
     config.http.addr = args.http_addr;
     config.http.tls.enabled = false;
+    // dev accepts unsigned bundles over the API; `serve` requires signatures.
+    config.bundles.verification = "off".into();
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -348,7 +350,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     writeln!(
         out,
         "  attestors        {}",
-        app.pipeline.attestors.methods().join(", ")
+        app.pipeline.policies.snapshot().methods().join(", ")
     )?;
     writeln!(
         out,
@@ -361,6 +363,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         out,
         "  get a token      castellan dev token k8s --data-dir {} --namespace default --service-account demo",
         dir.display()
+    )?;
+    writeln!(
+        out,
+        "  bundles          PUT /api/v1/bundles/<name>; signature verification off (dev)"
     )?;
     writeln!(out, "listening on http://{local}")?;
     out.flush()?;

@@ -3,6 +3,7 @@
 //! problems). No issuance logic lives here.
 
 mod broker;
+pub(crate) mod bundles;
 mod ephemeral;
 mod idempotency;
 mod problem;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub approvals: Arc<Approvals>,
     pub broker: Arc<crate::broker::Broker>,
+    pub bundles: Arc<crate::bundle::Bundles>,
+    pub bundle_keys: Arc<crate::server::BundleKeys>,
     pub max_body_bytes: usize,
 }
 
@@ -66,6 +69,8 @@ pub fn router(state: AppState) -> Router {
         .route("/oauth2/introspect", post(broker::introspect))
         .route("/.well-known/openid-configuration", get(broker::discovery))
         .route("/.well-known/jwks.json", get(broker::jwks))
+        .route("/api/v1/bundles", get(bundles::list))
+        .route("/api/v1/bundles/{name}", axum::routing::put(bundles::put))
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -157,7 +162,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
         "status": "ok",
         "trust_domain": state.pipeline.trust_domain,
         "policy_revision": state.pipeline.policies.revision(),
-        "attestors": state.pipeline.attestors.methods(),
+        "attestors": state.pipeline.policies.snapshot().methods(),
     }))
     .into_response()
 }
@@ -334,7 +339,7 @@ async fn create_trust_source(State(state): State<AppState>, req: Request<Body>) 
         }
         let registry = &state.pipeline.trust;
         let source = spec.into_source("api").map_err(trust_problem)?;
-        if !state.pipeline.attestors.has_method(&source.method) {
+        if !state.pipeline.policies.snapshot().modules.contains_key(&source.method) {
             return Err(trust_problem(TrustError::UnknownMethod(source.method.clone())));
         }
         registry.check_insert(&source).map_err(trust_problem)?;

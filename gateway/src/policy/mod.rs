@@ -170,17 +170,37 @@ fn five_minutes() -> u64 {
     300
 }
 
-/// A compiled bundle ready to evaluate.
-struct Loaded {
+/// What one loaded bundle contributes, as `GET /api/v1/bundles` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundleInfo {
+    pub name: String,
+    pub revision: String,
+    pub roots: Vec<String>,
+    /// Whether its signature was verified (embedded and dev bundles are not signed).
+    pub signed: bool,
+    /// Attestation methods its modules serve.
+    pub attestors: Vec<String>,
+    pub activated_at: String,
+}
+
+/// Everything a request decides with: the compiled policies and the
+/// attestor modules of the active bundles. Swapped whole: a request takes
+/// one snapshot and uses it throughout, so it never sees half a bundle.
+pub struct Loaded {
     /// The engine with every module and the data, for tests and tooling.
     engine: regorus::Engine,
     /// One prepared policy per entry point: evaluating one builds a cheap
     /// engine over shared, already-analysed modules.
     compiled: Vec<(&'static str, regorus::CompiledPolicy)>,
     manifest: Manifest,
+    /// Attestor modules by method: the built-ins, plus and over them the
+    /// bundles' own.
+    pub modules: crate::attest::ModuleSet,
+    /// The bundles this snapshot was built from.
+    pub bundles: Vec<BundleInfo>,
 }
 
-/// The active policy bundle; swapped whole, never mutated in place.
+/// The active snapshot; swapped whole, never mutated in place.
 pub struct Policies {
     active: ArcSwap<Loaded>,
 }
@@ -334,6 +354,8 @@ impl BundleFiles {
             engine,
             compiled,
             manifest,
+            modules: Default::default(),
+            bundles: Vec::new(),
         })
     }
 }
@@ -350,38 +372,37 @@ pub fn set_eval_deadline(deadline: std::time::Duration) {
     ));
 }
 
-impl Policies {
-    /// Compiles a bundle and checks that the issuance rule evaluates.
-    pub fn load(files: &BundleFiles) -> Result<Self, PolicyError> {
-        let loaded = files.compile()?;
-        let policies = Self {
-            active: ArcSwap::from_pointee(loaded),
-        };
-        policies.smoke_test()?;
-        Ok(policies)
-    }
-
-    /// The embedded default bundle.
-    pub fn embedded() -> Result<Self, PolicyError> {
-        Self::load(&BundleFiles::embedded())
-    }
-
-    /// The active bundle's revision.
+impl Loaded {
+    /// The revision of the active bundles (`name=revision` when several).
     pub fn revision(&self) -> String {
-        self.active.load().manifest.revision.clone()
+        match self.bundles.as_slice() {
+            [] => self.manifest.revision.clone(),
+            [one] => one.revision.clone(),
+            many => many
+                .iter()
+                .map(|b| format!("{}={}", b.name, b.revision))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+
+    /// Attestation methods with a module, sorted.
+    pub fn methods(&self) -> Vec<String> {
+        let mut m: Vec<_> = self.modules.keys().cloned().collect();
+        m.sort();
+        m
     }
 
     /// A load-time check that the bundle decides something and that the
     /// issuance entry point, when present, evaluates on a minimal input.
     fn smoke_test(&self) -> Result<(), PolicyError> {
-        let active = self.active.load();
-        if active.compiled.is_empty() {
+        if self.compiled.is_empty() {
             return Err(PolicyError::BadDecision(format!(
                 "the bundle defines none of {}",
                 ENTRYPOINTS.join(", ")
             )));
         }
-        if !active.compiled.iter().any(|(r, _)| *r == ISSUANCE_RULE) {
+        if !self.compiled.iter().any(|(r, _)| *r == ISSUANCE_RULE) {
             return Ok(());
         }
         let input = serde_json::json!({
@@ -396,8 +417,7 @@ impl Policies {
     /// Evaluates the entry point `rule` with `input`. Blocking: call from a
     /// blocking thread.
     pub fn eval(&self, rule: &str, input: &Value) -> Result<Value, PolicyError> {
-        let active = self.active.load();
-        let (_, policy) = active.compiled.iter().find(|(r, _)| *r == rule).ok_or_else(|| {
+        let (_, policy) = self.compiled.iter().find(|(r, _)| *r == rule).ok_or_else(|| {
             PolicyError::BadDecision(format!(
                 "the policy bundle has no `{}` package",
                 rule.trim_start_matches("data.").trim_end_matches(".decision")
@@ -412,35 +432,99 @@ impl Policies {
         serde_json::to_value(&result).map_err(|e| PolicyError::Eval(e.to_string()))
     }
 
-    /// Evaluates the broker decision and checks its shape.
+    fn decide<T: serde::de::DeserializeOwned>(&self, rule: &str, input: &Value) -> Result<T, PolicyError> {
+        let value = self.eval(rule, input)?;
+        if value.is_null() {
+            return Err(PolicyError::BadDecision(format!("`{rule}` is undefined")));
+        }
+        serde_json::from_value(value).map_err(|e| PolicyError::BadDecision(e.to_string()))
+    }
+
+    /// The broker decision, shape checked.
     pub fn decide_broker(&self, input: &Value) -> Result<BrokerDecision, PolicyError> {
-        let value = self.eval(BROKER_RULE, input)?;
-        if value.is_null() {
-            return Err(PolicyError::BadDecision(format!("`{BROKER_RULE}` is undefined")));
-        }
-        serde_json::from_value(value).map_err(|e| PolicyError::BadDecision(e.to_string()))
+        self.decide(BROKER_RULE, input)
     }
 
-    /// Evaluates the ephemeral decision and checks its shape.
+    /// The ephemeral decision, shape checked.
     pub fn decide_ephemeral(&self, input: &Value) -> Result<EphemeralDecision, PolicyError> {
-        let value = self.eval(EPHEMERAL_RULE, input)?;
-        if value.is_null() {
-            return Err(PolicyError::BadDecision(format!(
-                "`{EPHEMERAL_RULE}` is undefined"
-            )));
-        }
-        serde_json::from_value(value).map_err(|e| PolicyError::BadDecision(e.to_string()))
+        self.decide(EPHEMERAL_RULE, input)
     }
 
-    /// Evaluates the issuance decision and checks its shape.
+    /// The issuance decision, shape checked.
     pub fn decide_issuance(&self, input: &Value) -> Result<IssuanceDecision, PolicyError> {
-        let value = self.eval(ISSUANCE_RULE, input)?;
-        if value.is_null() {
-            return Err(PolicyError::BadDecision(format!(
-                "`{ISSUANCE_RULE}` is undefined"
-            )));
+        self.decide(ISSUANCE_RULE, input)
+    }
+}
+
+/// Compiles policy files and modules into a snapshot, checked but not active.
+pub fn compile(
+    files: &BundleFiles,
+    modules: crate::attest::ModuleSet,
+    bundles: Vec<BundleInfo>,
+) -> Result<Loaded, PolicyError> {
+    let mut loaded = files.compile()?;
+    loaded.modules = modules;
+    loaded.bundles = bundles;
+    loaded.smoke_test()?;
+    Ok(loaded)
+}
+
+impl Policies {
+    /// Compiles a bundle (without modules) and checks that it can decide.
+    pub fn load(files: &BundleFiles) -> Result<Self, PolicyError> {
+        Ok(Self::from_snapshot(compile(
+            files,
+            Default::default(),
+            Vec::new(),
+        )?))
+    }
+
+    /// Starts from a compiled snapshot.
+    pub fn from_snapshot(loaded: Loaded) -> Self {
+        Self {
+            active: ArcSwap::from_pointee(loaded),
         }
-        serde_json::from_value(value).map_err(|e| PolicyError::BadDecision(e.to_string()))
+    }
+
+    /// The embedded default bundle.
+    pub fn embedded() -> Result<Self, PolicyError> {
+        Self::load(&BundleFiles::embedded())
+    }
+
+    /// Makes `loaded` the active snapshot. Requests in flight keep the one
+    /// they took.
+    pub fn activate(&self, loaded: Loaded) {
+        self.active.store(Arc::new(loaded));
+    }
+
+    /// The active snapshot: take it once per request.
+    pub fn snapshot(&self) -> Arc<Loaded> {
+        self.active.load_full()
+    }
+
+    /// The active bundles' revision.
+    pub fn revision(&self) -> String {
+        self.active.load().revision()
+    }
+
+    /// Evaluates an entry point on the active snapshot.
+    pub fn eval(&self, rule: &str, input: &Value) -> Result<Value, PolicyError> {
+        self.active.load().eval(rule, input)
+    }
+
+    /// The broker decision on the active snapshot.
+    pub fn decide_broker(&self, input: &Value) -> Result<BrokerDecision, PolicyError> {
+        self.active.load().decide_broker(input)
+    }
+
+    /// The ephemeral decision on the active snapshot.
+    pub fn decide_ephemeral(&self, input: &Value) -> Result<EphemeralDecision, PolicyError> {
+        self.active.load().decide_ephemeral(input)
+    }
+
+    /// The issuance decision on the active snapshot.
+    pub fn decide_issuance(&self, input: &Value) -> Result<IssuanceDecision, PolicyError> {
+        self.active.load().decide_issuance(input)
     }
 }
 
