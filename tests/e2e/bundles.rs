@@ -131,3 +131,325 @@ fn pack(files: &[(String, Vec<u8>)]) -> Vec<u8> {
     }
     builder.into_inner().unwrap().finish().unwrap()
 }
+
+// ---- Loading into a running gateway -------------------------------------
+
+use serde_json::{Value, json};
+use support::{Cluster, Server, csr, issuance_body};
+
+const ISSUE: &str = "/api/v1/workloads/attested-issuance";
+
+/// A bundle directory copied from the default one, with `edit` applied.
+fn bundle_dir(root: &Path, name: &str, edit: impl FnOnce(&Path)) -> std::path::PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(policies()).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    edit(&dir);
+    dir
+}
+
+fn set_manifest(dir: &Path, manifest: Value) {
+    std::fs::write(dir.join(".manifest"), manifest.to_string()).unwrap();
+}
+
+/// Builds and (optionally) signs a bundle directory; returns the archive bytes.
+fn build_signed(dir: &Path, key: Option<&str>) -> Vec<u8> {
+    let out = dir.with_extension("tar.gz");
+    let (ok, _, err) = run(&[
+        "bundle",
+        "build",
+        dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    if let Some(k) = key {
+        let (ok, _, err) = run(&["bundle", "sign", out.to_str().unwrap(), "--key", k]);
+        assert!(ok, "{err}");
+    }
+    std::fs::read(out).unwrap()
+}
+
+/// `castellan serve` requiring bundles signed by `public`.
+fn serve_verifying(tmp: &Path, public: &str, cluster: &Cluster) -> Server {
+    std::fs::write(tmp.join("k8s.json"), cluster.jwks().to_string()).unwrap();
+    let config = tmp.join("castellan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = {{ enabled = false }}\n\
+             [bundles]\nkeys = [{{ public_key_file = \"{public}\" }}]\n\
+             [[trust_sources]]\nname = \"c\"\nmethod = \"k8s_sat\"\nissuer = \"{}\"\naudiences = [\"castellan\"]\njwks_file = \"k8s.json\"\n",
+            cluster.issuer
+        ),
+    )
+    .unwrap();
+    Server::serve(&config, &tmp.join("data"))
+}
+
+fn issue(server: &Server, cluster: &Cluster, ns: &str) -> support::Resp {
+    let (_, c) = csr();
+    server.post(ISSUE, &issuance_body(&cluster.token(ns, "api"), &c, None), None)
+}
+
+fn revision(server: &Server) -> Value {
+    server.get_admin("/api/v1/bundles").body["items"].clone()
+}
+
+#[test]
+fn signed_bundles_load_and_bad_ones_are_refused_while_the_old_one_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (private, public) = keys(tmp.path(), "authors");
+    let (stranger, _) = keys(tmp.path(), "stranger");
+    let cluster = Cluster::new("https://k8s.bundles.example");
+    let server = serve_verifying(tmp.path(), &public, &cluster);
+    assert_eq!(issue(&server, &cluster, "payments").status, 201);
+
+    // v2 denies `payments`: build → sign → PUT → it decides at once.
+    let v2 = bundle_dir(tmp.path(), "v2", |d| {
+        set_manifest(d, json!({"revision": "v2", "roots": ["castellan"]}));
+        let mut data: Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("data.json")).unwrap()).unwrap();
+        data["castellan"]["issuance"]["denied_namespaces"] = json!(["kube-system", "payments"]);
+        std::fs::write(d.join("data.json"), data.to_string()).unwrap();
+    });
+    let r = server.put_admin("/api/v1/bundles/default", build_signed(&v2, Some(&private)));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["revision"], "v2");
+    assert_eq!(r.body["signed"], true);
+    issue(&server, &cluster, "payments").assert_problem(403, "policy-denied");
+    assert_eq!(server.get("/healthz", None).body["policy_revision"], "v2");
+
+    // Each bad bundle is refused and v2 keeps serving.
+    let v3 = bundle_dir(tmp.path(), "v3", |d| {
+        set_manifest(d, json!({"revision": "v3", "roots": ["castellan"]}))
+    });
+    let unsigned = build_signed(&v3, None);
+    server
+        .put_admin("/api/v1/bundles/default", unsigned)
+        .assert_problem(422, "bundle-signature");
+    let wrong_key = build_signed(&v3, Some(&stranger));
+    server
+        .put_admin("/api/v1/bundles/default", wrong_key)
+        .assert_problem(422, "bundle-signature");
+    let mut files = unpack(&build_signed(&v3, Some(&private)));
+    files.iter_mut().find(|(p, _)| p == "data.json").unwrap().1 = br#"{"castellan": {"issuance": {"default_ttl_seconds": 900, "max_ttl_seconds": 3600, "denied_namespaces": []}}}"#.to_vec();
+    server
+        .put_admin("/api/v1/bundles/default", pack(&files))
+        .assert_problem(422, "bundle-integrity");
+    let overlapping = bundle_dir(tmp.path(), "team", |d| {
+        for f in ["issuance.rego", "ephemeral.rego", "broker.rego", "data.json"] {
+            std::fs::remove_file(d.join(f)).unwrap();
+        }
+        for f in std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with("_test.rego"))
+        {
+            std::fs::remove_file(f.path()).unwrap();
+        }
+        set_manifest(d, json!({"revision": "t1", "roots": ["castellan/issuance"]}));
+        std::fs::write(d.join("team.rego"), "package castellan.issuance.team\nx := 1\n").unwrap();
+    });
+    let r = server.put_admin("/api/v1/bundles/team", build_signed(&overlapping, Some(&private)));
+    r.assert_problem(409, "bundle-conflict");
+    assert!(r.body["detail"].as_str().unwrap().contains("overlaps"));
+    server
+        .put_admin("/api/v1/bundles/default", b"not a bundle".to_vec())
+        .assert_problem(422, "bundle-invalid");
+    assert_eq!(
+        revision(&server)[0]["revision"],
+        "v2",
+        "the old bundle still serves"
+    );
+    issue(&server, &cluster, "payments").assert_problem(403, "policy-denied");
+    assert_eq!(issue(&server, &cluster, "shop").status, 201);
+    let audit = server.audit();
+    assert_eq!(audit.iter().filter(|e| e["kind"] == "bundle.refused").count(), 5);
+    assert_eq!(
+        audit.iter().filter(|e| e["kind"] == "bundle.activated").count(),
+        1
+    );
+}
+
+#[test]
+fn a_hot_swap_under_load_loses_nothing_and_mixes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (private, public) = keys(tmp.path(), "authors");
+    let cluster = Cluster::new("https://k8s.swap.example");
+    let server = serve_verifying(tmp.path(), &public, &cluster);
+    // Two bundles whose decisions differ in a way a half-loaded one would show:
+    // A names identities /a/<ns>/<sa> with 600 s, B /b/<ns>/<sa> with 1200 s.
+    let variant = |tag: &str, ttl: u64| {
+        bundle_dir(tmp.path(), tag, |d| {
+            set_manifest(d, json!({"revision": tag, "roots": ["castellan"]}));
+            let rego = std::fs::read_to_string(d.join("issuance.rego")).unwrap();
+            let rego = rego.replace(
+                "\"spiffe://%s/ns/%s/sa/%s\"",
+                &format!("\"spiffe://%s/{tag}/%s/%s\""),
+            );
+            std::fs::write(d.join("issuance.rego"), rego).unwrap();
+            let mut data: Value =
+                serde_json::from_str(&std::fs::read_to_string(d.join("data.json")).unwrap()).unwrap();
+            data["castellan"]["issuance"]["default_ttl_seconds"] = ttl.into();
+            std::fs::write(d.join("data.json"), data.to_string()).unwrap();
+        });
+        build_signed(&tmp.path().join(tag), Some(&private))
+    };
+    let (a, b) = (variant("a", 600), variant("b", 1200));
+    assert_eq!(server.put_admin("/api/v1/bundles/default", a.clone()).status, 200);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let results = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut seen = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let r = issue(&server, &cluster, "swap");
+                        let lifetime = if r.status == 201 {
+                            let der = support::pem_certs(r.body["certificate_pem"].as_str().unwrap()).remove(0);
+                            let (_, c) = <x509_parser::certificate::X509Certificate as x509_parser::prelude::FromDer<_>>::from_der(&der).unwrap();
+                            c.validity().not_after.timestamp() - c.validity().not_before.timestamp()
+                        } else {
+                            0
+                        };
+                        seen.push((r.status, r.body["spiffe_id"].as_str().unwrap_or("").to_owned(), lifetime));
+                    }
+                    seen
+                })
+            })
+            .collect();
+        for i in 0..10 {
+            let bundle = if i % 2 == 0 { b.clone() } else { a.clone() };
+            assert_eq!(server.put_admin("/api/v1/bundles/default", bundle).status, 200);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert!(results.len() > 20, "load ran: {}", results.len());
+    let (mut saw_a, mut saw_b) = (false, false);
+    for (status, id, lifetime) in &results {
+        assert_eq!(*status, 201, "no request lost during swaps");
+        // Identity shape and lifetime must come from the same bundle.
+        match id.as_str() {
+            "spiffe://example.org/a/swap/api" => {
+                saw_a = true;
+                assert!((600..=660).contains(lifetime), "A's id with lifetime {lifetime}");
+            }
+            "spiffe://example.org/b/swap/api" => {
+                saw_b = true;
+                assert!(
+                    (1200..=1260).contains(lifetime),
+                    "B's id with lifetime {lifetime}"
+                );
+            }
+            other => panic!("unexpected identity {other}"),
+        }
+    }
+    assert!(saw_a && saw_b, "both bundles served");
+}
+
+/// The hostile fixtures (built by gateway/build.rs, never shipped).
+const HOSTILE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hostile.wasm"));
+const WASI_FS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/wasi_fs.wasm"));
+/// The real k8s_sat module, which imports `crypto` and `clock`.
+const K8S_SAT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/k8s_sat.wasm"));
+
+fn module_bundle(tmp: &Path, name: &str, module: &[u8], capabilities: &[&str]) -> Vec<u8> {
+    let dir = tmp.join(name);
+    std::fs::create_dir_all(dir.join("attestors")).unwrap();
+    std::fs::write(dir.join("attestors/mod.wasm"), module).unwrap();
+    std::fs::write(dir.join("hostile.rego"), format!("package {name}\nx := 1\n")).unwrap();
+    set_manifest(
+        &dir,
+        json!({"revision": "h1", "roots": [name], "attestors": [{"method": "hostile", "path": "attestors/mod.wasm", "capabilities": capabilities}]}),
+    );
+    build_signed(&dir, None)
+}
+
+#[test]
+fn hostile_modules_in_a_bundle_fail_closed_while_others_keep_working() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::dev_in(&tmp.path().join("data"), &[]);
+    let cluster = Cluster::new("https://k8s.hostile.example");
+    server.add_trust_source("k8s", &cluster);
+
+    // A module importing WASI filesystem, or a capability it was not granted, never loads.
+    let r = server.put_admin(
+        "/api/v1/bundles/fs",
+        module_bundle(tmp.path(), "fs", WASI_FS, &["crypto", "clock", "log"]),
+    );
+    r.assert_problem(422, "bundle-invalid");
+    assert!(r.body["detail"].as_str().unwrap().contains("wasi:"), "{}", r.body);
+    let r = server.put_admin(
+        "/api/v1/bundles/ungranted",
+        module_bundle(tmp.path(), "ungranted", K8S_SAT, &["log"]),
+    );
+    r.assert_problem(422, "bundle-invalid");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("does not grant"),
+        "{}",
+        r.body
+    );
+
+    let r = server.put_admin(
+        "/api/v1/bundles/hostile",
+        module_bundle(tmp.path(), "hostile", HOSTILE, &["crypto", "clock", "log"]),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The method needs a trust source before the module is called.
+    let mut source =
+        json!({"name": "h", "method": "hostile", "issuer": "x", "audiences": ["x"], "jwks": cluster.jwks()});
+    assert_eq!(
+        server.post_admin("/api/v1/trust-sources", &source.take()).status,
+        201
+    );
+
+    let (_, c) = csr();
+    let hostile = |evidence: &str| {
+        let body = json!({"method": "hostile", "evidence": evidence, "csr": c});
+        server.post(ISSUE, &body, None)
+    };
+    // Well-behaved: the module answers, and the default policy has no rule for it.
+    hostile("ok").assert_problem(403, "policy-denied");
+    std::thread::scope(|s| {
+        let good = s.spawn(|| {
+            (0..20)
+                .map(|_| issue_ok(&server, &cluster))
+                .filter(|ok| *ok)
+                .count()
+        });
+        for (evidence, needle) in [
+            ("loop", "time limit"),
+            ("alloc", "memory limit"),
+            ("recurse", "stack"),
+            ("panic", "trapped"),
+            ("huge-subject", "subject"),
+            ("many-selectors", "selectors"),
+        ] {
+            let r = hostile(evidence);
+            r.assert_problem(500, "issuance-failed");
+            assert!(
+                r.body["detail"].as_str().unwrap().contains(needle),
+                "{evidence}: {}",
+                r.body
+            );
+        }
+        assert_eq!(good.join().unwrap(), 20, "well-behaved requests kept succeeding");
+    });
+    assert!(
+        server.certificates().iter().all(|c| c["method"] == "k8s_sat"),
+        "nothing issued by a hostile call"
+    );
+}
+
+fn issue_ok(server: &Server, cluster: &Cluster) -> bool {
+    issue(server, cluster, "good").status == 201
+}

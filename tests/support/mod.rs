@@ -205,6 +205,16 @@ impl Server {
         r.body["token"].as_str().unwrap().to_owned()
     }
 
+    /// PUTs raw bytes with the admin token.
+    pub fn put_admin(&self, path: &str, body: Vec<u8>) -> Resp {
+        let req = self
+            .agent
+            .put(self.url(path))
+            .header("authorization", format!("Bearer {}", self.admin_token))
+            .header("content-type", "application/gzip");
+        Resp::from(req.send(body).expect("request sent"))
+    }
+
     /// POSTs a form (application/x-www-form-urlencoded).
     pub fn post_form(&self, path: &str, form: &[(&str, &str)], token: Option<&str>) -> Resp {
         let mut req = self.agent.post(self.url(path));

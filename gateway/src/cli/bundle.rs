@@ -75,8 +75,12 @@ pub(super) fn run(cmd: BundleCommand) -> anyhow::Result<ExitCode> {
         BundleCommand::Build(b) => {
             let built = bundle::build(&b.dir).with_context(|| format!("{}", b.dir.display()))?;
             // Compile the Rego now so authors hear about errors before shipping.
-            let files = crate::policy::BundleFiles::from_bundle(&built)?;
-            crate::policy::Policies::load(&files).context("the bundle's policies do not load")?;
+            if built.rego().next().is_some() {
+                let files = crate::policy::BundleFiles::from_bundle(&built)?;
+                files
+                    .check_compiles()
+                    .context("the bundle's Rego does not compile")?;
+            }
             std::fs::write(&b.output, built.to_tar_gz()?)
                 .with_context(|| format!("{}", b.output.display()))?;
             let m = built.manifest()?;

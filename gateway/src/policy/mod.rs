@@ -306,6 +306,12 @@ impl BundleFiles {
         Ok(files)
     }
 
+    /// Checks that the Rego compiles and the data parses, without requiring
+    /// the bundle to decide anything by itself (it may be one part of several).
+    pub fn check_compiles(&self) -> Result<(), PolicyError> {
+        self.compile().map(drop)
+    }
+
     /// Compiles the bundle into an engine.
     fn compile(&self) -> Result<Loaded, PolicyError> {
         let manifest: Manifest = match &self.manifest {
