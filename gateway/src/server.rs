@@ -65,7 +65,12 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
 
     auth.load_tokens(store.tokens().await?);
 
-    let attestors = Arc::new(Attestors::embedded(&config.sandbox)?);
+    let cache_dir = dir.join("cache").join("attestors");
+    let attestors = Arc::new(Attestors::with_cache_dir(
+        &config.sandbox,
+        crate::attest::embedded::MODULES,
+        Some(&cache_dir),
+    )?);
 
     let mut sources = Vec::new();
     for spec in config.trust_sources.clone() {

@@ -453,3 +453,47 @@ fn hostile_modules_in_a_bundle_fail_closed_while_others_keep_working() {
 fn issue_ok(server: &Server, cluster: &Cluster) -> bool {
     issue(server, cluster, "good").status == 201
 }
+
+#[test]
+fn attestor_run_executes_a_module_in_the_sandbox() {
+    let tmp = tempfile::tempdir().unwrap();
+    let module = tmp.path().join("k8s_sat.wasm");
+    std::fs::write(&module, K8S_SAT).unwrap();
+    let cluster = Cluster::new("https://k8s.local.example");
+    let config = tmp.path().join("config.json");
+    std::fs::write(&config, json!({"trust_sources": [{"name": "local", "issuer": cluster.issuer, "audiences": ["castellan"], "jwks": cluster.jwks()}]}).to_string()).unwrap();
+    let evidence = tmp.path().join("token");
+    std::fs::write(&evidence, cluster.token("ci", "runner")).unwrap();
+    let args = |e: &Path| {
+        vec![
+            "attestor".to_owned(),
+            "run".into(),
+            module.to_str().unwrap().into(),
+            "--evidence".into(),
+            e.to_str().unwrap().into(),
+            "--config".into(),
+            config.to_str().unwrap().into(),
+        ]
+    };
+    let out = castellan().args(args(&evidence)).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let a: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(a["subject"], "ns/ci/sa/runner");
+    std::fs::write(&evidence, "garbage").unwrap();
+    let out = castellan().args(args(&evidence)).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("error: malformed evidence"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without the crypto capability, the module does not load.
+    let mut a = args(&evidence);
+    a.extend(["--capabilities".into(), "clock,log".into()]);
+    let out = castellan().args(a).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not grant"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

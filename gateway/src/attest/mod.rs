@@ -118,6 +118,8 @@ pub type ModuleSet = HashMap<String, Arc<Module>>;
 pub struct Attestors {
     engine: Engine,
     linker: Linker<HostState>,
+    /// Precompiled artifacts on disk, when configured.
+    cache: Option<ModuleCache>,
     /// The modules compiled into the binary; bundles may add or override.
     modules: ModuleSet,
     deadline_ticks: u64,
@@ -134,6 +136,17 @@ impl Drop for Attestors {
 impl Attestors {
     /// Builds the engine and compiles `modules` (method, component bytes).
     pub fn new(config: &SandboxConfig, modules: &[(&str, &[u8])]) -> Result<Self, AttestError> {
+        Self::with_cache_dir(config, modules, None)
+    }
+
+    /// Like [`Attestors::new`], keeping precompiled modules (built-in and
+    /// from bundles) in `cache_dir` so later starts and activations skip
+    /// compilation.
+    pub fn with_cache_dir(
+        config: &SandboxConfig,
+        modules: &[(&str, &[u8])],
+        cache_dir: Option<&std::path::Path>,
+    ) -> Result<Self, AttestError> {
         let load_err = |message: String| AttestError::Load {
             method: "*".into(),
             message,
@@ -178,9 +191,10 @@ impl Attestors {
         )
         .map_err(|e| load_err(e.to_string()))?;
 
+        let cache = cache_dir.map(|d| ModuleCache::open(d, &engine)).transpose()?;
         let mut loaded = HashMap::new();
         for (method, bytes) in modules {
-            let module = compile_module(&engine, &linker, method, bytes, None)?;
+            let module = compile_module(&engine, &linker, cache.as_ref(), method, bytes, None)?;
             loaded.insert((*method).to_owned(), module);
         }
 
@@ -200,6 +214,7 @@ impl Attestors {
         Ok(Self {
             engine,
             linker,
+            cache,
             modules: loaded,
             // +1: the first tick may come at once.
             deadline_ticks: config.deadline_ms.div_ceil(tick_ms) + 1,
@@ -250,7 +265,14 @@ impl Attestors {
         bytes: &[u8],
         capabilities: &[String],
     ) -> Result<Arc<Module>, AttestError> {
-        compile_module(&self.engine, &self.linker, method, bytes, Some(capabilities))
+        compile_module(
+            &self.engine,
+            &self.linker,
+            self.cache.as_ref(),
+            method,
+            bytes,
+            Some(capabilities),
+        )
     }
 
     /// Runs the module for `method` from `modules`. Blocking.
@@ -341,6 +363,7 @@ impl Attestors {
 fn compile_module(
     engine: &Engine,
     linker: &Linker<HostState>,
+    cache: Option<&ModuleCache>,
     method: &str,
     bytes: &[u8],
     granted: Option<&[String]>,
@@ -349,7 +372,16 @@ fn compile_module(
         method: method.to_owned(),
         message,
     };
-    let component = Component::new(engine, bytes).map_err(|e| fail(format!("{e:#}")))?;
+    let component = match cache.and_then(|c| c.load(engine, bytes)) {
+        Some(c) => c,
+        None => {
+            let c = Component::new(engine, bytes).map_err(|e| fail(format!("{e:#}")))?;
+            if let Some(cache) = cache {
+                cache.store(&c, bytes);
+            }
+            c
+        }
+    };
     let mut capabilities = Vec::new();
     for (name, _) in component.component_type().imports(engine) {
         let interface = name
@@ -373,6 +405,84 @@ fn compile_module(
         .map_err(|e| fail(format!("{e:#}")))?;
     let pre = bindings::AttestorPre::new(pre).map_err(|e| fail(format!("{e:#}")))?;
     Ok(Arc::new(Module { pre, capabilities }))
+}
+
+/// Precompiled components on disk. An artifact is named by the module's
+/// SHA-256 and the engine's compatibility hash, and carries an HMAC under a
+/// key that never leaves the data directory: only artifacts this gateway
+/// produced are ever deserialized.
+struct ModuleCache {
+    dir: std::path::PathBuf,
+    key: ring::hmac::Key,
+    engine_hash: String,
+}
+
+impl ModuleCache {
+    fn open(dir: &std::path::Path, engine: &Engine) -> Result<Self, AttestError> {
+        use std::hash::{Hash, Hasher};
+        let err = |m: String| AttestError::Load {
+            method: "*".into(),
+            message: format!("module cache {}: {m}", dir.display()),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| err(e.to_string()))?;
+        }
+        let key_path = dir.join("cache.key");
+        let key = match std::fs::read(&key_path) {
+            Ok(k) if k.len() == 32 => k,
+            _ => {
+                let k: [u8; 32] = crate::util::random_bytes();
+                crate::util::write_private_file(&key_path, &k).map_err(|e| err(e.to_string()))?;
+                k.to_vec()
+            }
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut h);
+        Ok(Self {
+            dir: dir.to_owned(),
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+            engine_hash: format!("{:016x}", h.finish()),
+        })
+    }
+
+    fn path(&self, bytes: &[u8]) -> std::path::PathBuf {
+        self.dir.join(format!(
+            "{}-{}.cwasm",
+            crate::util::sha256_hex(bytes),
+            self.engine_hash
+        ))
+    }
+
+    /// The cached component for `bytes`, if present and authentic.
+    fn load(&self, engine: &Engine, bytes: &[u8]) -> Option<Component> {
+        let data = std::fs::read(self.path(bytes)).ok()?;
+        let (artifact, tag) = data.split_at(data.len().checked_sub(32)?);
+        ring::hmac::verify(&self.key, artifact, tag).ok()?;
+        // SAFETY: `deserialize` trusts its input to be a wasmtime artifact
+        // for this engine. The HMAC above proves this gateway wrote it (the
+        // key never leaves the 0700 cache directory), and the file name
+        // binds it to this engine's compatibility hash.
+        #[allow(unsafe_code)]
+        let component = unsafe { Component::deserialize(engine, artifact) };
+        component.ok()
+    }
+
+    /// Writes `component` for `bytes`; failures only cost a recompile later.
+    fn store(&self, component: &Component, bytes: &[u8]) {
+        let Ok(mut artifact) = component.serialize() else {
+            return;
+        };
+        let tag = ring::hmac::sign(&self.key, &artifact);
+        artifact.extend_from_slice(tag.as_ref());
+        let path = self.path(bytes);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &artifact).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
 }
 
 fn trap_text(e: wasmtime::Error) -> AttestError {

@@ -155,3 +155,41 @@ fn a_module_importing_wasi_is_refused_at_load() {
     let text = err.to_string();
     assert!(text.contains("wasi_fs") && text.contains("wasi:"), "{text}");
 }
+
+#[test]
+fn precompiled_modules_are_cached_and_only_authentic_ones_are_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let config = SandboxConfig::default();
+    let first = Attestors::with_cache_dir(&config, embedded::MODULES, Some(&cache)).unwrap();
+    let artifacts: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".cwasm"))
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(artifacts.len(), 1, "the built-in module was cached");
+    drop(first);
+    // Tamper with the artifact: the HMAC no longer matches, so it is
+    // recompiled rather than deserialized, and the module still works.
+    let mut bytes = std::fs::read(&artifacts[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&artifacts[0], &bytes).unwrap();
+    let again = Attestors::with_cache_dir(&config, embedded::MODULES, Some(&cache)).unwrap();
+    let (cluster, registry, _d) = dev_setup();
+    let token = cluster.mint_token("prod", "api", None, 300).unwrap();
+    again
+        .attest("k8s_sat", &token, registry.snapshot(), &serde_json::json!({}))
+        .unwrap();
+    assert_ne!(
+        std::fs::read(&artifacts[0]).unwrap(),
+        bytes,
+        "rewritten with an authentic artifact"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+}

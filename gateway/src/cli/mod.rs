@@ -11,6 +11,7 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use hyper::{Method, StatusCode};
 
+mod attestor;
 mod bundle;
 mod ephemeral;
 
@@ -44,6 +45,9 @@ enum Command {
     /// Work with policy bundles.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run attestor modules locally.
+    #[command(subcommand)]
+    Attestor(attestor::AttestorCommand),
     /// Build, sign, verify and inspect policy bundles.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
@@ -291,6 +295,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
         Command::Token(cmd) => ephemeral::token(cmd).await,
         Command::Bundle(cmd) => bundle::run(cmd),
+        Command::Attestor(cmd) => attestor::run(cmd),
         Command::Ephemeral(cmd) => ephemeral::ephemeral(cmd).await,
     }
 }
