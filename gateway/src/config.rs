@@ -62,6 +62,21 @@ pub struct Config {
     pub oidc_issuers: Vec<crate::auth::OidcIssuerConfig>,
     /// Policy bundles loaded at run time.
     pub bundles: BundlesConfig,
+    /// Decision logs in OPA's shape.
+    pub decision_logs: DecisionLogsConfig,
+}
+
+/// Decision logging.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecisionLogsConfig {
+    /// Log every policy decision. Default: false.
+    pub enabled: bool,
+    /// File to append JSON lines to. Default: `DATA_DIR/decisions.log`.
+    pub path: Option<PathBuf>,
+    /// JSON Pointers into the input to erase before logging, e.g.
+    /// `/request/justification`. Default: none.
+    pub mask: Vec<String>,
 }
 
 /// Bundles pushed with `PUT /api/v1/bundles/{name}` or watched on disk.
@@ -174,6 +189,7 @@ impl Default for Config {
             webhooks: Vec::new(),
             oidc_issuers: Vec::new(),
             bundles: BundlesConfig::default(),
+            decision_logs: DecisionLogsConfig::default(),
         }
     }
 }
@@ -287,6 +303,9 @@ impl Config {
                 fix(p);
             }
         }
+        if let Some(p) = self.decision_logs.path.as_mut() {
+            fix(p);
+        }
         for k in &mut self.bundles.keys {
             fix(&mut k.public_key_file);
         }
@@ -331,6 +350,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "http.max_body_bytes",
                 message: "must be between 1024 and 16777216".into(),
+            });
+        }
+        if let Some(m) = self.decision_logs.mask.iter().find(|m| !m.starts_with('/')) {
+            return Err(ConfigError::Invalid {
+                key: "decision_logs.mask",
+                message: format!("`{m}` is not a JSON Pointer (it must start with `/`)"),
             });
         }
         if !matches!(self.bundles.verification.as_str(), "required" | "off") {

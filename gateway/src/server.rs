@@ -90,7 +90,19 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
             .with_context(|| format!("policy bundle {}", dir.display()))?,
         None => crate::bundle::Bundle::embedded(),
     };
-    let (bundles, policies) = crate::bundle::Bundles::start(attestors.clone(), "default", initial)
+    let logger = if config.decision_logs.enabled {
+        let path = config
+            .decision_logs
+            .path
+            .clone()
+            .unwrap_or_else(|| dir.join("decisions.log"));
+        let logger = crate::policy::DecisionLogger::open(path.clone(), config.decision_logs.mask.clone())
+            .with_context(|| format!("decision_logs.path {}", path.display()))?;
+        Some(Arc::new(logger))
+    } else {
+        None
+    };
+    let (bundles, policies) = crate::bundle::Bundles::start(attestors.clone(), "default", initial, logger)
         .map_err(|e| anyhow::anyhow!("policy bundle: {e}"))?;
     let bundles = Arc::new(bundles);
     let signing_keys = load_bundle_keys(&config)?;

@@ -497,3 +497,57 @@ fn attestor_run_executes_a_module_in_the_sandbox() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn decisions_are_logged_in_opas_shape_with_masking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new("https://k8s.logs.example");
+    std::fs::write(tmp.path().join("k8s.json"), cluster.jwks().to_string()).unwrap();
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = {{ enabled = false }}\n\
+             [decision_logs]\nenabled = true\nmask = [\"/attestation/claims/pod_uid\", \"/request/ttl_seconds\"]\n\
+             [[trust_sources]]\nname = \"c\"\nmethod = \"k8s_sat\"\nissuer = \"{}\"\naudiences = [\"castellan\"]\njwks_file = \"k8s.json\"\n",
+            cluster.issuer
+        ),
+    )
+    .unwrap();
+    let server = Server::serve(&config, &tmp.path().join("data"));
+    assert_eq!(issue(&server, &cluster, "shop").status, 201);
+    issue(&server, &cluster, "kube-system").assert_problem(403, "policy-denied");
+    let log = tmp.path().join("data/decisions.log");
+    assert!(support::eventually(std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .map(|t| t.lines().count() >= 2)
+            .unwrap_or(false)
+    }));
+    let lines: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first = &lines[0];
+    assert_eq!(first["path"], "castellan/issuance/decision");
+    assert!(first["decision_id"].as_str().unwrap().len() >= 32);
+    assert_eq!(first["bundles"]["default"]["revision"], "castellan-default-1");
+    assert!(first["timestamp"].as_str().unwrap().starts_with("20"));
+    assert_eq!(first["result"]["allow"], true);
+    assert_eq!(first["input"]["attestation"]["claims"]["namespace"], "shop");
+    assert!(
+        first["input"]["attestation"]["claims"].get("pod_uid").is_none(),
+        "masked"
+    );
+    assert!(first["input"]["request"].get("ttl_seconds").is_none(), "masked");
+    assert_eq!(
+        first["erased"],
+        json!(["/attestation/claims/pod_uid", "/request/ttl_seconds"])
+    );
+    assert_eq!(lines[1]["result"]["allow"], false);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}

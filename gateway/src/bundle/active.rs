@@ -51,6 +51,7 @@ impl Bundles {
         attestors: Arc<Attestors>,
         name: &str,
         bundle: Bundle,
+        logger: Option<Arc<crate::policy::DecisionLogger>>,
     ) -> Result<(Self, Arc<Policies>), ActivationError> {
         let manifest = bundle.check()?;
         let mut named = BTreeMap::new();
@@ -64,7 +65,7 @@ impl Bundles {
             },
         );
         let snapshot = build(&attestors, &named)?;
-        let policies = Arc::new(Policies::from_snapshot(snapshot));
+        let policies = Arc::new(Policies::with_logger(snapshot, logger));
         Ok((
             Self {
                 attestors,

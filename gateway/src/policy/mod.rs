@@ -3,7 +3,10 @@
 //! engine behind an atomic swap (cloned per evaluation), the decision shapes,
 //! and running a bundle's `test_` rules. Policies never do crypto.
 
+mod decision_log;
 mod tester;
+
+pub use decision_log::DecisionLogger;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -198,11 +201,14 @@ pub struct Loaded {
     pub modules: crate::attest::ModuleSet,
     /// The bundles this snapshot was built from.
     pub bundles: Vec<BundleInfo>,
+    /// Where decisions are logged, when enabled.
+    logger: Option<Arc<DecisionLogger>>,
 }
 
 /// The active snapshot; swapped whole, never mutated in place.
 pub struct Policies {
     active: ArcSwap<Loaded>,
+    logger: Option<Arc<DecisionLogger>>,
 }
 
 /// Source files of a bundle: (name, text).
@@ -362,6 +368,7 @@ impl BundleFiles {
             manifest,
             modules: Default::default(),
             bundles: Vec::new(),
+            logger: None,
         })
     }
 }
@@ -440,6 +447,9 @@ impl Loaded {
 
     fn decide<T: serde::de::DeserializeOwned>(&self, rule: &str, input: &Value) -> Result<T, PolicyError> {
         let value = self.eval(rule, input)?;
+        if let Some(logger) = &self.logger {
+            logger.log(rule, input, &value, &self.bundles);
+        }
         if value.is_null() {
             return Err(PolicyError::BadDecision(format!("`{rule}` is undefined")));
         }
@@ -487,8 +497,15 @@ impl Policies {
 
     /// Starts from a compiled snapshot.
     pub fn from_snapshot(loaded: Loaded) -> Self {
+        Self::with_logger(loaded, None)
+    }
+
+    /// Starts from a compiled snapshot, logging every decision to `logger`.
+    pub fn with_logger(mut loaded: Loaded, logger: Option<Arc<DecisionLogger>>) -> Self {
+        loaded.logger = logger.clone();
         Self {
             active: ArcSwap::from_pointee(loaded),
+            logger,
         }
     }
 
@@ -499,7 +516,8 @@ impl Policies {
 
     /// Makes `loaded` the active snapshot. Requests in flight keep the one
     /// they took.
-    pub fn activate(&self, loaded: Loaded) {
+    pub fn activate(&self, mut loaded: Loaded) {
+        loaded.logger = self.logger.clone();
         self.active.store(Arc::new(loaded));
     }
 
