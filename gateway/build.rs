@@ -13,6 +13,9 @@ const MODULES: &[(&str, &str, &str)] = &[("k8s_sat", "k8s-sat", "k8s_sat.wasm")]
 /// Test fixtures (never embedded in the binary): (constant, artifact name).
 const FIXTURES: &[(&str, &str)] = &[("HOSTILE", "hostile.wasm"), ("WASI_FS", "wasi_fs.wasm")];
 
+/// Example modules built for the end-to-end tests: (crate dir, artifact).
+const EXAMPLES: &[(&str, &str)] = &[("examples/custom-attestor", "ci_job_attestor.wasm")];
+
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let root = manifest_dir
@@ -30,6 +33,13 @@ fn main() {
     println!("cargo:rerun-if-changed={}", plugins.join("fixtures").display());
     println!("cargo:rerun-if-changed={}", plugins.join(".cargo").display());
     println!("cargo:rerun-if-changed={}", root.join("sdk/attestor").display());
+    for (dir, _) in EXAMPLES {
+        println!("cargo:rerun-if-changed={}", root.join(dir).join("src").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            root.join(dir).join("Cargo.toml").display()
+        );
+    }
     println!("cargo:rerun-if-changed={}", policies.display());
 
     build_modules(&root, &plugins, &out_dir);
@@ -45,32 +55,39 @@ fn build_modules(root: &Path, plugins: &Path, out_dir: &Path) {
         .unwrap_or_else(|| root.join("target"))
         .join("wasm-plugins");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        // From inside plugins-wasm/ so its .cargo/config.toml applies.
-        .current_dir(plugins)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "--manifest-path",
-        ])
-        .arg(plugins.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir)
-        // Settings meant for the host build must not leak into the guest build.
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("RUSTC_WORKSPACE_WRAPPER")
-        .env_remove("RUSTC_WRAPPER")
-        .env_remove("CARGO_BUILD_TARGET")
-        .env_remove("CARGO_TARGET_DIR")
-        .status()
-        .expect("cannot run cargo to build the attestor modules");
-    assert!(
-        status.success(),
-        "building the attestor modules in plugins-wasm/ failed"
-    );
+    let build = |dir: &Path| {
+        let status = Command::new(&cargo)
+            // From inside the workspace so its .cargo/config.toml applies.
+            .current_dir(dir)
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
+            .arg(dir.join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir)
+            // Settings meant for the host build must not leak into the guest build.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("RUSTC_WRAPPER")
+            .env_remove("CARGO_BUILD_TARGET")
+            .env_remove("CARGO_TARGET_DIR")
+            .status()
+            .expect("cannot run cargo to build the attestor modules");
+        assert!(
+            status.success(),
+            "building the modules in {} failed",
+            dir.display()
+        );
+    };
+    build(plugins);
+    for (dir, _) in EXAMPLES {
+        build(&root.join(dir));
+    }
 
     // Copies a built module next to the generated code; returns its path as
     // an `include_bytes!` argument.
@@ -93,7 +110,7 @@ fn build_modules(root: &Path, plugins: &Path, out_dir: &Path) {
     std::fs::write(out_dir.join("embedded_attestors.rs"), code).expect("write embedded_attestors.rs");
 
     let mut fixtures = String::from("// Test fixtures: hostile and ungranted-import modules.\n");
-    for (name, artifact) in FIXTURES {
+    for (name, artifact) in FIXTURES.iter().chain(&[("CI_JOB", EXAMPLES[0].1)]) {
         fixtures.push_str(&format!(
             "pub const {name}: &[u8] = include_bytes!({});\n",
             stage(artifact)

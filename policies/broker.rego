@@ -6,7 +6,6 @@ package castellan.broker
 
 import rego.v1
 
-settings := data.castellan.broker
 
 claims := input.attestation.claims
 
@@ -22,7 +21,7 @@ deny contains msg if {
 
 deny contains msg if {
 	input.attestation.method == "k8s_sat"
-	claims.namespace != settings.agent_namespace
+	claims.namespace != data.castellan.broker.agent_namespace
 	msg := sprintf("namespace %q may not use the broker", [claims.namespace])
 }
 
@@ -32,13 +31,13 @@ deny contains msg if {
 }
 
 deny contains msg if {
-	input.delegation.depth >= settings.max_delegation_depth
-	msg := sprintf("delegation chain depth %d reaches the limit of %d", [input.delegation.depth, settings.max_delegation_depth])
+	input.delegation.depth >= data.castellan.broker.max_delegation_depth
+	msg := sprintf("delegation chain depth %d reaches the limit of %d", [input.delegation.depth, data.castellan.broker.max_delegation_depth])
 }
 
 # What could be granted: requested, allowed here, and held by the parent agent
 # when there is one (the host enforces the same intersection afterwards).
-granted := [s | some s in input.request.scopes; s in settings.allowed_scopes; held_by_parent(s)]
+granted := [s | some s in input.request.scopes; s in data.castellan.broker.allowed_scopes; held_by_parent(s)]
 
 held_by_parent(_) if input.delegation.parent == null
 
@@ -48,14 +47,14 @@ deny contains "none of the requested scopes is allowed" if count(granted) == 0
 
 needs_approval if {
 	some s in granted
-	s in settings.approval_scopes
+	s in data.castellan.broker.approval_scopes
 }
 
 base := {
 	"agent_id": agent_id,
 	"spiffe_id": sprintf("spiffe://%s/agent/%s", [input.trust_domain, agent_id]),
-	"scopes": settings.allowed_scopes,
-	"ttl_seconds": settings.max_ttl_seconds,
+	"scopes": data.castellan.broker.allowed_scopes,
+	"ttl_seconds": data.castellan.broker.max_ttl_seconds,
 }
 
 decision := {"outcome": "deny", "reasons": sort([m | some m in deny])} if count(deny) > 0
@@ -65,7 +64,7 @@ decision := object.union(base, {"outcome": "issue"}) if {
 	not needs_approval
 }
 
-decision := object.union(base, {"outcome": "approve", "approval": settings.approval}) if {
+decision := object.union(base, {"outcome": "approve", "approval": data.castellan.broker.approval}) if {
 	count(deny) == 0
 	needs_approval
 }

@@ -4,7 +4,6 @@ package castellan.ephemeral
 
 import rego.v1
 
-settings := data.castellan.ephemeral
 
 # A person or CI principal (API token) gets a user identity; a workload gets
 # the identity its attestation proves, never one it names itself.
@@ -29,9 +28,9 @@ deny contains msg if {
 	msg := sprintf("%s may not ask for %s", [input.requester.name, input.request.spiffe_id])
 }
 
-ttl_seconds := min([input.request.ttl_seconds, settings.max_ttl_seconds]) if is_number(input.request.ttl_seconds)
+ttl_seconds := min([input.request.ttl_seconds, data.castellan.ephemeral.max_ttl_seconds]) if is_number(input.request.ttl_seconds)
 
-ttl_seconds := settings.default_ttl_seconds if not is_number(input.request.ttl_seconds)
+ttl_seconds := data.castellan.ephemeral.default_ttl_seconds if not is_number(input.request.ttl_seconds)
 
 decision := {"outcome": "deny", "reasons": sort([m | some m in deny])} if count(deny) > 0
 
@@ -41,10 +40,10 @@ decision := {
 	"ttl_seconds": ttl_seconds,
 	"dns_names": [],
 	"approval": {
-		"required_approvals": settings.required_approvals,
-		"approver_groups": settings.approver_groups,
+		"required_approvals": data.castellan.ephemeral.required_approvals,
+		"approver_groups": data.castellan.ephemeral.approver_groups,
 		"deny_threshold": 1,
-		"pending_ttl_seconds": settings.pending_ttl_seconds,
+		"pending_ttl_seconds": data.castellan.ephemeral.pending_ttl_seconds,
 	},
-	"emergency": settings.emergency,
+	"emergency": data.castellan.ephemeral.emergency,
 } if count(deny) == 0

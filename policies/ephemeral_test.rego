@@ -2,7 +2,6 @@ package castellan.ephemeral_test
 
 import rego.v1
 
-import data.castellan.ephemeral
 
 person(name) := {
 	"version": 1,
@@ -13,7 +12,7 @@ person(name) := {
 }
 
 test_a_person_needs_two_sre_approvals if {
-	d := ephemeral.decision with input as person("alice")
+	d := data.castellan.ephemeral.decision with input as person("alice")
 	d.outcome == "approve"
 	d.spiffe_id == "spiffe://example.org/user/alice"
 	d.approval.required_approvals == 2
@@ -24,18 +23,18 @@ test_a_person_needs_two_sre_approvals if {
 
 test_ttl_is_capped if {
 	i := object.union(person("alice"), {"request": object.union(person("alice").request, {"ttl_seconds": 99999})})
-	d := ephemeral.decision with input as i
+	d := data.castellan.ephemeral.decision with input as i
 	d.ttl_seconds == 3600
 }
 
 test_asking_for_someone_elses_identity_is_denied if {
 	r := object.union(person("alice").request, {"spiffe_id": "spiffe://example.org/user/bob"})
-	d := ephemeral.decision with input as object.union(person("alice"), {"request": r})
+	d := data.castellan.ephemeral.decision with input as object.union(person("alice"), {"request": r})
 	d.outcome == "deny"
 }
 
 test_break_glass_is_off_by_default if {
-	d := ephemeral.decision with input as person("alice")
+	d := data.castellan.ephemeral.decision with input as person("alice")
 	d.emergency.allowed == false
 }
 
@@ -44,6 +43,6 @@ test_a_workload_gets_its_attested_identity if {
 		"requester": {"kind": "evidence", "id": "workload:k8s_sat:ns/ci/sa/deployer", "name": "ns/ci/sa/deployer", "role": "requester", "groups": []},
 		"attestation": {"method": "k8s_sat", "subject": "ns/ci/sa/deployer", "selectors": [], "claims": {"namespace": "ci", "service_account": "deployer"}},
 	})
-	d := ephemeral.decision with input as i
+	d := data.castellan.ephemeral.decision with input as i
 	d.spiffe_id == "spiffe://example.org/ns/ci/sa/deployer"
 }

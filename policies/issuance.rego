@@ -4,7 +4,6 @@ package castellan.issuance
 
 import rego.v1
 
-settings := data.castellan.issuance
 
 namespace := input.attestation.claims.namespace
 
@@ -12,7 +11,7 @@ service_account := input.attestation.claims.service_account
 
 deny contains msg if {
 	input.attestation.method == "k8s_sat"
-	namespace in settings.denied_namespaces
+	namespace in data.castellan.issuance.denied_namespaces
 	msg := sprintf("namespace %q may not receive identities", [namespace])
 }
 
@@ -21,18 +20,24 @@ deny contains msg if {
 	msg := sprintf("no issuance rule for attestation method %q", [input.attestation.method])
 }
 
-supported_methods := {"k8s_sat"}
+supported_methods contains "k8s_sat"
 
-spiffe_id := sprintf("spiffe://%s/ns/%s/sa/%s", [input.trust_domain, namespace, service_account]) if {
-	input.attestation.method == "k8s_sat"
+# One entry per attestation method; bundles that add a method add an entry
+# (a partial object may be extended from several files, a `:=` rule may not).
+identity[method] := id if {
+	method := "k8s_sat"
+	input.attestation.method == method
+	id := sprintf("spiffe://%s/ns/%s/sa/%s", [input.trust_domain, namespace, service_account])
 }
 
+spiffe_id := identity[input.attestation.method]
+
 # The requested TTL, capped by the maximum; the default when none was asked for.
-ttl_seconds := min([input.request.ttl_seconds, settings.max_ttl_seconds]) if {
+ttl_seconds := min([input.request.ttl_seconds, data.castellan.issuance.max_ttl_seconds]) if {
 	is_number(input.request.ttl_seconds)
 }
 
-ttl_seconds := settings.default_ttl_seconds if {
+ttl_seconds := data.castellan.issuance.default_ttl_seconds if {
 	not is_number(input.request.ttl_seconds)
 }
 

@@ -2,7 +2,6 @@ package castellan.issuance_test
 
 import rego.v1
 
-import data.castellan.issuance
 
 attestation(ns, sa) := {
 	"method": "k8s_sat",
@@ -19,30 +18,30 @@ req(ns, sa, ttl) := {
 }
 
 test_default_spiffe_id_and_ttl if {
-	d := issuance.decision with input as req("prod", "api", null)
+	d := data.castellan.issuance.decision with input as req("prod", "api", null)
 	d.allow
 	d.spiffe_id == "spiffe://example.org/ns/prod/sa/api"
 	d.ttl_seconds == 900
 }
 
 test_requested_ttl_is_honoured_below_the_maximum if {
-	d := issuance.decision with input as req("prod", "api", 120)
+	d := data.castellan.issuance.decision with input as req("prod", "api", 120)
 	d.ttl_seconds == 120
 }
 
 test_requested_ttl_is_capped_at_the_maximum if {
-	d := issuance.decision with input as req("prod", "api", 86400)
+	d := data.castellan.issuance.decision with input as req("prod", "api", 86400)
 	d.ttl_seconds == 3600
 }
 
 test_kube_system_is_denied if {
-	d := issuance.decision with input as req("kube-system", "default", null)
+	d := data.castellan.issuance.decision with input as req("kube-system", "default", null)
 	not d.allow
 	d.reasons == ["namespace \"kube-system\" may not receive identities"]
 }
 
 test_denied_namespaces_come_from_data if {
-	d := issuance.decision with input as req("payments", "api", null)
+	d := data.castellan.issuance.decision with input as req("payments", "api", null)
 		with data.castellan.issuance.denied_namespaces as ["payments"]
 	not d.allow
 }
@@ -50,6 +49,6 @@ test_denied_namespaces_come_from_data if {
 test_unknown_method_is_denied if {
 	base := req("prod", "api", null)
 	i := object.union(base, {"attestation": object.union(base.attestation, {"method": "carrier_pigeon"})})
-	d := issuance.decision with input as i
+	d := data.castellan.issuance.decision with input as i
 	not d.allow
 }

@@ -551,3 +551,77 @@ fn decisions_are_logged_in_opas_shape_with_masking() {
         0o600
     );
 }
+
+/// examples/custom-attestor, built by gateway/build.rs.
+const CI_JOB: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ci_job_attestor.wasm"));
+
+#[test]
+fn a_custom_attestor_is_built_bundled_signed_loaded_and_issues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (private, public) = keys(tmp.path(), "authors");
+    let cluster = Cluster::new("https://k8s.custom.example");
+    let server = serve_verifying(tmp.path(), &public, &cluster);
+
+    // The default policies, the example's policy extension and its module.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/custom-attestor/bundle");
+    let dir = bundle_dir(tmp.path(), "ci", |d| {
+        std::fs::copy(example.join("ci_job.rego"), d.join("ci_job.rego")).unwrap();
+        std::fs::create_dir_all(d.join("attestors")).unwrap();
+        std::fs::write(d.join("attestors/ci_job.wasm"), CI_JOB).unwrap();
+        set_manifest(
+            d,
+            json!({"revision": "ci-1", "roots": ["castellan"],
+                   "attestors": [{"method": "ci_job", "path": "attestors/ci_job.wasm", "capabilities": ["crypto", "clock"],
+                                  "config_schema": {"type": "object", "required": ["trust_sources"]}}]}),
+        );
+    });
+    let r = server.put_admin("/api/v1/bundles/default", build_signed(&dir, Some(&private)));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["attestors"], json!(["ci_job"]));
+    assert!(
+        server.get("/healthz", None).body["attestors"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("ci_job"))
+    );
+
+    // A CI system's issuer, trusted for the new method.
+    let ci = Cluster::new("https://ci.example.com");
+    let source = json!({"name": "ci", "method": "ci_job", "issuer": ci.issuer, "audiences": ["castellan"], "jwks": ci.jwks()});
+    assert_eq!(server.post_admin("/api/v1/trust-sources", &source).status, 201);
+    let job_token = |git_ref: &str| {
+        let now = support::now();
+        ci.sign(&json!({"iss": ci.issuer, "aud": "castellan", "exp": now + 300, "iat": now, "repository": "acme/payments-api", "ref": git_ref}))
+    };
+    let (key, c) = csr();
+    let r = server.post(
+        ISSUE,
+        &json!({"method": "ci_job", "evidence": job_token("refs/heads/main"), "csr": c}),
+        None,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/ci/acme/payments-api");
+    assert_eq!(
+        r.body["attestation"]["selectors"],
+        json!(["ci:repo:acme/payments-api", "ci:ref:refs/heads/main"])
+    );
+    let chain = support::pem_certs(r.body["chain_pem"].as_str().unwrap()).concat();
+    spiffe::X509Svid::parse_from_der(&chain, &key.serialize_der()).unwrap();
+    // Its policy extension applies, and k8s_sat still works beside it.
+    let r = server.post(
+        ISSUE,
+        &json!({"method": "ci_job", "evidence": job_token("refs/heads/dev"), "csr": c}),
+        None,
+    );
+    r.assert_problem(403, "policy-denied");
+    let forged = Cluster::new("https://ci.example.com").sign(&json!({"iss": "https://ci.example.com", "aud": "castellan", "exp": support::now() + 60, "repository": "a/b", "ref": "refs/heads/main"}));
+    server
+        .post(
+            ISSUE,
+            &json!({"method": "ci_job", "evidence": forged, "csr": c}),
+            None,
+        )
+        .assert_problem(403, "attestation-failed");
+    let k8s = issue(&server, &cluster, "shop");
+    assert_eq!(k8s.status, 201, "{}", k8s.body);
+}

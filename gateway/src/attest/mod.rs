@@ -42,6 +42,7 @@ pub mod embedded {
 
 /// Misbehaving modules for the sandbox tests; not in the binary.
 #[cfg(test)]
+#[allow(dead_code)] // the end-to-end tests use the rest
 mod fixtures {
     include!(concat!(env!("OUT_DIR"), "/test_fixtures.rs"));
 }

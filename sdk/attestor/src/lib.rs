@@ -1,20 +1,311 @@
-//! The guest side of Castellan's attestor contract.
+//! Write a Castellan attestor module in Rust.
 //!
-//! An attestor module is built `no_std` so that it cannot reach WASI
-//! (filesystem, clocks, environment, sockets) behind the host's back: its
-//! only imports are the Castellan capabilities of `plugins-wasm/wit`. This
-//! crate supplies what std would otherwise have given such a module on
-//! wasm32: a global allocator over its own linear memory, a panic handler
-//! that traps (the host then refuses the request), and the component model's
-//! `cabi_realloc`. Depend on it and the module links.
+//! ```ignore
+//! use castellan_attestor_sdk::{Attestation, Attestor, Context, Error, JwtTrustSources, attestor};
 //!
-//! On other targets (native unit tests of a module's logic) it is empty.
+//! struct CiJob;
+//!
+//! impl Attestor for CiJob {
+//!     type Config = JwtTrustSources;
+//!     fn attest(evidence: &str, config: JwtTrustSources, _: &Context) -> Result<Attestation, Error> {
+//!         let jwt = config.verify(evidence)?;          // host-side signature check
+//!         let repo = jwt.claim_str("repository")?;
+//!         Ok(Attestation::new(format!("repo/{repo}")).selector("ci", "repo", &repo))
+//!     }
+//! }
+//!
+//! attestor!(CiJob);
+//! ```
+//!
+//! The module is a `wasm32-wasip2` component. On wasm32 this crate makes it
+//! `no_std` (a global allocator, a panic handler that traps, the canonical
+//! ABI's `cabi_realloc`), so the module imports nothing but the Castellan
+//! host capabilities it uses: `crypto` ([`host::verify_jws`]), `clock`
+//! ([`host::now`]) and `log` ([`host::log`]). Its bundle manifest must grant
+//! each capability it imports, or the gateway refuses to load it.
 
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
-#[cfg(target_arch = "wasm32")]
 extern crate alloc;
 
+use alloc::borrow::ToOwned;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+pub use serde;
+pub use serde_json;
+
+/// The WIT bindings, generated once here; modules use them through
+/// [`attestor!`] and the wrappers below.
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "attestor",
+        path: "../../plugins-wasm/wit",
+        pub_export_macro: true,
+        export_macro_name: "export",
+        default_bindings_module: "castellan_attestor_sdk::bindings",
+        type_section_suffix: "castellan-attestor-sdk",
+    });
+}
+
+use bindings::castellan::attestor::types as wit;
+
+/// Request facts the host passes.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Context {
+    #[serde(default)]
+    pub trust_domain: String,
+}
+
+/// What a module proved.
+#[derive(Debug, Clone)]
+pub struct Attestation {
+    subject: String,
+    selectors: Vec<String>,
+    claims: Map<String, Value>,
+}
+
+impl Attestation {
+    /// An attestation of `subject` (e.g. `repo/acme/api`).
+    pub fn new(subject: impl Into<String>) -> Self {
+        Self {
+            subject: subject.into(),
+            selectors: Vec::new(),
+            claims: Map::new(),
+        }
+    }
+
+    /// Adds the selector `kind:key:value`.
+    pub fn selector(mut self, kind: &str, key: &str, value: &str) -> Self {
+        self.selectors.push(format!("{kind}:{key}:{value}"));
+        self
+    }
+
+    /// Adds a verified claim for policy.
+    pub fn claim(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.claims.insert(key.to_owned(), value.into());
+        self
+    }
+}
+
+/// Why evidence was refused. The text reaches the caller: never put the
+/// evidence itself or a secret in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The evidence does not parse.
+    Malformed(String),
+    /// The evidence parsed but did not verify.
+    Rejected(String),
+    /// No configured trust source fits the evidence.
+    NoTrustSource(String),
+    /// The module's configuration is unusable.
+    Config(String),
+}
+
+impl Error {
+    pub fn malformed(m: impl Into<String>) -> Self {
+        Self::Malformed(m.into())
+    }
+
+    pub fn rejected(m: impl Into<String>) -> Self {
+        Self::Rejected(m.into())
+    }
+}
+
+/// A module's entry point: implement it and call [`attestor!`].
+pub trait Attestor {
+    /// The configuration the host passes, deserialised from JSON.
+    type Config: DeserializeOwned;
+
+    /// Verifies `evidence` and says what it proves.
+    fn attest(evidence: &str, config: Self::Config, context: &Context) -> Result<Attestation, Error>;
+}
+
+/// The host capabilities.
+pub mod host {
+    use super::*;
+    use crate::bindings::castellan::attestor::{clock, crypto, log as wlog};
+
+    /// A JWS the host verified: its decoded header and payload.
+    #[derive(Debug, Clone)]
+    pub struct VerifiedJws {
+        pub header: Value,
+        pub claims: Map<String, Value>,
+    }
+
+    impl VerifiedJws {
+        /// A string claim, or a rejection naming it.
+        pub fn claim_str(&self, name: &str) -> Result<String, Error> {
+            self.claims
+                .get(name)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| Error::rejected(format!("token has no `{name}` claim")))
+        }
+
+        /// A numeric claim.
+        pub fn claim_i64(&self, name: &str) -> Option<i64> {
+            self.claims.get(name).and_then(Value::as_i64)
+        }
+    }
+
+    /// `crypto`: verifies a compact JWS with the host's key set `key_set`
+    /// (asymmetric algorithms only; the key is chosen by `kid`).
+    pub fn verify_jws(key_set: &str, compact: &str) -> Result<VerifiedJws, Error> {
+        let v =
+            crypto::verify_jws(key_set, compact).map_err(|e| Error::rejected(format!("signature: {e}")))?;
+        let header =
+            serde_json::from_str(&v.header_json).map_err(|_| Error::malformed("header is not JSON"))?;
+        let claims = match serde_json::from_str::<Value>(&v.payload_json) {
+            Ok(Value::Object(m)) => m,
+            _ => return Err(Error::malformed("payload is not a JSON object")),
+        };
+        Ok(VerifiedJws { header, claims })
+    }
+
+    /// `clock`: seconds since the Unix epoch.
+    pub fn now() -> i64 {
+        clock::now()
+    }
+
+    /// `log`: a line in the gateway's log.
+    pub fn log(message: &str) {
+        wlog::log(wlog::Level::Info, message);
+    }
+}
+
+/// The usual configuration of a JWT method: the trust sources the host
+/// passes, each naming its issuer, audiences and key set.
+#[derive(Debug, Clone, Deserialize)]
+pub struct JwtTrustSources {
+    pub trust_sources: Vec<JwtTrustSource>,
+}
+
+/// One trust source.
+#[derive(Debug, Clone, Deserialize)]
+pub struct JwtTrustSource {
+    pub name: String,
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub key_set: String,
+}
+
+impl JwtTrustSources {
+    /// Picks the trust source by the token's (unverified) `iss`, verifies
+    /// the signature with its keys, then checks issuer, audience, `exp`,
+    /// `nbf` and `iat` (60 s leeway). Returns the verified token.
+    pub fn verify(&self, token: &str) -> Result<host::VerifiedJws, Error> {
+        use base64::Engine as _;
+        let payload = token
+            .trim()
+            .split('.')
+            .nth(1)
+            .ok_or_else(|| Error::malformed("not a compact JWS"))?;
+        let unverified: Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| Error::malformed("payload is not base64url JSON"))?;
+        let iss = unverified
+            .get("iss")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::rejected("no `iss`"))?;
+        if self.trust_sources.is_empty() {
+            return Err(Error::NoTrustSource("no trust source is configured".into()));
+        }
+        let source = self
+            .trust_sources
+            .iter()
+            .find(|s| s.issuer == iss)
+            .ok_or_else(|| Error::rejected("issuer is not trusted"))?;
+        let jwt = host::verify_jws(&source.key_set, token.trim())?;
+        if jwt.claims.get("iss").and_then(Value::as_str) != Some(source.issuer.as_str()) {
+            return Err(Error::rejected("issuer does not match the trust source"));
+        }
+        let aud_ok = match jwt.claims.get("aud") {
+            Some(Value::String(a)) => source.audiences.contains(a),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|a| source.audiences.iter().any(|x| x == a)),
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(Error::rejected("token audience is not accepted"));
+        }
+        let now = host::now();
+        let exp = jwt.claim_i64("exp").ok_or_else(|| Error::rejected("no `exp`"))?;
+        if now > exp + 60 {
+            return Err(Error::rejected("token has expired"));
+        }
+        if jwt.claim_i64("nbf").is_some_and(|t| now + 60 < t)
+            || jwt.claim_i64("iat").is_some_and(|t| now + 60 < t)
+        {
+            return Err(Error::rejected("token is not valid yet"));
+        }
+        Ok(jwt)
+    }
+}
+
+/// Runs an [`Attestor`]; called by the code [`attestor!`] generates.
+#[doc(hidden)]
+pub fn run<T: Attestor>(
+    evidence: String,
+    config: String,
+    context: String,
+) -> Result<wit::Attestation, wit::AttestError> {
+    let config: T::Config =
+        serde_json::from_str(&config).map_err(|e| wit::AttestError::Config(format!("configuration: {e}")))?;
+    let context: Context = serde_json::from_str(&context).unwrap_or_default();
+    match T::attest(&evidence, config, &context) {
+        Ok(a) => Ok(wit::Attestation {
+            subject: a.subject,
+            selectors: a.selectors,
+            claims_json: Value::Object(a.claims).to_string(),
+        }),
+        Err(Error::Malformed(m)) => Err(wit::AttestError::Malformed(m)),
+        Err(Error::Rejected(m)) => Err(wit::AttestError::Rejected(m)),
+        Err(Error::NoTrustSource(m)) => Err(wit::AttestError::NoTrustSource(m)),
+        Err(Error::Config(m)) => Err(wit::AttestError::Config(m)),
+    }
+}
+
+/// Exports `$t` (an [`Attestor`]) as the module's `attest` function.
+#[macro_export]
+macro_rules! attestor {
+    ($t:ty) => {
+        #[doc(hidden)]
+        pub struct __CastellanAttestorExport;
+
+        impl $crate::bindings::Guest for __CastellanAttestorExport {
+            fn attest(
+                evidence: $crate::__private::String,
+                config: $crate::__private::String,
+                context: $crate::__private::String,
+            ) -> ::core::result::Result<
+                $crate::bindings::castellan::attestor::types::Attestation,
+                $crate::bindings::castellan::attestor::types::AttestError,
+            > {
+                $crate::run::<$t>(evidence, config, context)
+            }
+        }
+
+        $crate::bindings::export!(__CastellanAttestorExport with_types_in $crate::bindings);
+    };
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use alloc::string::String;
+}
+
+// What std would have given a module on wasm32.
 #[cfg(target_arch = "wasm32")]
 mod rt {
     use alloc::alloc::{Layout, alloc, realloc};
@@ -59,7 +350,7 @@ mod rt {
     }
 }
 
-/// Call once from the module (e.g. at the top of `attest`) so the linker
-/// keeps this crate, and with it the runtime above.
+/// Call once from a module that does not use [`attestor!`] so the linker
+/// keeps the runtime above.
 #[inline(always)]
 pub fn link() {}
