@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Built-in modules: (attestation method, crate directory, artifact name).
-const MODULES: &[(&str, &str, &str)] = &[("k8s_sat", "k8s-sat", "k8s_sat.wasm")];
+const MODULES: &[(&str, &str, &str)] = &[
+    ("k8s_sat", "k8s-sat", "k8s_sat.wasm"),
+    ("unix", "unix", "unix_attestor.wasm"),
+];
 
 /// Test fixtures (never embedded in the binary): (constant, artifact name).
 const FIXTURES: &[(&str, &str)] = &[("HOSTILE", "hostile.wasm"), ("WASI_FS", "wasi_fs.wasm")];

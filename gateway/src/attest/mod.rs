@@ -57,6 +57,10 @@ const MAX_CLAIMS_BYTES: usize = 64 * 1024;
 /// Bytes of each linear memory kept resident between calls (see `new`).
 const KEEP_RESIDENT_BYTES: usize = 512 << 10;
 
+/// Methods whose evidence the host gathers itself (e.g. from the kernel),
+/// so no trust source is involved.
+pub const HOST_EVIDENCE_METHODS: &[&str] = &["unix"];
+
 /// How often the epoch advances; deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -288,7 +292,9 @@ impl Attestors {
         let module = modules
             .get(method)
             .ok_or_else(|| AttestError::UnknownMethod(method.to_owned()))?;
-        if !trust.has_method(method) {
+        // Host-evidence methods (the evidence is what the kernel reported,
+        // gathered by the host itself) need no trust source.
+        if !HOST_EVIDENCE_METHODS.contains(&method) && !trust.has_method(method) {
             return Err(AttestError::NoTrustSource(format!(
                 "no trust source is configured for `{method}`"
             )));
