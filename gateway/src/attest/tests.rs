@@ -178,7 +178,7 @@ fn precompiled_modules_are_cached_and_only_authentic_ones_are_used() {
     // recompiled rather than deserialized, and the module still works.
     let k8s = artifacts.iter().find(|p| {
         let b = std::fs::read(p).unwrap();
-        b.len() > 0
+        !b.is_empty()
             && p.file_name()
                 .unwrap()
                 .to_string_lossy()
