@@ -64,6 +64,17 @@ pub struct Config {
     pub bundles: BundlesConfig,
     /// Decision logs in OPA's shape.
     pub decision_logs: DecisionLogsConfig,
+    /// The SPIFFE Workload API.
+    pub workload_api: WorkloadApiConfig,
+}
+
+/// The Workload API socket.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadApiConfig {
+    /// Unix socket path. Default: `DATA_DIR/workload.sock`.
+    /// Env: `CASTELLAN_WORKLOAD_SOCKET`.
+    pub socket: Option<PathBuf>,
 }
 
 /// Decision logging.
@@ -190,6 +201,7 @@ impl Default for Config {
             oidc_issuers: Vec::new(),
             bundles: BundlesConfig::default(),
             decision_logs: DecisionLogsConfig::default(),
+            workload_api: WorkloadApiConfig::default(),
         }
     }
 }
@@ -261,6 +273,9 @@ impl Config {
         if let Some(v) = get("CASTELLAN_TRUST_DOMAIN") {
             self.trust_domain = v;
         }
+        if let Some(v) = get("CASTELLAN_WORKLOAD_SOCKET") {
+            self.workload_api.socket = Some(v.into());
+        }
         if let Some(v) = get("CASTELLAN_PUBLIC_URL") {
             self.public_url = Some(v);
         }
@@ -302,6 +317,9 @@ impl Config {
             if let Some(p) = ts.jwks_file.as_mut() {
                 fix(p);
             }
+        }
+        if let Some(p) = self.workload_api.socket.as_mut() {
+            fix(p);
         }
         if let Some(p) = self.decision_logs.path.as_mut() {
             fix(p);

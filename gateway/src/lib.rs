@@ -26,3 +26,4 @@ pub mod spiffe_id;
 pub mod store;
 pub mod trust;
 pub mod util;
+pub mod workload_api;

@@ -28,6 +28,8 @@ pub struct App {
     pub auth: Arc<Authenticator>,
     pub approvals: Arc<crate::approvals::Approvals>,
     pub bundles: Arc<crate::bundle::Bundles>,
+    /// Workload API registration entries.
+    pub entries: Arc<crate::workload_api::Entries>,
     /// Public keys that may sign bundles, and whether unsigned ones pass.
     pub bundle_keys: Arc<BundleKeys>,
     pub broker: Arc<crate::broker::Broker>,
@@ -130,6 +132,7 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     if let Some(url) = &config.public_url {
         let _ = pipeline.public_url.set(url.trim_end_matches('/').to_owned());
     }
+    let pipeline_store_entries = pipeline.store.entries().await?;
     let approvals = crate::approvals::Approvals::new(pipeline.clone());
     let broker = crate::broker::Broker::new(pipeline.clone(), approvals.clone(), oidc)
         .await
@@ -147,6 +150,7 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         auth,
         approvals,
         bundles,
+        entries: Arc::new(crate::workload_api::Entries::new(pipeline_store_entries)),
         bundle_keys: Arc::new(signing_keys),
         broker,
         dispatcher: std::sync::Mutex::new(dispatcher),
@@ -156,6 +160,17 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         ca_created: ca.created,
         config,
     })
+}
+
+impl App {
+    /// Where the Workload API listens.
+    pub fn workload_socket(&self) -> PathBuf {
+        self.config
+            .workload_api
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.config.data_dir.join("workload.sock"))
+    }
 }
 
 /// Who may sign bundles.
@@ -281,6 +296,7 @@ pub async fn serve(
     app: &App,
     listener: TcpListener,
     tls: Option<rustls::ServerConfig>,
+    workload: tokio::net::UnixListener,
 ) -> anyhow::Result<()> {
     // Without a configured public URL, JWT-SVIDs and discovery name the
     // address actually bound.
@@ -301,6 +317,7 @@ pub async fn serve(
         auth: app.auth.clone(),
         approvals: app.approvals.clone(),
         bundles: app.bundles.clone(),
+        entries: app.entries.clone(),
         bundle_keys: app.bundle_keys.clone(),
         broker: app.broker.clone(),
         max_body_bytes: app.config.http.max_body_bytes,
@@ -313,6 +330,12 @@ pub async fn serve(
     }
     let service = TowerToHyperService::new(router(state));
     tokio::spawn(app.approvals.clone().run_housekeeping());
+    let (wp, we) = (app.pipeline.clone(), app.entries.clone());
+    tokio::spawn(async move {
+        if let Err(e) = crate::workload_api::serve(wp, we, workload).await {
+            tracing::error!(error = %e, "the Workload API stopped");
+        }
+    });
     if let Some(d) = app.dispatcher.lock().unwrap_or_else(|p| p.into_inner()).take() {
         tokio::spawn(d.run());
     }

@@ -322,6 +322,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     let cluster = DevCluster::load_or_create(&config.data_dir)?;
     let app = server::build(config, vec![cluster.trust_source()]).await?;
     let (listener, local) = server::bind(app.config.http.addr).await?;
+    // Bound before anything says "listening": a client may connect at once.
+    let workload = crate::workload_api::bind(&app.workload_socket())?;
 
     let dir = std::fs::canonicalize(&app.config.data_dir).unwrap_or(app.config.data_dir.clone());
     let mut out = std::io::stdout().lock();
@@ -373,10 +375,11 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         out,
         "  bundles          PUT /api/v1/bundles/<name>; signature verification off (dev)"
     )?;
+    writeln!(out, "  workload API     unix:{}", app.workload_socket().display())?;
     writeln!(out, "listening on http://{local}")?;
     out.flush()?;
     drop(out);
-    server::serve(&app, listener, None).await?;
+    server::serve(&app, listener, None, workload).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -395,6 +398,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
     let app = server::build(config, Vec::new()).await?;
     let (listener, local) = server::bind(app.config.http.addr).await?;
+    // Bound before anything says "listening": a client may connect at once.
+    let workload = crate::workload_api::bind(&app.workload_socket())?;
     let tls = if app.config.http.tls.enabled {
         Some(server::tls_config(&app, local)?)
     } else {
@@ -408,7 +413,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "castellan serving"
     );
     println!("listening on {scheme}://{local}");
-    server::serve(&app, listener, tls).await?;
+    server::serve(&app, listener, tls, workload).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -36,6 +36,7 @@ pub struct AppState {
     pub approvals: Arc<Approvals>,
     pub broker: Arc<crate::broker::Broker>,
     pub bundles: Arc<crate::bundle::Bundles>,
+    pub entries: Arc<crate::workload_api::Entries>,
     pub bundle_keys: Arc<crate::server::BundleKeys>,
     pub max_body_bytes: usize,
 }
@@ -70,6 +71,8 @@ pub fn router(state: AppState) -> Router {
         .route("/.well-known/openid-configuration", get(broker::discovery))
         .route("/.well-known/jwks.json", get(broker::jwks))
         .route("/api/v1/bundles", get(bundles::list))
+        .route("/api/v1/entries", post(create_entry).get(list_entries))
+        .route("/api/v1/entries/{id}", get(get_entry).delete(delete_entry))
         .route("/api/v1/bundles/{name}", axum::routing::put(bundles::put))
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
@@ -517,4 +520,80 @@ async fn list_audit(
         Ok(v) => axum::Json(v).into_response(),
         Err(p) => p.into_response(),
     }
+}
+
+/// `POST /api/v1/entries` (admin): a Workload API registration entry.
+async fn create_entry(State(state): State<AppState>, req: Request<Body>) -> Response {
+    let (parts, body) = req.into_parts();
+    let result: Result<crate::workload_api::Entry, Problem> = async {
+        state.require_admin(&parts.headers, "entries.create").await?;
+        let spec: crate::workload_api::EntrySpec = read_json(body, state.max_body_bytes).await?;
+        let entry = spec.into_entry(&state.pipeline.trust_domain).map_err(|m| {
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-entry",
+                "Invalid registration entry",
+                m,
+            )
+        })?;
+        let event = AuditEvent {
+            kind: "entry.created".into(),
+            actor: "user:admin".into(),
+            detail: json!({ "id": entry.id, "spiffe_id": entry.spiffe_id, "selectors": entry.selectors }),
+        };
+        state
+            .pipeline
+            .store
+            .put_entry(entry.clone(), event)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "could not store entry");
+                Problem::unavailable("the entry could not be stored")
+            })?;
+        state.entries.insert(entry.clone());
+        Ok(entry)
+    }
+    .await;
+    match result {
+        Ok(e) => (StatusCode::CREATED, axum::Json(e)).into_response(),
+        Err(p) => p.into_response(),
+    }
+}
+
+async fn list_entries(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(p) = state.require_admin(&headers, "entries.list").await {
+        return p.into_response();
+    }
+    let items: Vec<_> = state.entries.list().iter().map(|e| e.as_ref().clone()).collect();
+    axum::Json(json!({ "items": items })).into_response()
+}
+
+async fn get_entry(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(p) = state.require_admin(&headers, "entries.get").await {
+        return p.into_response();
+    }
+    match state.entries.get(&id) {
+        Some(e) => axum::Json(e.as_ref().clone()).into_response(),
+        None => Problem::not_found("no entry with that id").into_response(),
+    }
+}
+
+async fn delete_entry(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(p) = state.require_admin(&headers, "entries.delete").await {
+        return p.into_response();
+    }
+    if state.entries.get(&id).is_none() {
+        return Problem::not_found("no entry with that id").into_response();
+    }
+    let event = AuditEvent {
+        kind: "entry.deleted".into(),
+        actor: "user:admin".into(),
+        detail: json!({ "id": id }),
+    };
+    if let Err(e) = state.pipeline.store.delete_entry(&id, event).await {
+        tracing::error!(error = %e, "could not delete entry");
+        return Problem::unavailable("the entry could not be deleted").into_response();
+    }
+    state.entries.remove(&id);
+    StatusCode::NO_CONTENT.into_response()
 }

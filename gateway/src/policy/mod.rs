@@ -28,6 +28,9 @@ pub const ISSUANCE_RULE: &str = "data.castellan.issuance.decision";
 /// The rule ephemeral (approval-gated) issuance evaluates.
 pub const EPHEMERAL_RULE: &str = "data.castellan.ephemeral.decision";
 
+/// The rule the Workload API evaluates for each SVID it would hand out.
+pub const WORKLOAD_RULE: &str = "data.castellan.workload_api.decision";
+
 /// The rule the agent broker evaluates.
 pub const BROKER_RULE: &str = "data.castellan.broker.decision";
 
@@ -83,7 +86,7 @@ pub struct IssuanceDecision {
 }
 
 /// Rules the gateway evaluates; each is compiled once when a bundle loads.
-pub const ENTRYPOINTS: &[&str] = &[ISSUANCE_RULE, EPHEMERAL_RULE, BROKER_RULE];
+pub const ENTRYPOINTS: &[&str] = &[ISSUANCE_RULE, EPHEMERAL_RULE, BROKER_RULE, WORKLOAD_RULE];
 
 /// The ephemeral decision document (version 1), see `policies/README.md`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

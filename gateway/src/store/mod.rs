@@ -222,6 +222,16 @@ pub trait Store: Send + Sync + 'static {
     /// A stored idempotent response.
     async fn idempotency_get(&self, key: &str) -> Result<Option<IdempotentResponse>, StoreError>;
 
+    /// Persists a registration entry with its audit event.
+    async fn put_entry(&self, entry: crate::workload_api::Entry, event: AuditEvent)
+    -> Result<(), StoreError>;
+
+    /// Deletes a registration entry with its audit event.
+    async fn delete_entry(&self, id: &str, event: AuditEvent) -> Result<bool, StoreError>;
+
+    /// All registration entries.
+    async fn entries(&self) -> Result<Vec<crate::workload_api::Entry>, StoreError>;
+
     /// Records an issued agent token and its effects in one transaction.
     async fn put_agent_token(&self, token: AgentToken, effects: Effects) -> Result<(), StoreError>;
 

@@ -29,6 +29,7 @@ const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("ephemeral_r
 const PENDING: TableDefinition<&str, ()> = TableDefinition::new("ephemeral_pending");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const AGENT_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("agent_tokens");
+const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("registration_entries");
 const REVOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revocations");
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 
@@ -50,6 +51,8 @@ enum Op {
     Idempotency(String, IdempotentResponse, Ack),
     PurgeIdempotency(i64, Ack),
     PutAgentToken(Box<AgentToken>, Effects, Ack),
+    PutEntry(Box<crate::workload_api::Entry>, AuditEvent, Ack),
+    DeleteEntry(String, AuditEvent, Ack),
     Revoke(
         RevocationFilter,
         String,
@@ -89,6 +92,7 @@ impl RedbStore {
             txn.open_table(OUTBOX).map_err(backend)?;
             txn.open_table(IDEMPOTENCY).map_err(backend)?;
             txn.open_table(AGENT_TOKENS).map_err(backend)?;
+            txn.open_table(ENTRIES).map_err(backend)?;
             txn.open_table(REVOCATIONS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
@@ -154,6 +158,7 @@ struct Tables<'txn> {
     outbox: redb::Table<'txn, u64, &'static [u8]>,
     idempotency: redb::Table<'txn, &'static str, &'static [u8]>,
     agent_tokens: redb::Table<'txn, &'static str, &'static [u8]>,
+    entries: redb::Table<'txn, &'static str, &'static [u8]>,
     revocations: redb::Table<'txn, u64, &'static [u8]>,
 }
 
@@ -283,6 +288,7 @@ impl Writer {
                     outbox: txn.open_table(OUTBOX).map_err(backend)?,
                     idempotency: txn.open_table(IDEMPOTENCY).map_err(backend)?,
                     agent_tokens: txn.open_table(AGENT_TOKENS).map_err(backend)?,
+                    entries: txn.open_table(ENTRIES).map_err(backend)?,
                     revocations: txn.open_table(REVOCATIONS).map_err(backend)?,
                 };
                 for op in batch {
@@ -389,6 +395,19 @@ impl Writer {
                     }
                 }
                 Self::ack(reply, true)
+            }
+            Op::PutEntry(entry, event, reply) => {
+                let bytes = serde_json::to_vec(&entry).map_err(backend)?;
+                t.entries
+                    .insert(entry.id.as_str(), bytes.as_slice())
+                    .map_err(backend)?;
+                self.append(t, event)?;
+                Self::ack(reply, true)
+            }
+            Op::DeleteEntry(id, event, reply) => {
+                let existed = t.entries.remove(id.as_str()).map_err(backend)?.is_some();
+                self.append(t, event)?;
+                Self::ack(reply, existed)
             }
             Op::PutAgentToken(token, effects, reply) => {
                 t.put_agent_token(&token)?;
@@ -694,6 +713,26 @@ impl Store for RedbStore {
             }
         })
         .await
+    }
+
+    async fn put_entry(
+        &self,
+        entry: crate::workload_api::Entry,
+        event: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.submit(|r| Op::PutEntry(Box::new(entry), event, r))
+            .await
+            .map(drop)
+    }
+
+    async fn delete_entry(&self, id: &str, event: AuditEvent) -> Result<bool, StoreError> {
+        self.submit(|r| Op::DeleteEntry(id.to_owned(), event, r)).await
+    }
+
+    async fn entries(&self) -> Result<Vec<crate::workload_api::Entry>, StoreError> {
+        let mut out: Vec<crate::workload_api::Entry> = self.read(|db| all_values(db, ENTRIES)).await?;
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        Ok(out)
     }
 
     async fn put_agent_token(&self, token: AgentToken, effects: Effects) -> Result<(), StoreError> {

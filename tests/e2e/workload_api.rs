@@ -1,0 +1,148 @@
+//! The SPIFFE Workload API served by `castellan dev`, driven by the stock
+//! `spiffe` crate over the Unix socket.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use serde_json::json;
+use spiffe::WorkloadApiClient;
+use support::Server;
+
+/// Our own uid, as the kernel will report it to the server.
+fn my_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn entry(server: &Server, spiffe_id: &str, selector: &str, hint: &str) -> String {
+    let r = server.post_admin(
+        "/api/v1/entries",
+        &json!({"spiffe_id": spiffe_id, "selectors": [selector], "hint": hint, "x509_svid_ttl": 3600}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body["id"].as_str().unwrap().to_owned()
+}
+
+async fn client(server: &Server) -> WorkloadApiClient {
+    WorkloadApiClient::connect_to(format!("unix:{}", server.dir.join("workload.sock").display()))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn stock_spiffe_clients_get_x509_and_jwt_svids() {
+    let server = Server::dev();
+    let uid = my_uid();
+    let id = entry(
+        &server,
+        "spiffe://example.org/workload/api",
+        &format!("unix:uid:{uid}"),
+        "internal",
+    );
+    entry(
+        &server,
+        "spiffe://example.org/workload/metrics",
+        &format!("unix:uid:{uid}"),
+        "external",
+    );
+    let c = client(&server).await;
+
+    let svid = c.fetch_x509_svid().await.unwrap();
+    assert!(
+        svid.spiffe_id()
+            .to_string()
+            .starts_with("spiffe://example.org/workload/")
+    );
+    let all = c.fetch_all_x509_svids().await.unwrap();
+    assert_eq!(all.len(), 2, "several matching entries give several SVIDs");
+    let mut hints: Vec<_> = all
+        .iter()
+        .map(|s| s.hint().map(|h| h.to_string()).unwrap_or_default())
+        .collect();
+    hints.sort();
+    assert_eq!(hints, ["external", "internal"]);
+    let bundles = c.fetch_x509_bundles().await.unwrap();
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    assert!(bundles.get(&td).is_some(), "the trust domain's X.509 bundle");
+    let ctx = c.fetch_x509_context().await.unwrap();
+    assert_eq!(ctx.svids().len(), 2);
+
+    let jwt = c
+        .fetch_jwt_svid(
+            &["payments"],
+            Some(&spiffe::SpiffeId::new("spiffe://example.org/workload/api").unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(jwt.spiffe_id().to_string(), "spiffe://example.org/workload/api");
+    let token = jwt.token().to_string();
+    let validated = c.validate_jwt_token("payments", &token).await.unwrap();
+    assert_eq!(
+        validated.spiffe_id().to_string(),
+        "spiffe://example.org/workload/api"
+    );
+    assert!(c.validate_jwt_token("other-audience", &token).await.is_err());
+    let jwt_bundles = c.fetch_jwt_bundles().await.unwrap();
+    assert!(jwt_bundles.get(&td).is_some());
+    let header = jsonwebtoken::decode_header(&token).unwrap();
+    assert!(header.kid.is_some() && header.typ.as_deref() == Some("JWT"));
+
+    // Deleting the entries ends the identities.
+    assert_eq!(server.delete_admin(&format!("/api/v1/entries/{id}")).status, 204);
+    assert_eq!(c.fetch_all_x509_svids().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn an_unregistered_caller_gets_permission_denied_and_streams_end_on_deletion() {
+    let server = Server::dev();
+    let c = client(&server).await;
+    let err = c.fetch_x509_svid().await.unwrap_err();
+    assert!(format!("{err:?}").contains("PermissionDenied"), "{err:?}");
+    let err = c.fetch_jwt_svid(&["a"], None).await.unwrap_err();
+    assert!(format!("{err:?}").contains("PermissionDenied"), "{err:?}");
+
+    let id = entry(
+        &server,
+        "spiffe://example.org/workload/stream",
+        &format!("unix:uid:{}", my_uid()),
+        "",
+    );
+    let mut stream = c.stream_x509_svids().await.unwrap();
+    use futures::StreamExt as _;
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(
+        first.spiffe_id().to_string(),
+        "spiffe://example.org/workload/stream"
+    );
+    assert_eq!(server.delete_admin(&format!("/api/v1/entries/{id}")).status, 204);
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+        .await
+        .expect("pushed at once");
+    match next {
+        Some(Err(e)) => assert!(format!("{e:?}").contains("PermissionDenied"), "{e:?}"),
+        other => panic!("expected PermissionDenied on the stream, got {other:?}"),
+    }
+    // An entry in another trust domain, or without selectors, is refused.
+    server
+        .post_admin(
+            "/api/v1/entries",
+            &json!({"spiffe_id": "spiffe://evil.org/x", "selectors": ["unix:uid:0"]}),
+        )
+        .assert_problem(422, "invalid-entry");
+    server
+        .post_admin(
+            "/api/v1/entries",
+            &json!({"spiffe_id": "spiffe://example.org/x", "selectors": []}),
+        )
+        .assert_problem(422, "invalid-entry");
+}
