@@ -146,3 +146,56 @@ async fn an_unregistered_caller_gets_permission_denied_and_streams_end_on_deleti
         )
         .assert_problem(422, "invalid-entry");
 }
+
+#[tokio::test]
+async fn a_raw_call_without_the_security_header_is_refused() {
+    let server = Server::dev();
+    entry(
+        &server,
+        "spiffe://example.org/workload/raw",
+        &format!("unix:uid:{}", my_uid()),
+        "",
+    );
+    let path = server.dir.join("workload.sock");
+    // A plain gRPC client over the socket, with no `workload.spiffe.io` header.
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap();
+    let mut raw =
+        castellan_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+    let err = raw
+        .fetch_jwtsvid(castellan_proto::workload::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    // With the header, an empty audience is InvalidArgument too.
+    let mut req = tonic::Request::new(castellan_proto::workload::JwtsvidRequest {
+        audience: vec![],
+        spiffe_id: String::new(),
+    });
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    assert_eq!(
+        raw.fetch_jwtsvid(req).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    let mut req = tonic::Request::new(castellan_proto::workload::JwtsvidRequest {
+        audience: vec!["a".into()],
+        spiffe_id: String::new(),
+    });
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    assert_eq!(raw.fetch_jwtsvid(req).await.unwrap().into_inner().svids.len(), 1);
+}
