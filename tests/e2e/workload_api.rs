@@ -199,3 +199,66 @@ async fn a_raw_call_without_the_security_header_is_refused() {
         .insert("workload.spiffe.io", "true".parse().unwrap());
     assert_eq!(raw.fetch_jwtsvid(req).await.unwrap().into_inner().svids.len(), 1);
 }
+
+#[test]
+fn the_entry_cli_takes_spire_style_flags() {
+    let server = Server::dev();
+    let cli = |args: &[&str]| {
+        let out = support::castellan()
+            .env("CASTELLAN_ADDR", &server.base)
+            .env("CASTELLAN_TOKEN", &server.admin_token)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = cli(&[
+        "entry",
+        "create",
+        "-spiffeID",
+        "spiffe://example.org/db",
+        "-selector",
+        "unix:uid:1000",
+        "-selector",
+        "unix:gid:1000",
+        "-x509SVIDTTL",
+        "600",
+        "-dns",
+        "db.internal",
+        "-hint",
+        "primary",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let e: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(e["selectors"], json!(["unix:uid:1000", "unix:gid:1000"]));
+    assert_eq!(e["x509_svid_ttl"], 600);
+    let id = e["id"].as_str().unwrap().to_owned();
+    let (ok, out, _) = cli(&["entry", "list"]);
+    assert!(
+        ok && out.contains("Found 1 entries") && out.contains("spiffe://example.org/db"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&["entry", "show", "-entryID", &id]);
+    assert!(
+        ok && out.contains("db.internal") && out.contains("primary"),
+        "{out}"
+    );
+    let (ok, _, err) = cli(&[
+        "entry",
+        "create",
+        "-spiffeID",
+        "spiffe://other.org/x",
+        "-selector",
+        "unix:uid:0",
+    ]);
+    assert!(!ok && err.starts_with("error: 422 invalid-entry"), "{err}");
+    let (ok, _, _) = cli(&["entry", "delete", "-entryID", &id]);
+    assert!(ok);
+    let (_, out, _) = cli(&["entry", "list"]);
+    assert!(out.contains("Found 0 entries"));
+}

@@ -13,6 +13,7 @@ use hyper::{Method, StatusCode};
 
 mod attestor;
 mod bundle;
+mod entry;
 mod ephemeral;
 
 use crate::client::Endpoint;
@@ -45,6 +46,9 @@ enum Command {
     /// Work with policy bundles.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Workload API registration entries (SPIRE-style flags: -spiffeID, -selector, …).
+    #[command(subcommand)]
+    Entry(entry::EntryCommand),
     /// Run attestor modules locally.
     #[command(subcommand)]
     Attestor(attestor::AttestorCommand),
@@ -254,7 +258,7 @@ struct PolicyTest {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(entry::normalise_args(std::env::args().collect()));
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -296,6 +300,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token(cmd) => ephemeral::token(cmd).await,
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Attestor(cmd) => attestor::run(cmd),
+        Command::Entry(cmd) => entry::run(cmd).await,
         Command::Ephemeral(cmd) => ephemeral::ephemeral(cmd).await,
     }
 }
