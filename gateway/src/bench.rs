@@ -44,22 +44,32 @@ impl Report {
     }
 }
 
-/// Runs the benchmark against a live server.
-pub async fn run(opts: Options) -> anyhow::Result<Report> {
+/// A trust source the load tool registers for itself, and removes after.
+struct BenchSource {
+    key: KeyPair,
+    kid: String,
+    issuer: String,
+    id: String,
+}
+
+async fn register_source(
+    admin: &mut crate::client::Conn,
+    token: &str,
+    prefix: &str,
+) -> anyhow::Result<BenchSource> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    let issuer = format!("https://bench-{tag}.castellan.invalid");
-    let kid = format!("bench-{tag}");
-    let mut admin = opts.endpoint.connect().await?;
+    let issuer = format!("https://{prefix}-{tag}.castellan.invalid");
+    let kid = format!("{prefix}-{tag}");
     let body = json!({
-        "name": format!("bench-{tag}"), "method": "k8s_sat", "issuer": issuer,
+        "name": kid, "method": "k8s_sat", "issuer": issuer,
         "audiences": ["castellan-bench"], "jwks": {"keys": [p256_jwk(&key, &kid)]},
     });
     let (status, resp) = admin
         .send(
             Method::POST,
             "/api/v1/trust-sources",
-            Some(&opts.admin_token),
+            Some(token),
             Some(Bytes::from(body.to_string())),
         )
         .await?;
@@ -68,62 +78,49 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         "creating the bench trust source: {status} {}",
         String::from_utf8_lossy(&resp)
     );
-    let source_id = serde_json::from_slice::<serde_json::Value>(&resp)?["id"]
+    let id = serde_json::from_slice::<serde_json::Value>(&resp)?["id"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
+    Ok(BenchSource { key, kid, issuer, id })
+}
 
-    let total = opts.requests + opts.warmup;
-    eprintln!("generating {total} tokens and CSRs…");
-    let bodies = Arc::new(generate_bodies(&key, &kid, &issuer, total)?);
-
-    let warm = run_phase(
-        &opts.endpoint,
-        bodies.clone(),
-        0,
-        opts.warmup,
-        opts.concurrency.min(opts.warmup.max(1)),
-    )
-    .await?;
-    drop(warm);
-    let started = Instant::now();
-    let (mut latencies, statuses) =
-        run_phase(&opts.endpoint, bodies, opts.warmup, total, opts.concurrency).await?;
-    let elapsed = started.elapsed();
-
+async fn remove_source(admin: &mut crate::client::Conn, token: &str, source: &BenchSource) {
     let _ = admin
         .send(
             Method::DELETE,
-            &format!("/api/v1/trust-sources/{source_id}"),
-            Some(&opts.admin_token),
+            &format!("/api/v1/trust-sources/{}", source.id),
+            Some(token),
             None,
         )
         .await;
+}
 
+/// Runs the benchmark against a live server.
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    let mut admin = opts.endpoint.connect().await?;
+    let source = register_source(&mut admin, &opts.admin_token, "bench").await?;
+    let total = opts.requests + opts.warmup;
+    eprintln!("generating {total} tokens and CSRs…");
+    let bodies = Arc::new(generate_bodies(&source.key, &source.kid, &source.issuer, total)?);
+    let path = "/api/v1/workloads/attested-issuance";
+    let warm = opts.concurrency.min(opts.warmup.max(1));
+    drop(run_paced(&opts.endpoint, path, bodies.clone(), 0, opts.warmup, warm, None).await?);
+    let started = Instant::now();
+    let (mut latencies, statuses) = run_paced(
+        &opts.endpoint,
+        path,
+        bodies,
+        opts.warmup,
+        total,
+        opts.concurrency,
+        None,
+    )
+    .await?;
+    let elapsed = started.elapsed();
+    remove_source(&mut admin, &opts.admin_token, &source).await;
     latencies.sort();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
-    let issued = statuses.iter().filter(|s| **s == 201).count();
-    let mut refused: Vec<(u16, usize)> = Vec::new();
-    for s in statuses.iter().filter(|s| **s != 201) {
-        match refused.iter_mut().find(|(c, _)| c == s) {
-            Some((_, n)) => *n += 1,
-            None => refused.push((*s, 1)),
-        }
-    }
-    Ok(Report {
-        requests: opts.requests,
-        issued,
-        refused,
-        elapsed,
-        p50: pct(0.50),
-        p99: pct(0.99),
-        max: latencies.last().copied().unwrap_or_default(),
-    })
+    Ok(summarise(opts.requests, latencies, &statuses, elapsed))
 }
 
 fn generate_bodies(key: &KeyPair, kid: &str, issuer: &str, n: usize) -> anyhow::Result<Vec<Bytes>> {
@@ -147,52 +144,6 @@ fn generate_bodies(key: &KeyPair, kid: &str, issuer: &str, n: usize) -> anyhow::
         out.push(Bytes::from(body.to_string()));
     }
     Ok(out)
-}
-
-async fn run_phase(
-    endpoint: &Endpoint,
-    bodies: Arc<Vec<Bytes>>,
-    start: usize,
-    end: usize,
-    concurrency: usize,
-) -> anyhow::Result<(Vec<Duration>, Vec<u16>)> {
-    let next = Arc::new(AtomicUsize::new(start));
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency.max(1) {
-        let (endpoint, bodies, next) = (endpoint.clone(), bodies.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut conn = endpoint.connect().await?;
-            let mut lat = Vec::new();
-            let mut st = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= end {
-                    break;
-                }
-                let t0 = Instant::now();
-                let (status, _) = conn
-                    .send(
-                        Method::POST,
-                        "/api/v1/workloads/attested-issuance",
-                        None,
-                        Some(bodies[i].clone()),
-                    )
-                    .await
-                    .context("request failed")?;
-                lat.push(t0.elapsed());
-                st.push(status.as_u16());
-            }
-            anyhow::Ok((lat, st))
-        }));
-    }
-    let mut latencies = Vec::new();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        let (l, s) = t.await??;
-        latencies.extend(l);
-        statuses.extend(s);
-    }
-    Ok((latencies, statuses))
 }
 
 /// What `bench approvals` measured.
@@ -321,36 +272,13 @@ pub struct BrokerOptions {
 /// JWT-SVID delegates to each child. Registers its own trust source; the
 /// default policy (namespace `agents`, agent id = service account) applies.
 pub async fn run_broker(opts: BrokerOptions) -> anyhow::Result<Report> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    let issuer = format!("https://bench-broker-{tag}.castellan.invalid");
-    let kid = format!("bench-{tag}");
     let mut admin = opts.endpoint.connect().await?;
-    let body = json!({
-        "name": format!("bench-broker-{tag}"), "method": "k8s_sat", "issuer": issuer,
-        "audiences": ["castellan-bench"], "jwks": {"keys": [p256_jwk(&key, &kid)]},
-    });
-    let (status, resp) = admin
-        .send(
-            Method::POST,
-            "/api/v1/trust-sources",
-            Some(&opts.admin_token),
-            Some(Bytes::from(body.to_string())),
-        )
-        .await?;
-    anyhow::ensure!(
-        status == StatusCode::CREATED,
-        "creating the bench trust source: {status} {}",
-        String::from_utf8_lossy(&resp)
-    );
-    let source_id = serde_json::from_slice::<serde_json::Value>(&resp)?["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let source = register_source(&mut admin, &opts.admin_token, "bench-broker").await?;
+    let (key, kid, issuer) = (&source.key, &source.kid, &source.issuer);
 
     // The parent agent, once.
     let token =
-        |sa: &str| mint_projected_token(&key, &kid, &issuer, "castellan-bench", "agents", sa, None, 3600);
+        |sa: &str| mint_projected_token(key, kid, issuer, "castellan-bench", "agents", sa, None, 3600);
     let parent_body = json!({
         "agent_id": "bench-parent", "method": "k8s_sat", "evidence": token("bench-parent")?,
         "scopes": ["tickets:read", "docs:read"], "audience": ["https://tools.bench"],
@@ -411,14 +339,7 @@ pub async fn run_broker(opts: BrokerOptions) -> anyhow::Result<Report> {
     )
     .await?;
     let elapsed = started.elapsed();
-    let _ = admin
-        .send(
-            Method::DELETE,
-            &format!("/api/v1/trust-sources/{source_id}"),
-            Some(&opts.admin_token),
-            None,
-        )
-        .await;
+    remove_source(&mut admin, &opts.admin_token, &source).await;
     latencies.sort();
     Ok(summarise(opts.requests, latencies, &statuses, elapsed))
 }

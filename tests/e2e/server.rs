@@ -348,3 +348,51 @@ fn cli_has_help_everywhere_and_one_line_errors() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains(" passed, 0 failed"));
 }
+
+#[test]
+fn the_load_tools_run_against_a_live_server() {
+    let server = Server::dev();
+    let token_file = server.dir.join("admin.token");
+    for args in [
+        vec![
+            "bench",
+            "issuance",
+            "--requests",
+            "40",
+            "--warmup",
+            "5",
+            "--concurrency",
+            "4",
+        ],
+        vec!["bench", "broker", "--requests", "20", "--concurrency", "2"],
+        vec![
+            "bench",
+            "broker",
+            "--requests",
+            "20",
+            "--concurrency",
+            "2",
+            "--rate",
+            "50",
+        ],
+        vec!["bench", "approvals", "--requests", "3"],
+    ] {
+        let out = castellan()
+            .args(&args)
+            .args([
+                "--addr",
+                &server.base,
+                "--token-file",
+                token_file.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("p99"), "{args:?}: {stdout}");
+    }
+}
