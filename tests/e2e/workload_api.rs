@@ -262,3 +262,37 @@ fn the_entry_cli_takes_spire_style_flags() {
     let (_, out, _) = cli(&["entry", "list"]);
     assert!(out.contains("Found 0 entries"));
 }
+
+#[tokio::test]
+async fn an_x509_source_sees_a_rotation_with_a_short_ttl() {
+    let server = Server::dev();
+    let r = server.post_admin(
+        "/api/v1/entries",
+        &json!({"spiffe_id": "spiffe://example.org/workload/rotating", "selectors": [format!("unix:uid:{}", my_uid())], "x509_svid_ttl": 10}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let source = spiffe::X509Source::builder()
+        .endpoint(format!("unix:{}", server.dir.join("workload.sock").display()))
+        .build()
+        .await
+        .unwrap();
+    let serial = |s: &spiffe::X509Svid| s.leaf().as_bytes().to_vec();
+    // Let the source settle on its first SVID before taking the baseline.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let before = serial(&source.svid().unwrap());
+    // The server pushes a fresh SVID at half-life (5 s); allow for slack. Poll
+    // without blocking: the source's updater runs on this test's runtime.
+    let mut rotated = false;
+    for _ in 0..80 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        if serial(&source.svid().unwrap()) != before {
+            rotated = true;
+            break;
+        }
+    }
+    assert!(rotated, "the source saw a rotated SVID");
+    assert_eq!(
+        source.svid().unwrap().spiffe_id().to_string(),
+        "spiffe://example.org/workload/rotating"
+    );
+}

@@ -99,8 +99,9 @@ impl EntrySpec {
                 s.chars().take(64).collect::<String>()
             ));
         }
-        if !(60..=86_400).contains(&self.x509_svid_ttl) || !(60..=86_400).contains(&self.jwt_svid_ttl) {
-            return Err("x509_svid_ttl and jwt_svid_ttl must be between 60 and 86400 seconds".into());
+        // Short lifetimes are allowed: the stream rotates at half-life.
+        if !(10..=86_400).contains(&self.x509_svid_ttl) || !(10..=86_400).contains(&self.jwt_svid_ttl) {
+            return Err("x509_svid_ttl and jwt_svid_ttl must be between 10 and 86400 seconds".into());
         }
         Ok(Entry {
             id: uuid::Uuid::new_v4().to_string(),
