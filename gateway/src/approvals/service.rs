@@ -592,28 +592,45 @@ impl Approvals {
         })?;
         let issued = crate::broker::granted_as_issued(&granted);
         let approvers = request.approvers();
+        self.record_issued(&request.id, issued, move |r| {
+            let mut audit = crate::broker::issued_event(&grant, &token, &[]);
+            if let Some(d) = audit.detail.as_object_mut() {
+                d.insert("request_id".into(), json!(r.id));
+                d.insert("approvers".into(), json!(approvers));
+            }
+            Effects {
+                audit: vec![audit],
+                certificates: cert.into_iter().collect(),
+                agent_tokens: vec![token],
+                ..Effects::default()
+            }
+        })
+        .await
+    }
+
+    /// Moves an `approved` request to `issued` with what was minted for it,
+    /// in one store transition; refused unless it is still `approved`.
+    /// `record` supplies the audit, inventory and registry writes.
+    async fn record_issued(
+        &self,
+        id: &str,
+        issued: IssuedCert,
+        record: impl FnOnce(&Request) -> Effects + Send + 'static,
+    ) -> Result<Request, EphemeralError> {
         let updated = self
             .pipeline
             .store
             .update_request(
-                &request.id,
+                id,
                 Box::new(move |r: &mut Request| {
                     if r.state != State::Approved {
                         return Err(ApprovalError::NotPending(r.state.as_str()));
                     }
                     r.state = State::Issued;
                     r.issued = Some(issued);
-                    let mut audit = crate::broker::issued_event(&grant, &token, &[]);
-                    if let Some(d) = audit.detail.as_object_mut() {
-                        d.insert("request_id".into(), json!(r.id));
-                        d.insert("approvers".into(), json!(approvers));
-                    }
-                    Ok(Effects {
-                        audit: vec![audit],
-                        notify: vec![notification("ephemeral.issued", r)],
-                        certificates: cert.into_iter().collect(),
-                        agent_tokens: vec![token],
-                    })
+                    let mut effects = record(r);
+                    effects.notify.push(notification("ephemeral.issued", r));
+                    Ok(effects)
                 }),
             )
             .await??;
@@ -630,32 +647,17 @@ impl Approvals {
         let (cert, record) = self.sign(&request).await?;
         let approvers = request.approvers();
         let serial = record.serial.clone();
-        let updated = self
-            .pipeline
-            .store
-            .update_request(
-                &request.id,
-                Box::new(move |r: &mut Request| {
-                    if r.state != State::Approved {
-                        return Err(ApprovalError::NotPending(r.state.as_str()));
-                    }
-                    r.state = State::Issued;
-                    r.issued = Some(cert);
-                    Ok(Effects {
-                        audit: vec![event(
-                            "ephemeral.issued",
-                            "castellan",
-                            r,
-                            json!({ "serial": serial, "approvers": approvers }),
-                        )],
-                        notify: vec![notification("ephemeral.issued", r)],
-                        certificates: vec![record],
-                        ..Effects::default()
-                    })
-                }),
-            )
-            .await??;
-        Ok(updated)
+        self.record_issued(&request.id, cert, move |r| Effects {
+            audit: vec![event(
+                "ephemeral.issued",
+                "castellan",
+                r,
+                json!({ "serial": serial, "approvers": approvers }),
+            )],
+            certificates: vec![record],
+            ..Effects::default()
+        })
+        .await
     }
 
     /// Cancels a pending request for its requester.
