@@ -86,6 +86,16 @@ pub struct AttestationSummary {
     pub selectors: Vec<String>,
 }
 
+impl From<Attestation> for AttestationSummary {
+    fn from(a: Attestation) -> Self {
+        Self {
+            method: a.method,
+            subject: a.subject,
+            selectors: a.selectors,
+        }
+    }
+}
+
 /// Everything the pipeline needs; shared by all surfaces.
 pub struct Pipeline {
     pub trust_domain: String,
@@ -186,11 +196,7 @@ impl Pipeline {
             bundle_pem: self.signer.bundle_pem().to_owned(),
             serial: cert.serial,
             not_after: rfc3339(cert.not_after),
-            attestation: AttestationSummary {
-                method: attestation.method,
-                subject: attestation.subject,
-                selectors: attestation.selectors,
-            },
+            attestation: attestation.into(),
         })
     }
 

@@ -103,6 +103,18 @@ pub struct Rule {
     pub deny_threshold: u32,
 }
 
+impl From<crate::policy::ApprovalRule> for Rule {
+    /// At least one approval, and at least one denial, are ever needed.
+    fn from(a: crate::policy::ApprovalRule) -> Self {
+        Self {
+            required_approvals: a.required_approvals.max(1),
+            approver_groups: a.approver_groups,
+            approver_principals: a.approver_principals,
+            deny_threshold: a.deny_threshold.max(1),
+        }
+    }
+}
+
 /// The certificate an issued request produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IssuedCert {

@@ -261,12 +261,7 @@ impl Approvals {
             (false, _) => false,
         };
         let rule = match (&decision.approval, issue_now) {
-            (Some(a), _) => Rule {
-                required_approvals: a.required_approvals.max(1),
-                approver_groups: a.approver_groups.clone(),
-                approver_principals: a.approver_principals.clone(),
-                deny_threshold: a.deny_threshold.max(1),
-            },
+            (Some(a), _) => Rule::from(a.clone()),
             (None, true) => Rule {
                 required_approvals: 0,
                 approver_groups: vec![],
@@ -309,11 +304,7 @@ impl Approvals {
             decided_at: None,
             issued: None,
             policy_revision: self.pipeline.policies.revision(),
-            attestation: attestation.map(|a| crate::issuance::AttestationSummary {
-                method: a.method,
-                subject: a.subject,
-                selectors: a.selectors,
-            }),
+            attestation: attestation.map(Into::into),
             agent: None,
         };
         let actor = request.requester.id.clone();
@@ -540,23 +531,14 @@ impl Approvals {
             post_review: false,
             public_key,
             binding,
-            rule: Rule {
-                required_approvals: approval.required_approvals.max(1),
-                approver_groups: approval.approver_groups,
-                approver_principals: approval.approver_principals,
-                deny_threshold: approval.deny_threshold.max(1),
-            },
+            rule: Rule::from(approval.clone()),
             votes: Vec::new(),
             created_at: rfc3339(time::OffsetDateTime::now_utc()),
             expires_at: now_unix() + approval.pending_ttl_seconds.clamp(1, 7 * 86_400) as i64,
             decided_at: None,
             issued: None,
             policy_revision: self.pipeline.policies.revision(),
-            attestation: Some(crate::issuance::AttestationSummary {
-                method: attestation.method,
-                subject: attestation.subject,
-                selectors: attestation.selectors,
-            }),
+            attestation: Some(attestation.into()),
             agent: Some(grant),
         };
         let actor = request.requester.id.clone();
