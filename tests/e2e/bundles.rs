@@ -625,3 +625,62 @@ fn a_custom_attestor_is_built_bundled_signed_loaded_and_issues() {
     let k8s = issue(&server, &cluster, "shop");
     assert_eq!(k8s.status, 201, "{}", k8s.body);
 }
+
+#[test]
+fn a_watched_bundle_source_loads_at_start_and_reloads_on_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new("https://k8s.watch.example");
+    std::fs::write(tmp.path().join("k8s.json"), cluster.jwks().to_string()).unwrap();
+    let dir = bundle_dir(tmp.path(), "watched", |d| {
+        set_manifest(d, json!({"revision": "w1", "roots": ["castellan"]}))
+    });
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = {{ enabled = false }}\n\
+             [bundles]\nverification = \"off\"\nsources = [{{ name = \"default\", path = \"watched\" }}]\n\
+             [[trust_sources]]\nname = \"c\"\nmethod = \"k8s_sat\"\nissuer = \"{}\"\naudiences = [\"castellan\"]\njwks_file = \"k8s.json\"\n",
+            cluster.issuer
+        ),
+    )
+    .unwrap();
+    let server = Server::serve(&config, &tmp.path().join("data"));
+    let revision = || {
+        server.get("/healthz", None).body["policy_revision"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || revision() == "w1"),
+        "loaded at start"
+    );
+    assert_eq!(issue(&server, &cluster, "payments").status, 201);
+
+    // Edit the directory: deny `payments`, new revision. The gateway picks it up.
+    set_manifest(&dir, json!({"revision": "w2", "roots": ["castellan"]}));
+    let mut data: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("data.json")).unwrap()).unwrap();
+    data["castellan"]["issuance"]["denied_namespaces"] = json!(["payments"]);
+    std::fs::write(dir.join("data.json"), data.to_string()).unwrap();
+    assert!(
+        support::eventually(std::time::Duration::from_secs(15), || revision() == "w2"),
+        "reloaded on change"
+    );
+    issue(&server, &cluster, "payments").assert_problem(403, "policy-denied");
+
+    // A broken edit is refused and audited; w2 keeps serving.
+    std::fs::write(
+        dir.join("broken.rego"),
+        "package castellan.issuance\ndecision := {\n",
+    )
+    .unwrap();
+    assert!(support::eventually(std::time::Duration::from_secs(15), || {
+        server
+            .audit()
+            .iter()
+            .any(|e| e["kind"] == "bundle.refused" && e["actor"].as_str().unwrap_or("").starts_with("watch:"))
+    }));
+    assert_eq!(revision(), "w2");
+}
