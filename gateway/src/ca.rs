@@ -196,6 +196,37 @@ fn load_or_create_jwt_key(dir: &Path) -> Result<String, CaError> {
     Ok(key.serialize_pem())
 }
 
+/// Loads the RSA key for RS256 JWT-SVIDs (PKCS#8 PEM, 2048 bits, mode 0600),
+/// creating it on first use. Only servers configured for RS256 create one.
+pub fn load_or_create_rsa_jwt_key(dir: &Path) -> Result<String, CaError> {
+    use rsa::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
+    let path = dir.join("jwt-signing-rsa.key");
+    if path.exists() {
+        let pem = std::fs::read_to_string(&path).map_err(|source| CaError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        rsa::RsaPrivateKey::from_pkcs8_pem(&pem).map_err(|e| CaError::Invalid {
+            path: path.clone(),
+            message: format!("not an RSA PKCS#8 private key: {e}"),
+        })?;
+        return Ok(pem);
+    }
+    let invalid = |message: String| CaError::Invalid {
+        path: path.clone(),
+        message,
+    };
+    let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).map_err(|e| invalid(e.to_string()))?;
+    let pem = key
+        .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+        .map_err(|e| invalid(e.to_string()))?;
+    write_private_file(&path, pem.as_bytes()).map_err(|source| CaError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(pem.to_string())
+}
+
 /// Reads the trust domain from a CA certificate's `spiffe://` URI SAN.
 fn trust_domain_of(pem_text: &str) -> Result<String, String> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem_text.as_bytes()).map_err(|e| e.to_string())?;

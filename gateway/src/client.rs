@@ -40,6 +40,32 @@ impl Endpoint {
 
     /// Parses a full URL into the endpoint and its path (with query).
     pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<(Self, String)> {
+        let tls = match ca_file {
+            Some(ca_file) if url.starts_with("https://") => {
+                let pem = std::fs::read(ca_file).with_context(|| format!("{}", ca_file.display()))?;
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                    roots
+                        .add(cert.context("CA file is not PEM")?)
+                        .context("CA certificate not usable")?;
+                }
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                Some(Arc::new(config))
+            }
+            _ => None,
+        };
+        Self::parse_url_with(url, tls)
+    }
+
+    /// Parses a full URL; an `https://` one uses the TLS configuration given.
+    pub fn parse_url_with(
+        url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> anyhow::Result<(Self, String)> {
         let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = url.strip_prefix("http://") {
@@ -60,22 +86,10 @@ impl Endpoint {
             _ => (authority.clone(), if https { 443 } else { 80 }),
         };
         let tls = if https {
-            let ca_file =
-                ca_file.context("an https:// address needs --ca-file (e.g. DATA_DIR/ca/root.crt)")?;
-            let pem = std::fs::read(ca_file).with_context(|| format!("{}", ca_file.display()))?;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                roots
-                    .add(cert.context("CA file is not PEM")?)
-                    .context("CA certificate not usable")?;
-            }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+            let config =
+                tls.context("an https:// address needs --ca-file (e.g. DATA_DIR/ca/root.crt)")?;
             let name = ServerName::try_from(host.clone()).context("invalid server name")?;
-            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+            Some((tokio_rustls::TlsConnector::from(config), name))
         } else {
             None
         };

@@ -66,15 +66,54 @@ pub struct Config {
     pub decision_logs: DecisionLogsConfig,
     /// The SPIFFE Workload API.
     pub workload_api: WorkloadApiConfig,
+    /// SPIFFE federation with other trust domains.
+    pub federation: FederationConfig,
 }
 
-/// The Workload API socket.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Federation: foreign trust domains' bundles, and the refresh hint
+/// Castellan's own bundle endpoint announces.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// `spiffe_refresh_hint` of the bundle served at
+    /// `/.well-known/spiffe-bundle`, seconds. Default: 300.
+    pub refresh_hint_seconds: u64,
+    /// Foreign trust domains (`[[federation.trust_domains]]`).
+    pub trust_domains: Vec<crate::federation::FederatedTrustDomain>,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            refresh_hint_seconds: 300,
+            trust_domains: Vec::new(),
+        }
+    }
+}
+
+/// The Workload API.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkloadApiConfig {
     /// Unix socket path. Default: `DATA_DIR/workload.sock`.
     /// Env: `CASTELLAN_WORKLOAD_SOCKET`.
     pub socket: Option<PathBuf>,
+    /// Also give callers a `unix:sha256:<hex>` selector: the SHA-256 of
+    /// their executable (hashed once per file version, then cached).
+    /// Default: false.
+    pub exe_sha256: bool,
+    /// Signature algorithm of JWT-SVIDs: `ES256` or `RS256`. Default: `ES256`.
+    pub jwt_svid_algorithm: String,
+}
+
+impl Default for WorkloadApiConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            exe_sha256: false,
+            jwt_svid_algorithm: "ES256".into(),
+        }
+    }
 }
 
 /// Decision logging.
@@ -202,6 +241,7 @@ impl Default for Config {
             bundles: BundlesConfig::default(),
             decision_logs: DecisionLogsConfig::default(),
             workload_api: WorkloadApiConfig::default(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -335,6 +375,14 @@ impl Config {
                 fix(p);
             }
         }
+        for f in &mut self.federation.trust_domains {
+            if let Some(p) = f.bundle_file.as_mut() {
+                fix(p);
+            }
+            if let Some(p) = f.ca_file.as_mut() {
+                fix(p);
+            }
+        }
         for w in &mut self.webhooks {
             fix(&mut w.secret_file);
             if let Some(p) = w.ca_file.as_mut() {
@@ -412,6 +460,31 @@ impl Config {
                 key: "issuance.min_ttl_seconds",
                 message: "must be at least 1 and not above issuance.max_ttl_seconds".into(),
             });
+        }
+        if !matches!(self.workload_api.jwt_svid_algorithm.as_str(), "ES256" | "RS256") {
+            return Err(ConfigError::Invalid {
+                key: "workload_api.jwt_svid_algorithm",
+                message: format!("must be ES256 or RS256, not `{}`", self.workload_api.jwt_svid_algorithm),
+            });
+        }
+        if !(1..=86_400).contains(&self.federation.refresh_hint_seconds) {
+            return Err(ConfigError::Invalid {
+                key: "federation.refresh_hint_seconds",
+                message: "must be between 1 and 86400".into(),
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &self.federation.trust_domains {
+            let problem = f
+                .check(&self.trust_domain)
+                .err()
+                .or_else(|| (!seen.insert(&f.trust_domain)).then(|| "appears twice".to_owned()));
+            if let Some(message) = problem {
+                return Err(ConfigError::Invalid {
+                    key: "federation.trust_domains",
+                    message: format!("`{}`: {message}", f.trust_domain),
+                });
+            }
         }
         for (i, ts) in self.trust_sources.iter().enumerate() {
             ts.check().map_err(|e| ConfigError::Invalid {

@@ -33,6 +33,8 @@ pub struct App {
     /// Public keys that may sign bundles, and whether unsigned ones pass.
     pub bundle_keys: Arc<BundleKeys>,
     pub broker: Arc<crate::broker::Broker>,
+    /// Foreign trust domains' bundles (refreshers start with the listener).
+    pub federation: Arc<crate::federation::Federation>,
     /// Started with the listener; `None` once started or when no webhooks.
     pub dispatcher: std::sync::Mutex<Option<crate::notify::Dispatcher>>,
     pub admin_token_path: PathBuf,
@@ -55,7 +57,11 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
 
     let ca_dir = dir.join("ca");
     let ca = ca::load_or_create(&ca_dir, &config.trust_domain)?;
-    let signer: Arc<dyn Signer> = Arc::new(InProcessSigner::new(&ca)?);
+    let mut signer = InProcessSigner::new(&ca)?;
+    if config.workload_api.jwt_svid_algorithm == "RS256" {
+        signer = signer.with_rsa_jwt_key(&ca::load_or_create_rsa_jwt_key(&ca_dir)?)?;
+    }
+    let signer: Arc<dyn Signer> = Arc::new(signer);
 
     let admin_token_path = dir.join("admin.token");
     let oidc = Arc::new(crate::auth::OidcIssuers::new(&config.oidc_issuers)?);
@@ -153,6 +159,7 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         entries: Arc::new(crate::workload_api::Entries::new(pipeline_store_entries)),
         bundle_keys: Arc::new(signing_keys),
         broker,
+        federation: crate::federation::Federation::new(config.federation.trust_domains.clone()),
         dispatcher: std::sync::Mutex::new(dispatcher),
         admin_token_path,
         store_path,
@@ -163,6 +170,15 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
 }
 
 impl App {
+    /// The SPIFFE ID in Castellan's own server certificate: what a federated
+    /// peer names as `endpoint_spiffe_id`.
+    pub fn server_spiffe_id(&self) -> anyhow::Result<crate::spiffe_id::SpiffeId> {
+        Ok(crate::spiffe_id::SpiffeId::parse(&format!(
+            "spiffe://{}/castellan/server",
+            self.config.trust_domain
+        ))?)
+    }
+
     /// Where the Workload API listens.
     pub fn workload_socket(&self) -> PathBuf {
         self.config
@@ -262,7 +278,7 @@ pub fn tls_config(app: &App, addr: SocketAddr) -> anyhow::Result<rustls::ServerC
             }
             app.pipeline
                 .signer
-                .issue_server_certificate(&tls.dns_names, &ips)?
+                .issue_server_certificate(&app.server_spiffe_id()?, &tls.dns_names, &ips)?
         }
     };
     let certs = rustls_pemfile::certs(&mut chain_pem.as_bytes())
@@ -320,6 +336,8 @@ pub async fn serve(
         entries: app.entries.clone(),
         bundle_keys: app.bundle_keys.clone(),
         broker: app.broker.clone(),
+        federation: app.federation.clone(),
+        bundle_refresh_hint: app.config.federation.refresh_hint_seconds,
         max_body_bytes: app.config.http.max_body_bytes,
     };
     if !app.config.bundles.sources.is_empty() {
@@ -330,9 +348,15 @@ pub async fn serve(
     }
     let service = TowerToHyperService::new(router(state));
     tokio::spawn(app.approvals.clone().run_housekeeping());
-    let (wp, we) = (app.pipeline.clone(), app.entries.clone());
+    app.federation.start();
+    let api = crate::workload_api::WorkloadApi::new(
+        app.pipeline.clone(),
+        app.entries.clone(),
+        app.federation.clone(),
+        app.config.workload_api.clone(),
+    );
     tokio::spawn(async move {
-        if let Err(e) = crate::workload_api::serve(wp, we, workload).await {
+        if let Err(e) = api.serve(workload).await {
             tracing::error!(error = %e, "the Workload API stopped");
         }
     });

@@ -73,13 +73,20 @@ pub trait Signer: Send + Sync + 'static {
     /// and `typ: JWT`. The caller builds the claims; the signer adds nothing.
     fn sign_jwt(&self, claims: &serde_json::Value) -> Result<String, SignerError>;
 
+    /// Signs a JWT-SVID with `alg` (`ES256`, or `RS256` when an RSA JWT key
+    /// is loaded).
+    fn sign_jwt_svid(&self, claims: &serde_json::Value, alg: &str) -> Result<String, SignerError>;
+
     /// The public JWT signing keys as a JWKS, for relying parties.
     fn jwks(&self) -> serde_json::Value;
 
-    /// Issues a TLS server certificate for Castellan's own listener.
-    /// Returns the chain PEM (leaf first) and the new private key PEM.
+    /// Issues a TLS server certificate for Castellan's own listener. It is
+    /// also an X.509-SVID for `spiffe_id`, so that peers may authenticate the
+    /// bundle endpoint with the `https_spiffe` profile. Returns the chain PEM
+    /// (leaf first) and the new private key PEM.
     fn issue_server_certificate(
         &self,
+        spiffe_id: &SpiffeId,
         dns_names: &[String],
         ips: &[std::net::IpAddr],
     ) -> Result<(String, String), SignerError>;
@@ -90,6 +97,8 @@ pub struct InProcessSigner {
     issuer: Issuer<'static, KeyPair>,
     jwt_key: jsonwebtoken::EncodingKey,
     jwt_kid: String,
+    /// The optional RS256 JWT-SVID key and its `kid`.
+    rsa_jwt: Option<(jsonwebtoken::EncodingKey, String)>,
     jwks: serde_json::Value,
     intermediate_not_after: OffsetDateTime,
     intermediates_pem: String,
@@ -120,11 +129,37 @@ impl InProcessSigner {
             issuer,
             jwt_key,
             jwt_kid,
+            rsa_jwt: None,
             jwks: serde_json::json!({ "keys": [public] }),
             intermediate_not_after,
             intermediates_pem: ca.intermediate_cert_pem.clone(),
             bundle_pem: ca.root_cert_pem.clone(),
         })
+    }
+
+    /// Adds an RSA key (PKCS#8 PEM) for RS256 JWT-SVIDs; its public half
+    /// joins the JWKS.
+    pub fn with_rsa_jwt_key(mut self, pem: &str) -> Result<Self, SignerError> {
+        use base64::Engine as _;
+        use rsa::pkcs8::DecodePrivateKey as _;
+        use rsa::traits::PublicKeyParts as _;
+        let private =
+            rsa::RsaPrivateKey::from_pkcs8_pem(pem).map_err(|e| SignerError::Key(format!("RSA JWT key: {e}")))?;
+        let b64 = |b: Vec<u8>| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let mut jwk = serde_json::json!({
+            "kty": "RSA",
+            "n": b64(private.n().to_bytes_be()),
+            "e": b64(private.e().to_bytes_be()),
+        });
+        let kid = jwk_thumbprint(&jwk);
+        jwk["kid"] = kid.clone().into();
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes())
+            .map_err(|e| SignerError::Key(format!("RSA JWT key: {e}")))?;
+        if let Some(keys) = self.jwks["keys"].as_array_mut() {
+            keys.push(jwk);
+        }
+        self.rsa_jwt = Some((key, kid));
+        Ok(self)
     }
 
     fn leaf_params(&self, ttl: Duration) -> Result<CertificateParams, SignerError> {
@@ -201,6 +236,18 @@ impl Signer for InProcessSigner {
         jsonwebtoken::encode(&header, claims, &self.jwt_key).map_err(|e| SignerError::Template(e.to_string()))
     }
 
+    fn sign_jwt_svid(&self, claims: &serde_json::Value, alg: &str) -> Result<String, SignerError> {
+        let (algorithm, key, kid) = match (alg, &self.rsa_jwt) {
+            ("ES256", _) => (jsonwebtoken::Algorithm::ES256, &self.jwt_key, &self.jwt_kid),
+            ("RS256", Some((key, kid))) => (jsonwebtoken::Algorithm::RS256, key, kid),
+            _ => return Err(SignerError::Key(format!("no {alg} JWT-SVID key is loaded"))),
+        };
+        let mut header = jsonwebtoken::Header::new(algorithm);
+        header.kid = Some(kid.clone());
+        header.typ = Some("JWT".into());
+        jsonwebtoken::encode(&header, claims, key).map_err(|e| SignerError::Template(e.to_string()))
+    }
+
     fn jwks(&self) -> serde_json::Value {
         self.jwks.clone()
     }
@@ -245,6 +292,7 @@ impl Signer for InProcessSigner {
 
     fn issue_server_certificate(
         &self,
+        spiffe_id: &SpiffeId,
         dns_names: &[String],
         ips: &[std::net::IpAddr],
     ) -> Result<(String, String), SignerError> {
@@ -254,6 +302,11 @@ impl Signer for InProcessSigner {
         params
             .distinguished_name
             .push(DnType::CommonName, "Castellan API");
+        let uri = spiffe_id
+            .to_string()
+            .try_into()
+            .map_err(|e: rcgen::Error| SignerError::Template(e.to_string()))?;
+        params.subject_alt_names.push(SanType::URI(uri));
         for dns in dns_names {
             let name = dns
                 .clone()

@@ -100,6 +100,20 @@ struct DevArgs {
     /// Load the policy bundle from this directory instead of the embedded one.
     #[arg(long)]
     policies: Option<PathBuf>,
+    /// Start from this config file (trust sources, federation, ...); the
+    /// flags here still win, and dev always serves plain HTTP.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Federate with a trust domain whose SPIFFE bundle is in a file
+    /// (`TRUST_DOMAIN=FILE`, repeatable; the file is re-read when it changes).
+    #[arg(long, value_name = "TRUST_DOMAIN=FILE")]
+    federate: Vec<String>,
+    /// Workload API: sign JWT-SVIDs with ES256 or RS256.
+    #[arg(long, default_value = "ES256")]
+    jwt_svid_algorithm: String,
+    /// Workload API: add a `unix:sha256:` selector of the caller's executable.
+    #[arg(long)]
+    exe_sha256: bool,
 }
 
 #[derive(Subcommand)]
@@ -311,14 +325,34 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         "`castellan dev` serves plain HTTP, which is only allowed on a loopback address (not {}); use `castellan serve` for TLS",
         args.http_addr
     );
+    let base = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
     let mut config = Config {
         data_dir: args.data_dir.clone(),
         trust_domain: args.trust_domain,
-        policies: args.policies,
-        ..Config::default()
+        policies: args.policies.or(base.policies.clone()),
+        ..base
     };
     config.http.addr = args.http_addr;
     config.http.tls.enabled = false;
+    config.workload_api.jwt_svid_algorithm = args.jwt_svid_algorithm;
+    config.workload_api.exe_sha256 = args.exe_sha256;
+    for f in &args.federate {
+        let (td, file) = f
+            .split_once('=')
+            .with_context(|| format!("--federate `{f}`: expected TRUST_DOMAIN=FILE"))?;
+        config.federation.trust_domains.push(crate::federation::FederatedTrustDomain {
+            trust_domain: td.to_owned(),
+            bundle_file: Some(std::path::absolute(file)?),
+            endpoint_url: None,
+            profile: None,
+            endpoint_spiffe_id: None,
+            ca_file: None,
+            refresh_seconds: None,
+        });
+    }
     // dev accepts unsigned bundles over the API; `serve` requires signatures.
     config.bundles.verification = "off".into();
     config.validate()?;

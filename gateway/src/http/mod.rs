@@ -38,6 +38,9 @@ pub struct AppState {
     pub bundles: Arc<crate::bundle::Bundles>,
     pub entries: Arc<crate::workload_api::Entries>,
     pub bundle_keys: Arc<crate::server::BundleKeys>,
+    pub federation: Arc<crate::federation::Federation>,
+    /// `spiffe_refresh_hint` of the bundle this server publishes.
+    pub bundle_refresh_hint: u64,
     pub max_body_bytes: usize,
 }
 
@@ -70,6 +73,8 @@ pub fn router(state: AppState) -> Router {
         .route("/oauth2/introspect", post(broker::introspect))
         .route("/.well-known/openid-configuration", get(broker::discovery))
         .route("/.well-known/jwks.json", get(broker::jwks))
+        .route("/.well-known/spiffe-bundle", get(spiffe_bundle))
+        .route("/api/v1/federation", get(federation_status))
         .route("/api/v1/bundles", get(bundles::list))
         .route("/api/v1/entries", post(create_entry).get(list_entries))
         .route("/api/v1/entries/{id}", get(get_entry).delete(delete_entry))
@@ -596,4 +601,25 @@ async fn delete_entry(State(state): State<AppState>, headers: HeaderMap, Path(id
     }
     state.entries.remove(&id);
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// `GET /.well-known/spiffe-bundle`: this trust domain's SPIFFE bundle, for
+/// federated peers (no authentication: the bundle is public, and peers
+/// authenticate this server by its certificate).
+async fn spiffe_bundle(State(state): State<AppState>) -> Response {
+    let doc = crate::federation::own_bundle(state.pipeline.signer.as_ref(), state.bundle_refresh_hint);
+    (
+        [(axum::http::header::CACHE_CONTROL, "no-store")],
+        axum::Json(doc),
+    )
+        .into_response()
+}
+
+/// `GET /api/v1/federation` (admin): each federated trust domain, where its
+/// bundle comes from, and how its last refresh went.
+async fn federation_status(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(p) = state.require_admin(&headers, "federation.list").await {
+        return p.into_response();
+    }
+    axum::Json(json!({ "items": state.federation.status() })).into_response()
 }

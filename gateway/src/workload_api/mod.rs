@@ -3,28 +3,33 @@
 //! never from anything it sends: that evidence goes through the `unix`
 //! attestor module, its selectors are matched against registration entries,
 //! and each matching entry passes the `castellan.workload_api` policy before
-//! its SVID is minted. X.509-SVID streams stay open and push a fresh response
-//! at half-life and whenever the entries change.
+//! its SVID is minted. Streams stay open: X.509-SVIDs are re-minted at
+//! half-life and when the caller's entries change, and bundles are pushed
+//! when a federated trust domain's bundle changes.
 
-use std::collections::HashMap;
+mod entries;
+
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use castellan_proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 use castellan_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
     ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
     X509svidResponse,
 };
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+pub use entries::{Entries, Entry, EntrySpec};
+
 use crate::attest::Attestation;
+use crate::config::WorkloadApiConfig;
+use crate::federation::Federation;
 use crate::issuance::Pipeline;
 use crate::signer::Template;
 use crate::spiffe_id::SpiffeId;
@@ -33,145 +38,20 @@ use crate::util::now_unix;
 /// The header every Workload API call must carry.
 const SECURITY_HEADER: &str = "workload.spiffe.io";
 
-/// A registration entry: who (selectors, all of which must match) gets which
-/// identity, and for how long.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Entry {
-    pub id: String,
-    pub spiffe_id: String,
-    pub selectors: Vec<String>,
-    /// X.509-SVID lifetime, seconds.
-    pub x509_svid_ttl: u64,
-    /// JWT-SVID lifetime, seconds.
-    pub jwt_svid_ttl: u64,
-    #[serde(default)]
-    pub dns_names: Vec<String>,
-    #[serde(default)]
-    pub hint: String,
-    #[serde(default)]
-    pub federates_with: Vec<String>,
-    pub created_at: String,
-}
-
-/// A new entry as posted.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EntrySpec {
-    pub spiffe_id: String,
-    pub selectors: Vec<String>,
-    #[serde(default = "default_x509_ttl")]
-    pub x509_svid_ttl: u64,
-    #[serde(default = "default_jwt_ttl")]
-    pub jwt_svid_ttl: u64,
-    #[serde(default)]
-    pub dns_names: Vec<String>,
-    #[serde(default)]
-    pub hint: String,
-    #[serde(default)]
-    pub federates_with: Vec<String>,
-}
-
-fn default_x509_ttl() -> u64 {
-    3600
-}
-
-fn default_jwt_ttl() -> u64 {
-    300
-}
-
-impl EntrySpec {
-    /// Validates and turns the spec into an entry in `trust_domain`.
-    pub fn into_entry(self, trust_domain: &str) -> Result<Entry, String> {
-        let id = SpiffeId::parse(&self.spiffe_id).map_err(|e| format!("spiffe_id: {e}"))?;
-        if id.trust_domain() != trust_domain || id.path().is_empty() {
-            return Err(format!("spiffe_id must be a workload ID in {trust_domain}"));
-        }
-        if self.selectors.is_empty() {
-            return Err("at least one selector is required".into());
-        }
-        if let Some(s) = self
-            .selectors
-            .iter()
-            .find(|s| s.splitn(3, ':').count() != 3 || s.len() > 1024)
-        {
-            return Err(format!(
-                "selector `{}` is not type:key:value",
-                s.chars().take(64).collect::<String>()
-            ));
-        }
-        // Short lifetimes are allowed: the stream rotates at half-life.
-        if !(10..=86_400).contains(&self.x509_svid_ttl) || !(10..=86_400).contains(&self.jwt_svid_ttl) {
-            return Err("x509_svid_ttl and jwt_svid_ttl must be between 10 and 86400 seconds".into());
-        }
-        Ok(Entry {
-            id: uuid::Uuid::new_v4().to_string(),
-            spiffe_id: id.to_string(),
-            selectors: self.selectors,
-            x509_svid_ttl: self.x509_svid_ttl,
-            jwt_svid_ttl: self.jwt_svid_ttl,
-            dns_names: self.dns_names,
-            hint: self.hint,
-            federates_with: self.federates_with,
-            created_at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
-        })
-    }
-}
-
-/// The entries, swapped whole; a watch tells open streams they changed.
-pub struct Entries {
-    list: ArcSwap<Vec<Arc<Entry>>>,
-    version: watch::Sender<u64>,
-    writes: std::sync::Mutex<()>,
-}
-
-impl Entries {
-    pub fn new(entries: Vec<Entry>) -> Self {
-        Self {
-            list: ArcSwap::from_pointee(entries.into_iter().map(Arc::new).collect()),
-            version: watch::channel(0).0,
-            writes: std::sync::Mutex::new(()),
-        }
-    }
-
-    pub fn list(&self) -> Vec<Arc<Entry>> {
-        self.list.load().as_ref().clone()
-    }
-
-    pub fn get(&self, id: &str) -> Option<Arc<Entry>> {
-        self.list.load().iter().find(|e| e.id == id).cloned()
-    }
-
-    pub fn insert(&self, entry: Entry) {
-        let _g = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = self.list();
-        next.push(Arc::new(entry));
-        self.list.store(Arc::new(next));
-        self.version.send_modify(|v| *v += 1);
-    }
-
-    pub fn remove(&self, id: &str) {
-        let _g = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-        let next: Vec<_> = self.list().into_iter().filter(|e| e.id != id).collect();
-        self.list.store(Arc::new(next));
-        self.version.send_modify(|v| *v += 1);
-    }
-
-    /// Entries whose selectors are all among `selectors`.
-    fn matching(&self, selectors: &[String]) -> Vec<Arc<Entry>> {
-        self.list
-            .load()
-            .iter()
-            .filter(|e| e.selectors.iter().all(|s| selectors.contains(s)))
-            .cloned()
-            .collect()
-    }
-}
+/// Bundles keyed by trust domain SPIFFE ID (`spiffe://name`), as both the
+/// X.509 and the JWT messages carry them.
+type BundleMap = HashMap<String, Vec<u8>>;
 
 /// The gRPC service (cheap to clone: it holds handles).
 #[derive(Clone)]
 pub struct WorkloadApi {
     pipeline: Arc<Pipeline>,
     entries: Arc<Entries>,
+    federation: Arc<Federation>,
+    config: Arc<WorkloadApiConfig>,
+    exe_hashes: Arc<ExeHashes>,
+    /// Federated trust domains still waiting for their first refresh.
+    starting: watch::Receiver<usize>,
 }
 
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
@@ -183,8 +63,41 @@ fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
+/// SHA-256 of executables, keyed by what identifies a file version, so a
+/// binary is hashed once rather than on every call.
+#[derive(Default)]
+struct ExeHashes(std::sync::Mutex<HashMap<FileVersion, String>>);
+
+/// Device, inode, size, mtime seconds and nanoseconds.
+type FileVersion = (u64, u64, u64, i64, i64);
+
+impl ExeHashes {
+    fn of(&self, pid: i32) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        // `/proc/PID/exe` opens the very file the process runs, even if its
+        // path was replaced since.
+        let path = format!("/proc/{pid}/exe");
+        let mut file = std::fs::File::open(&path).ok()?;
+        let m = file.metadata().ok()?;
+        let key = (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
+        if let Some(h) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Some(h.clone());
+        }
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        std::io::copy(&mut file, &mut hasher).ok()?;
+        let hex = hex::encode(hasher.finalize());
+        let mut cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > 4096 {
+            cache.clear();
+        }
+        cache.insert(key, hex.clone());
+        Some(hex)
+    }
+}
+
 /// The evidence for the `unix` module, gathered by the host from the kernel.
-fn unix_evidence(pid: Option<i32>, uid: u32, gid: u32) -> Value {
+fn unix_evidence(pid: Option<i32>, uid: u32, gid: u32, hashes: Option<&ExeHashes>) -> Value {
     let name_of = |file: &str, id: u32| {
         std::fs::read_to_string(file).ok().and_then(|t| {
             t.lines().find_map(|l| {
@@ -202,15 +115,66 @@ fn unix_evidence(pid: Option<i32>, uid: u32, gid: u32) -> Value {
     if let Some(g) = name_of("/etc/group", gid) {
         e["group"] = g.into();
     }
-    if let Some(pid) = pid
-        && let Ok(p) = std::fs::read_link(format!("/proc/{pid}/exe"))
-    {
-        e["path"] = p.display().to_string().into();
+    if let Some(pid) = pid {
+        if let Ok(p) = std::fs::read_link(format!("/proc/{pid}/exe")) {
+            e["path"] = p.display().to_string().into();
+        }
+        if let Some(h) = hashes.and_then(|h| h.of(pid)) {
+            e["sha256"] = h.into();
+        }
     }
     e
 }
 
+/// The SVIDs of one X.509 response, kept so that a bundle change re-sends
+/// them rather than minting new keys.
+struct Minted {
+    entries: Vec<Entry>,
+    svids: Vec<X509svid>,
+    /// When to mint again: half of the shortest lifetime.
+    rotate_at: tokio::time::Instant,
+}
+
 impl WorkloadApi {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        entries: Arc<Entries>,
+        federation: Arc<Federation>,
+        config: WorkloadApiConfig,
+    ) -> Self {
+        let starting = federation.first_refresh_done();
+        Self {
+            pipeline,
+            entries,
+            federation,
+            config: Arc::new(config),
+            exe_hashes: Arc::default(),
+            starting,
+        }
+    }
+
+    /// Serves on a bound socket until the process ends.
+    pub async fn serve(self, listener: tokio::net::UnixListener) -> anyhow::Result<()> {
+        tonic::transport::Server::builder()
+            .add_service(SpiffeWorkloadApiServer::new(self))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .await?;
+        Ok(())
+    }
+
+    /// Every call starts here: the header, then readiness. Until each
+    /// federated trust domain has had its first refresh, answers would lack
+    /// bundles the workload is owed, so the caller is told to retry.
+    fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        check_header(req)?;
+        if *self.starting.borrow() > 0 {
+            return Err(Status::unavailable(
+                "Castellan is starting (federated bundles are loading); retry shortly",
+            ));
+        }
+        Ok(())
+    }
+
     /// Attests the caller from the socket's peer credentials.
     async fn attest<T>(&self, req: &Request<T>) -> Result<Attestation, Status> {
         let info = req
@@ -218,9 +182,10 @@ impl WorkloadApi {
             .get::<tonic::transport::server::UdsConnectInfo>()
             .and_then(|i| i.peer_cred)
             .ok_or_else(|| Status::permission_denied("the caller's credentials are unknown"))?;
-        let evidence = unix_evidence(info.pid(), info.uid(), info.gid()).to_string();
         let p = self.pipeline.clone();
+        let hashes = self.config.exe_sha256.then(|| self.exe_hashes.clone());
         tokio::task::spawn_blocking(move || {
+            let evidence = unix_evidence(info.pid(), info.uid(), info.gid(), hashes.as_deref()).to_string();
             let snapshot = p.policies.snapshot();
             p.attest(&snapshot, "unix", &evidence)
         })
@@ -232,6 +197,9 @@ impl WorkloadApi {
     /// The entries the caller matches and policy allows.
     async fn entitled(&self, attestation: &Attestation) -> Result<Vec<Arc<Entry>>, Status> {
         let candidates = self.entries.matching(&attestation.selectors);
+        if candidates.is_empty() {
+            return Ok(candidates);
+        }
         let p = self.pipeline.clone();
         let a = attestation.clone();
         tokio::task::spawn_blocking(move || {
@@ -254,21 +222,68 @@ impl WorkloadApi {
         .map_err(|e| Status::internal(e.to_string()))
     }
 
+    /// Entitled entries, or PermissionDenied when there are none.
+    async fn entitled_or_denied(&self, attestation: &Attestation) -> Result<Vec<Arc<Entry>>, Status> {
+        let entries = self.entitled(attestation).await?;
+        if entries.is_empty() {
+            return Err(Status::permission_denied(
+                "no identity is registered for this caller",
+            ));
+        }
+        Ok(entries)
+    }
+
+    fn own_key(&self) -> String {
+        format!("spiffe://{}", self.pipeline.trust_domain)
+    }
+
     /// DER of the trust bundle (concatenated certificates).
     fn bundle_der(&self) -> Vec<u8> {
         pem_to_der(self.pipeline.signer.bundle_pem())
     }
 
-    /// Mints X.509-SVIDs for `entries`; returns the response and the soonest expiry.
-    async fn x509_response(&self, entries: &[Arc<Entry>]) -> Result<(X509svidResponse, i64), Status> {
+    /// The foreign trust domains these entries federate with, that have a
+    /// bundle, as `f` renders it.
+    fn federated(&self, entries: &[Arc<Entry>], f: impl Fn(&crate::federation::TrustBundle) -> Vec<u8>) -> BundleMap {
+        let names: BTreeSet<&String> = entries.iter().flat_map(|e| &e.federates_with).collect();
+        names
+            .into_iter()
+            .filter_map(|td| self.federation.get(td).map(|b| (format!("spiffe://{td}"), f(&b))))
+            .collect()
+    }
+
+    /// The X.509 bundles a caller with these entries gets: its own trust
+    /// domain's and those its entries federate with.
+    fn x509_bundles(&self, entries: &[Arc<Entry>]) -> BundleMap {
+        let mut map = self.federated(entries, |b| b.x509_der());
+        map.retain(|_, der| !der.is_empty());
+        map.insert(self.own_key(), self.bundle_der());
+        map
+    }
+
+    fn jwt_bundles(&self, entries: &[Arc<Entry>]) -> BundleMap {
+        let mut map = self.federated(entries, |b| b.jwt_jwks().to_string().into_bytes());
+        map.retain(|_, jwks| !jwks.starts_with(br#"{"keys":[]"#));
+        let mut own = self.pipeline.signer.jwks();
+        if let Some(keys) = own["keys"].as_array_mut() {
+            for k in keys {
+                k["use"] = "jwt-svid".into();
+            }
+        }
+        map.insert(self.own_key(), own.to_string().into_bytes());
+        map
+    }
+
+    /// Mints an X.509-SVID with a fresh key for each entry.
+    async fn mint(&self, entries: &[Arc<Entry>]) -> Result<Minted, Status> {
         let p = self.pipeline.clone();
-        let entries = entries.to_vec();
+        let list = entries.to_vec();
         let bundle = self.bundle_der();
-        tokio::task::spawn_blocking(move || {
+        let (svids, soonest) = tokio::task::spawn_blocking(move || {
             let mut svids = Vec::new();
             let mut soonest = i64::MAX;
             let mut hints = std::collections::HashSet::new();
-            for e in entries {
+            for e in list {
                 // Hints are unique within a response: the first entry keeps it.
                 let hint = if e.hint.is_empty() || hints.insert(e.hint.clone()) {
                     e.hint.clone()
@@ -299,32 +314,129 @@ impl WorkloadApi {
                     hint,
                 });
             }
-            Ok((
-                X509svidResponse {
-                    svids,
-                    crl: vec![],
-                    federated_bundles: HashMap::new(),
-                },
-                soonest,
-            ))
+            Ok::<_, Status>((svids, soonest))
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))??;
+        let half = ((soonest - now_unix()).max(2) / 2) as u64;
+        Ok(Minted {
+            entries: entries.iter().map(|e| e.as_ref().clone()).collect(),
+            svids,
+            rotate_at: tokio::time::Instant::now() + Duration::from_secs(half),
+        })
     }
 
-    fn jwt_bundles(&self) -> HashMap<String, Vec<u8>> {
-        let mut jwks = self.pipeline.signer.jwks();
-        if let Some(keys) = jwks["keys"].as_array_mut() {
-            for k in keys {
-                k["use"] = "jwt-svid".into();
+    /// Runs one X.509-SVID stream: sends a response whenever the SVIDs are
+    /// re-minted or the bundles they come with change.
+    async fn x509_stream(self, attestation: Attestation, tx: mpsc::Sender<Result<X509svidResponse, Status>>) {
+        let mut entries_changed = self.entries.subscribe();
+        let mut bundles_changed = self.federation.subscribe();
+        let mut minted: Option<Minted> = None;
+        let mut sent_bundles: Option<BundleMap> = None;
+        loop {
+            let entries = match self.entitled(&attestation).await {
+                Ok(e) if e.is_empty() => {
+                    let _ = tx
+                        .send(Err(Status::permission_denied(
+                            "the caller's identities were removed",
+                        )))
+                        .await;
+                    return;
+                }
+                Ok(e) => e,
+                Err(s) => {
+                    let _ = tx.send(Err(s)).await;
+                    return;
+                }
+            };
+            let current: Vec<Entry> = entries.iter().map(|e| e.as_ref().clone()).collect();
+            let stale = minted
+                .as_ref()
+                .is_none_or(|m| m.entries != current || tokio::time::Instant::now() >= m.rotate_at);
+            if stale {
+                match self.mint(&entries).await {
+                    Ok(m) => minted = Some(m),
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        return;
+                    }
+                }
+            }
+            let federated = self.federated(&entries, |b| b.x509_der());
+            if stale || sent_bundles.as_ref() != Some(&federated) {
+                let svids = minted.as_ref().map(|m| m.svids.clone()).unwrap_or_default();
+                let resp = X509svidResponse {
+                    svids,
+                    crl: vec![],
+                    federated_bundles: federated.clone(),
+                };
+                if tx.send(Ok(resp)).await.is_err() {
+                    return;
+                }
+                sent_bundles = Some(federated);
+            }
+            let rotate_at = minted
+                .as_ref()
+                .map(|m| m.rotate_at)
+                .unwrap_or_else(tokio::time::Instant::now);
+            tokio::select! {
+                _ = tokio::time::sleep_until(rotate_at) => {}
+                r = entries_changed.changed() => if r.is_err() { return },
+                r = bundles_changed.changed() => if r.is_err() { return },
+                _ = tx.closed() => return,
             }
         }
-        [(
-            format!("spiffe://{}", self.pipeline.trust_domain),
-            jwks.to_string().into_bytes(),
-        )]
-        .into_iter()
-        .collect()
+    }
+
+    /// Runs a bundle stream: sends `render(entries)` when it changes; ends
+    /// with PermissionDenied when the caller loses its last entry.
+    async fn bundle_stream<T: Send + 'static>(
+        self,
+        attestation: Attestation,
+        tx: mpsc::Sender<Result<T, Status>>,
+        render: impl Fn(&Self, &[Arc<Entry>]) -> BundleMap,
+        wrap: impl Fn(BundleMap) -> T,
+    ) {
+        let mut entries_changed = self.entries.subscribe();
+        let mut bundles_changed = self.federation.subscribe();
+        let mut sent: Option<BundleMap> = None;
+        loop {
+            let bundles = match self.entitled_or_denied(&attestation).await {
+                Ok(entries) => render(&self, &entries),
+                Err(s) => {
+                    let _ = tx.send(Err(s)).await;
+                    return;
+                }
+            };
+            if sent.as_ref() != Some(&bundles) {
+                if tx.send(Ok(wrap(bundles.clone()))).await.is_err() {
+                    return;
+                }
+                sent = Some(bundles);
+            }
+            tokio::select! {
+                r = entries_changed.changed() => if r.is_err() { return },
+                r = bundles_changed.changed() => if r.is_err() { return },
+                _ = tx.closed() => return,
+            }
+        }
+    }
+
+    /// Keys that verify JWT-SVIDs of `trust_domain`: Castellan's own, or a
+    /// federated domain's.
+    fn jwt_keys_for(&self, trust_domain: &str) -> Result<crate::trust::KeySet, Status> {
+        if trust_domain == self.pipeline.trust_domain {
+            return crate::trust::KeySet::from_jwks(&self.pipeline.signer.jwks())
+                .map_err(|e| Status::internal(e.to_string()));
+        }
+        self.federation
+            .get(trust_domain)
+            .and_then(|b| b.jwt_keys())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "no JWT bundle for trust domain {trust_domain}"
+                ))
+            })
     }
 }
 
@@ -353,53 +465,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        check_header(&req)?;
+        self.admit(&req)?;
         let attestation = self.attest(&req).await?;
-        let entries = self.entitled(&attestation).await?;
-        if entries.is_empty() {
-            return Err(Status::permission_denied(
-                "no identity is registered for this caller",
-            ));
-        }
+        // Refuse at once rather than on the stream: the caller sees the
+        // status as the RPC's.
+        self.entitled_or_denied(&attestation).await?;
         let (tx, rx) = mpsc::channel(4);
-        let this = self.clone();
-        let mut changed = self.entries.version.subscribe();
-        tokio::spawn(async move {
-            loop {
-                let entries = match this.entitled(&attestation).await {
-                    Ok(e) => e,
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
-                        return;
-                    }
-                };
-                if entries.is_empty() {
-                    let _ = tx
-                        .send(Err(Status::permission_denied(
-                            "the caller's identities were removed",
-                        )))
-                        .await;
-                    return;
-                }
-                let (resp, soonest) = match this.x509_response(&entries).await {
-                    Ok(r) => r,
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
-                        return;
-                    }
-                };
-                if tx.send(Ok(resp)).await.is_err() {
-                    return;
-                }
-                // Rotate at half-life, or at once when the entries change.
-                let half = ((soonest - now_unix()).max(2) / 2) as u64;
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(half)) => {}
-                    r = changed.changed() => if r.is_err() { return },
-                    _ = tx.closed() => return,
-                }
-            }
-        });
+        tokio::spawn(self.clone().x509_stream(attestation, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -407,29 +479,21 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        check_header(&req)?;
-        let (tx, rx) = mpsc::channel(1);
-        let bundles = [(
-            format!("spiffe://{}", self.pipeline.trust_domain),
-            self.bundle_der(),
-        )]
-        .into_iter()
-        .collect();
-        tokio::spawn(async move {
-            if tx
-                .send(Ok(X509BundlesResponse { crl: vec![], bundles }))
-                .await
-                .is_ok()
-            {
-                // Keep the stream open: a CA rotation will be pushed here.
-                tx.closed().await;
-            }
-        });
+        self.admit(&req)?;
+        let attestation = self.attest(&req).await?;
+        self.entitled_or_denied(&attestation).await?;
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(self.clone().bundle_stream(
+            attestation,
+            tx,
+            |api, entries| api.x509_bundles(entries),
+            |bundles| X509BundlesResponse { crl: vec![], bundles },
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn fetch_jwtsvid(&self, req: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
-        check_header(&req)?;
+        self.admit(&req)?;
         if req.get_ref().audience.is_empty() || req.get_ref().audience.iter().any(|a| a.is_empty()) {
             return Err(Status::invalid_argument("audience is required"));
         }
@@ -451,7 +515,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             let svid = self
                 .pipeline
                 .signer
-                .sign_jwt(&claims)
+                .sign_jwt_svid(&claims, &self.config.jwt_svid_algorithm)
                 .map_err(|e| Status::internal(e.to_string()))?;
             svids.push(Jwtsvid {
                 spiffe_id: e.spiffe_id.clone(),
@@ -466,14 +530,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        check_header(&req)?;
-        let (tx, rx) = mpsc::channel(1);
-        let bundles = self.jwt_bundles();
-        tokio::spawn(async move {
-            if tx.send(Ok(JwtBundlesResponse { bundles })).await.is_ok() {
-                tx.closed().await;
-            }
-        });
+        self.admit(&req)?;
+        let attestation = self.attest(&req).await?;
+        self.entitled_or_denied(&attestation).await?;
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(self.clone().bundle_stream(
+            attestation,
+            tx,
+            |api, entries| api.jwt_bundles(entries),
+            |bundles| JwtBundlesResponse { bundles },
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -481,13 +547,19 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        check_header(&req)?;
+        self.admit(&req)?;
         let body = req.into_inner();
         if body.audience.is_empty() || body.svid.is_empty() {
             return Err(Status::invalid_argument("audience and svid are required"));
         }
-        let keys = crate::trust::KeySet::from_jwks(&self.pipeline.signer.jwks())
-            .map_err(|e| Status::internal(e.to_string()))?;
+        // The issuer's trust domain picks the keys; the claim is only
+        // trusted once they verify it.
+        let unverified_sub = unverified_claims(&body.svid)
+            .and_then(|c| c["sub"].as_str().map(str::to_owned))
+            .ok_or_else(|| Status::invalid_argument("invalid JWT-SVID: no `sub`"))?;
+        let unverified_id = SpiffeId::parse(&unverified_sub)
+            .map_err(|_| Status::invalid_argument("`sub` is not a SPIFFE ID"))?;
+        let keys = self.jwt_keys_for(unverified_id.trust_domain())?;
         let (_, payload) = keys
             .verify_compact(&body.svid)
             .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
@@ -513,6 +585,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
             claims: Some(to_struct(&claims)),
         }))
     }
+}
+
+/// The payload of a compact JWS, not yet verified: only to pick keys.
+fn unverified_claims(compact: &str) -> Option<Value> {
+    use base64::Engine as _;
+    let payload = compact.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 fn to_value(v: &Value) -> prost_types::Value {
@@ -548,18 +628,4 @@ pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
     Ok(listener)
-}
-
-/// Serves the Workload API on a bound socket until the process ends.
-pub async fn serve(
-    pipeline: Arc<Pipeline>,
-    entries: Arc<Entries>,
-    listener: tokio::net::UnixListener,
-) -> anyhow::Result<()> {
-    let svc = WorkloadApi { pipeline, entries };
-    tonic::transport::Server::builder()
-        .add_service(SpiffeWorkloadApiServer::new(svc))
-        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-        .await?;
-    Ok(())
 }
