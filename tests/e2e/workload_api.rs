@@ -296,3 +296,75 @@ async fn an_x509_source_sees_a_rotation_with_a_short_ttl() {
         "spiffe://example.org/workload/rotating"
     );
 }
+
+/// A JWT-SVID as the stock crate validates it offline, with the JWT bundles
+/// the Workload API handed out (no call back to Castellan).
+async fn offline_validated(c: &WorkloadApiClient, token: &str, audience: &str) -> String {
+    let bundles = c.fetch_jwt_bundles().await.unwrap();
+    let svid = spiffe::JwtSvid::parse_and_validate(token, &bundles, &[audience]).unwrap();
+    assert!(spiffe::JwtSvid::parse_and_validate(token, &bundles, &["someone-else"]).is_err());
+    svid.spiffe_id().to_string()
+}
+
+#[tokio::test]
+async fn jwt_svids_validate_offline_with_es256_and_rs256() {
+    for alg in ["ES256", "RS256"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let server = Server::dev_in(&dir, &["--jwt-svid-algorithm", alg]);
+        entry(
+            &server,
+            "spiffe://example.org/workload/signer",
+            &format!("unix:uid:{}", my_uid()),
+            "",
+        );
+        let c = WorkloadApiClient::connect_to(format!("unix:{}", dir.join("workload.sock").display()))
+            .await
+            .unwrap();
+        let jwt = c.fetch_jwt_svid(&["ledger"], None).await.unwrap();
+        let token = jwt.token().to_string();
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!(format!("{:?}", header.alg), alg);
+        assert_eq!(header.typ.as_deref(), Some("JWT"));
+        assert!(header.kid.is_some());
+        assert_eq!(
+            offline_validated(&c, &token, "ledger").await,
+            "spiffe://example.org/workload/signer"
+        );
+        let online = c.validate_jwt_token("ledger", &token).await.unwrap();
+        assert_eq!(online.spiffe_id().to_string(), "spiffe://example.org/workload/signer");
+        // A forged signature fails both ways.
+        let mut forged = token.clone();
+        let last = forged.pop().unwrap();
+        forged.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(c.validate_jwt_token("ledger", &forged).await.is_err());
+    }
+}
+
+#[tokio::test]
+async fn the_executable_hash_is_a_selector_when_enabled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let server = Server::dev_in(&dir, &["--exe-sha256"]);
+    use sha2::Digest as _;
+    let me = std::fs::read("/proc/self/exe").unwrap();
+    let hash = hex::encode(sha2::Sha256::digest(&me));
+    entry(
+        &server,
+        "spiffe://example.org/workload/by-hash",
+        &format!("unix:sha256:{hash}"),
+        "",
+    );
+    entry(
+        &server,
+        "spiffe://example.org/workload/other-binary",
+        &format!("unix:sha256:{}", "0".repeat(64)),
+        "",
+    );
+    let c = WorkloadApiClient::connect_to(format!("unix:{}", dir.join("workload.sock").display()))
+        .await
+        .unwrap();
+    let all = c.fetch_all_x509_svids().await.unwrap();
+    let ids: Vec<String> = all.iter().map(|s| s.spiffe_id().to_string()).collect();
+    assert_eq!(ids, ["spiffe://example.org/workload/by-hash"]);
+}
