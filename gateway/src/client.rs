@@ -86,8 +86,7 @@ impl Endpoint {
             _ => (authority.clone(), if https { 443 } else { 80 }),
         };
         let tls = if https {
-            let config =
-                tls.context("an https:// address needs --ca-file (e.g. DATA_DIR/ca/root.crt)")?;
+            let config = tls.context("an https:// address needs --ca-file (e.g. DATA_DIR/ca/root.crt)")?;
             let name = ServerName::try_from(host.clone()).context("invalid server name")?;
             Some((tokio_rustls::TlsConnector::from(config), name))
         } else {

@@ -464,7 +464,10 @@ impl Config {
         if !matches!(self.workload_api.jwt_svid_algorithm.as_str(), "ES256" | "RS256") {
             return Err(ConfigError::Invalid {
                 key: "workload_api.jwt_svid_algorithm",
-                message: format!("must be ES256 or RS256, not `{}`", self.workload_api.jwt_svid_algorithm),
+                message: format!(
+                    "must be ES256 or RS256, not `{}`",
+                    self.workload_api.jwt_svid_algorithm
+                ),
             });
         }
         if !(1..=86_400).contains(&self.federation.refresh_hint_seconds) {

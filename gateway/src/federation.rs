@@ -47,10 +47,7 @@ pub enum FederationError {
     Bundle(String),
     /// The bundle file could not be read.
     #[error("cannot read bundle file {path}: {source}")]
-    File {
-        path: String,
-        source: std::io::Error,
-    },
+    File { path: String, source: std::io::Error },
     /// The bundle endpoint could not be reached or verified.
     #[error("bundle endpoint {url}: {message}")]
     Endpoint { url: String, message: String },
@@ -175,7 +172,9 @@ impl TrustBundle {
                         .and_then(Value::as_array)
                         .filter(|a| a.len() == 1)
                         .and_then(|a| a[0].as_str())
-                        .ok_or_else(|| bad(format!("key {i}: x509-svid needs exactly one x5c certificate")))?;
+                        .ok_or_else(|| {
+                            bad(format!("key {i}: x509-svid needs exactly one x5c certificate"))
+                        })?;
                     let der = STANDARD
                         .decode(x5c)
                         .map_err(|_| bad(format!("key {i}: x5c is not base64")))?;
@@ -271,7 +270,11 @@ fn public_jwk(spki: &x509_parser::x509::SubjectPublicKeyInfo) -> Value {
     match spki.parsed() {
         Ok(PublicKey::EC(point)) => {
             let data = point.data();
-            let (crv, len) = if data.len() == 97 { ("P-384", 48) } else { ("P-256", 32) };
+            let (crv, len) = if data.len() == 97 {
+                ("P-384", 48)
+            } else {
+                ("P-256", 32)
+            };
             if data.len() == 1 + 2 * len && data[0] == 4 {
                 json!({
                     "kty": "EC", "crv": crv,
@@ -361,7 +364,12 @@ impl Federation {
     }
 
     pub fn status(&self) -> Vec<Status> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     fn store(&self, bundle: TrustBundle) {
@@ -407,7 +415,10 @@ impl Federation {
     }
 
     async fn refresh_loop(self: Arc<Self>, c: FederatedTrustDomain) {
-        let fallback = c.refresh_seconds.map(Duration::from_secs).unwrap_or(DEFAULT_REFRESH);
+        let fallback = c
+            .refresh_seconds
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_REFRESH);
         let mut first = true;
         let mut last_file: Option<Vec<u8>> = None;
         loop {
@@ -443,14 +454,22 @@ impl Federation {
                 first = false;
                 self.pending.send_modify(|n| *n = n.saturating_sub(1));
             }
-            let wait = if c.endpoint_url.is_none() { wait.min(FILE_POLL) } else { wait };
+            let wait = if c.endpoint_url.is_none() {
+                wait.min(FILE_POLL)
+            } else {
+                wait
+            };
             tokio::time::sleep(wait).await;
         }
     }
 
     /// Fetches the bundle from the endpoint, verifying the server as the
     /// profile says.
-    async fn fetch(&self, c: &FederatedTrustDomain, url: &str) -> Result<Option<TrustBundle>, FederationError> {
+    async fn fetch(
+        &self,
+        c: &FederatedTrustDomain,
+        url: &str,
+    ) -> Result<Option<TrustBundle>, FederationError> {
         let err = |m: String| FederationError::Endpoint {
             url: url.to_owned(),
             message: m,
@@ -461,7 +480,10 @@ impl Federation {
                 let anchors = match self.get(&c.trust_domain) {
                     Some(b) if !b.x509_authorities.is_empty() => b.x509_authorities.clone(),
                     _ => {
-                        let path = c.bundle_file.as_ref().ok_or_else(|| err("no bootstrap bundle_file".into()))?;
+                        let path = c
+                            .bundle_file
+                            .as_ref()
+                            .ok_or_else(|| err("no bootstrap bundle_file".into()))?;
                         TrustBundle::parse(&c.trust_domain, &read_file(path).await?)?.x509_authorities
                     }
                 };
@@ -514,14 +536,23 @@ mod tests {
         assert_eq!(b.x509_authorities.len(), 1);
         assert_eq!(b.jwt_authorities.len(), 1);
         assert_eq!(b.refresh_hint, Some(120));
-        let root = x509_parser::pem::parse_x509_pem(s.bundle_pem().as_bytes()).unwrap().1;
+        let root = x509_parser::pem::parse_x509_pem(s.bundle_pem().as_bytes())
+            .unwrap()
+            .1;
         assert_eq!(b.x509_authorities[0], root.contents);
         // The x509-svid key's public members match the certificate's key.
-        let x509_key = doc["keys"].as_array().unwrap().iter().find(|k| k["use"] == "x509-svid").unwrap();
+        let x509_key = doc["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["use"] == "x509-svid")
+            .unwrap();
         assert_eq!(x509_key["kty"], "EC");
         assert_eq!(x509_key["crv"], "P-256");
         // And the JWT key verifies what the signer signs.
-        let jwt = s.sign_jwt(&json!({"sub": "spiffe://example.org/a", "exp": 4_000_000_000u64})).unwrap();
+        let jwt = s
+            .sign_jwt(&json!({"sub": "spiffe://example.org/a", "exp": 4_000_000_000u64}))
+            .unwrap();
         b.jwt_keys().unwrap().verify_compact(&jwt).unwrap();
     }
 
@@ -530,7 +561,10 @@ mod tests {
         for (doc, why) in [
             (&b"not json"[..], "not JSON"),
             (br#"{"keys": []}"#, "no x509-svid or jwt-svid"),
-            (br#"{"keys": [{"use": "x509-svid", "x5c": ["AAAA"]}]}"#, "not a certificate"),
+            (
+                br#"{"keys": [{"use": "x509-svid", "x5c": ["AAAA"]}]}"#,
+                "not a certificate",
+            ),
             (br#"{"keys": [{"use": "x509-svid", "x5c": []}]}"#, "exactly one"),
             (
                 br#"{"keys": [{"use": "jwt-svid", "kty": "oct", "kid": "k", "k": "c2VjcmV0"}]}"#,
@@ -559,14 +593,23 @@ mod tests {
             ..base.clone()
         };
         file.check("example.org").unwrap();
-        assert!(file.check("partner.test").unwrap_err().contains("own trust domain"));
+        assert!(
+            file.check("partner.test")
+                .unwrap_err()
+                .contains("own trust domain")
+        );
         let spiffe = FederatedTrustDomain {
             endpoint_url: Some("https://127.0.0.1:1/bundle".into()),
             profile: Some("https_spiffe".into()),
             endpoint_spiffe_id: Some("spiffe://other.test/server".into()),
             ..file.clone()
         };
-        assert!(spiffe.check("example.org").unwrap_err().contains("federated trust domain"));
+        assert!(
+            spiffe
+                .check("example.org")
+                .unwrap_err()
+                .contains("federated trust domain")
+        );
         let web = FederatedTrustDomain {
             endpoint_url: Some("http://127.0.0.1:1/bundle".into()),
             profile: Some("https_web".into()),

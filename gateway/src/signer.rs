@@ -143,8 +143,8 @@ impl InProcessSigner {
         use base64::Engine as _;
         use rsa::pkcs8::DecodePrivateKey as _;
         use rsa::traits::PublicKeyParts as _;
-        let private =
-            rsa::RsaPrivateKey::from_pkcs8_pem(pem).map_err(|e| SignerError::Key(format!("RSA JWT key: {e}")))?;
+        let private = rsa::RsaPrivateKey::from_pkcs8_pem(pem)
+            .map_err(|e| SignerError::Key(format!("RSA JWT key: {e}")))?;
         let b64 = |b: Vec<u8>| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
         let mut jwk = serde_json::json!({
             "kty": "RSA",

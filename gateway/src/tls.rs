@@ -59,7 +59,8 @@ pub fn spiffe_client_config(
 
 /// The single URI SAN of a certificate, as the X.509-SVID standard requires.
 pub fn svid_uri(der: &[u8]) -> Result<String, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("not a certificate: {e}"))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("not a certificate: {e}"))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| format!("bad subjectAltName: {e}"))?
@@ -112,7 +113,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             None,
             None,
         )
-        .map_err(|e| rustls::Error::General(format!("server certificate does not chain to the bundle: {e}")))?;
+        .map_err(|e| {
+            rustls::Error::General(format!("server certificate does not chain to the bundle: {e}"))
+        })?;
         let id = svid_uri(end_entity).map_err(rustls::Error::General)?;
         if id != self.spiffe_id {
             return Err(rustls::Error::General(format!(

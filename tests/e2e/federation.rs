@@ -87,10 +87,7 @@ async fn the_own_bundle_endpoint_serves_a_spiffe_bundle() {
 async fn a_federated_bundle_from_a_file_appears_and_follows_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     // The partner: another Castellan in trust domain partner.test.
-    let partner = Server::dev_in(
-        &tmp.path().join("partner"),
-        &["--trust-domain", "partner.test"],
-    );
+    let partner = Server::dev_in(&tmp.path().join("partner"), &["--trust-domain", "partner.test"]);
     let partner_bundle = partner.get("/.well-known/spiffe-bundle", None).body;
     register(&partner, "spiffe://partner.test/billing", &[]);
 
@@ -141,10 +138,7 @@ async fn a_federated_bundle_from_a_file_appears_and_follows_the_file() {
         .unwrap();
     assert!(next.get(&td("partner.test")).is_some());
     let validated = c.validate_jwt_token("frontend", &token).await.unwrap();
-    assert_eq!(
-        validated.spiffe_id().to_string(),
-        "spiffe://partner.test/billing"
-    );
+    assert_eq!(validated.spiffe_id().to_string(), "spiffe://partner.test/billing");
 
     // A caller whose entry does not federate gets no foreign bundle.
     let other_dir = tmp.path().join("other");
@@ -157,7 +151,11 @@ async fn a_federated_bundle_from_a_file_appears_and_follows_the_file() {
     assert!(bundles.get(&td("partner.test")).is_none());
 
     // A broken file changes nothing.
-    std::fs::write(&file, "{\"keys\": [{\"use\": \"x509-svid\", \"x5c\": [\"AAAA\"]}]}").unwrap();
+    std::fs::write(
+        &file,
+        "{\"keys\": [{\"use\": \"x509-svid\", \"x5c\": [\"AAAA\"]}]}",
+    )
+    .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let status = home.get_admin("/api/v1/federation").body;
     let s = &status["items"][0];
@@ -175,10 +173,7 @@ async fn fetch_bundle(server: &Server) -> Value {
     let (endpoint, path) =
         castellan::client::Endpoint::parse_url(&url, Some(&server.dir.join("ca/root.crt"))).unwrap();
     let mut conn = endpoint.connect().await.unwrap();
-    let (status, body) = conn
-        .send(hyper::Method::GET, &path, None, None)
-        .await
-        .unwrap();
+    let (status, body) = conn.send(hyper::Method::GET, &path, None, None).await.unwrap();
     assert_eq!(status, 200);
     serde_json::from_slice(&body).unwrap()
 }

@@ -332,7 +332,10 @@ async fn jwt_svids_validate_offline_with_es256_and_rs256() {
             "spiffe://example.org/workload/signer"
         );
         let online = c.validate_jwt_token("ledger", &token).await.unwrap();
-        assert_eq!(online.spiffe_id().to_string(), "spiffe://example.org/workload/signer");
+        assert_eq!(
+            online.spiffe_id().to_string(),
+            "spiffe://example.org/workload/signer"
+        );
         // A forged signature fails both ways.
         let mut forged = token.clone();
         let last = forged.pop().unwrap();
@@ -367,4 +370,77 @@ async fn the_executable_hash_is_a_selector_when_enabled() {
     let all = c.fetch_all_x509_svids().await.unwrap();
     let ids: Vec<String> = all.iter().map(|s| s.spiffe_id().to_string()).collect();
     assert_eq!(ids, ["spiffe://example.org/workload/by-hash"]);
+}
+
+/// Runs `castellan svid-helper --once` as another user against `socket`.
+fn helper_as(uid: u32, socket: &std::path::Path, out: &std::path::Path) -> std::process::Output {
+    use std::os::unix::process::CommandExt as _;
+    support::castellan()
+        .args(["svid-helper", "--once", "--timeout-secs", "3", "--socket"])
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--dir")
+        .arg(out)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_caller_whose_uid_matches_no_entry_gets_permission_denied() {
+    if my_uid() != 0 {
+        eprintln!(
+            "SKIPPED: running a child under another uid needs root (the tests run as uid {})",
+            my_uid()
+        );
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let nobody = 65_534;
+    let tmp = tempfile::tempdir().unwrap();
+    // The socket and the output directory must be reachable by `nobody`; the
+    // data directory stays 0700.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let public = tmp.path().join("public");
+    std::fs::create_dir(&public).unwrap();
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = public.join("workload.sock");
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(
+        &config,
+        format!("[workload_api]\nsocket = \"{}\"\n", socket.display()),
+    )
+    .unwrap();
+    let server = Server::dev_in(&tmp.path().join("data"), &["--config", config.to_str().unwrap()]);
+    entry(
+        &server,
+        "spiffe://example.org/workload/root-only",
+        "unix:uid:0",
+        "",
+    );
+
+    let out = helper_as(nobody, &socket, &public.join("nobody-svid"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nobody got an SVID: {stderr}");
+    assert!(
+        stderr.contains("PermissionDenied") || stderr.contains("no identity"),
+        "{stderr}"
+    );
+    assert!(!public.join("nobody-svid/svid.pem").exists());
+
+    // The uid is what decides: an entry for `nobody` lets the same child in.
+    entry(
+        &server,
+        "spiffe://example.org/workload/nobody",
+        &format!("unix:uid:{nobody}"),
+        "",
+    );
+    let out = helper_as(nobody, &socket, &public.join("nobody-svid"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pem = std::fs::read_to_string(public.join("nobody-svid/svid.pem")).unwrap();
+    let der = support::pem_certs(&pem).remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    assert!(format!("{:?}", san.value).contains("spiffe://example.org/workload/nobody"));
 }

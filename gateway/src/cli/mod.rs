@@ -15,6 +15,7 @@ mod attestor;
 mod bundle;
 mod entry;
 mod ephemeral;
+mod svid_helper;
 
 use crate::client::Endpoint;
 use crate::config::Config;
@@ -61,6 +62,8 @@ enum Command {
     /// Just-in-time, approval-gated certificates.
     #[command(subcommand)]
     Ephemeral(ephemeral::EphemeralCommand),
+    /// Keep an SVID, its key and bundle on disk from the Workload API; signal a command on rotation.
+    SvidHelper(svid_helper::SvidHelperArgs),
 }
 
 /// How client commands reach a server.
@@ -316,6 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Attestor(cmd) => attestor::run(cmd),
         Command::Entry(cmd) => entry::run(cmd).await,
         Command::Ephemeral(cmd) => ephemeral::ephemeral(cmd).await,
+        Command::SvidHelper(args) => svid_helper::run(args).await,
     }
 }
 

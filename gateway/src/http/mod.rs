@@ -608,11 +608,7 @@ async fn delete_entry(State(state): State<AppState>, headers: HeaderMap, Path(id
 /// authenticate this server by its certificate).
 async fn spiffe_bundle(State(state): State<AppState>) -> Response {
     let doc = crate::federation::own_bundle(state.pipeline.signer.as_ref(), state.bundle_refresh_hint);
-    (
-        [(axum::http::header::CACHE_CONTROL, "no-store")],
-        axum::Json(doc),
-    )
-        .into_response()
+    ([(axum::http::header::CACHE_CONTROL, "no-store")], axum::Json(doc)).into_response()
 }
 
 /// `GET /api/v1/federation` (admin): each federated trust domain, where its

@@ -79,7 +79,11 @@ impl EntrySpec {
         // Trust domains are stored by name; `spiffe://name` is accepted too.
         let mut federates_with = Vec::new();
         for td in self.federates_with {
-            let name = td.strip_prefix("spiffe://").unwrap_or(&td).trim_end_matches('/').to_owned();
+            let name = td
+                .strip_prefix("spiffe://")
+                .unwrap_or(&td)
+                .trim_end_matches('/')
+                .to_owned();
             validate_trust_domain(&name).map_err(|e| format!("federates_with `{td}`: {e}"))?;
             if name == trust_domain {
                 return Err(format!("federates_with `{td}` is this trust domain"));
@@ -160,4 +164,3 @@ impl Entries {
             .collect()
     }
 }
-
