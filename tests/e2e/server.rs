@@ -353,6 +353,7 @@ fn cli_has_help_everywhere_and_one_line_errors() {
 fn the_load_tools_run_against_a_live_server() {
     let server = Server::dev();
     let token_file = server.dir.join("admin.token");
+    let socket = server.dir.join("workload.sock");
     for args in [
         vec![
             "bench",
@@ -376,6 +377,16 @@ fn the_load_tools_run_against_a_live_server() {
             "50",
         ],
         vec!["bench", "approvals", "--requests", "3"],
+        vec![
+            "bench",
+            "workload-api",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--streams",
+            "20",
+            "--jwt-requests",
+            "50",
+        ],
     ] {
         let out = castellan()
             .args(&args)

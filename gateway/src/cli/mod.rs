@@ -200,6 +200,30 @@ enum BenchCommand {
     Approvals(BenchApprovals),
     /// Agent identities (JWT-SVID, one-hop delegation) per second, or latency at a set rate.
     Broker(BenchBroker),
+    /// Many open Workload API streams: server memory per stream, time to push
+    /// a rotation to all of them, then FetchJWTSVID per second.
+    WorkloadApi(BenchWorkloadApi),
+}
+
+#[derive(Args)]
+struct BenchWorkloadApi {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// File holding the admin API token (to register the bench entries).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// The Workload API socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Concurrent FetchX509SVID streams, one connection each.
+    #[arg(long, default_value_t = 1000)]
+    streams: usize,
+    /// FetchJWTSVID calls in flight at once.
+    #[arg(long, default_value_t = 32)]
+    jwt_concurrency: usize,
+    /// FetchJWTSVID calls measured.
+    #[arg(long, default_value_t = 20_000)]
+    jwt_requests: usize,
 }
 
 #[derive(Args)]
@@ -313,6 +337,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Issuance(args)) => bench(args).await,
         Command::Bench(BenchCommand::Approvals(args)) => bench_approvals(args).await,
         Command::Bench(BenchCommand::Broker(args)) => bench_broker(args).await,
+        Command::Bench(BenchCommand::WorkloadApi(args)) => bench_workload_api(args).await,
         Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
         Command::Token(cmd) => ephemeral::token(cmd).await,
         Command::Bundle(cmd) => bundle::run(cmd),
@@ -347,15 +372,18 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         let (td, file) = f
             .split_once('=')
             .with_context(|| format!("--federate `{f}`: expected TRUST_DOMAIN=FILE"))?;
-        config.federation.trust_domains.push(crate::federation::FederatedTrustDomain {
-            trust_domain: td.to_owned(),
-            bundle_file: Some(std::path::absolute(file)?),
-            endpoint_url: None,
-            profile: None,
-            endpoint_spiffe_id: None,
-            ca_file: None,
-            refresh_seconds: None,
-        });
+        config
+            .federation
+            .trust_domains
+            .push(crate::federation::FederatedTrustDomain {
+                trust_domain: td.to_owned(),
+                bundle_file: Some(std::path::absolute(file)?),
+                endpoint_url: None,
+                profile: None,
+                endpoint_spiffe_id: None,
+                ca_file: None,
+                refresh_seconds: None,
+            });
     }
     // dev accepts unsigned bundles over the API; `serve` requires signatures.
     config.bundles.verification = "off".into();
@@ -575,6 +603,56 @@ async fn bench(args: BenchIssuance) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn bench_workload_api(args: BenchWorkloadApi) -> anyhow::Result<ExitCode> {
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("{}", args.token_file.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(
+        args.streams >= 1 && args.jwt_concurrency >= 1 && args.jwt_requests >= 1,
+        "--streams, --jwt-concurrency and --jwt-requests must be at least 1"
+    );
+    let r = crate::bench::workload_api::run(crate::bench::workload_api::Options {
+        socket: args.socket,
+        endpoint: Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?,
+        admin_token: token,
+        streams: args.streams,
+        jwt_concurrency: args.jwt_concurrency,
+        jwt_requests: args.jwt_requests,
+    })
+    .await?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    let grown = r.rss_after_kib.saturating_sub(r.rss_before_kib);
+    println!("workload API: {} concurrent FetchX509SVID streams", r.streams);
+    println!("  all open in  {:.0} ms", ms(r.open_elapsed));
+    println!(
+        "  server RSS   {} KiB -> {} KiB: {:.1} KiB per open stream",
+        r.rss_before_kib,
+        r.rss_after_kib,
+        grown as f64 / r.streams as f64
+    );
+    println!(
+        "  rotation     pushed to all in {:.0} ms (p50 {:.0} ms)",
+        ms(r.push_all),
+        ms(r.push_p50)
+    );
+    println!(
+        "FetchJWTSVID: {} calls, concurrency {}",
+        r.jwt.requests, args.jwt_concurrency
+    );
+    if !r.jwt.refused.is_empty() {
+        println!("  failed       {}", r.jwt.requests - r.jwt.issued);
+    }
+    println!("  throughput   {:.0} JWT-SVIDs/s", r.jwt.rate());
+    println!(
+        "  latency      p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(r.jwt.p50),
+        ms(r.jwt.p99),
+        ms(r.jwt.max)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn bench_broker(args: BenchBroker) -> anyhow::Result<ExitCode> {

@@ -52,6 +52,10 @@ pub struct WorkloadApi {
     exe_hashes: Arc<ExeHashes>,
     /// Federated trust domains still waiting for their first refresh.
     starting: watch::Receiver<usize>,
+    /// Bounds the attestation, policy and minting work in flight: a thousand
+    /// streams rotating at once queue here rather than each taking a
+    /// blocking thread (and its memory).
+    work: Arc<tokio::sync::Semaphore>,
 }
 
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
@@ -150,7 +154,22 @@ impl WorkloadApi {
             config: Arc::new(config),
             exe_hashes: Arc::default(),
             starting,
+            work: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()) * 2,
+            )),
         }
+    }
+
+    /// Runs `f` on the blocking pool once a work permit is free.
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+        let _permit = self
+            .work
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))
     }
 
     /// Serves on a bound socket until the process ends.
@@ -184,13 +203,12 @@ impl WorkloadApi {
             .ok_or_else(|| Status::permission_denied("the caller's credentials are unknown"))?;
         let p = self.pipeline.clone();
         let hashes = self.config.exe_sha256.then(|| self.exe_hashes.clone());
-        tokio::task::spawn_blocking(move || {
+        self.blocking(move || {
             let evidence = unix_evidence(info.pid(), info.uid(), info.gid(), hashes.as_deref()).to_string();
             let snapshot = p.policies.snapshot();
             p.attest(&snapshot, "unix", &evidence)
         })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
+        .await?
         .map_err(|e| Status::permission_denied(format!("caller attestation failed: {e}")))
     }
 
@@ -202,7 +220,7 @@ impl WorkloadApi {
         }
         let p = self.pipeline.clone();
         let a = attestation.clone();
-        tokio::task::spawn_blocking(move || {
+        self.blocking(move || {
             let snapshot = p.policies.snapshot();
             let mut allowed = Vec::new();
             for entry in candidates {
@@ -219,7 +237,6 @@ impl WorkloadApi {
             allowed
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))
     }
 
     /// Entitled entries, or PermissionDenied when there are none.
@@ -244,7 +261,11 @@ impl WorkloadApi {
 
     /// The foreign trust domains these entries federate with, that have a
     /// bundle, as `f` renders it.
-    fn federated(&self, entries: &[Arc<Entry>], f: impl Fn(&crate::federation::TrustBundle) -> Vec<u8>) -> BundleMap {
+    fn federated(
+        &self,
+        entries: &[Arc<Entry>],
+        f: impl Fn(&crate::federation::TrustBundle) -> Vec<u8>,
+    ) -> BundleMap {
         let names: BTreeSet<&String> = entries.iter().flat_map(|e| &e.federates_with).collect();
         names
             .into_iter()
@@ -279,45 +300,46 @@ impl WorkloadApi {
         let p = self.pipeline.clone();
         let list = entries.to_vec();
         let bundle = self.bundle_der();
-        let (svids, soonest) = tokio::task::spawn_blocking(move || {
-            let mut svids = Vec::new();
-            let mut soonest = i64::MAX;
-            let mut hints = std::collections::HashSet::new();
-            for e in list {
-                // Hints are unique within a response: the first entry keeps it.
-                let hint = if e.hint.is_empty() || hints.insert(e.hint.clone()) {
-                    e.hint.clone()
-                } else {
-                    String::new()
-                };
-                let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                let template = Template {
-                    spiffe_id: SpiffeId::parse(&e.spiffe_id).map_err(|e| Status::internal(e.to_string()))?,
-                    public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
-                    ttl: time::Duration::seconds(e.x509_svid_ttl as i64),
-                    dns_names: e.dns_names.clone(),
-                    extensions: vec![],
-                };
-                let cert = p
-                    .signer
-                    .sign_x509_svid(&template)
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                soonest = soonest.min(cert.not_after.unix_timestamp());
-                let mut chain = cert.der.clone();
-                chain.extend(pem_to_der(p.signer.intermediates_pem()));
-                svids.push(X509svid {
-                    spiffe_id: e.spiffe_id.clone(),
-                    x509_svid: chain,
-                    x509_svid_key: key.serialize_der(),
-                    bundle: bundle.clone(),
-                    hint,
-                });
-            }
-            Ok::<_, Status>((svids, soonest))
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))??;
+        let (svids, soonest) = self
+            .blocking(move || {
+                let mut svids = Vec::new();
+                let mut soonest = i64::MAX;
+                let mut hints = std::collections::HashSet::new();
+                for e in list {
+                    // Hints are unique within a response: the first entry keeps it.
+                    let hint = if e.hint.is_empty() || hints.insert(e.hint.clone()) {
+                        e.hint.clone()
+                    } else {
+                        String::new()
+                    };
+                    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    let template = Template {
+                        spiffe_id: SpiffeId::parse(&e.spiffe_id)
+                            .map_err(|e| Status::internal(e.to_string()))?,
+                        public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
+                        ttl: time::Duration::seconds(e.x509_svid_ttl as i64),
+                        dns_names: e.dns_names.clone(),
+                        extensions: vec![],
+                    };
+                    let cert = p
+                        .signer
+                        .sign_x509_svid(&template)
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    soonest = soonest.min(cert.not_after.unix_timestamp());
+                    let mut chain = cert.der.clone();
+                    chain.extend(pem_to_der(p.signer.intermediates_pem()));
+                    svids.push(X509svid {
+                        spiffe_id: e.spiffe_id.clone(),
+                        x509_svid: chain,
+                        x509_svid_key: key.serialize_der(),
+                        bundle: bundle.clone(),
+                        hint,
+                    });
+                }
+                Ok::<_, Status>((svids, soonest))
+            })
+            .await??;
         let half = ((soonest - now_unix()).max(2) / 2) as u64;
         Ok(Minted {
             entries: entries.iter().map(|e| e.as_ref().clone()).collect(),
@@ -432,11 +454,7 @@ impl WorkloadApi {
         self.federation
             .get(trust_domain)
             .and_then(|b| b.jwt_keys())
-            .ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "no JWT bundle for trust domain {trust_domain}"
-                ))
-            })
+            .ok_or_else(|| Status::invalid_argument(format!("no JWT bundle for trust domain {trust_domain}")))
     }
 }
 
@@ -508,21 +526,27 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 "no identity is registered for this caller",
             ));
         }
-        let now = now_unix();
-        let mut svids = Vec::new();
-        for e in entries {
-            let claims = json!({ "sub": e.spiffe_id, "aud": body.audience, "iat": now, "exp": now + e.jwt_svid_ttl as i64 });
-            let svid = self
-                .pipeline
-                .signer
-                .sign_jwt_svid(&claims, &self.config.jwt_svid_algorithm)
-                .map_err(|e| Status::internal(e.to_string()))?;
-            svids.push(Jwtsvid {
-                spiffe_id: e.spiffe_id.clone(),
-                svid,
-                hint: e.hint.clone(),
-            });
-        }
+        let (p, alg) = (self.pipeline.clone(), self.config.jwt_svid_algorithm.clone());
+        // RSA signing takes milliseconds: keep it off the async workers.
+        let svids = self
+            .blocking(move || {
+                let now = now_unix();
+                let mut svids = Vec::new();
+                for e in entries {
+                    let claims = json!({ "sub": e.spiffe_id, "aud": body.audience, "iat": now, "exp": now + e.jwt_svid_ttl as i64 });
+                    let svid = p
+                        .signer
+                        .sign_jwt_svid(&claims, &alg)
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    svids.push(Jwtsvid {
+                        spiffe_id: e.spiffe_id.clone(),
+                        svid,
+                        hint: e.hint.clone(),
+                    });
+                }
+                Ok::<_, Status>(svids)
+            })
+            .await??;
         Ok(Response::new(JwtsvidResponse { svids }))
     }
 
@@ -591,7 +615,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
 fn unverified_claims(compact: &str) -> Option<Value> {
     use base64::Engine as _;
     let payload = compact.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 

@@ -15,6 +15,8 @@ use rcgen::KeyPair;
 use serde_json::json;
 
 use crate::client::Endpoint;
+
+pub mod workload_api;
 use crate::dev::{mint_projected_token, p256_jwk};
 
 /// What to run.
