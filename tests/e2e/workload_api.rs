@@ -198,6 +198,14 @@ async fn a_raw_call_without_the_security_header_is_refused() {
     req.metadata_mut()
         .insert("workload.spiffe.io", "true".parse().unwrap());
     assert_eq!(raw.fetch_jwtsvid(req).await.unwrap().into_inner().svids.len(), 1);
+    // The WIT-SVID profile is not offered.
+    let mut req = tonic::Request::new(castellan_proto::workload::WitsvidRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    assert_eq!(
+        raw.fetch_witsvid(req).await.unwrap_err().code(),
+        tonic::Code::Unimplemented
+    );
 }
 
 #[test]

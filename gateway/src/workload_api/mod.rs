@@ -17,8 +17,8 @@ use std::time::Duration;
 use castellan_proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 use castellan_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
+    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest, WitsvidResponse,
+    X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
 };
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
@@ -478,6 +478,22 @@ impl SpiffeWorkloadApi for WorkloadApi {
     type FetchX509SVIDStream = Stream<X509svidResponse>;
     type FetchX509BundlesStream = Stream<X509BundlesResponse>;
     type FetchJWTBundlesStream = Stream<JwtBundlesResponse>;
+    type FetchWITSVIDStream = Stream<WitsvidResponse>;
+    type FetchWITBundlesStream = Stream<WitBundlesResponse>;
+
+    async fn fetch_witsvid(
+        &self,
+        _: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented("the WIT-SVID profile is not supported"))
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        _: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented("the WIT-SVID profile is not supported"))
+    }
 
     async fn fetch_x509svid(
         &self,
