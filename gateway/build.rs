@@ -11,6 +11,9 @@ use std::process::Command;
 const MODULES: &[(&str, &str, &str)] = &[
     ("k8s_sat", "k8s-sat", "k8s_sat.wasm"),
     ("unix", "unix", "unix_attestor.wasm"),
+    ("github_oidc", "github-oidc", "github_oidc_attestor.wasm"),
+    ("gcp_iit", "gcp-iit", "gcp_iit_attestor.wasm"),
+    ("azure_msi", "azure-msi", "azure_msi_attestor.wasm"),
 ];
 
 /// Test fixtures (never embedded in the binary): (constant, artifact name).

@@ -110,6 +110,8 @@ pub struct Pipeline {
     /// Bounds CPU work in flight (attest + decide + sign) to what the
     /// blocking pool and the instance pool can take.
     permits: Semaphore,
+    /// Single-use evidence already seen.
+    replay: crate::attest::replay::ReplayCache,
 }
 
 /// A verified CSR: its public key and nothing else from it is used.
@@ -139,6 +141,7 @@ impl Pipeline {
             limits,
             public_url: std::sync::OnceLock::new(),
             permits: Semaphore::new(max_in_flight.max(1)),
+            replay: Default::default(),
         }
     }
 
@@ -212,7 +215,8 @@ impl Pipeline {
             return Err(IssuanceError::UnknownMethod(printable(method)));
         }
         let context = serde_json::json!({ "trust_domain": self.trust_domain });
-        self.attestors
+        let attestation = self
+            .attestors
             .attest_in(
                 &snapshot.modules,
                 method,
@@ -230,7 +234,13 @@ impl Pipeline {
                     tracing::warn!(method, error = %e, "attestor failed");
                     IssuanceError::Internal(format!("attestation could not be completed: {e}"))
                 }
-            })
+            })?;
+        if let Some(once) = &attestation.single_use {
+            self.replay
+                .first_use(method, &once.id, once.until, crate::util::now_unix())
+                .map_err(|e| IssuanceError::AttestationFailed(format!("attestation failed: {e}")))?;
+        }
+        Ok(attestation)
     }
 
     /// Checks a policy's SPIFFE ID and lifetime against the server's limits;

@@ -36,6 +36,8 @@ mod bindings {
 pub use bindings::castellan::attestor::types::AttestError as ModuleError;
 
 /// The built-in modules compiled into the binary.
+pub mod replay;
+
 pub mod embedded {
     include!(concat!(env!("OUT_DIR"), "/embedded_attestors.rs"));
 }
@@ -72,7 +74,22 @@ pub struct Attestation {
     pub selectors: Vec<String>,
     /// Verified claims, a JSON object.
     pub claims: Value,
+    /// Set when the evidence is good for one use: the pipeline refuses a
+    /// second attestation with the same id (see [`replay`]).
+    #[serde(skip)]
+    pub single_use: Option<SingleUse>,
 }
+
+/// The one-use mark a module put on its evidence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SingleUse {
+    pub id: String,
+    /// Unix seconds until which a second use is refused.
+    pub until: i64,
+}
+
+/// The claim modules set through the SDK's `Attestation::single_use`.
+const SINGLE_USE_CLAIM: &str = "_single_use";
 
 /// Why attestation did not produce an [`Attestation`]. Every variant means
 /// no credential.
@@ -343,18 +360,33 @@ impl Attestors {
                         "returned claims over {MAX_CLAIMS_BYTES} bytes"
                     )));
                 }
-                let claims: Value = serde_json::from_str(&a.claims_json)
+                let mut claims: Value = serde_json::from_str(&a.claims_json)
                     .map_err(|_| AttestError::Module("returned claims that are not JSON".into()))?;
-                if !claims.is_object() {
+                let Some(map) = claims.as_object_mut() else {
                     return Err(AttestError::Module(
                         "returned claims that are not a JSON object".into(),
                     ));
-                }
+                };
+                let single_use = match map.remove(SINGLE_USE_CLAIM) {
+                    None => None,
+                    Some(v) => match (v["id"].as_str(), v["until"].as_i64()) {
+                        (Some(id), Some(until)) if !id.is_empty() && id.len() <= 512 => Some(SingleUse {
+                            id: id.to_owned(),
+                            until,
+                        }),
+                        _ => {
+                            return Err(AttestError::Module(format!(
+                                "returned a malformed `{SINGLE_USE_CLAIM}` claim"
+                            )));
+                        }
+                    },
+                };
                 Ok(Attestation {
                     method: method.to_owned(),
                     subject: a.subject,
                     selectors: a.selectors,
                     claims,
+                    single_use,
                 })
             }
             Err(ModuleError::Malformed(m)) => Err(AttestError::Malformed(m)),

@@ -92,7 +92,22 @@ impl Attestation {
         self.claims.insert(key.to_owned(), value.into());
         self
     }
+
+    /// Marks the evidence as good for one use: the host refuses a second
+    /// attestation with the same `id` (per method) until `until` (Unix
+    /// seconds). Modules have no memory between calls; the host keeps it.
+    pub fn single_use(mut self, id: &str, until: i64) -> Self {
+        self.claims.insert(
+            SINGLE_USE_CLAIM.to_owned(),
+            serde_json::json!({ "id": id, "until": until }),
+        );
+        self
+    }
 }
+
+/// The reserved claim [`Attestation::single_use`] sets; the host removes it
+/// before policy sees the claims.
+pub const SINGLE_USE_CLAIM: &str = "_single_use";
 
 /// Why evidence was refused. The text reaches the caller: never put the
 /// evidence itself or a secret in it.
@@ -137,6 +152,8 @@ pub mod host {
     pub struct VerifiedJws {
         pub header: Value,
         pub claims: Map<String, Value>,
+        /// The signature segment (base64url), unique to this token.
+        pub signature: String,
     }
 
     impl VerifiedJws {
@@ -149,9 +166,41 @@ pub mod host {
                 .ok_or_else(|| Error::rejected(format!("token has no `{name}` claim")))
         }
 
+        /// A string claim fit to become a selector value: 1 to 256 bytes,
+        /// no control characters.
+        pub fn claim_selector(&self, name: &str) -> Result<String, Error> {
+            let v = self.claim_str(name)?;
+            if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) {
+                return Err(Error::rejected(format!(
+                    "claim `{name}` is empty, too long or has control characters"
+                )));
+            }
+            Ok(v)
+        }
+
+        /// Like [`Self::claim_selector`], for a claim that may be absent.
+        pub fn optional_selector(&self, name: &str) -> Result<Option<String>, Error> {
+            match self.claims.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(_) => self.claim_selector(name).map(Some),
+            }
+        }
+
         /// A numeric claim.
         pub fn claim_i64(&self, name: &str) -> Option<i64> {
             self.claims.get(name).and_then(Value::as_i64)
+        }
+
+        /// What identifies this token for replay protection: its `jti` when
+        /// it has one, else its signature (unique to the token).
+        pub fn replay_id(&self) -> String {
+            match self.claims.get("jti").and_then(Value::as_str) {
+                Some(jti) if !jti.is_empty() && jti.len() <= 200 => format!("jti:{jti}"),
+                _ => {
+                    let sig: String = self.signature.chars().take(86).collect();
+                    format!("sig:{sig}")
+                }
+            }
         }
     }
 
@@ -166,7 +215,12 @@ pub mod host {
             Ok(Value::Object(m)) => m,
             _ => return Err(Error::malformed("payload is not a JSON object")),
         };
-        Ok(VerifiedJws { header, claims })
+        let signature = compact.rsplit('.').next().unwrap_or_default().to_owned();
+        Ok(VerifiedJws {
+            header,
+            claims,
+            signature,
+        })
     }
 
     /// `clock`: seconds since the Unix epoch.
