@@ -14,6 +14,9 @@ const MODULES: &[(&str, &str, &str)] = &[
     ("github_oidc", "github-oidc", "github_oidc_attestor.wasm"),
     ("gcp_iit", "gcp-iit", "gcp_iit_attestor.wasm"),
     ("azure_msi", "azure-msi", "azure_msi_attestor.wasm"),
+    ("aws_iid", "aws-iid", "aws_iid_attestor.wasm"),
+    ("join_token", "join-token", "join_token_attestor.wasm"),
+    ("x509pop", "x509pop", "x509pop_attestor.wasm"),
 ];
 
 /// Test fixtures (never embedded in the binary): (constant, artifact name).

@@ -357,6 +357,9 @@ impl Config {
             if let Some(p) = ts.jwks_file.as_mut() {
                 fix(p);
             }
+            if let Some(p) = ts.certificates_file.as_mut() {
+                fix(p);
+            }
         }
         if let Some(p) = self.workload_api.socket.as_mut() {
             fix(p);

@@ -83,6 +83,8 @@ impl DevCluster {
             issuer: DEV_ISSUER.into(),
             audiences: vec![DEV_AUDIENCE.into()],
             jwks: self.jwks(),
+            certificates: None,
+            settings: None,
             origin: "dev".into(),
             created_at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
         }

@@ -112,6 +112,8 @@ pub struct Pipeline {
     permits: Semaphore,
     /// Single-use evidence already seen.
     replay: crate::attest::replay::ReplayCache,
+    /// Nonces issued to clients of challenge-based methods.
+    pub challenges: crate::attest::challenge::Challenges,
 }
 
 /// A verified CSR: its public key and nothing else from it is used.
@@ -142,6 +144,7 @@ impl Pipeline {
             public_url: std::sync::OnceLock::new(),
             permits: Semaphore::new(max_in_flight.max(1)),
             replay: Default::default(),
+            challenges: Default::default(),
         }
     }
 
@@ -211,10 +214,35 @@ impl Pipeline {
         method: &str,
         evidence: &str,
     ) -> Result<Attestation, IssuanceError> {
+        self.attest_bound(snapshot, method, evidence, None)
+    }
+
+    /// Attests, telling the module the public key the caller wants
+    /// certified (`context.key_sha256`, hex SHA-256 of its DER
+    /// SubjectPublicKeyInfo) so that evidence able to carry it is bound to
+    /// it, and resolving the server challenge the evidence names
+    /// (`context.challenge`).
+    pub fn attest_bound(
+        &self,
+        snapshot: &crate::policy::Loaded,
+        method: &str,
+        evidence: &str,
+        key_spki: Option<&[u8]>,
+    ) -> Result<Attestation, IssuanceError> {
         if !snapshot.modules.contains_key(method) {
             return Err(IssuanceError::UnknownMethod(printable(method)));
         }
-        let context = serde_json::json!({ "trust_domain": self.trust_domain });
+        let mut context = serde_json::json!({ "trust_domain": self.trust_domain });
+        if let Some(spki) = key_spki {
+            context["key_sha256"] = crate::util::sha256_hex(spki).into();
+        }
+        if let Some(id) = crate::attest::challenge::challenge_id(evidence) {
+            let challenge = self
+                .challenges
+                .take(&id, method, crate::util::now_unix())
+                .map_err(|e| IssuanceError::AttestationFailed(format!("attestation failed: {e}")))?;
+            context["challenge"] = challenge;
+        }
         let attestation = self
             .attestors
             .attest_in(
@@ -236,9 +264,23 @@ impl Pipeline {
                 }
             })?;
         if let Some(once) = &attestation.single_use {
+            let now = crate::util::now_unix();
+            // The memory answers repeats cheaply; the store makes the spend
+            // survive a restart. Both must agree it is the first use.
             self.replay
-                .first_use(method, &once.id, once.until, crate::util::now_unix())
+                .first_use(method, &once.id, once.until, now)
                 .map_err(|e| IssuanceError::AttestationFailed(format!("attestation failed: {e}")))?;
+            let handle = tokio::runtime::Handle::try_current()
+                .map_err(|_| IssuanceError::Internal("single-use evidence needs the runtime".into()))?;
+            let key = format!("{method}\u{0}{}", once.id);
+            let first = handle
+                .block_on(self.store.spend(&key, once.until, now))
+                .map_err(|e| IssuanceError::Internal(format!("could not record single-use evidence: {e}")))?;
+            if !first {
+                return Err(IssuanceError::AttestationFailed(
+                    "attestation failed: this evidence was already used".into(),
+                ));
+            }
         }
         Ok(attestation)
     }
@@ -288,7 +330,7 @@ impl Pipeline {
         let csr = verify_csr(&req.csr_pem)?;
         // One snapshot for the whole request: it never mixes two bundles.
         let snapshot = self.policies.snapshot();
-        let attestation = self.attest(&snapshot, &req.method, &req.evidence)?;
+        let attestation = self.attest_bound(&snapshot, &req.method, &req.evidence, Some(&csr.spki_der))?;
 
         let input = serde_json::json!({
             "version": POLICY_INPUT_VERSION,

@@ -19,6 +19,7 @@ pub mod dev;
 pub mod federation;
 pub mod http;
 pub mod issuance;
+pub mod join_token;
 pub mod notify;
 pub mod policy;
 pub mod server;

@@ -89,6 +89,10 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         );
     }
     sources.extend(extra_sources);
+    sources.push(crate::join_token::trust_source(
+        &config.trust_domain,
+        signer.jwks(),
+    ));
     sources.extend(store.trust_sources().await?);
     let trust = Arc::new(Registry::new(sources)?);
 

@@ -36,9 +36,17 @@ pub enum TrustError {
     /// `jwks_file` could not be read.
     #[error("jwks_file {path}: {message}")]
     JwksFile { path: String, message: String },
+    /// The certificates are unusable.
+    #[error("certificates: {0}")]
+    Certificates(String),
+    /// The settings are unusable.
+    #[error("settings: {0}")]
+    Settings(String),
 }
 
 /// A trust source as declared in the config file or posted to the API.
+/// JWT methods give `issuer`, `audiences` and `jwks`; X.509 methods give
+/// `certificates`; either may add method-specific `settings`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustSourceSpec {
@@ -46,9 +54,11 @@ pub struct TrustSourceSpec {
     pub name: String,
     /// Attestation method, e.g. `k8s_sat`.
     pub method: String,
-    /// The `iss` the evidence must carry.
+    /// The `iss` the evidence must carry (JWT methods).
+    #[serde(default)]
     pub issuer: String,
-    /// Audiences accepted; the evidence's `aud` must contain one.
+    /// Audiences accepted; the evidence's `aud` must contain one (JWT methods).
+    #[serde(default)]
     pub audiences: Vec<String>,
     /// Public keys as a JWKS object (`{"keys": [...]}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,6 +66,17 @@ pub struct TrustSourceSpec {
     /// Config files only: a path to read the JWKS from instead.
     #[serde(default, skip_serializing)]
     pub jwks_file: Option<PathBuf>,
+    /// PEM certificates: roots a chain must reach, or signing certificates
+    /// (X.509 methods: `aws_iid`, `x509pop`, `tpm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<String>,
+    /// Config files only: a path to read `certificates` from instead.
+    #[serde(default, skip_serializing)]
+    pub certificates_file: Option<PathBuf>,
+    /// Method-specific settings, passed to the module as they are (an
+    /// object), e.g. `{"max_age_seconds": 300}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<Value>,
 }
 
 /// A stored or declared trust source.
@@ -66,10 +87,25 @@ pub struct TrustSource {
     pub method: String,
     pub issuer: String,
     pub audiences: Vec<String>,
+    /// `{"keys": [...]}`, or null for a source without JWT keys.
+    #[serde(default)]
     pub jwks: Value,
+    /// PEM certificates, if the source has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<String>,
+    /// Method-specific settings (an object), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<Value>,
     /// `api`, `config` or `dev`: only `api` ones can be deleted over the API.
     pub origin: String,
     pub created_at: String,
+}
+
+impl TrustSource {
+    /// Whether the source carries JWT verification keys.
+    pub fn has_jwks(&self) -> bool {
+        self.jwks.get("keys").is_some()
+    }
 }
 
 impl TrustSourceSpec {
@@ -89,16 +125,33 @@ impl TrustSourceSpec {
         if !valid {
             return Err(TrustError::UnknownMethod(self.method.clone()));
         }
+        if let Some(settings) = &self.settings
+            && !settings.is_object()
+        {
+            return Err(TrustError::Settings("must be a JSON object".into()));
+        }
+        let jwt = self.jwks.is_some() || self.jwks_file.is_some();
+        let x509 = self.certificates.is_some() || self.certificates_file.is_some();
+        if !jwt && !x509 {
+            return Err(TrustError::Missing(
+                "jwks (JWT methods) or certificates (X.509 methods)",
+            ));
+        }
+        if let Some(pem) = &self.certificates {
+            certs::CertSet::from_pem(pem).map_err(TrustError::Certificates)?;
+        }
+        if !jwt {
+            return Ok(());
+        }
         if self.issuer.trim().is_empty() {
             return Err(TrustError::Missing("issuer"));
         }
         if self.audiences.is_empty() || self.audiences.iter().any(|a| a.is_empty()) {
             return Err(TrustError::Missing("audiences"));
         }
-        match (&self.jwks, &self.jwks_file) {
-            (Some(jwks), _) => KeySet::from_jwks(jwks).map(drop),
-            (None, Some(_)) => Ok(()),
-            (None, None) => Err(TrustError::Missing("jwks")),
+        match &self.jwks {
+            Some(jwks) => KeySet::from_jwks(jwks).map(drop),
+            None => Ok(()),
         }
     }
 
@@ -119,7 +172,18 @@ impl TrustSourceSpec {
                 KeySet::from_jwks(&v)?;
                 v
             }
-            (None, None) => return Err(TrustError::Missing("jwks")),
+            (None, None) => Value::Null,
+        };
+        let certificates = match (self.certificates, &self.certificates_file) {
+            (Some(pem), _) => Some(pem),
+            (None, Some(path)) => {
+                let pem = std::fs::read_to_string(path).map_err(|e| {
+                    TrustError::Certificates(format!("certificates_file {}: {e}", path.display()))
+                })?;
+                certs::CertSet::from_pem(&pem).map_err(TrustError::Certificates)?;
+                Some(pem)
+            }
+            (None, None) => None,
         };
         Ok(TrustSource {
             id: uuid::Uuid::new_v4().to_string(),
@@ -128,6 +192,8 @@ impl TrustSourceSpec {
             issuer: self.issuer,
             audiences: self.audiences,
             jwks,
+            certificates,
+            settings: self.settings,
             origin: origin.to_owned(),
             created_at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
         })
@@ -350,6 +416,8 @@ pub struct Snapshot {
     pub by_method: HashMap<String, Vec<Arc<TrustSource>>>,
     /// Key sets by name (`ts:<id>`), as the `verify-jws` capability names them.
     pub key_sets: HashMap<String, Arc<KeySet>>,
+    /// Certificate sets by the same names, for the X.509 capabilities.
+    pub cert_sets: HashMap<String, Arc<certs::CertSet>>,
 }
 
 impl Snapshot {
@@ -361,12 +429,19 @@ impl Snapshot {
             .map(|v| {
                 v.iter()
                     .map(|s| {
-                        serde_json::json!({
+                        let mut c = serde_json::json!({
                             "name": s.name,
                             "issuer": s.issuer,
                             "audiences": s.audiences,
                             "key_set": key_set_name(&s.id),
-                        })
+                        });
+                        if s.certificates.is_some() {
+                            c["cert_set"] = key_set_name(&s.id).into();
+                        }
+                        if let Some(settings) = &s.settings {
+                            c["settings"] = settings.clone();
+                        }
+                        c
                     })
                     .collect()
             })
@@ -425,7 +500,13 @@ impl Registry {
         if self.sources.load().iter().any(|s| s.name == source.name) {
             return Err(TrustError::Duplicate(source.name.clone()));
         }
-        KeySet::from_jwks(&source.jwks).map(drop)
+        if let Some(pem) = &source.certificates {
+            certs::CertSet::from_pem(pem).map_err(TrustError::Certificates)?;
+        }
+        if source.has_jwks() {
+            KeySet::from_jwks(&source.jwks)?;
+        }
+        Ok(())
     }
 
     /// Adds a source. Callers persist it first, then insert.
@@ -459,8 +540,14 @@ impl Registry {
 fn build_snapshot(sources: &[Arc<TrustSource>]) -> Result<Snapshot, TrustError> {
     let mut snap = Snapshot::default();
     for s in sources {
-        let keys = KeySet::from_jwks(&s.jwks)?;
-        snap.key_sets.insert(key_set_name(&s.id), Arc::new(keys));
+        if s.has_jwks() {
+            let keys = KeySet::from_jwks(&s.jwks)?;
+            snap.key_sets.insert(key_set_name(&s.id), Arc::new(keys));
+        }
+        if let Some(pem) = &s.certificates {
+            let set = certs::CertSet::from_pem(pem).map_err(TrustError::Certificates)?;
+            snap.cert_sets.insert(key_set_name(&s.id), Arc::new(set));
+        }
         snap.by_method
             .entry(s.method.clone())
             .or_default()
@@ -468,6 +555,8 @@ fn build_snapshot(sources: &[Arc<TrustSource>]) -> Result<Snapshot, TrustError> 
     }
     Ok(snap)
 }
+
+pub mod certs;
 
 #[cfg(test)]
 mod tests;

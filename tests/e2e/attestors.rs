@@ -289,3 +289,402 @@ fn github_selectors_and_claims_reach_policy() {
         assert!(text.contains(selector), "{selector} in {text}");
     }
 }
+
+// === join_token ===
+
+fn issue_with_csr(server: &Server, method: &str, evidence: &str, csr: &str) -> support::Resp {
+    server.post(
+        "/api/v1/workloads/attested-issuance",
+        &json!({ "method": method, "evidence": evidence, "csr": csr }),
+        None,
+    )
+}
+
+#[test]
+fn join_tokens_bootstrap_a_host_once_even_across_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let server = Server::dev_in(&dir, &[]);
+    // Only an admin creates them.
+    server
+        .post("/api/v1/join-tokens", &json!({"name": "db-7"}), None)
+        .assert_problem(401, "unauthorized");
+    server
+        .post_admin("/api/v1/join-tokens", &json!({"name": "db 7!"}))
+        .assert_problem(422, "invalid-join-token");
+    let r = server.post_admin(
+        "/api/v1/join-tokens",
+        &json!({"name": "db-7", "ttl_seconds": 600}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let token = r.body["token"].as_str().unwrap().to_owned();
+
+    let r = issue(&server, "join_token", &token);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/host/db-7");
+    let again = issue(&server, "join_token", &token);
+    again.assert_problem(403, "attestation-failed");
+    assert!(again.body["detail"].as_str().unwrap().contains("already used"));
+
+    // A token for this method signed by anyone else is a forgery.
+    let forger = Cluster::new("castellan:join-token:example.org");
+    let forged = forger.sign(&json!({
+        "iss": "castellan:join-token:example.org", "aud": ["castellan-join"], "sub": "db-8",
+        "jti": "forged-1", "iat": now(), "exp": now() + 600,
+    }));
+    issue(&server, "join_token", &forged).assert_problem(403, "attestation-failed");
+    for junk in ["", "x", "a.b.c", "{}"] {
+        let r = issue(&server, "join_token", junk);
+        assert!((400..500).contains(&r.status), "{junk:?}: {}", r.status);
+    }
+    // The spend is durable: a restart does not make the token good again.
+    server.stop();
+    let server = Server::dev_in(&dir, &[]);
+    let r = issue(&server, "join_token", &token);
+    r.assert_problem(403, "attestation-failed");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("already used"),
+        "{}",
+        r.body
+    );
+    assert_eq!(server.certificates().len(), 1);
+}
+
+// === x509pop ===
+
+struct Pki {
+    root: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new(name: &str) -> Self {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        Self {
+            root: p.self_signed(&key).unwrap(),
+            key,
+        }
+    }
+
+    /// A client certificate for `cn` and its key.
+    fn client(&self, cn: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let issuer = rcgen::Issuer::from_ca_cert_der(self.root.der(), &self.key).unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![format!("{cn}.hosts.example")]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        (p.signed_by(&key, &issuer).unwrap(), key)
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Asks for a challenge and answers it with `cert`/`key`, binding `csr_key`.
+fn x509pop_evidence(
+    server: &Server,
+    cert: &rcgen::Certificate,
+    key: &rcgen::KeyPair,
+    csr_key: &rcgen::KeyPair,
+) -> String {
+    let r = server.post(
+        "/api/v1/attestation/challenges",
+        &json!({"method": "x509pop"}),
+        None,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let nonce = r.body["nonce"].as_str().unwrap();
+    let key_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        rcgen::PublicKeyData::subject_public_key_info(csr_key),
+    ));
+    let message = format!("castellan-x509pop-v1\n{nonce}\n{key_sha}\n");
+    let signature = rcgen::SigningKey::sign(key, message.as_bytes()).unwrap();
+    json!({
+        "challenge_id": r.body["challenge_id"], "certificates": [b64(cert.der())],
+        "algorithm": "ecdsa-p256-sha256", "signature": b64(&signature),
+    })
+    .to_string()
+}
+
+fn csr_for(key: &rcgen::KeyPair) -> String {
+    rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+#[test]
+fn x509pop_proves_a_certificate_key_bound_to_the_requested_key() {
+    let server = Server::dev();
+    let pki = Pki::new("Acme Hosts CA");
+    let r = server.post_admin(
+        "/api/v1/trust-sources",
+        &json!({"name": "acme-hosts", "method": "x509pop", "certificates": pki.root.pem()}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (cert, key) = pki.client("edge-1");
+    let csr_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = csr_for(&csr_key);
+
+    let evidence = x509pop_evidence(&server, &cert, &key, &csr_key);
+    let r = issue_with_csr(&server, "x509pop", &evidence, &csr);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/x509pop/edge-1");
+
+    // Replay: the challenge was taken.
+    issue_with_csr(&server, "x509pop", &evidence, &csr).assert_problem(403, "attestation-failed");
+    // Bound to the key: the same kind of proof presented with another CSR fails.
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let evidence = x509pop_evidence(&server, &cert, &key, &csr_key);
+    issue_with_csr(&server, "x509pop", &evidence, &csr_for(&other)).assert_problem(403, "attestation-failed");
+    // A certificate from a CA the trust source does not hold.
+    let (stranger, stranger_key) = Pki::new("Other CA").client("edge-1");
+    let evidence = x509pop_evidence(&server, &stranger, &stranger_key, &csr_key);
+    issue_with_csr(&server, "x509pop", &evidence, &csr).assert_problem(403, "attestation-failed");
+    // Signed by a key that is not the certificate's.
+    let evidence = x509pop_evidence(&server, &cert, &stranger_key, &csr_key);
+    issue_with_csr(&server, "x509pop", &evidence, &csr).assert_problem(403, "attestation-failed");
+    // No live challenge, a challenge for another method, garbage.
+    let mut bogus: Value = serde_json::from_str(&x509pop_evidence(&server, &cert, &key, &csr_key)).unwrap();
+    bogus["challenge_id"] = "00000000-0000-4000-8000-000000000000".into();
+    issue_with_csr(&server, "x509pop", &bogus.to_string(), &csr).assert_problem(403, "attestation-failed");
+    server
+        .post(
+            "/api/v1/attestation/challenges",
+            &json!({"method": "k8s_sat"}),
+            None,
+        )
+        .assert_problem(422, "unknown-method");
+    for junk in ["", "{", "{}", "[1,2]", "{\"challenge_id\": 5}"] {
+        let r = issue_with_csr(&server, "x509pop", junk, &csr);
+        assert!(
+            (400..500).contains(&r.status),
+            "{junk:?}: {} {}",
+            r.status,
+            r.body
+        );
+    }
+    assert_eq!(server.certificates().len(), 1);
+}
+
+// === aws_iid ===
+
+/// An "AWS region" signing certificate (RSA, as AWS's are) and its key.
+struct AwsRegion {
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    key: ring::signature::RsaKeyPair,
+}
+
+impl AwsRegion {
+    fn new() -> Self {
+        use rsa::pkcs8::EncodePrivateKey as _;
+        let private = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
+        let pkcs8 = private.to_pkcs8_der().unwrap();
+        let pem = private.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).unwrap();
+        let kp = rcgen::KeyPair::from_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Amazon Web Services LLC");
+        let cert = p.self_signed(&kp).unwrap();
+        Self {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            key: ring::signature::RsaKeyPair::from_pkcs8(pkcs8.as_bytes()).unwrap(),
+        }
+    }
+
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        let mut sig = vec![0; self.key.public().modulus_len()];
+        self.key
+            .sign(
+                &ring::signature::RSA_PKCS1_SHA256,
+                &ring::rand::SystemRandom::new(),
+                message,
+                &mut sig,
+            )
+            .unwrap();
+        sig
+    }
+
+    /// A PKCS#7 SignedData over `content` with signed attributes, as the
+    /// `rsa2048` endpoint returns.
+    fn pkcs7(&self, content: &[u8]) -> Vec<u8> {
+        use cms::cert::x509::der::asn1::{Any, ObjectIdentifier, OctetString, SetOfVec};
+        use cms::cert::x509::der::{Decode, Encode};
+        use cms::signed_data::{
+            EncapsulatedContentInfo, SignedData, SignerIdentifier, SignerInfo, SignerInfos,
+        };
+        let oid = |s: &str| ObjectIdentifier::new_unwrap(s);
+        let alg = |o: &str, null: bool| cms::cert::x509::spki::AlgorithmIdentifierOwned {
+            oid: oid(o),
+            parameters: null.then(Any::null),
+        };
+        let cert = cms::cert::x509::Certificate::from_der(&self.cert_der).unwrap();
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(content);
+        let attr = |o: &str, v: Any| cms::cert::x509::attr::Attribute {
+            oid: oid(o),
+            values: SetOfVec::try_from(vec![v]).unwrap(),
+        };
+        let data = "1.2.840.113549.1.7.1";
+        let attrs = SetOfVec::try_from(vec![
+            attr("1.2.840.113549.1.9.3", Any::encode_from(&oid(data)).unwrap()),
+            attr(
+                "1.2.840.113549.1.9.4",
+                Any::encode_from(&OctetString::new(digest.to_vec()).unwrap()).unwrap(),
+            ),
+        ])
+        .unwrap();
+        let signature = self.sign(&attrs.to_der().unwrap());
+        let si = SignerInfo {
+            version: cms::content_info::CmsVersion::V1,
+            sid: SignerIdentifier::IssuerAndSerialNumber(cms::cert::IssuerAndSerialNumber {
+                issuer: cert.tbs_certificate.issuer.clone(),
+                serial_number: cert.tbs_certificate.serial_number.clone(),
+            }),
+            digest_alg: alg("2.16.840.1.101.3.4.2.1", false),
+            signed_attrs: Some(attrs),
+            signature_algorithm: alg("1.2.840.113549.1.1.1", true),
+            signature: OctetString::new(signature).unwrap(),
+            unsigned_attrs: None,
+        };
+        let sd = SignedData {
+            version: cms::content_info::CmsVersion::V1,
+            digest_algorithms: SetOfVec::try_from(vec![alg("2.16.840.1.101.3.4.2.1", false)]).unwrap(),
+            encap_content_info: EncapsulatedContentInfo {
+                econtent_type: oid(data),
+                econtent: Some(Any::encode_from(&OctetString::new(content.to_vec()).unwrap()).unwrap()),
+            },
+            certificates: None,
+            crls: None,
+            signer_infos: SignerInfos(SetOfVec::try_from(vec![si]).unwrap()),
+        };
+        cms::content_info::ContentInfo {
+            content_type: oid("1.2.840.113549.1.7.2"),
+            content: Any::encode_from(&sd).unwrap(),
+        }
+        .to_der()
+        .unwrap()
+    }
+}
+
+fn iid_document(account: &str, instance: &str, pending: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(pending).unwrap();
+    let pending_time = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
+    json!({
+        "accountId": account, "architecture": "x86_64", "availabilityZone": "eu-west-1a",
+        "imageId": "ami-0abcdef1234567890", "instanceId": instance, "instanceType": "m5.large",
+        "pendingTime": pending_time, "privateIp": "10.0.1.17", "region": "eu-west-1", "version": "2017-09-30",
+    })
+    .to_string()
+}
+
+#[test]
+fn aws_iid_documents_verify_with_the_region_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policies = support::policies_with(tmp.path(), "policies", |d| {
+        d["castellan"]["issuance"]["aws_iid"]["allowed_accounts"] = json!(["123456789012"])
+    });
+    let server = Server::dev_in(
+        &tmp.path().join("data"),
+        &["--policies", policies.to_str().unwrap()],
+    );
+    let region = AwsRegion::new();
+    let r = server.post_admin(
+        "/api/v1/trust-sources",
+        &json!({"name": "aws-eu-west-1", "method": "aws_iid", "certificates": region.cert_pem,
+                "settings": {"max_age_seconds": 600}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // The document with its RSA-SHA256 signature.
+    let doc = iid_document("123456789012", "i-0aaa", now() - 60);
+    let evidence = json!({"document": doc, "signature": b64(&region.sign(doc.as_bytes()))}).to_string();
+    let r = issue(&server, "aws_iid", &evidence);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        r.body["spiffe_id"],
+        "spiffe://example.org/aws/123456789012/eu-west-1/i-0aaa"
+    );
+    issue(&server, "aws_iid", &evidence).assert_problem(403, "attestation-failed");
+
+    // The PKCS#7 form of another instance's document.
+    let doc = iid_document("123456789012", "i-0bbb", now() - 60);
+    let evidence = json!({"pkcs7": b64(&region.pkcs7(doc.as_bytes()))}).to_string();
+    let r = issue(&server, "aws_iid", &evidence);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        r.body["spiffe_id"],
+        "spiffe://example.org/aws/123456789012/eu-west-1/i-0bbb"
+    );
+
+    // Forged: signed by another "AWS" key; a document edited after signing.
+    let forger = AwsRegion::new();
+    let doc = iid_document("123456789012", "i-0ccc", now() - 60);
+    let forged = json!({"document": doc, "signature": b64(&forger.sign(doc.as_bytes()))}).to_string();
+    issue(&server, "aws_iid", &forged).assert_problem(403, "attestation-failed");
+    let edited = doc.replace("i-0ccc", "i-0ddd");
+    let tampered = json!({"document": edited, "signature": b64(&region.sign(doc.as_bytes()))}).to_string();
+    issue(&server, "aws_iid", &tampered).assert_problem(403, "attestation-failed");
+    let forged7 = json!({"pkcs7": b64(&forger.pkcs7(doc.as_bytes()))}).to_string();
+    issue(&server, "aws_iid", &forged7).assert_problem(403, "attestation-failed");
+    // Too old for the trust source's max_age_seconds.
+    let old = iid_document("123456789012", "i-0eee", now() - 3600);
+    let stale = json!({"document": old, "signature": b64(&region.sign(old.as_bytes()))}).to_string();
+    let r = issue(&server, "aws_iid", &stale);
+    r.assert_problem(403, "attestation-failed");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("older than 600"),
+        "{}",
+        r.body
+    );
+    // Another account: verified, but policy has no place for it.
+    let other = iid_document("999999999999", "i-0fff", now() - 60);
+    let evidence = json!({"document": other, "signature": b64(&region.sign(other.as_bytes()))}).to_string();
+    issue(&server, "aws_iid", &evidence).assert_problem(403, "policy-denied");
+    // Garbage, and mutations of a genuine PKCS#7 once it was used: some
+    // flips land in parts the signature does not cover (the signer id, the
+    // algorithm sets), so they still verify, and must count as the same
+    // document.
+    let good7 = region.pkcs7(iid_document("123456789012", "i-0ggg", now() - 60).as_bytes());
+    let r = issue(&server, "aws_iid", &json!({"pkcs7": b64(&good7)}).to_string());
+    assert_eq!(r.status, 201, "{}", r.body);
+    let mut junk: Vec<String> = [
+        "",
+        "{}",
+        "{\"pkcs7\": \"!!\"}",
+        "{\"document\": \"x\", \"signature\": \"AAAA\"}",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for cut in [0, 1, 10, good7.len() / 2, good7.len() - 1] {
+        junk.push(json!({"pkcs7": b64(&good7[..cut])}).to_string());
+    }
+    for i in 0..40 {
+        let mut bad = good7.clone();
+        let at = (i * 37) % bad.len();
+        bad[at] ^= 0x5a;
+        junk.push(json!({"pkcs7": b64(&bad)}).to_string());
+    }
+    for evidence in &junk {
+        let r = issue(&server, "aws_iid", evidence);
+        assert!((400..500).contains(&r.status), "{} {}", r.status, r.body);
+    }
+    assert_eq!(server.certificates().len(), 3);
+}

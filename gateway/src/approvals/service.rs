@@ -185,7 +185,7 @@ impl Approvals {
                     Option<Attestation>,
                 ) = match (&new.evidence, &caller) {
                     (Some((method, evidence)), _) => {
-                        let a = p.attest(&snapshot, method, evidence)?;
+                        let a = p.attest_bound(&snapshot, method, evidence, Some(&csr.spki_der))?;
                         let requester = Requester {
                             id: format!("workload:{}:{}", a.method, a.subject),
                             name: a.subject.clone(),

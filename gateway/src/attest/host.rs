@@ -1,6 +1,9 @@
 //! The host capabilities a module may import. Each is narrow: verify a JWS
-//! with a named key set, read the clock, log. Nothing here reads files,
-//! opens sockets or exposes the environment.
+//! with a named key set, a signature, a certificate chain or a PKCS#7
+//! document with a named certificate set, hash, read the clock, log.
+//! Nothing here reads files, opens sockets or exposes the environment, and
+//! key material never enters the sandbox: modules name sets, the host
+//! holds them.
 
 use super::HostState;
 use super::bindings::castellan::attestor::{clock, crypto, log, types};
@@ -19,6 +22,63 @@ impl crypto::Host for HostState {
         Ok(crypto::VerifiedJws {
             header_json: header.to_string(),
             payload_json: payload,
+        })
+    }
+
+    fn verify_signature(
+        &mut self,
+        algorithm: String,
+        public_key: Vec<u8>,
+        message: Vec<u8>,
+        signature: Vec<u8>,
+    ) -> Result<(), String> {
+        crate::trust::certs::verify_signature(&algorithm, &public_key, &message, &signature)
+    }
+
+    fn verify_with_certificates(
+        &mut self,
+        cert_set: String,
+        algorithm: String,
+        message: Vec<u8>,
+        signature: Vec<u8>,
+    ) -> Result<(), String> {
+        self.cert_set(&cert_set)?
+            .verify_signature(&algorithm, &message, &signature)
+    }
+
+    fn verify_chain(
+        &mut self,
+        cert_set: String,
+        chain: Vec<Vec<u8>>,
+        usage: String,
+    ) -> Result<crypto::VerifiedCertificate, String> {
+        let leaf = self.cert_set(&cert_set)?.verify_chain(&chain, &usage)?;
+        Ok(crypto::VerifiedCertificate {
+            public_key: leaf.public_key,
+            common_name: leaf.common_name,
+            dns_names: leaf.dns_names,
+            uris: leaf.uris,
+            fingerprint: leaf.fingerprint,
+        })
+    }
+
+    fn verify_pkcs7(&mut self, cert_set: String, signed_data: Vec<u8>) -> Result<Vec<u8>, String> {
+        self.cert_set(&cert_set)?.verify_pkcs7(&signed_data)
+    }
+
+    fn sha256(&mut self, data: Vec<u8>) -> Vec<u8> {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(&data).to_vec()
+    }
+}
+
+impl HostState {
+    fn cert_set(&self, name: &str) -> Result<std::sync::Arc<crate::trust::certs::CertSet>, String> {
+        self.trust.cert_sets.get(name).cloned().ok_or_else(|| {
+            format!(
+                "unknown certificate set `{}`",
+                name.chars().take(64).collect::<String>()
+            )
         })
     }
 }

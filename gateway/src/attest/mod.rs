@@ -36,6 +36,7 @@ mod bindings {
 pub use bindings::castellan::attestor::types::AttestError as ModuleError;
 
 /// The built-in modules compiled into the binary.
+pub mod challenge;
 pub mod replay;
 
 pub mod embedded {

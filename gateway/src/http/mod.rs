@@ -75,6 +75,8 @@ pub fn router(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(broker::jwks))
         .route("/.well-known/spiffe-bundle", get(spiffe_bundle))
         .route("/api/v1/federation", get(federation_status))
+        .route("/api/v1/attestation/challenges", post(create_challenge))
+        .route("/api/v1/join-tokens", post(create_join_token))
         .route("/api/v1/bundles", get(bundles::list))
         .route("/api/v1/entries", post(create_entry).get(list_entries))
         .route("/api/v1/entries/{id}", get(get_entry).delete(delete_entry))
@@ -618,4 +620,106 @@ async fn federation_status(State(state): State<AppState>, headers: HeaderMap) ->
         return p.into_response();
     }
     axum::Json(json!({ "items": state.federation.status() })).into_response()
+}
+
+/// Methods whose evidence answers a server challenge.
+const CHALLENGE_METHODS: &[&str] = &["x509pop"];
+
+/// `POST /api/v1/attestation/challenges`: a fresh nonce for a
+/// challenge-based method. No authentication: the challenge proves nothing
+/// by itself, and the evidence that answers it is verified in full.
+async fn create_challenge(State(state): State<AppState>, body: Body) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ask {
+        method: String,
+    }
+    let result: Result<_, Problem> = async {
+        let ask: Ask = read_json(body, state.max_body_bytes).await?;
+        if !CHALLENGE_METHODS.contains(&ask.method.as_str()) {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown-method",
+                "Unknown attestation method",
+                format!(
+                    "method `{}` takes no challenge (challenge methods: {})",
+                    ask.method.chars().take(64).collect::<String>(),
+                    CHALLENGE_METHODS.join(", ")
+                ),
+            ));
+        }
+        let empty = serde_json::Map::new;
+        state
+            .pipeline
+            .challenges
+            .issue(&ask.method, empty(), empty(), crate::util::now_unix())
+            .map_err(|e| Problem::unavailable(e.to_string()))
+    }
+    .await;
+    match result {
+        Ok(issued) => (StatusCode::CREATED, axum::Json(issued)).into_response(),
+        Err(p) => p.into_response(),
+    }
+}
+
+/// `POST /api/v1/join-tokens` (admin): a one-time token for bootstrapping a
+/// host with the `join_token` method. It is a JWT signed by Castellan's JWT
+/// key (`iss` `castellan:join-token:TD`, `aud` `castellan-join`), so the
+/// module verifies it like any token; its `jti` is spent at first use.
+async fn create_join_token(State(state): State<AppState>, req: Request<Body>) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ask {
+        name: String,
+        #[serde(default = "default_join_ttl")]
+        ttl_seconds: u64,
+    }
+    fn default_join_ttl() -> u64 {
+        3600
+    }
+    let (parts, body) = req.into_parts();
+    let result: Result<_, Problem> = async {
+        state.require_admin(&parts.headers, "join-tokens.create").await?;
+        let ask: Ask = read_json(body, state.max_body_bytes).await?;
+        let valid = !ask.name.is_empty()
+            && ask.name.len() <= 128
+            && ask
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !valid || !(60..=7 * 86_400).contains(&ask.ttl_seconds) {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-join-token",
+                "Invalid join token request",
+                "name must be 1-128 of [A-Za-z0-9-_.] and ttl_seconds between 60 and 604800",
+            ));
+        }
+        let now = crate::util::now_unix();
+        let jti = uuid::Uuid::new_v4().to_string();
+        let expires_at = now + ask.ttl_seconds as i64;
+        let claims = json!({
+            "iss": crate::join_token::issuer(&state.pipeline.trust_domain),
+            "aud": [crate::join_token::AUDIENCE], "sub": ask.name, "jti": jti,
+            "iat": now, "exp": expires_at,
+        });
+        let token = state
+            .pipeline
+            .signer
+            .sign_jwt(&claims)
+            .map_err(|e| Problem::internal(e.to_string()))?;
+        state
+            .audit(
+                "join_token.created",
+                "user:admin",
+                json!({ "name": ask.name, "jti": jti, "expires_at": expires_at }),
+            )
+            .await;
+        Ok(json!({ "token": token, "name": ask.name, "jti": jti, "expires_at": expires_at }))
+    }
+    .await;
+    match result {
+        Ok(v) => (StatusCode::CREATED, axum::Json(v)).into_response(),
+        Err(p) => p.into_response(),
+    }
 }

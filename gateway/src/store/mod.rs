@@ -232,6 +232,10 @@ pub trait Store: Send + Sync + 'static {
     /// All registration entries.
     async fn entries(&self) -> Result<Vec<crate::workload_api::Entry>, StoreError>;
 
+    /// Marks single-use evidence `key` spent until `until`; false when it
+    /// already was (and still matters at `now`). Survives restarts.
+    async fn spend(&self, key: &str, until: i64, now: i64) -> Result<bool, StoreError>;
+
     /// Records an issued agent token and its effects in one transaction.
     async fn put_agent_token(&self, token: AgentToken, effects: Effects) -> Result<(), StoreError>;
 

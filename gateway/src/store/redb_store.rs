@@ -32,6 +32,8 @@ const AGENT_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("agent_t
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("registration_entries");
 const REVOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revocations");
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+/// Single-use evidence already spent: key -> Unix seconds until it matters.
+const SPENT: TableDefinition<&str, i64> = TableDefinition::new("spent_evidence");
 
 /// Most writes folded into one transaction.
 const MAX_GROUP: usize = 512;
@@ -53,6 +55,7 @@ enum Op {
     PutAgentToken(Box<AgentToken>, Effects, Ack),
     PutEntry(Box<crate::workload_api::Entry>, AuditEvent, Ack),
     DeleteEntry(String, AuditEvent, Ack),
+    Spend(String, i64, i64, Ack),
     Revoke(
         RevocationFilter,
         String,
@@ -93,6 +96,7 @@ impl RedbStore {
             txn.open_table(IDEMPOTENCY).map_err(backend)?;
             txn.open_table(AGENT_TOKENS).map_err(backend)?;
             txn.open_table(ENTRIES).map_err(backend)?;
+            txn.open_table(SPENT).map_err(backend)?;
             txn.open_table(REVOCATIONS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
@@ -160,6 +164,7 @@ struct Tables<'txn> {
     agent_tokens: redb::Table<'txn, &'static str, &'static [u8]>,
     entries: redb::Table<'txn, &'static str, &'static [u8]>,
     revocations: redb::Table<'txn, u64, &'static [u8]>,
+    spent: redb::Table<'txn, &'static str, i64>,
 }
 
 impl Tables<'_> {
@@ -290,6 +295,7 @@ impl Writer {
                     agent_tokens: txn.open_table(AGENT_TOKENS).map_err(backend)?,
                     entries: txn.open_table(ENTRIES).map_err(backend)?,
                     revocations: txn.open_table(REVOCATIONS).map_err(backend)?,
+                    spent: txn.open_table(SPENT).map_err(backend)?,
                 };
                 for op in batch {
                     finishers.push(self.apply(&mut t, op)?);
@@ -408,6 +414,17 @@ impl Writer {
                 let existed = t.entries.remove(id.as_str()).map_err(backend)?.is_some();
                 self.append(t, event)?;
                 Self::ack(reply, existed)
+            }
+            Op::Spend(key, until, now, reply) => {
+                let live = t
+                    .spent
+                    .get(key.as_str())
+                    .map_err(backend)?
+                    .is_some_and(|v| v.value() >= now);
+                if !live {
+                    t.spent.insert(key.as_str(), until).map_err(backend)?;
+                }
+                Self::ack(reply, !live)
             }
             Op::PutAgentToken(token, effects, reply) => {
                 t.put_agent_token(&token)?;
@@ -733,6 +750,10 @@ impl Store for RedbStore {
         let mut out: Vec<crate::workload_api::Entry> = self.read(|db| all_values(db, ENTRIES)).await?;
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
         Ok(out)
+    }
+
+    async fn spend(&self, key: &str, until: i64, now: i64) -> Result<bool, StoreError> {
+        self.submit(|r| Op::Spend(key.to_owned(), until, now, r)).await
     }
 
     async fn put_agent_token(&self, token: AgentToken, effects: Effects) -> Result<(), StoreError> {

@@ -37,6 +37,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+pub use base64;
 pub use serde;
 pub use serde_json;
 
@@ -61,6 +62,27 @@ use bindings::castellan::attestor::types as wit;
 pub struct Context {
     #[serde(default)]
     pub trust_domain: String,
+    /// Hex SHA-256 of the DER SubjectPublicKeyInfo the caller wants
+    /// certified, when the request carries one: evidence that can name it
+    /// should, and the module should check it does.
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// The server challenge the evidence named (`challenge_id`), already
+    /// taken by the host: it cannot be answered twice.
+    #[serde(default)]
+    pub challenge: Option<Challenge>,
+}
+
+/// A server challenge as the host resolved it.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Challenge {
+    pub id: String,
+    /// Base64 of 32 random bytes.
+    pub nonce: String,
+    pub expires_at: i64,
+    /// Method-specific material the host kept for the module.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// What a module proved.
@@ -223,6 +245,53 @@ pub mod host {
         })
     }
 
+    /// `crypto`: verifies `signature` over `message` with a DER
+    /// SubjectPublicKeyInfo (`rsa-pkcs1-sha256`, `rsa-pss-sha256`,
+    /// `ecdsa-p256-sha256`, `ecdsa-p384-sha384`).
+    pub fn verify_signature(
+        algorithm: &str,
+        public_key: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), Error> {
+        crypto::verify_signature(algorithm, public_key, message, signature)
+            .map_err(|e| Error::rejected(format!("signature: {e}")))
+    }
+
+    /// `crypto`: verifies a signature with any certificate of a trust
+    /// source's certificate set.
+    pub fn verify_with_certificates(
+        cert_set: &str,
+        algorithm: &str,
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), Error> {
+        crypto::verify_with_certificates(cert_set, algorithm, message, signature)
+            .map_err(|e| Error::rejected(format!("signature: {e}")))
+    }
+
+    /// What a verified chain's leaf says.
+    pub use crypto::VerifiedCertificate;
+
+    /// `crypto`: verifies a chain (DER, leaf first) to a root of the set.
+    pub fn verify_chain(
+        cert_set: &str,
+        chain: &[Vec<u8>],
+        usage: &str,
+    ) -> Result<VerifiedCertificate, Error> {
+        crypto::verify_chain(cert_set, chain, usage).map_err(|e| Error::rejected(format!("certificate: {e}")))
+    }
+
+    /// `crypto`: verifies a PKCS#7 SignedData with the set; returns the content.
+    pub fn verify_pkcs7(cert_set: &str, signed_data: &[u8]) -> Result<Vec<u8>, Error> {
+        crypto::verify_pkcs7(cert_set, signed_data).map_err(|e| Error::rejected(format!("signature: {e}")))
+    }
+
+    /// `crypto`: SHA-256.
+    pub fn sha256(data: &[u8]) -> Vec<u8> {
+        crypto::sha256(data)
+    }
+
     /// `clock`: seconds since the Unix epoch.
     pub fn now() -> i64 {
         clock::now()
@@ -232,6 +301,30 @@ pub mod host {
     pub fn log(message: &str) {
         wlog::log(wlog::Level::Info, message);
     }
+}
+
+/// The configuration of any method: each trust source with its key set,
+/// its certificate set (X.509 methods) and its method-specific settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TrustSources {
+    pub trust_sources: Vec<TrustSourceConfig>,
+}
+
+/// One trust source as a module sees it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TrustSourceConfig {
+    pub name: String,
+    #[serde(default)]
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub key_set: String,
+    /// Set when the source has certificates.
+    #[serde(default)]
+    pub cert_set: Option<String>,
+    /// Method-specific settings (an object), or null.
+    #[serde(default)]
+    pub settings: Value,
 }
 
 /// The usual configuration of a JWT method: the trust sources the host
