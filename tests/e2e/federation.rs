@@ -28,10 +28,21 @@ fn my_uid() -> u32 {
         .unwrap()
 }
 
+/// A client, once the server is ready: until each federated trust domain
+/// has had its first refresh the Workload API answers Unavailable.
 async fn client(dir: &Path) -> WorkloadApiClient {
-    WorkloadApiClient::connect_to(format!("unix:{}", dir.join("workload.sock").display()))
+    let c = WorkloadApiClient::connect_to(format!("unix:{}", dir.join("workload.sock").display()))
         .await
-        .unwrap()
+        .unwrap();
+    for _ in 0..120 {
+        match c.fetch_x509_bundles().await {
+            Err(e) if format!("{e:?}").contains("Unavailable") => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            _ => break,
+        }
+    }
+    c
 }
 
 fn register(server: &Server, spiffe_id: &str, federates_with: &[&str]) {
@@ -311,7 +322,9 @@ async fn the_workload_api_is_unavailable_until_federated_bundles_load() {
     let dir = tmp.path().join("home");
     let home = Server::dev_in(&dir, &["--config", config.to_str().unwrap()]);
     register(&home, "spiffe://example.org/patient", &[]);
-    let c = client(&dir).await;
+    let c = WorkloadApiClient::connect_to(format!("unix:{}", dir.join("workload.sock").display()))
+        .await
+        .unwrap();
     let err = c.fetch_x509_svid().await.unwrap_err();
     assert!(format!("{err:?}").contains("Unavailable"), "{err:?}");
     // Once the first fetch gives up (10 s), the API serves without it.
