@@ -85,6 +85,10 @@ impl DevCluster {
             jwks: self.jwks(),
             certificates: None,
             settings: None,
+            jwks_url: None,
+            jwks_refresh_seconds: None,
+            previous: None,
+            revoked_at: None,
             origin: "dev".into(),
             created_at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
         }

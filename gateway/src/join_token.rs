@@ -26,6 +26,10 @@ pub fn trust_source(trust_domain: &str, jwks: serde_json::Value) -> TrustSource 
         jwks,
         certificates: None,
         settings: None,
+        jwks_url: None,
+        jwks_refresh_seconds: None,
+        previous: None,
+        revoked_at: None,
         origin: "builtin".into(),
         created_at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
     }

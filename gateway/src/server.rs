@@ -353,6 +353,7 @@ pub async fn serve(
     let service = TowerToHyperService::new(router(state));
     tokio::spawn(app.approvals.clone().run_housekeeping());
     app.federation.start();
+    tokio::spawn(crate::trust::refresh_jwks_urls(app.pipeline.trust.clone()));
     let api = crate::workload_api::WorkloadApi::new(
         app.pipeline.clone(),
         app.entries.clone(),

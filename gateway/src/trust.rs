@@ -77,6 +77,13 @@ pub struct TrustSourceSpec {
     /// object), e.g. `{"max_age_seconds": 300}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settings: Option<Value>,
+    /// Fetch the JWKS from this URL instead (`https://`, or `http://` on a
+    /// loopback address), and refresh it every `jwks_refresh_seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// Refresh period of `jwks_url`. Default: 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_refresh_seconds: Option<u64>,
 }
 
 /// A stored or declared trust source.
@@ -96,9 +103,32 @@ pub struct TrustSource {
     /// Method-specific settings (an object), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settings: Option<Value>,
+    /// Where the JWKS is fetched from, when it is not given inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_refresh_seconds: Option<u64>,
+    /// The keys and certificates a rotation replaced, still trusted until
+    /// `until` so that evidence signed before the rotation keeps working.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<PreviousKeys>,
+    /// Set once revoked: the source verifies nothing any more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
     /// `api`, `config` or `dev`: only `api` ones can be deleted over the API.
     pub origin: String,
     pub created_at: String,
+}
+
+/// Keys kept through a rotation's overlap.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct PreviousKeys {
+    #[serde(default)]
+    pub jwks: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<String>,
+    /// Unix seconds.
+    pub until: i64,
 }
 
 impl TrustSource {
@@ -130,7 +160,23 @@ impl TrustSourceSpec {
         {
             return Err(TrustError::Settings("must be a JSON object".into()));
         }
-        let jwt = self.jwks.is_some() || self.jwks_file.is_some();
+        if let Some(url) = &self.jwks_url {
+            check_jwks_url(url)?;
+            if self.jwks.is_some() || self.jwks_file.is_some() {
+                return Err(TrustError::Jwks(
+                    "give `jwks`, `jwks_file` or `jwks_url`, not several".into(),
+                ));
+            }
+        }
+        if self
+            .jwks_refresh_seconds
+            .is_some_and(|r| !(10..=86_400).contains(&r))
+        {
+            return Err(TrustError::Jwks(
+                "jwks_refresh_seconds must be between 10 and 86400".into(),
+            ));
+        }
+        let jwt = self.jwks.is_some() || self.jwks_file.is_some() || self.jwks_url.is_some();
         let x509 = self.certificates.is_some() || self.certificates_file.is_some();
         if !jwt && !x509 {
             return Err(TrustError::Missing(
@@ -194,9 +240,39 @@ impl TrustSourceSpec {
             jwks,
             certificates,
             settings: self.settings,
+            jwks_url: self.jwks_url,
+            jwks_refresh_seconds: self.jwks_refresh_seconds,
+            previous: None,
+            revoked_at: None,
             origin: origin.to_owned(),
             created_at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
         })
+    }
+}
+
+/// A JWKS URL must be https, or http to a loopback address.
+fn check_jwks_url(url: &str) -> Result<(), TrustError> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    let loopback = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .map(|authority| {
+            let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+            host == "localhost"
+                || host
+                    .trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        })
+        .unwrap_or(false);
+    if loopback {
+        Ok(())
+    } else {
+        Err(TrustError::Jwks(
+            "jwks_url must be https:// (or http:// on a loopback address)".into(),
+        ))
     }
 }
 
@@ -463,6 +539,8 @@ fn key_set_name(id: &str) -> String {
 pub struct Registry {
     sources: ArcSwap<Vec<Arc<TrustSource>>>,
     snapshot: ArcSwap<Snapshot>,
+    /// When the snapshot must be rebuilt because a rotation overlap ends.
+    rebuild_at: std::sync::atomic::AtomicI64,
     /// Serialises writers so two concurrent changes cannot lose one another;
     /// readers never take it.
     writes: std::sync::Mutex<()>,
@@ -472,17 +550,44 @@ impl Registry {
     /// Builds a registry; every source's JWKS must parse.
     pub fn new(sources: Vec<TrustSource>) -> Result<Self, TrustError> {
         let sources: Vec<Arc<TrustSource>> = sources.into_iter().map(Arc::new).collect();
-        let snapshot = build_snapshot(&sources)?;
+        let (snapshot, rebuild_at) = build_snapshot(&sources)?;
         Ok(Self {
             sources: ArcSwap::from_pointee(sources),
             snapshot: ArcSwap::from_pointee(snapshot),
+            rebuild_at: std::sync::atomic::AtomicI64::new(rebuild_at),
             writes: std::sync::Mutex::new(()),
         })
     }
 
-    /// The current snapshot; cheap, lock-free.
+    /// The current snapshot; cheap, lock-free (rebuilt once when a
+    /// rotation's overlap has ended).
     pub fn snapshot(&self) -> Arc<Snapshot> {
+        if crate::util::now_unix() >= self.rebuild_at.load(std::sync::atomic::Ordering::Relaxed) {
+            let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = self.replace(self.list()) {
+                tracing::error!(error = %e, "trust sources could not be rebuilt");
+            }
+        }
         self.snapshot.load_full()
+    }
+
+    /// Changes one source with `change` (which may refuse); returns the
+    /// changed source. Callers persist it after.
+    pub fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut TrustSource) -> Result<(), TrustError>,
+    ) -> Result<Option<TrustSource>, TrustError> {
+        let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = self.list();
+        let Some(slot) = next.iter_mut().find(|s| s.id == id) else {
+            return Ok(None);
+        };
+        let mut changed = slot.as_ref().clone();
+        change(&mut changed)?;
+        *slot = Arc::new(changed.clone());
+        self.replace(next)?;
+        Ok(Some(changed))
     }
 
     /// Every trust source, in creation order.
@@ -530,22 +635,48 @@ impl Registry {
     }
 
     fn replace(&self, next: Vec<Arc<TrustSource>>) -> Result<(), TrustError> {
-        let snapshot = build_snapshot(&next)?;
+        let (snapshot, rebuild_at) = build_snapshot(&next)?;
         self.sources.store(Arc::new(next));
         self.snapshot.store(Arc::new(snapshot));
+        self.rebuild_at
+            .store(rebuild_at, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
 
-fn build_snapshot(sources: &[Arc<TrustSource>]) -> Result<Snapshot, TrustError> {
+/// The snapshot of `sources` now, and when it must be rebuilt (the end of
+/// the earliest rotation overlap still running).
+fn build_snapshot(sources: &[Arc<TrustSource>]) -> Result<(Snapshot, i64), TrustError> {
+    let now = crate::util::now_unix();
+    let mut rebuild_at = i64::MAX;
     let mut snap = Snapshot::default();
     for s in sources {
-        if s.has_jwks() {
-            let keys = KeySet::from_jwks(&s.jwks)?;
+        // A revoked source verifies nothing; modules do not see it.
+        if s.revoked_at.is_some() {
+            continue;
+        }
+        let previous = s.previous.as_ref().filter(|p| p.until > now);
+        if let Some(p) = previous {
+            rebuild_at = rebuild_at.min(p.until);
+        }
+        let mut jwks = s.jwks.clone();
+        if let (Some(p), Some(keys)) = (previous, jwks.get_mut("keys").and_then(Value::as_array_mut)) {
+            // Old keys stay during the overlap, unless a new key took the kid.
+            for old in p.jwks.get("keys").and_then(Value::as_array).into_iter().flatten() {
+                if !keys.iter().any(|k| k.get("kid") == old.get("kid")) {
+                    keys.push(old.clone());
+                }
+            }
+        }
+        if jwks.get("keys").is_some() {
+            let keys = KeySet::from_jwks(&jwks)?;
             snap.key_sets.insert(key_set_name(&s.id), Arc::new(keys));
         }
         if let Some(pem) = &s.certificates {
-            let set = certs::CertSet::from_pem(pem).map_err(TrustError::Certificates)?;
+            let mut set = certs::CertSet::from_pem(pem).map_err(TrustError::Certificates)?;
+            if let Some(old) = previous.and_then(|p| p.certificates.as_deref()) {
+                set.extend(certs::CertSet::from_pem(old).map_err(TrustError::Certificates)?);
+            }
             snap.cert_sets.insert(key_set_name(&s.id), Arc::new(set));
         }
         snap.by_method
@@ -553,7 +684,71 @@ fn build_snapshot(sources: &[Arc<TrustSource>]) -> Result<Snapshot, TrustError> 
             .or_default()
             .push(s.clone());
     }
-    Ok(snap)
+    Ok((snap, rebuild_at))
+}
+
+/// Fetches a JWKS document (10 s budget) and checks its keys.
+pub async fn fetch_jwks(url: &str) -> Result<Value, TrustError> {
+    let err = |m: String| TrustError::Jwks(format!("{url}: {m}"));
+    let tls = crate::tls::web_client_config(None).map_err(|e| err(e.to_string()))?;
+    let (endpoint, path) =
+        crate::client::Endpoint::parse_url_with(url, Some(tls)).map_err(|e| err(format!("{e:#}")))?;
+    let fetch = async {
+        let mut conn = endpoint.connect().await?;
+        conn.send(hyper::Method::GET, &path, None, None).await
+    };
+    let (status, body) = tokio::time::timeout(std::time::Duration::from_secs(10), fetch)
+        .await
+        .map_err(|_| err("timed out".into()))?
+        .map_err(|e| err(format!("{e:#}")))?;
+    if !status.is_success() {
+        return Err(err(format!("answered {status}")));
+    }
+    if body.len() > 1 << 20 {
+        return Err(err("larger than 1 MiB".into()));
+    }
+    let jwks: Value = serde_json::from_slice(&body).map_err(|e| err(format!("not JSON: {e}")))?;
+    KeySet::from_jwks(&jwks)?;
+    Ok(jwks)
+}
+
+/// Keeps the JWKS of every source with a `jwks_url` fresh. A failed fetch
+/// keeps the keys in use.
+pub async fn refresh_jwks_urls(registry: Arc<Registry>) {
+    let mut due: HashMap<String, i64> = HashMap::new();
+    loop {
+        let now = crate::util::now_unix();
+        for s in registry.list() {
+            let (Some(url), None) = (&s.jwks_url, &s.revoked_at) else {
+                continue;
+            };
+            let period = s.jwks_refresh_seconds.unwrap_or(300) as i64;
+            let next = *due
+                .entry(s.id.clone())
+                .or_insert(if s.has_jwks() { now + period } else { now });
+            if now < next {
+                continue;
+            }
+            due.insert(s.id.clone(), now + period);
+            match fetch_jwks(url).await {
+                Ok(jwks) if jwks != s.jwks => {
+                    let result = registry.update(&s.id, |t| {
+                        t.jwks = jwks;
+                        Ok(())
+                    });
+                    match result {
+                        Ok(_) => tracing::info!(source = %s.name, "trust source JWKS refreshed from its URL"),
+                        Err(e) => tracing::warn!(source = %s.name, error = %e, "refreshed JWKS refused"),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(source = %s.name, error = %e, "JWKS refresh failed; keeping the keys in use")
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
 }
 
 pub mod certs;

@@ -688,3 +688,161 @@ fn aws_iid_documents_verify_with_the_region_certificate() {
     }
     assert_eq!(server.certificates().len(), 3);
 }
+
+// === trust source lifecycle ===
+
+/// A JWKS served over loopback HTTP; the test swaps the document.
+struct JwksServer {
+    url: String,
+    doc: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl JwksServer {
+    fn start(initial: &Value) -> Self {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        let doc = std::sync::Arc::new(std::sync::Mutex::new(initial.to_string()));
+        let served = doc.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf);
+                let body = served.lock().unwrap().clone();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Self { url, doc }
+    }
+
+    fn serve(&self, jwks: &Value) {
+        *self.doc.lock().unwrap() = jwks.to_string();
+    }
+}
+
+fn github_token(issuer: &Cluster) -> String {
+    issuer.sign(&github_claims(now()))
+}
+
+#[test]
+fn trust_sources_rotate_with_overlap_and_revoke() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policies = support::policies_with(tmp.path(), "policies", METHODS[0].allow);
+    let server = Server::dev_in(
+        &tmp.path().join("data"),
+        &["--policies", policies.to_str().unwrap()],
+    );
+    let m = &METHODS[0];
+    let mut a = Cluster::new(m.issuer);
+    a.kid = "key-a".into();
+    let mut b = Cluster::new(m.issuer);
+    b.kid = "key-b".into();
+    let mut c = Cluster::new(m.issuer);
+    c.kid = "key-c".into();
+    let r = server.post_admin(
+        "/api/v1/trust-sources",
+        &json!({"name": "gh", "method": "github_oidc", "issuer": m.issuer, "audiences": [m.audience], "jwks": a.jwks()}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(issue(&server, "github_oidc", &github_token(&a)).status, 201);
+
+    // Rotate to B with an hour of overlap: both verify.
+    let r = server.post_admin(
+        &format!("/api/v1/trust-sources/{id}/rotate"),
+        &json!({"jwks": b.jwks(), "overlap_seconds": 3600}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(issue(&server, "github_oidc", &github_token(&a)).status, 201);
+    assert_eq!(issue(&server, "github_oidc", &github_token(&b)).status, 201);
+    // Rotate to C with no overlap: B is gone at once, and A long since.
+    let r = server.post_admin(
+        &format!("/api/v1/trust-sources/{id}/rotate"),
+        &json!({"jwks": c.jwks(), "overlap_seconds": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    issue(&server, "github_oidc", &github_token(&a)).assert_problem(403, "attestation-failed");
+    issue(&server, "github_oidc", &github_token(&b)).assert_problem(403, "attestation-failed");
+    assert_eq!(issue(&server, "github_oidc", &github_token(&c)).status, 201);
+    // Bad rotations change nothing.
+    server
+        .post_admin(
+            &format!("/api/v1/trust-sources/{id}/rotate"),
+            &json!({"jwks": {"keys": []}}),
+        )
+        .assert_problem(422, "invalid-trust-source");
+    server
+        .post_admin(
+            &format!("/api/v1/trust-sources/{id}/rotate"),
+            &json!({"certificates": "x"}),
+        )
+        .assert_problem(422, "invalid-trust-source");
+    assert_eq!(issue(&server, "github_oidc", &github_token(&c)).status, 201);
+
+    // Revoked: nothing verifies, and it stays revoked.
+    let r = server.post_admin(&format!("/api/v1/trust-sources/{id}/revoke"), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body["revoked_at"].is_string());
+    let refused = issue(&server, "github_oidc", &github_token(&c));
+    assert!((400..500).contains(&refused.status), "{}", refused.body);
+    server
+        .post_admin(
+            &format!("/api/v1/trust-sources/{id}/rotate"),
+            &json!({"jwks": a.jwks()}),
+        )
+        .assert_problem(409, "trust-source-revoked");
+    let kinds: Vec<String> = server
+        .audit()
+        .iter()
+        .filter_map(|e| e["kind"].as_str().map(str::to_owned))
+        .collect();
+    assert!(kinds.iter().any(|k| k == "trust_source.rotated"));
+    assert!(kinds.iter().any(|k| k == "trust_source.revoked"));
+}
+
+#[test]
+fn a_jwks_url_is_fetched_and_refreshed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policies = support::policies_with(tmp.path(), "policies", METHODS[0].allow);
+    let server = Server::dev_in(
+        &tmp.path().join("data"),
+        &["--policies", policies.to_str().unwrap()],
+    );
+    let m = &METHODS[0];
+    let mut a = Cluster::new(m.issuer);
+    a.kid = "url-a".into();
+    let mut b = Cluster::new(m.issuer);
+    b.kid = "url-b".into();
+    let jwks = JwksServer::start(&a.jwks());
+    // Plain HTTP is only for loopback.
+    server
+        .post_admin(
+            "/api/v1/trust-sources",
+            &json!({"name": "gh", "method": "github_oidc", "issuer": m.issuer, "audiences": [m.audience],
+                    "jwks_url": "http://jwks.example/keys"}),
+        )
+        .assert_problem(422, "invalid-trust-source");
+    let r = server.post_admin(
+        "/api/v1/trust-sources",
+        &json!({"name": "gh", "method": "github_oidc", "issuer": m.issuer, "audiences": [m.audience],
+                "jwks_url": jwks.url, "jwks_refresh_seconds": 10}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(issue(&server, "github_oidc", &github_token(&a)).status, 201);
+    // The issuer rotates its keys: within a refresh period Castellan follows.
+    jwks.serve(&b.jwks());
+    let followed = support::eventually(std::time::Duration::from_secs(30), || {
+        issue(&server, "github_oidc", &github_token(&b)).status == 201
+    });
+    assert!(followed, "the refreshed JWKS was picked up");
+    issue(&server, "github_oidc", &github_token(&a)).assert_problem(403, "attestation-failed");
+    // A broken document at the URL keeps the keys in use.
+    jwks.serve(&json!({"keys": "nope"}));
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    assert_eq!(issue(&server, "github_oidc", &github_token(&b)).status, 201);
+}

@@ -75,6 +75,8 @@ pub fn router(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(broker::jwks))
         .route("/.well-known/spiffe-bundle", get(spiffe_bundle))
         .route("/api/v1/federation", get(federation_status))
+        .route("/api/v1/trust-sources/{id}/rotate", post(rotate_trust_source))
+        .route("/api/v1/trust-sources/{id}/revoke", post(revoke_trust_source))
         .route("/api/v1/attestation/challenges", post(create_challenge))
         .route("/api/v1/join-tokens", post(create_join_token))
         .route("/api/v1/bundles", get(bundles::list))
@@ -348,7 +350,10 @@ async fn create_trust_source(State(state): State<AppState>, req: Request<Body>) 
             return Err(Problem::malformed("`jwks_file` is only accepted in the config file; send `jwks` inline"));
         }
         let registry = &state.pipeline.trust;
-        let source = spec.into_source("api").map_err(trust_problem)?;
+        let mut source = spec.into_source("api").map_err(trust_problem)?;
+        if let Some(url) = &source.jwks_url {
+            source.jwks = crate::trust::fetch_jwks(url).await.map_err(trust_problem)?;
+        }
         if !state.pipeline.policies.snapshot().modules.contains_key(&source.method) {
             return Err(trust_problem(TrustError::UnknownMethod(source.method.clone())));
         }
@@ -720,6 +725,184 @@ async fn create_join_token(State(state): State<AppState>, req: Request<Body>) ->
     .await;
     match result {
         Ok(v) => (StatusCode::CREATED, axum::Json(v)).into_response(),
+        Err(p) => p.into_response(),
+    }
+}
+
+/// What `POST /api/v1/trust-sources/{id}/rotate` takes: the new keys or
+/// certificates, and how long the replaced ones stay trusted.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rotation {
+    #[serde(default)]
+    jwks: Option<Value>,
+    #[serde(default)]
+    certificates: Option<String>,
+    /// Default 3600; 0 drops the old keys at once.
+    #[serde(default = "default_overlap")]
+    overlap_seconds: u64,
+}
+
+fn default_overlap() -> u64 {
+    3600
+}
+
+/// A trust source that exists and may be changed over the API.
+fn api_source(state: &AppState, id: &str) -> Result<std::sync::Arc<crate::trust::TrustSource>, Problem> {
+    let source = state.pipeline.trust.get(id).ok_or_else(|| {
+        Problem::not_found(format!(
+            "no trust source with id `{}`",
+            id.chars().take(64).collect::<String>()
+        ))
+    })?;
+    if source.origin != "api" {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "trust-source-not-deletable",
+            "Trust source is not changeable here",
+            format!(
+                "trust source `{}` comes from the {}; change it there",
+                source.name, source.origin
+            ),
+        ));
+    }
+    if source.revoked_at.is_some() {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "trust-source-revoked",
+            "Trust source is revoked",
+            format!("trust source `{}` was revoked", source.name),
+        ));
+    }
+    Ok(source)
+}
+
+/// `POST /api/v1/trust-sources/{id}/rotate` (admin): new keys or
+/// certificates become current; the replaced ones stay trusted for
+/// `overlap_seconds` so evidence signed just before the rotation passes.
+async fn rotate_trust_source(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    req: Request<Body>,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let result: Result<_, Problem> = async {
+        state
+            .require_admin(&parts.headers, "trust-sources.rotate")
+            .await?;
+        let rotation: Rotation = read_json(body, state.max_body_bytes).await?;
+        let source = api_source(&state, &id)?;
+        if rotation.overlap_seconds > 7 * 86_400 {
+            return Err(trust_problem(TrustError::Settings(
+                "overlap_seconds must be at most 604800".into(),
+            )));
+        }
+        if rotation.jwks.is_none() && rotation.certificates.is_none() {
+            return Err(trust_problem(TrustError::Missing("jwks or certificates")));
+        }
+        if let Some(j) = &rotation.jwks {
+            if !source.has_jwks() {
+                return Err(trust_problem(TrustError::Jwks(
+                    "this source has no JWKS to rotate".into(),
+                )));
+            }
+            crate::trust::KeySet::from_jwks(j).map_err(trust_problem)?;
+        }
+        if let Some(pem) = &rotation.certificates {
+            if source.certificates.is_none() {
+                return Err(trust_problem(TrustError::Certificates(
+                    "this source has no certificates to rotate".into(),
+                )));
+            }
+            crate::trust::certs::CertSet::from_pem(pem)
+                .map_err(TrustError::Certificates)
+                .map_err(trust_problem)?;
+        }
+        let until = crate::util::now_unix() + rotation.overlap_seconds as i64;
+        let mut rotated = source.as_ref().clone();
+        rotated.previous = Some(crate::trust::PreviousKeys {
+            jwks: source.jwks.clone(),
+            certificates: source.certificates.clone(),
+            until,
+        });
+        if let Some(j) = rotation.jwks {
+            rotated.jwks = j;
+        }
+        if let Some(pem) = rotation.certificates {
+            rotated.certificates = Some(pem);
+        }
+        let event = AuditEvent {
+            kind: "trust_source.rotated".into(),
+            actor: "admin".into(),
+            detail: json!({ "id": source.id, "name": source.name, "previous_until": until }),
+        };
+        state
+            .pipeline
+            .store
+            .put_trust_source(rotated.clone(), event)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "could not persist trust source");
+                Problem::unavailable("the trust source could not be stored")
+            })?;
+        let stored = rotated.clone();
+        state
+            .pipeline
+            .trust
+            .update(&id, move |t| {
+                *t = stored;
+                Ok(())
+            })
+            .map_err(trust_problem)?;
+        Ok(rotated)
+    }
+    .await;
+    match result {
+        Ok(s) => axum::Json(s).into_response(),
+        Err(p) => p.into_response(),
+    }
+}
+
+/// `POST /api/v1/trust-sources/{id}/revoke` (admin): the source stops
+/// verifying anything at once (kept, marked, for the record).
+async fn revoke_trust_source(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let result: Result<_, Problem> = async {
+        state.require_admin(&headers, "trust-sources.revoke").await?;
+        let source = api_source(&state, &id)?;
+        let mut revoked = source.as_ref().clone();
+        revoked.revoked_at = Some(crate::util::rfc3339(time::OffsetDateTime::now_utc()));
+        let event = AuditEvent {
+            kind: "trust_source.revoked".into(),
+            actor: "admin".into(),
+            detail: json!({ "id": source.id, "name": source.name }),
+        };
+        state
+            .pipeline
+            .store
+            .put_trust_source(revoked.clone(), event)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "could not persist trust source");
+                Problem::unavailable("the trust source could not be stored")
+            })?;
+        let stored = revoked.clone();
+        state
+            .pipeline
+            .trust
+            .update(&id, move |t| {
+                *t = stored;
+                Ok(())
+            })
+            .map_err(trust_problem)?;
+        Ok(revoked)
+    }
+    .await;
+    match result {
+        Ok(s) => axum::Json(s).into_response(),
         Err(p) => p.into_response(),
     }
 }
