@@ -1,7 +1,29 @@
 #!/usr/bin/env bash
-# Installs what building Castellan needs beyond rustup and cargo: the
-# wasm32-wasip2 target the attestor modules are compiled for.
+# Installs what building and testing Castellan needs beyond rustup and cargo:
+# the wasm32-wasip2 target the attestor modules are compiled for, and a
+# software TPM (swtpm, swtpm_setup, tpm2-tools) plus the TSS headers that the
+# castellan-tpm crate's client side and its tests need. Quiet when everything
+# is already there.
 set -euo pipefail
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
   rustup target add wasm32-wasip2
+fi
+
+tpm_packages=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config)
+tpm_ready() {
+  command -v swtpm >/dev/null &&
+    command -v swtpm_setup >/dev/null &&
+    command -v tpm2_startup >/dev/null &&
+    command -v pkg-config >/dev/null &&
+    pkg-config --exists tss2-esys tss2-tctildr tss2-mu
+}
+if ! tpm_ready; then
+  sudo=()
+  if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
+  export DEBIAN_FRONTEND=noninteractive
+  # Try the cached package lists first; refresh them only when that fails.
+  if ! "${sudo[@]}" apt-get install -y --no-install-recommends "${tpm_packages[@]}"; then
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" apt-get install -y --no-install-recommends "${tpm_packages[@]}"
+  fi
 fi
