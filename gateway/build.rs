@@ -17,6 +17,7 @@ const MODULES: &[(&str, &str, &str)] = &[
     ("aws_iid", "aws-iid", "aws_iid_attestor.wasm"),
     ("join_token", "join-token", "join_token_attestor.wasm"),
     ("x509pop", "x509pop", "x509pop_attestor.wasm"),
+    ("tpm", "tpm", "tpm_attestor.wasm"),
 ];
 
 /// Test fixtures (never embedded in the binary): (constant, artifact name).

@@ -56,3 +56,21 @@ deny contains msg if {
 	claims.common_name in data.castellan.issuance.x509pop.denied_common_names
 	msg := sprintf("common name %q may not receive identities", [claims.common_name])
 }
+
+# --- tpm: spiffe://TD/tpm/EK_SHA256 ------------------------------------------
+# A manufacturer's root vouches for every TPM it made: deny-by-default,
+# `allowed_ek_sha256` lists the machines (the EK public area's SHA-256).
+
+supported_methods contains "tpm"
+
+identity[method] := id if {
+	method := "tpm"
+	input.attestation.method == method
+	id := sprintf("spiffe://%s/tpm/%s", [input.trust_domain, claims.ek_sha256])
+}
+
+deny contains msg if {
+	input.attestation.method == "tpm"
+	not claims.ek_sha256 in data.castellan.issuance.tpm.allowed_ek_sha256
+	msg := sprintf("TPM %q is not in data.castellan.issuance.tpm.allowed_ek_sha256", [claims.ek_sha256])
+}

@@ -36,3 +36,13 @@ test_x509pop_needs_a_common_name_not_denied if {
 		with data.castellan.issuance.x509pop.denied_common_names as ["edge-1"]
 	not denied.allow
 }
+
+test_tpm_is_denied_unless_the_ek_is_listed if {
+	tpm := {"ek_sha256": "ab12", "pcrs": {"7": "00"}}
+	denied := data.castellan.issuance.decision with input as req("tpm", tpm)
+	not denied.allow
+	d := data.castellan.issuance.decision with input as req("tpm", tpm)
+		with data.castellan.issuance.tpm.allowed_ek_sha256 as ["ab12"]
+	d.allow
+	d.spiffe_id == "spiffe://example.org/tpm/ab12"
+}

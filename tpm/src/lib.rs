@@ -22,6 +22,10 @@ pub mod wire;
 #[cfg(feature = "client")]
 pub mod client;
 
+#[cfg(feature = "testing")]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failed set-up step stops the test
+pub mod testing;
+
 pub use credential::{Credential, make_credential};
 pub use errors::{Error, Result};
 pub use quote::{QuoteInfo, verify_quote};

@@ -4,15 +4,13 @@
 // Test code: a failed set-up step should stop the test where it happened.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::collections::BTreeMap;
 
 use castellan_tpm::client::Attestor;
 use castellan_tpm::{Error, ek, make_credential, verify_quote, wire};
 use rustls_pki_types::UnixTime;
 
-use support::{Ca, SwTpm, TempDir};
+use castellan_tpm::testing::{Ca, SwTpm, TempDir};
 
 const PCRS: [u32; 4] = [0, 1, 7, 16];
 
@@ -55,7 +53,7 @@ fn nonce() -> Vec<u8> {
 
 #[test]
 fn genuine_tpm_activates_the_credential_and_its_quote_verifies() {
-    if !support::available() {
+    if !castellan_tpm::testing::available() {
         return;
     }
     let ca = Ca::new();
@@ -89,7 +87,7 @@ fn genuine_tpm_activates_the_credential_and_its_quote_verifies() {
 
 #[test]
 fn quote_over_another_nonce_is_refused() {
-    if !support::available() {
+    if !castellan_tpm::testing::available() {
         return;
     }
     let mut m = Machine::new(&Ca::new());
@@ -106,7 +104,7 @@ fn quote_over_another_nonce_is_refused() {
 
 #[test]
 fn changed_pcr_values_are_refused() {
-    if !support::available() {
+    if !castellan_tpm::testing::available() {
         return;
     }
     let mut m = Machine::new(&Ca::new());
@@ -142,7 +140,7 @@ fn changed_pcr_values_are_refused() {
 
 #[test]
 fn second_tpm_cannot_pass_with_the_first_tpms_ek() {
-    if !support::available() {
+    if !castellan_tpm::testing::available() {
         return;
     }
     let ca = Ca::new();
@@ -176,7 +174,7 @@ fn second_tpm_cannot_pass_with_the_first_tpms_ek() {
 
 #[test]
 fn credential_for_another_ak_is_not_activated() {
-    if !support::available() {
+    if !castellan_tpm::testing::available() {
         return;
     }
     let mut m = Machine::new(&Ca::new());
@@ -194,7 +192,7 @@ fn credential_for_another_ak_is_not_activated() {
 
 #[test]
 fn ek_certificate_from_another_manufacturer_is_refused() {
-    if !support::available() {
+    if !castellan_tpm::testing::available() {
         return;
     }
     let trusted = Ca::new();
@@ -231,7 +229,7 @@ fn ek_certificate_from_another_manufacturer_is_refused() {
 
 #[test]
 fn fresh_tpm_has_pcr_16_zeroed() {
-    if !support::available() {
+    if !castellan_tpm::testing::available() {
         return;
     }
     let mut m = Machine::new(&Ca::new());
@@ -243,7 +241,7 @@ fn fresh_tpm_has_pcr_16_zeroed() {
 
 #[test]
 fn every_tpm_handle_is_flushed() {
-    if !support::available() {
+    if !castellan_tpm::testing::available() {
         return;
     }
     let tpm = SwTpm::manufacture(&Ca::new());
@@ -272,7 +270,7 @@ fn every_tpm_handle_is_flushed() {
 /// scheme the verifier supports must parse and verify too.
 #[test]
 fn quotes_made_by_tpm2_tools_verify() {
-    if !support::available() {
+    if !castellan_tpm::testing::available() {
         return;
     }
     let tpm = SwTpm::manufacture(&Ca::new());
@@ -335,7 +333,7 @@ fn quotes_made_by_tpm2_tools_verify() {
 
 #[test]
 fn tpm_without_ek_certificate_says_so() {
-    if !support::available() {
+    if !castellan_tpm::testing::available() {
         return;
     }
     let tpm = SwTpm::blank();

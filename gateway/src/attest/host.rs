@@ -66,6 +66,22 @@ impl crypto::Host for HostState {
         self.cert_set(&cert_set)?.verify_pkcs7(&signed_data)
     }
 
+    fn verify_tpm_quote(
+        &mut self,
+        ak_public: Vec<u8>,
+        attest: Vec<u8>,
+        signature: Vec<u8>,
+        nonce: Vec<u8>,
+        pcrs: Vec<(u32, Vec<u8>)>,
+    ) -> Result<u16, String> {
+        let ak = castellan_tpm::wire::Public::from_tpm2b(&ak_public)
+            .map_err(|e| format!("AK public area: {e}"))?;
+        let pcrs = pcrs.into_iter().collect();
+        castellan_tpm::verify_quote(&ak, &attest, &signature, &nonce, &pcrs)
+            .map(|q| q.pcr_bank)
+            .map_err(|e| format!("quote: {e}"))
+    }
+
     fn sha256(&mut self, data: Vec<u8>) -> Vec<u8> {
         use sha2::Digest as _;
         sha2::Sha256::digest(&data).to_vec()

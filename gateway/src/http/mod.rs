@@ -628,19 +628,28 @@ async fn federation_status(State(state): State<AppState>, headers: HeaderMap) ->
 }
 
 /// Methods whose evidence answers a server challenge.
-const CHALLENGE_METHODS: &[&str] = &["x509pop"];
+const CHALLENGE_METHODS: &[&str] = &["x509pop", "tpm"];
+
+/// What a challenge request may carry: the method, and for `tpm` the EK
+/// certificate, the EK public area and the AK public area (base64).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChallengeAsk {
+    method: String,
+    #[serde(default)]
+    ek_certificate: Option<String>,
+    #[serde(default)]
+    ek_public: Option<String>,
+    #[serde(default)]
+    ak_public: Option<String>,
+}
 
 /// `POST /api/v1/attestation/challenges`: a fresh nonce for a
 /// challenge-based method. No authentication: the challenge proves nothing
 /// by itself, and the evidence that answers it is verified in full.
 async fn create_challenge(State(state): State<AppState>, body: Body) -> Response {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Ask {
-        method: String,
-    }
     let result: Result<_, Problem> = async {
-        let ask: Ask = read_json(body, state.max_body_bytes).await?;
+        let ask: ChallengeAsk = read_json(body, state.max_body_bytes).await?;
         if !CHALLENGE_METHODS.contains(&ask.method.as_str()) {
             return Err(Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -653,11 +662,14 @@ async fn create_challenge(State(state): State<AppState>, body: Body) -> Response
                 ),
             ));
         }
-        let empty = serde_json::Map::new;
+        let (private, public) = match ask.method.as_str() {
+            "tpm" => tpm_credential(&ask)?,
+            _ => (serde_json::Map::new(), serde_json::Map::new()),
+        };
         state
             .pipeline
             .challenges
-            .issue(&ask.method, empty(), empty(), crate::util::now_unix())
+            .issue(&ask.method, private, public, crate::util::now_unix())
             .map_err(|e| Problem::unavailable(e.to_string()))
     }
     .await;
@@ -665,6 +677,68 @@ async fn create_challenge(State(state): State<AppState>, body: Body) -> Response
         Ok(issued) => (StatusCode::CREATED, axum::Json(issued)).into_response(),
         Err(p) => p.into_response(),
     }
+}
+
+/// The TPM part of a challenge: checks that the EK certificate certifies
+/// the EK public area, then wraps a fresh secret to that EK for the AK's
+/// Name (MakeCredential). Only the TPM holding that EK, with that AK
+/// loaded, can recover the secret. The module later checks the EK
+/// certificate's chain, the secret and the quote.
+type ChallengeParts = (serde_json::Map<String, Value>, serde_json::Map<String, Value>);
+
+fn tpm_credential(ask: &ChallengeAsk) -> Result<ChallengeParts, Problem> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    let invalid = |m: String| {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-challenge-request",
+            "Invalid challenge request",
+            m,
+        )
+    };
+    let field = |v: &Option<String>, name: &str| -> Result<Vec<u8>, Problem> {
+        let text = v
+            .as_deref()
+            .ok_or_else(|| invalid(format!("`{name}` is required for tpm")))?;
+        STANDARD
+            .decode(text.trim())
+            .map_err(|_| invalid(format!("`{name}` is not base64")))
+    };
+    let ek_cert = field(&ask.ek_certificate, "ek_certificate")?;
+    let ek_public = field(&ask.ek_public, "ek_public")?;
+    let ak_public = field(&ask.ak_public, "ak_public")?;
+    let ek = castellan_tpm::wire::Public::from_tpm2b(&ek_public)
+        .map_err(|e| invalid(format!("ek_public: {e}")))?;
+    let ak = castellan_tpm::wire::Public::from_tpm2b(&ak_public)
+        .map_err(|e| invalid(format!("ak_public: {e}")))?;
+    let ek_cert = castellan_tpm::ek::trim_der(&ek_cert)
+        .map_err(|e| invalid(format!("ek_certificate: {e}")))?
+        .to_vec();
+    castellan_tpm::ek::check_ek_matches(&ek_cert, &ek)
+        .map_err(|e| invalid(format!("ek_certificate: {e}")))?;
+    let ak_name = ak.name().map_err(|e| invalid(format!("ak_public: {e}")))?;
+    let secret = crate::util::random_bytes::<32>();
+    let credential = castellan_tpm::make_credential(&ek, &ak_name, &secret)
+        .map_err(|e| invalid(format!("MakeCredential: {e}")))?;
+    let mut private = serde_json::Map::new();
+    private.insert("secret_sha256".into(), crate::util::sha256_hex(&secret).into());
+    private.insert("ek_certificate".into(), STANDARD.encode(&ek_cert).into());
+    private.insert(
+        "ek_public_sha256".into(),
+        crate::util::sha256_hex(ek.tpmt_bytes()).into(),
+    );
+    private.insert("ak_public".into(), STANDARD.encode(&ak_public).into());
+    let mut public = serde_json::Map::new();
+    public.insert(
+        "credential_blob".into(),
+        STANDARD.encode(&credential.id_object).into(),
+    );
+    public.insert(
+        "encrypted_secret".into(),
+        STANDARD.encode(&credential.encrypted_secret).into(),
+    );
+    Ok((private, public))
 }
 
 /// `POST /api/v1/join-tokens` (admin): a one-time token for bootstrapping a

@@ -287,6 +287,19 @@ pub mod host {
         crypto::verify_pkcs7(cert_set, signed_data).map_err(|e| Error::rejected(format!("signature: {e}")))
     }
 
+    /// `crypto`: verifies a TPM 2.0 quote (TPMS_ATTEST and TPMT_SIGNATURE)
+    /// by the AK (TPM2B_PUBLIC) over `nonce` and the PCR values given;
+    /// returns the quoted bank's algorithm id.
+    pub fn verify_tpm_quote(
+        ak_public: &[u8],
+        attest: &[u8],
+        signature: &[u8],
+        nonce: &[u8],
+        pcrs: &[(u32, Vec<u8>)],
+    ) -> Result<u16, Error> {
+        crypto::verify_tpm_quote(ak_public, attest, signature, nonce, pcrs).map_err(Error::rejected)
+    }
+
     /// `crypto`: SHA-256.
     pub fn sha256(data: &[u8]) -> Vec<u8> {
         crypto::sha256(data)

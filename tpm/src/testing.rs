@@ -1,4 +1,5 @@
-//! A software TPM per test: a local CA that plays the TPM manufacturer,
+//! Test support (feature `testing`), for this crate's tests and the
+//! gateway's end-to-end tests. A software TPM per test: a local CA that plays the TPM manufacturer,
 //! `swtpm_setup` to manufacture a TPM with an EK certificate from that CA,
 //! and `swtpm socket` serving it on its own pair of TCP ports. Everything
 //! lives in a temporary directory removed on drop, and swtpm is killed.
@@ -48,6 +49,12 @@ pub fn available() -> bool {
 }
 
 // === impl Ca ===
+
+impl Default for Ca {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Ca {
     pub fn new() -> Self {

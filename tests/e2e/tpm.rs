@@ -1,0 +1,258 @@
+//! The `tpm` attestor through the real binary against real software TPMs:
+//! each test manufactures swtpm instances with EK certificates from a CA it
+//! creates, asks the challenge endpoint for a credential, activates it and
+//! quotes PCRs in the TPM (tss-esapi), and posts the evidence for an SVID.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use castellan_tpm::client::Attestor;
+use castellan_tpm::testing::{Ca, SwTpm};
+use serde_json::{Value, json};
+use support::Server;
+
+const PCRS: [u32; 3] = [0, 7, 16];
+
+/// A manufactured TPM and its attestor (dropped before the TPM).
+struct Machine {
+    attestor: Attestor,
+    ek_cert: Vec<u8>,
+    tpm: SwTpm,
+}
+
+impl Machine {
+    fn new(ca: &Ca) -> Self {
+        let tpm = SwTpm::manufacture(ca);
+        let mut attestor = Attestor::connect(&tpm.tcti()).unwrap();
+        let ek_cert = attestor.ek_certificate().unwrap().expect("an EK certificate");
+        Self {
+            attestor,
+            ek_cert,
+            tpm,
+        }
+    }
+
+    fn ek_sha256(&self) -> String {
+        let ek = castellan_tpm::wire::Public::from_tpm2b(self.attestor.ek_public()).unwrap();
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(ek.tpmt_bytes()))
+    }
+}
+
+fn pem(der: &[u8]) -> String {
+    let body = STANDARD.encode(der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+/// Asks for a challenge presenting `ek_of`'s EK (certificate and public
+/// area) and `ak_of`'s AK; returns the response body.
+fn challenge(server: &Server, ek_of: &Machine, ak_of: &Machine) -> support::Resp {
+    server.post(
+        "/api/v1/attestation/challenges",
+        &json!({
+            "method": "tpm",
+            "ek_certificate": STANDARD.encode(&ek_of.ek_cert),
+            "ek_public": STANDARD.encode(ek_of.attestor.ek_public()),
+            "ak_public": STANDARD.encode(ak_of.attestor.ak_public()),
+        }),
+        None,
+    )
+}
+
+/// Answers a challenge with `m`'s TPM: activate, quote.
+fn answer(m: &mut Machine, c: &Value) -> Value {
+    let blob = STANDARD.decode(c["credential_blob"].as_str().unwrap()).unwrap();
+    let secret = STANDARD.decode(c["encrypted_secret"].as_str().unwrap()).unwrap();
+    let activated = m.attestor.activate_credential(&blob, &secret).unwrap();
+    let nonce = STANDARD.decode(c["nonce"].as_str().unwrap()).unwrap();
+    let quote = m.attestor.quote(&nonce, &PCRS).unwrap();
+    let pcrs: serde_json::Map<String, Value> = quote
+        .pcrs
+        .iter()
+        .map(|(i, v)| (i.to_string(), Value::String(hex::encode(v))))
+        .collect();
+    json!({
+        "challenge_id": c["challenge_id"], "activated_secret": STANDARD.encode(activated),
+        "attest": STANDARD.encode(&quote.attest), "signature": STANDARD.encode(&quote.signature),
+        "pcrs": pcrs,
+    })
+}
+
+fn issue(server: &Server, evidence: &Value) -> support::Resp {
+    let (_, csr) = support::csr();
+    server.post(
+        "/api/v1/workloads/attested-issuance",
+        &json!({ "method": "tpm", "evidence": evidence.to_string(), "csr": csr }),
+        None,
+    )
+}
+
+/// A server trusting `ca` for the tpm method, allowing `allowed` EKs, with
+/// an optional PCR policy.
+fn server_for(tmp: &std::path::Path, ca: &Ca, allowed: &[String], pcr_policy: Option<Value>) -> Server {
+    let allowed = allowed.to_vec();
+    let policies = support::policies_with(tmp, "policies", move |d| {
+        d["castellan"]["issuance"]["tpm"]["allowed_ek_sha256"] = json!(allowed)
+    });
+    let server = Server::dev_in(&tmp.join("data"), &["--policies", policies.to_str().unwrap()]);
+    let mut source = json!({
+        "name": "swtpm-manufacturer", "method": "tpm",
+        "certificates": format!("{}{}", pem(&ca.root()), pem(&ca.intermediate())),
+    });
+    if let Some(p) = pcr_policy {
+        source["settings"] = json!({ "pcr_policy": p });
+    }
+    let r = server.post_admin("/api/v1/trust-sources", &source);
+    assert_eq!(r.status, 201, "{}", r.body);
+    server
+}
+
+#[test]
+fn a_genuine_quote_issues_and_forgeries_do_not() {
+    if !castellan_tpm::testing::available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let mut first = Machine::new(&ca);
+    let mut second = Machine::new(&ca);
+    let server = server_for(tmp.path(), &ca, &[first.ek_sha256(), second.ek_sha256()], None);
+
+    // Genuine: the credential activates and the quote verifies.
+    let c = challenge(&server, &first, &first);
+    assert_eq!(c.status, 201, "{}", c.body);
+    let evidence = answer(&mut first, &c.body);
+    let r = issue(&server, &evidence);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        r.body["spiffe_id"],
+        format!("spiffe://example.org/tpm/{}", first.ek_sha256())
+    );
+    assert!(
+        r.body["attestation"]["selectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s.as_str().unwrap().starts_with("tpm:pcr:7:")),
+        "{}",
+        r.body
+    );
+
+    // Replay: the nonce (the challenge) was used.
+    issue(&server, &evidence).assert_problem(403, "attestation-failed");
+
+    // The second TPM presents the first's EK certificate with its own EK
+    // public area: the certificate does not certify that EK.
+    let r = server.post(
+        "/api/v1/attestation/challenges",
+        &json!({
+            "method": "tpm", "ek_certificate": STANDARD.encode(&first.ek_cert),
+            "ek_public": STANDARD.encode(second.attestor.ek_public()),
+            "ak_public": STANDARD.encode(second.attestor.ak_public()),
+        }),
+        None,
+    );
+    r.assert_problem(422, "invalid-challenge-request");
+    // ...or the first's EK entirely with its own AK: it cannot activate a
+    // credential wrapped to the first TPM's EK, so the best it can send is
+    // a guessed secret with its own quote.
+    let c = challenge(&server, &first, &second);
+    assert_eq!(c.status, 201, "{}", c.body);
+    let blob = STANDARD
+        .decode(c.body["credential_blob"].as_str().unwrap())
+        .unwrap();
+    let wrapped = STANDARD
+        .decode(c.body["encrypted_secret"].as_str().unwrap())
+        .unwrap();
+    assert!(second.attestor.activate_credential(&blob, &wrapped).is_err());
+    let nonce = STANDARD.decode(c.body["nonce"].as_str().unwrap()).unwrap();
+    let quote = second.attestor.quote(&nonce, &PCRS).unwrap();
+    let forged = json!({
+        "challenge_id": c.body["challenge_id"], "activated_secret": STANDARD.encode([7u8; 32]),
+        "attest": STANDARD.encode(&quote.attest), "signature": STANDARD.encode(&quote.signature),
+        "pcrs": quote.pcrs.iter().map(|(i, v)| (i.to_string(), Value::String(hex::encode(v)))).collect::<serde_json::Map<_, _>>(),
+    });
+    let r = issue(&server, &forged);
+    r.assert_problem(403, "attestation-failed");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("activated secret"),
+        "{}",
+        r.body
+    );
+
+    // A PCR value changed after quoting fails the quote's digest.
+    let c = challenge(&server, &second, &second);
+    let mut evidence = answer(&mut second, &c.body);
+    evidence["pcrs"]["16"] = Value::String("ab".repeat(32));
+    issue(&server, &evidence).assert_problem(403, "attestation-failed");
+
+    // Garbage never reaches a 5xx.
+    for junk in [
+        json!({}),
+        json!({"challenge_id": "x"}),
+        json!("text"),
+        json!([1, 2]),
+    ] {
+        let r = issue(&server, &junk);
+        assert!((400..500).contains(&r.status), "{junk}: {} {}", r.status, r.body);
+    }
+    assert_eq!(server.certificates().len(), 1);
+}
+
+#[test]
+fn a_pcr_policy_and_the_manufacturer_roots_are_enforced() {
+    if !castellan_tpm::testing::available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let mut m = Machine::new(&ca);
+    // The policy pins PCR 16 to its reset value (all zeros).
+    let server = server_for(
+        tmp.path(),
+        &ca,
+        &[m.ek_sha256()],
+        Some(json!({ "16": "00".repeat(32) })),
+    );
+    let c = challenge(&server, &m, &m);
+    let r = issue(&server, &answer(&mut m, &c.body));
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // PCR 16 extended: a genuine quote of a changed machine is refused.
+    m.tpm.extend_pcr(16, &[0x42; 32]);
+    let c = challenge(&server, &m, &m);
+    let r = issue(&server, &answer(&mut m, &c.body));
+    r.assert_problem(403, "attestation-failed");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("pcr_policy"),
+        "{}",
+        r.body
+    );
+
+    // A TPM whose EK certificate comes from a CA the trust source does not hold.
+    let rogue_ca = Ca::new();
+    let mut rogue = Machine::new(&rogue_ca);
+    let tmp2 = tempfile::tempdir().unwrap();
+    let server2 = server_for(tmp2.path(), &ca, &[rogue.ek_sha256()], None);
+    let c = challenge(&server2, &rogue, &rogue);
+    assert_eq!(c.status, 201, "{}", c.body);
+    let r = issue(&server2, &answer(&mut rogue, &c.body));
+    r.assert_problem(403, "attestation-failed");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("certificate"),
+        "{}",
+        r.body
+    );
+    assert_eq!(server2.certificates().len(), 0);
+}
