@@ -377,6 +377,7 @@ fn the_load_tools_run_against_a_live_server() {
             "50",
         ],
         vec!["bench", "approvals", "--requests", "3"],
+        vec!["bench", "attestors", "--requests", "5", "--concurrency", "2"],
         vec![
             "bench",
             "workload-api",
@@ -405,5 +406,9 @@ fn the_load_tools_run_against_a_live_server() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(stdout.contains("p99"), "{args:?}: {stdout}");
+        // Every attestation method issued all it was given.
+        if args[1] == "attestors" {
+            assert_eq!(stdout.matches("   []").count(), 6, "{stdout}");
+        }
     }
 }

@@ -70,13 +70,34 @@ fn challenge(server: &Server, ek_of: &Machine, ak_of: &Machine) -> support::Resp
     )
 }
 
-/// Answers a challenge with `m`'s TPM: activate, quote.
-fn answer(m: &mut Machine, c: &Value) -> Value {
+/// A CSR and the SHA-256 of its key's SubjectPublicKeyInfo.
+fn csr() -> (String, Vec<u8>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let pem = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    (pem, <sha2::Sha256 as sha2::Digest>::digest(spki).to_vec())
+}
+
+/// The quote's qualifying data for a challenge nonce and a key: binds the
+/// quote to the key being certified.
+fn qualifying(c: &Value, key_sha256: &[u8]) -> Vec<u8> {
+    let mut data = STANDARD.decode(c["nonce"].as_str().unwrap()).unwrap();
+    data.extend_from_slice(key_sha256);
+    <sha2::Sha256 as sha2::Digest>::digest(&data).to_vec()
+}
+
+/// Answers a challenge with `m`'s TPM for the key `key_sha256`: activate,
+/// quote.
+fn answer(m: &mut Machine, c: &Value, key_sha256: &[u8]) -> Value {
     let blob = STANDARD.decode(c["credential_blob"].as_str().unwrap()).unwrap();
     let secret = STANDARD.decode(c["encrypted_secret"].as_str().unwrap()).unwrap();
     let activated = m.attestor.activate_credential(&blob, &secret).unwrap();
-    let nonce = STANDARD.decode(c["nonce"].as_str().unwrap()).unwrap();
-    let quote = m.attestor.quote(&nonce, &PCRS).unwrap();
+    let quote = m.attestor.quote(&qualifying(c, key_sha256), &PCRS).unwrap();
     let pcrs: serde_json::Map<String, Value> = quote
         .pcrs
         .iter()
@@ -89,8 +110,7 @@ fn answer(m: &mut Machine, c: &Value) -> Value {
     })
 }
 
-fn issue(server: &Server, evidence: &Value) -> support::Resp {
-    let (_, csr) = support::csr();
+fn issue(server: &Server, evidence: &Value, csr: &str) -> support::Resp {
     server.post(
         "/api/v1/workloads/attested-issuance",
         &json!({ "method": "tpm", "evidence": evidence.to_string(), "csr": csr }),
@@ -130,10 +150,11 @@ fn a_genuine_quote_issues_and_forgeries_do_not() {
     let server = server_for(tmp.path(), &ca, &[first.ek_sha256(), second.ek_sha256()], None);
 
     // Genuine: the credential activates and the quote verifies.
+    let (csr_pem, key) = csr();
     let c = challenge(&server, &first, &first);
     assert_eq!(c.status, 201, "{}", c.body);
-    let evidence = answer(&mut first, &c.body);
-    let r = issue(&server, &evidence);
+    let evidence = answer(&mut first, &c.body, &key);
+    let r = issue(&server, &evidence, &csr_pem);
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(
         r.body["spiffe_id"],
@@ -150,7 +171,12 @@ fn a_genuine_quote_issues_and_forgeries_do_not() {
     );
 
     // Replay: the nonce (the challenge) was used.
-    issue(&server, &evidence).assert_problem(403, "attestation-failed");
+    issue(&server, &evidence, &csr_pem).assert_problem(403, "attestation-failed");
+    // Bound to the key: a genuine quote presented with another CSR fails.
+    let c = challenge(&server, &first, &first);
+    let evidence = answer(&mut first, &c.body, &key);
+    let (other_csr, _) = csr();
+    issue(&server, &evidence, &other_csr).assert_problem(403, "attestation-failed");
 
     // The second TPM presents the first's EK certificate with its own EK
     // public area: the certificate does not certify that EK.
@@ -176,14 +202,13 @@ fn a_genuine_quote_issues_and_forgeries_do_not() {
         .decode(c.body["encrypted_secret"].as_str().unwrap())
         .unwrap();
     assert!(second.attestor.activate_credential(&blob, &wrapped).is_err());
-    let nonce = STANDARD.decode(c.body["nonce"].as_str().unwrap()).unwrap();
-    let quote = second.attestor.quote(&nonce, &PCRS).unwrap();
+    let quote = second.attestor.quote(&qualifying(&c.body, &key), &PCRS).unwrap();
     let forged = json!({
         "challenge_id": c.body["challenge_id"], "activated_secret": STANDARD.encode([7u8; 32]),
         "attest": STANDARD.encode(&quote.attest), "signature": STANDARD.encode(&quote.signature),
         "pcrs": quote.pcrs.iter().map(|(i, v)| (i.to_string(), Value::String(hex::encode(v)))).collect::<serde_json::Map<_, _>>(),
     });
-    let r = issue(&server, &forged);
+    let r = issue(&server, &forged, &csr_pem);
     r.assert_problem(403, "attestation-failed");
     assert!(
         r.body["detail"].as_str().unwrap().contains("activated secret"),
@@ -193,9 +218,9 @@ fn a_genuine_quote_issues_and_forgeries_do_not() {
 
     // A PCR value changed after quoting fails the quote's digest.
     let c = challenge(&server, &second, &second);
-    let mut evidence = answer(&mut second, &c.body);
+    let mut evidence = answer(&mut second, &c.body, &key);
     evidence["pcrs"]["16"] = Value::String("ab".repeat(32));
-    issue(&server, &evidence).assert_problem(403, "attestation-failed");
+    issue(&server, &evidence, &csr_pem).assert_problem(403, "attestation-failed");
 
     // Garbage never reaches a 5xx.
     for junk in [
@@ -204,7 +229,7 @@ fn a_genuine_quote_issues_and_forgeries_do_not() {
         json!("text"),
         json!([1, 2]),
     ] {
-        let r = issue(&server, &junk);
+        let r = issue(&server, &junk, &csr_pem);
         assert!((400..500).contains(&r.status), "{junk}: {} {}", r.status, r.body);
     }
     assert_eq!(server.certificates().len(), 1);
@@ -225,14 +250,15 @@ fn a_pcr_policy_and_the_manufacturer_roots_are_enforced() {
         &[m.ek_sha256()],
         Some(json!({ "16": "00".repeat(32) })),
     );
+    let (csr_pem, key) = csr();
     let c = challenge(&server, &m, &m);
-    let r = issue(&server, &answer(&mut m, &c.body));
+    let r = issue(&server, &answer(&mut m, &c.body, &key), &csr_pem);
     assert_eq!(r.status, 201, "{}", r.body);
 
     // PCR 16 extended: a genuine quote of a changed machine is refused.
     m.tpm.extend_pcr(16, &[0x42; 32]);
     let c = challenge(&server, &m, &m);
-    let r = issue(&server, &answer(&mut m, &c.body));
+    let r = issue(&server, &answer(&mut m, &c.body, &key), &csr_pem);
     r.assert_problem(403, "attestation-failed");
     assert!(
         r.body["detail"].as_str().unwrap().contains("pcr_policy"),
@@ -247,7 +273,7 @@ fn a_pcr_policy_and_the_manufacturer_roots_are_enforced() {
     let server2 = server_for(tmp2.path(), &ca, &[rogue.ek_sha256()], None);
     let c = challenge(&server2, &rogue, &rogue);
     assert_eq!(c.status, 201, "{}", c.body);
-    let r = issue(&server2, &answer(&mut rogue, &c.body));
+    let r = issue(&server2, &answer(&mut rogue, &c.body, &key), &csr_pem);
     r.assert_problem(403, "attestation-failed");
     assert!(
         r.body["detail"].as_str().unwrap().contains("certificate"),

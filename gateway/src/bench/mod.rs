@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::client::Endpoint;
 
+pub mod attestors;
 pub mod workload_api;
 use crate::dev::{mint_projected_token, p256_jwk};
 

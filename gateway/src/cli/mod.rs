@@ -200,9 +200,26 @@ enum BenchCommand {
     Approvals(BenchApprovals),
     /// Agent identities (JWT-SVID, one-hop delegation) per second, or latency at a set rate.
     Broker(BenchBroker),
+    /// Attested issuances per second for each attestation method (against `castellan dev`).
+    Attestors(BenchAttestors),
     /// Many open Workload API streams: server memory per stream, time to push
     /// a rotation to all of them, then FetchJWTSVID per second.
     WorkloadApi(BenchWorkloadApi),
+}
+
+#[derive(Args)]
+struct BenchAttestors {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// File holding the admin API token.
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Measured issuances per method.
+    #[arg(long, default_value_t = 2000)]
+    requests: usize,
 }
 
 #[derive(Args)]
@@ -338,6 +355,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Approvals(args)) => bench_approvals(args).await,
         Command::Bench(BenchCommand::Broker(args)) => bench_broker(args).await,
         Command::Bench(BenchCommand::WorkloadApi(args)) => bench_workload_api(args).await,
+        Command::Bench(BenchCommand::Attestors(args)) => bench_attestors(args).await,
         Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
         Command::Token(cmd) => ephemeral::token(cmd).await,
         Command::Bundle(cmd) => bundle::run(cmd),
@@ -603,6 +621,41 @@ async fn bench(args: BenchIssuance) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn bench_attestors(args: BenchAttestors) -> anyhow::Result<ExitCode> {
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("{}", args.token_file.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(
+        args.concurrency >= 1 && args.requests >= 1,
+        "--concurrency and --requests must be at least 1"
+    );
+    let rows = crate::bench::attestors::run(crate::bench::attestors::Options {
+        endpoint: Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?,
+        admin_token: token,
+        concurrency: args.concurrency,
+        requests: args.requests,
+    })
+    .await?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "attested issuance by method: {} requests each, concurrency {}",
+        args.requests, args.concurrency
+    );
+    println!("  method        issued/s    p50 ms   p99 ms   refused");
+    for r in rows {
+        println!(
+            "  {:<12} {:>9.0} {:>9.2} {:>8.2}   {:?}",
+            r.method,
+            r.report.rate(),
+            ms(r.report.p50),
+            ms(r.report.p99),
+            r.report.refused
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn bench_workload_api(args: BenchWorkloadApi) -> anyhow::Result<ExitCode> {

@@ -15,7 +15,9 @@
 //! nonce and covers exactly the PCR values given; and the PCR values match
 //! the trust source's `settings.pcr_policy` (`{"<index>": "<hex>"}`) if it
 //! has one. The host took the challenge before this module ran, so a
-//! nonce is answered once. Selectors (`tpm:<name>:<value>`): `ek_sha256`
+//! nonce is answered once. When the request certifies a key, the quote's
+//! qualifying data must be SHA-256(nonce || SHA-256 of the key's DER
+//! SubjectPublicKeyInfo): the quote is bound to that key. Selectors (`tpm:<name>:<value>`): `ek_sha256`
 //! (of the EK public area), `pcr` (`<index>:<hex>`), `ca` (trust source).
 
 #![cfg_attr(target_arch = "wasm32", no_std)]
@@ -96,7 +98,15 @@ impl Attestor for Tpm {
         let ek_cert = b64(context_str(challenge, "ek_certificate")?, "ek_certificate")?;
         let ak_public = b64(context_str(challenge, "ak_public")?, "ak_public")?;
         let ek_sha256 = context_str(challenge, "ek_public_sha256")?;
-        let nonce = b64(&challenge.nonce, "nonce")?;
+        // Bound to the key being certified: the quote's qualifying data is
+        // SHA-256(nonce || SHA-256(SubjectPublicKeyInfo)) when the request
+        // certifies a key, the bare nonce otherwise.
+        let mut nonce = b64(&challenge.nonce, "nonce")?;
+        if let Some(key) = context.key_sha256.as_deref() {
+            let key = unhex(key).ok_or_else(|| Error::Config("key_sha256 is not hex".into()))?;
+            nonce.extend_from_slice(&key);
+            nonce = host::sha256(&nonce);
+        }
         if e.pcrs.is_empty() || e.pcrs.len() > 24 {
             return Err(Error::malformed("give the values of 1 to 24 quoted PCRs"));
         }
