@@ -13,20 +13,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use spiffe::{TrustDomain, WorkloadApiClient};
-use support::Server;
-
-fn my_uid() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
+use support::{Server, my_uid};
 
 /// A client, once the server is ready: until each federated trust domain
 /// has had its first refresh the Workload API answers Unavailable.

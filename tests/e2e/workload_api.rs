@@ -8,21 +8,7 @@ mod support;
 
 use serde_json::json;
 use spiffe::WorkloadApiClient;
-use support::Server;
-
-/// Our own uid, as the kernel will report it to the server.
-fn my_uid() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
+use support::{Server, my_uid};
 
 fn entry(server: &Server, spiffe_id: &str, selector: &str, hint: &str) -> String {
     let r = server.post_admin(

@@ -475,3 +475,17 @@ pub fn pem_certs(pem_text: &str) -> Vec<Vec<u8>> {
     }
     out
 }
+
+/// Our own uid, as the kernel reports it to the Workload API.
+pub fn my_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}

@@ -851,6 +851,33 @@ fn api_source(state: &AppState, id: &str) -> Result<std::sync::Arc<crate::trust:
     Ok(source)
 }
 
+/// Persists a changed trust source with its audit event, then swaps it in.
+async fn replace_trust_source(
+    state: &AppState,
+    changed: crate::trust::TrustSource,
+    event: AuditEvent,
+) -> Result<crate::trust::TrustSource, Problem> {
+    state
+        .pipeline
+        .store
+        .put_trust_source(changed.clone(), event)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "could not persist trust source");
+            Problem::unavailable("the trust source could not be stored")
+        })?;
+    let stored = changed.clone();
+    state
+        .pipeline
+        .trust
+        .update(&changed.id, move |t| {
+            *t = stored;
+            Ok(())
+        })
+        .map_err(trust_problem)?;
+    Ok(changed)
+}
+
 /// `POST /api/v1/trust-sources/{id}/rotate` (admin): new keys or
 /// certificates become current; the replaced ones stay trusted for
 /// `overlap_seconds` so evidence signed just before the rotation passes.
@@ -910,25 +937,7 @@ async fn rotate_trust_source(
             actor: "admin".into(),
             detail: json!({ "id": source.id, "name": source.name, "previous_until": until }),
         };
-        state
-            .pipeline
-            .store
-            .put_trust_source(rotated.clone(), event)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "could not persist trust source");
-                Problem::unavailable("the trust source could not be stored")
-            })?;
-        let stored = rotated.clone();
-        state
-            .pipeline
-            .trust
-            .update(&id, move |t| {
-                *t = stored;
-                Ok(())
-            })
-            .map_err(trust_problem)?;
-        Ok(rotated)
+        replace_trust_source(&state, rotated, event).await
     }
     .await;
     match result {
@@ -954,25 +963,7 @@ async fn revoke_trust_source(
             actor: "admin".into(),
             detail: json!({ "id": source.id, "name": source.name }),
         };
-        state
-            .pipeline
-            .store
-            .put_trust_source(revoked.clone(), event)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "could not persist trust source");
-                Problem::unavailable("the trust source could not be stored")
-            })?;
-        let stored = revoked.clone();
-        state
-            .pipeline
-            .trust
-            .update(&id, move |t| {
-                *t = stored;
-                Ok(())
-            })
-            .map_err(trust_problem)?;
-        Ok(revoked)
+        replace_trust_source(&state, revoked, event).await
     }
     .await;
     match result {
