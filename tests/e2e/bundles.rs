@@ -241,7 +241,14 @@ fn signed_bundles_load_and_bad_ones_are_refused_while_the_old_one_serves() {
         .put_admin("/api/v1/bundles/default", pack(&files))
         .assert_problem(422, "bundle-integrity");
     let overlapping = bundle_dir(tmp.path(), "team", |d| {
-        for f in ["issuance.rego", "ephemeral.rego", "broker.rego", "data.json"] {
+        for f in [
+            "issuance.rego",
+            "cloud_ci.rego",
+            "hosts.rego",
+            "ephemeral.rego",
+            "broker.rego",
+            "data.json",
+        ] {
             std::fs::remove_file(d.join(f)).unwrap();
         }
         for f in std::fs::read_dir(d)

@@ -48,7 +48,12 @@ fn forged_token_is_rejected_and_unknown_method_refused() {
         .unwrap_err();
     assert!(matches!(err, AttestError::Rejected(_)), "{err}");
     let err = a
-        .attest("tpm", &forged, registry.snapshot(), &serde_json::json!({}))
+        .attest(
+            "no_such_method",
+            &forged,
+            registry.snapshot(),
+            &serde_json::json!({}),
+        )
         .unwrap_err();
     assert!(matches!(err, AttestError::UnknownMethod(_)));
     let empty = Arc::new(Registry::new(Vec::<TrustSource>::new()).unwrap());
