@@ -236,7 +236,14 @@ impl Pipeline {
         if let Some(spki) = key_spki {
             context["key_sha256"] = crate::util::sha256_hex(spki).into();
         }
-        if let Some(id) = crate::attest::challenge::challenge_id(evidence) {
+        // Host-gathered evidence (the Workload API's) never answers a
+        // challenge: skip parsing it on that path.
+        let challenge = if crate::attest::HOST_EVIDENCE_METHODS.contains(&method) {
+            None
+        } else {
+            crate::attest::challenge::challenge_id(evidence)
+        };
+        if let Some(id) = challenge {
             let challenge = self
                 .challenges
                 .take(&id, method, crate::util::now_unix())

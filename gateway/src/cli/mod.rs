@@ -623,11 +623,16 @@ async fn bench(args: BenchIssuance) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn bench_attestors(args: BenchAttestors) -> anyhow::Result<ExitCode> {
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("{}", args.token_file.display()))?
+/// An admin token from a file, trimmed.
+fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("{}", path.display()))?
         .trim()
-        .to_owned();
+        .to_owned())
+}
+
+async fn bench_attestors(args: BenchAttestors) -> anyhow::Result<ExitCode> {
+    let token = read_token_file(&args.token_file)?;
     anyhow::ensure!(
         args.concurrency >= 1 && args.requests >= 1,
         "--concurrency and --requests must be at least 1"
@@ -659,10 +664,7 @@ async fn bench_attestors(args: BenchAttestors) -> anyhow::Result<ExitCode> {
 }
 
 async fn bench_workload_api(args: BenchWorkloadApi) -> anyhow::Result<ExitCode> {
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("{}", args.token_file.display()))?
-        .trim()
-        .to_owned();
+    let token = read_token_file(&args.token_file)?;
     anyhow::ensure!(
         args.streams >= 1 && args.jwt_concurrency >= 1 && args.jwt_requests >= 1,
         "--streams, --jwt-concurrency and --jwt-requests must be at least 1"
@@ -709,10 +711,7 @@ async fn bench_workload_api(args: BenchWorkloadApi) -> anyhow::Result<ExitCode> 
 }
 
 async fn bench_broker(args: BenchBroker) -> anyhow::Result<ExitCode> {
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("{}", args.token_file.display()))?
-        .trim()
-        .to_owned();
+    let token = read_token_file(&args.token_file)?;
     anyhow::ensure!(
         args.concurrency >= 1 && args.requests >= 1,
         "--concurrency and --requests must be at least 1"
@@ -757,10 +756,7 @@ async fn bench_broker(args: BenchBroker) -> anyhow::Result<ExitCode> {
 }
 
 async fn bench_approvals(args: BenchApprovals) -> anyhow::Result<ExitCode> {
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("{}", args.token_file.display()))?
-        .trim()
-        .to_owned();
+    let token = read_token_file(&args.token_file)?;
     anyhow::ensure!(args.requests >= 1, "--requests must be at least 1");
     let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
     let r = crate::bench::run_approvals(endpoint, &token, args.requests).await?;
