@@ -26,16 +26,23 @@ identity[method] := id if {
 }
 
 # `allow`: [{"repository": "acme/api", "environments": ["production"]}]. A
-# rule without `environments` allows any environment, or none.
+# rule without `environments` allows any environment, or none. A rule with
+# `"require_key_binding": true` allows only tokens whose audience named the
+# key being certified (the module's `key_bound` claim).
 github_allowed if {
 	some rule in data.castellan.issuance.github_oidc.allow
 	rule.repository == claims.repository
 	github_environment_allowed(rule)
+	github_key_binding_allowed(rule)
 }
 
 github_environment_allowed(rule) if not rule.environments
 
 github_environment_allowed(rule) if claims.environment in rule.environments
+
+github_key_binding_allowed(rule) if not rule.require_key_binding
+
+github_key_binding_allowed(rule) if claims.key_bound == true
 
 deny contains msg if {
 	input.attestation.method == "github_oidc"
@@ -43,6 +50,19 @@ deny contains msg if {
 	msg := sprintf(
 		"repository %q (environment %q) is not in data.castellan.issuance.github_oidc.allow",
 		[claims.repository, object.get(claims, "environment", "")],
+	)
+}
+
+deny contains msg if {
+	input.attestation.method == "github_oidc"
+	not github_allowed
+	some rule in data.castellan.issuance.github_oidc.allow
+	rule.repository == claims.repository
+	github_environment_allowed(rule)
+	not github_key_binding_allowed(rule)
+	msg := sprintf(
+		"repository %q needs a token bound to the requested key (audience `<audience>/key/<hex SHA-256 of the key's DER SubjectPublicKeyInfo>`)",
+		[claims.repository],
 	)
 }
 

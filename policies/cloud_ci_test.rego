@@ -43,6 +43,18 @@ test_github_rule_without_environments_allows_any if {
 	d.allow
 }
 
+test_github_rule_can_require_key_binding if {
+	bound_data := {"allow": [{"repository": "acme/api", "require_key_binding": true}]}
+	unbound := data.castellan.issuance.decision with input as req("github_oidc", object.union(github, {"key_bound": false}))
+		with data.castellan.issuance.github_oidc as bound_data
+	not unbound.allow
+	some reason in unbound.reasons
+	contains(reason, "needs a token bound to the requested key")
+	bound := data.castellan.issuance.decision with input as req("github_oidc", object.union(github, {"key_bound": true}))
+		with data.castellan.issuance.github_oidc as bound_data
+	bound.allow
+}
+
 gce := {"project_id": "acme-prod", "zone": "europe-west1-b", "instance_id": "123", "instance_name": "web-1"}
 
 test_gcp_project_allow_list if {

@@ -155,10 +155,20 @@ impl TrustSourceSpec {
         if !valid {
             return Err(TrustError::UnknownMethod(self.method.clone()));
         }
-        if let Some(settings) = &self.settings
-            && !settings.is_object()
-        {
-            return Err(TrustError::Settings("must be a JSON object".into()));
+        if let Some(settings) = &self.settings {
+            if !settings.is_object() {
+                return Err(TrustError::Settings("must be a JSON object".into()));
+            }
+            // Read by the SDK's JWT verification (key-bound audiences).
+            match settings.get("key_binding") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) if s == "optional" || s == "required" => {}
+                Some(_) => {
+                    return Err(TrustError::Settings(
+                        "key_binding must be \"optional\" or \"required\"".into(),
+                    ));
+                }
+            }
         }
         if let Some(url) = &self.jwks_url {
             check_jwks_url(url)?;

@@ -350,6 +350,125 @@ fn join_tokens_bootstrap_a_host_once_even_across_restarts() {
     assert_eq!(server.certificates().len(), 1);
 }
 
+/// Hex SHA-256 of a key's DER SubjectPublicKeyInfo: what a bound audience names.
+fn key_digest(key: &rcgen::KeyPair) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        rcgen::PublicKeyData::subject_public_key_info(key),
+    ))
+}
+
+#[test]
+fn jwt_tokens_can_be_bound_to_the_requested_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policies = support::policies_with(tmp.path(), "policies", |d| {
+        d["castellan"]["issuance"]["github_oidc"]["allow"] = json!([
+            {"repository": "acme/api"},
+            {"repository": "acme/vault", "require_key_binding": true},
+        ]);
+        d["castellan"]["issuance"]["gcp_iit"]["allowed_projects"] = json!(["acme-prod"]);
+    });
+    let server = Server::dev_in(
+        &tmp.path().join("data"),
+        &["--policies", policies.to_str().unwrap()],
+    );
+    let github = Cluster::new_rsa(METHODS[0].issuer, jsonwebtoken::Algorithm::RS256);
+    register(&server, &METHODS[0], &github);
+    let (other_key, other_csr) = csr();
+    let (key, csr) = csr();
+    let bound_to = |k: &rcgen::KeyPair, repository: &str| {
+        let mut c = github_claims(now());
+        c["aud"] = format!("castellan/key/{}", key_digest(k)).into();
+        c["repository"] = repository.into();
+        github.sign(&c)
+    };
+
+    // A token whose audience names the CSR's key issues for that CSR...
+    let r = issue_with_csr(&server, "github_oidc", &bound_to(&key, "acme/api"), &csr);
+    assert_eq!(r.status, 201, "{}", r.body);
+    // ...and is worthless with any other key.
+    let r = issue_with_csr(&server, "github_oidc", &bound_to(&key, "acme/api"), &other_csr);
+    r.assert_problem(403, "attestation-failed");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("another key"),
+        "{}",
+        r.body
+    );
+    // Not a digest (upper case, short), or a key under an audience the
+    // trust source does not accept: not an accepted audience at all.
+    for aud in [
+        format!("castellan/key/{}", key_digest(&key).to_uppercase()),
+        "castellan/key/abc".to_owned(),
+        format!("elsewhere/key/{}", key_digest(&key)),
+    ] {
+        let mut c = github_claims(now());
+        c["aud"] = aud.into();
+        let r = issue_with_csr(&server, "github_oidc", &github.sign(&c), &csr);
+        r.assert_problem(403, "attestation-failed");
+        assert!(
+            r.body["detail"].as_str().unwrap().contains("audience"),
+            "{}",
+            r.body
+        );
+    }
+
+    // Policy can insist on binding per repository.
+    let r = issue_with_csr(
+        &server,
+        "github_oidc",
+        &github.sign(&{
+            let mut c = github_claims(now());
+            c["repository"] = "acme/vault".into();
+            c
+        }),
+        &csr,
+    );
+    r.assert_problem(403, "policy-denied");
+    assert!(
+        r.body
+            .to_string()
+            .contains("needs a token bound to the requested key"),
+        "{}",
+        r.body
+    );
+    let r = issue_with_csr(
+        &server,
+        "github_oidc",
+        &bound_to(&other_key, "acme/vault"),
+        &other_csr,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // A trust source can insist on it for every token.
+    server
+        .post_admin(
+            "/api/v1/trust-sources",
+            &json!({"name": "gcp", "method": "gcp_iit", "issuer": METHODS[1].issuer,
+                    "audiences": [METHODS[1].audience], "jwks": github.jwks(),
+                    "settings": {"key_binding": "always"}}),
+        )
+        .assert_problem(422, "invalid-trust-source");
+    let r = server.post_admin(
+        "/api/v1/trust-sources",
+        &json!({"name": "gcp", "method": "gcp_iit", "issuer": METHODS[1].issuer,
+                "audiences": [METHODS[1].audience], "jwks": github.jwks(),
+                "settings": {"key_binding": "required"}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = issue_with_csr(&server, "gcp_iit", &github.sign(&gcp_claims(now())), &csr);
+    r.assert_problem(403, "attestation-failed");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("requires"),
+        "{}",
+        r.body
+    );
+    let mut c = gcp_claims(now());
+    c["aud"] = format!("https://castellan.example/key/{}", key_digest(&key)).into();
+    let r = issue_with_csr(&server, "gcp_iit", &github.sign(&c), &csr);
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    assert_eq!(server.certificates().len(), 3);
+}
+
 // === x509pop ===
 
 struct Pki {

@@ -369,10 +369,11 @@ impl Broker {
             None => None,
             Some(jwk) => Some(public_jwk_thumbprint(jwk).map_err(IssuanceError::BadRequest)?),
         };
-        let csr_public_key = match &req.csr {
+        let csr_spki = match &req.csr {
             None => None,
-            Some(pem) => Some(STANDARD.encode(verify_csr(pem)?.spki_der)),
+            Some(pem) => Some(verify_csr(pem)?.spki_der),
         };
+        let csr_public_key = csr_spki.as_deref().map(|spki| STANDARD.encode(spki));
         let delegation = match &req.subject_token {
             Some(t) => self.verify_delegation(t).await?,
             None => Delegation::default(),
@@ -387,10 +388,13 @@ impl Broker {
         let p = self.pipeline.clone();
         let snapshot = p.policies.snapshot();
         let (method, evidence, snap) = (req.method.clone(), req.evidence.clone(), snapshot.clone());
-        let attestation: Attestation =
-            tokio::task::spawn_blocking(move || p.attest(&snap, &method, &evidence))
-                .await
-                .map_err(|e| IssuanceError::Internal(format!("task failed: {e}")))??;
+        // Evidence bound to a key can only be bound to the CSR's: a JWK
+        // alone is not certified as X.509, so it binds nothing here.
+        let attestation: Attestation = tokio::task::spawn_blocking(move || {
+            p.attest_bound(&snap, &method, &evidence, csr_spki.as_deref())
+        })
+        .await
+        .map_err(|e| IssuanceError::Internal(format!("task failed: {e}")))??;
 
         let now = now_unix();
         let parent_remaining = delegation.parent.as_ref().map(|p| (p.exp - now).max(0) as u64);

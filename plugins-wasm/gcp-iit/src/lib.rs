@@ -42,8 +42,8 @@ fn field(ce: &Value, name: &str) -> Result<String, Error> {
 impl Attestor for GcpIit {
     type Config = JwtTrustSources;
 
-    fn attest(evidence: &str, config: JwtTrustSources, _context: &Context) -> Result<Attestation, Error> {
-        let jwt = config.verify(evidence)?;
+    fn attest(evidence: &str, config: JwtTrustSources, context: &Context) -> Result<Attestation, Error> {
+        let jwt = config.verify_bound(evidence, context)?;
         let ce = jwt
             .claims
             .get("google")
@@ -63,6 +63,7 @@ impl Attestor for GcpIit {
                 .selector("gcp", "service_account", &sa)
                 .claim("service_account", sa.as_str());
         }
+        a = a.claim("key_bound", jwt.key_bound);
         let exp = jwt.claim_i64("exp").unwrap_or_default();
         Ok(a.single_use(&jwt.replay_id(), exp))
     }

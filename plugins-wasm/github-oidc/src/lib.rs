@@ -32,8 +32,8 @@ pub struct GithubOidc;
 impl Attestor for GithubOidc {
     type Config = JwtTrustSources;
 
-    fn attest(evidence: &str, config: JwtTrustSources, _context: &Context) -> Result<Attestation, Error> {
-        let jwt = config.verify(evidence)?;
+    fn attest(evidence: &str, config: JwtTrustSources, context: &Context) -> Result<Attestation, Error> {
+        let jwt = config.verify_bound(evidence, context)?;
         let repository = jwt.claim_selector("repository")?;
         let mut a = Attestation::new(format!("repo/{repository}"));
         for name in REQUIRED {
@@ -45,6 +45,7 @@ impl Attestor for GithubOidc {
                 a = a.selector("github", name, &v).claim(name, v.as_str());
             }
         }
+        a = a.claim("key_bound", jwt.key_bound);
         let exp = jwt.claim_i64("exp").unwrap_or_default();
         Ok(a.single_use(&jwt.replay_id(), exp))
     }

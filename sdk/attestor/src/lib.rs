@@ -176,6 +176,9 @@ pub mod host {
         pub claims: Map<String, Value>,
         /// The signature segment (base64url), unique to this token.
         pub signature: String,
+        /// Set by [`JwtTrustSources::verify_bound`] when an audience bound
+        /// the token to the key the request certifies.
+        pub key_bound: bool,
     }
 
     impl VerifiedJws {
@@ -242,6 +245,7 @@ pub mod host {
             header,
             claims,
             signature,
+            key_bound: false,
         })
     }
 
@@ -354,13 +358,81 @@ pub struct JwtTrustSource {
     pub issuer: String,
     pub audiences: Vec<String>,
     pub key_set: String,
+    /// Method-specific settings (an object), or null. JWT methods read
+    /// `key_binding` from it (see [`JwtTrustSources::verify_bound`]).
+    #[serde(default)]
+    pub settings: Value,
+}
+
+/// What separates an accepted audience from the key digest in a bound
+/// audience: `<audience>/key/<hex SHA-256 of the key's DER SPKI>`.
+pub const KEY_BINDING_INFIX: &str = "/key/";
+
+/// How the token's audiences relate to the trust source's.
+enum AudienceMatch {
+    None,
+    /// An accepted audience as it is.
+    Plain,
+    /// An accepted audience naming a key: the lowercase hex digest.
+    Bound(String),
+}
+
+impl JwtTrustSource {
+    /// Matches one `aud` value against the accepted audiences.
+    fn audience(&self, aud: &str) -> AudienceMatch {
+        if self.audiences.iter().any(|a| a == aud) {
+            return AudienceMatch::Plain;
+        }
+        for accepted in &self.audiences {
+            let digest = aud
+                .strip_prefix(accepted.as_str())
+                .and_then(|rest| rest.strip_prefix(KEY_BINDING_INFIX));
+            if let Some(digest) = digest
+                && digest.len() == 64
+                && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return AudienceMatch::Bound(digest.to_owned());
+            }
+        }
+        AudienceMatch::None
+    }
+
+    /// `settings.key_binding`: `"optional"` (the default) or `"required"`.
+    fn key_binding_required(&self) -> Result<bool, Error> {
+        match self.settings.get("key_binding") {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::String(s)) if s == "optional" => Ok(false),
+            Some(Value::String(s)) if s == "required" => Ok(true),
+            Some(_) => Err(Error::Config(format!(
+                "trust source `{}`: settings.key_binding must be \"optional\" or \"required\"",
+                self.name
+            ))),
+        }
+    }
 }
 
 impl JwtTrustSources {
     /// Picks the trust source by the token's (unverified) `iss`, verifies
     /// the signature with its keys, then checks issuer, audience, `exp`,
-    /// `nbf` and `iat` (60 s leeway). Returns the verified token.
+    /// `nbf` and `iat` (60 s leeway). Returns the verified token. Only the
+    /// accepted audiences themselves pass: for issuers that let the caller
+    /// choose the audience, use [`Self::verify_bound`].
     pub fn verify(&self, token: &str) -> Result<host::VerifiedJws, Error> {
+        self.verify_with(token, None)
+    }
+
+    /// Like [`Self::verify`], for issuers that let the caller choose the
+    /// audience: the audience may also name the key the request certifies,
+    /// as `<accepted audience>/key/<hex SHA-256 of its DER
+    /// SubjectPublicKeyInfo>` ([`KEY_BINDING_INFIX`]). A bound token must
+    /// name exactly `context.key_sha256`, so it is worthless with any other
+    /// key; `settings.key_binding = "required"` refuses unbound tokens.
+    /// The returned token's `key_bound` says which it was.
+    pub fn verify_bound(&self, token: &str, context: &Context) -> Result<host::VerifiedJws, Error> {
+        self.verify_with(token, Some(context))
+    }
+
+    fn verify_with(&self, token: &str, binding: Option<&Context>) -> Result<host::VerifiedJws, Error> {
         use base64::Engine as _;
         let payload = token
             .trim()
@@ -388,16 +460,51 @@ impl JwtTrustSources {
         if jwt.claims.get("iss").and_then(Value::as_str) != Some(source.issuer.as_str()) {
             return Err(Error::rejected("issuer does not match the trust source"));
         }
-        let aud_ok = match jwt.claims.get("aud") {
-            Some(Value::String(a)) => source.audiences.contains(a),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(Value::as_str)
-                .any(|a| source.audiences.iter().any(|x| x == a)),
-            _ => false,
+        let audiences: Vec<&str> = match jwt.claims.get("aud") {
+            Some(Value::String(a)) => alloc::vec![a.as_str()],
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
         };
-        if !aud_ok {
+        let mut plain = false;
+        let mut bound: Option<String> = None;
+        for aud in audiences {
+            match source.audience(aud) {
+                AudienceMatch::Plain => plain = true,
+                // Only where the caller asked for binding; elsewhere a
+                // bound-looking audience is just not an accepted one.
+                AudienceMatch::Bound(digest) if binding.is_some() => {
+                    if bound.as_ref().is_some_and(|b| *b != digest) {
+                        return Err(Error::rejected("token audiences name two different keys"));
+                    }
+                    bound = Some(digest);
+                }
+                _ => {}
+            }
+        }
+        if !plain && bound.is_none() {
             return Err(Error::rejected("token audience is not accepted"));
+        }
+        let mut jwt = jwt;
+        if let Some(context) = binding {
+            match (&bound, context.key_sha256.as_deref()) {
+                (Some(digest), Some(key)) if digest.eq_ignore_ascii_case(key) => jwt.key_bound = true,
+                (Some(_), Some(_)) => {
+                    return Err(Error::rejected("token is bound to another key than the one requested"));
+                }
+                (Some(_), None) => {
+                    return Err(Error::rejected(
+                        "token is bound to a key, but the request certifies none (send a CSR)",
+                    ));
+                }
+                (None, _) if source.key_binding_required()? => {
+                    return Err(Error::rejected(format!(
+                        "trust source `{}` requires the token's audience to name the requested key \
+                         (`<audience>{KEY_BINDING_INFIX}<hex SHA-256 of the key's DER SubjectPublicKeyInfo>`)",
+                        source.name
+                    )));
+                }
+                (None, _) => {}
+            }
         }
         let now = host::now();
         let exp = jwt.claim_i64("exp").ok_or_else(|| Error::rejected("no `exp`"))?;
