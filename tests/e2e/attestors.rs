@@ -182,6 +182,21 @@ fn conformance(m: &JwtMethod) {
         r.body
     );
 
+    // Past `exp` but within the 60 s clock-skew leeway: good once, and
+    // remembered as long as it would verify.
+    let mut skewed = (m.claims)(now() - 600);
+    skewed["exp"] = (now() - 30).into();
+    let skewed = issuer.sign(&skewed);
+    let r = issue(&server, m.method, &skewed);
+    assert_eq!(r.status, 201, "{}: {}", m.method, r.body);
+    let r = issue(&server, m.method, &skewed);
+    r.assert_problem(403, "attestation-failed");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("already used"),
+        "{}",
+        r.body
+    );
+
     // Forgery: same issuer and kid, another key.
     let forger = Cluster::new_rsa(m.issuer, jsonwebtoken::Algorithm::RS256);
     issue(&server, m.method, &forger.sign(&(m.claims)(now()))).assert_problem(403, "attestation-failed");
@@ -231,8 +246,8 @@ fn conformance(m: &JwtMethod) {
     r.assert_problem(403, "policy-denied");
     assert!(r.body.to_string().contains(m.denied), "{}", r.body);
 
-    // Of all that, one certificate was signed, and every refusal is audited.
-    assert_eq!(server.certificates().len(), 1, "{}", m.method);
+    // Of all that, two certificates were signed, and every refusal is audited.
+    assert_eq!(server.certificates().len(), 2, "{}", m.method);
     let refusals = server
         .audit()
         .iter()

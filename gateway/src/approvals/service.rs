@@ -779,6 +779,12 @@ impl Approvals {
             {
                 tracing::warn!(error = %e, "could not purge old idempotency keys");
             }
+            // Spent single-use evidence only matters until it expires.
+            if ticks % 3600 == 2
+                && let Err(e) = self.pipeline.store.spent_purge(now_unix()).await
+            {
+                tracing::warn!(error = %e, "could not purge expired single-use evidence");
+            }
             let Ok(pending) = self.pipeline.store.list_requests(Some(State::Pending)).await else {
                 continue;
             };

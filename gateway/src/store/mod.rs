@@ -236,6 +236,9 @@ pub trait Store: Send + Sync + 'static {
     /// already was (and still matters at `now`). Survives restarts.
     async fn spend(&self, key: &str, until: i64, now: i64) -> Result<bool, StoreError>;
 
+    /// Forgets spent evidence that stopped mattering before `now`.
+    async fn spent_purge(&self, now: i64) -> Result<(), StoreError>;
+
     /// Records an issued agent token and its effects in one transaction.
     async fn put_agent_token(&self, token: AgentToken, effects: Effects) -> Result<(), StoreError>;
 

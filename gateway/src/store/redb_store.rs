@@ -52,6 +52,7 @@ enum Op {
     Outbox(u64, Option<OutboxItem>, Ack),
     Idempotency(String, IdempotentResponse, Ack),
     PurgeIdempotency(i64, Ack),
+    PurgeSpent(i64, Ack),
     PutAgentToken(Box<AgentToken>, Effects, Ack),
     PutEntry(Box<crate::workload_api::Entry>, AuditEvent, Ack),
     DeleteEntry(String, AuditEvent, Ack),
@@ -462,6 +463,10 @@ impl Writer {
                     .map_err(backend)?;
                 Self::ack(reply, true)
             }
+            Op::PurgeSpent(now, reply) => {
+                t.spent.retain(|_, until| until >= now).map_err(backend)?;
+                Self::ack(reply, true)
+            }
             Op::Idempotency(key, response, reply) => {
                 let bytes = serde_json::to_vec(&response).map_err(backend)?;
                 t.idempotency
@@ -756,6 +761,10 @@ impl Store for RedbStore {
         self.submit(|r| Op::Spend(key.to_owned(), until, now, r)).await
     }
 
+    async fn spent_purge(&self, now: i64) -> Result<(), StoreError> {
+        self.submit(|r| Op::PurgeSpent(now, r)).await.map(drop)
+    }
+
     async fn put_agent_token(&self, token: AgentToken, effects: Effects) -> Result<(), StoreError> {
         self.submit(|r| Op::PutAgentToken(Box::new(token), effects, r))
             .await
@@ -880,5 +889,21 @@ mod tests {
         store.idempotency_purge(5_000).await.unwrap();
         assert!(store.idempotency_get("old").await.unwrap().is_none());
         assert_eq!(store.idempotency_get("new").await.unwrap(), Some(saved(10_000)));
+    }
+
+    #[tokio::test]
+    async fn spent_evidence_is_forgotten_once_it_stops_mattering() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("s.redb")).unwrap();
+        assert!(store.spend("m\0old", 100, 50).await.unwrap());
+        assert!(store.spend("m\0new", 10_000, 50).await.unwrap());
+        store.spent_purge(5_000).await.unwrap();
+        let read = store.db.begin_read().unwrap();
+        let t = read.open_table(SPENT).unwrap();
+        assert!(t.get("m\0old").unwrap().is_none());
+        assert_eq!(t.get("m\0new").unwrap().map(|v| v.value()), Some(10_000));
+        drop((t, read));
+        // Still spent while it matters.
+        assert!(!store.spend("m\0new", 10_000, 6_000).await.unwrap());
     }
 }

@@ -43,7 +43,6 @@ impl Attestor for AzureMsi {
             .ok_or_else(|| Error::rejected("xms_mirid names no subscription"))?;
         let resource_group = resource_part(&mirid, "resourcegroups")
             .ok_or_else(|| Error::rejected("xms_mirid names no resource group"))?;
-        let exp = jwt.claim_i64("exp").unwrap_or_default();
         Ok(Attestation::new(format!("tenant/{tenant}/principal/{principal}"))
             .selector("azure", "tenant", &tenant)
             .selector("azure", "principal_id", &principal)
@@ -54,7 +53,7 @@ impl Attestor for AzureMsi {
             .claim("subscription", subscription.as_str())
             .claim("resource_group", resource_group.as_str())
             .claim("resource_id", mirid.as_str())
-            .single_use(&jwt.replay_id(), exp))
+            .single_use(&jwt.replay_id(), jwt.usable_until()))
     }
 }
 

@@ -64,8 +64,7 @@ impl Attestor for GcpIit {
                 .claim("service_account", sa.as_str());
         }
         a = a.claim("key_bound", jwt.key_bound);
-        let exp = jwt.claim_i64("exp").unwrap_or_default();
-        Ok(a.single_use(&jwt.replay_id(), exp))
+        Ok(a.single_use(&jwt.replay_id(), jwt.usable_until()))
     }
 }
 

@@ -21,12 +21,11 @@ impl Attestor for JoinToken {
         let jwt = config.verify(evidence)?;
         let name = jwt.claim_selector("sub")?;
         let jti = jwt.claim_selector("jti")?;
-        let exp = jwt.claim_i64("exp").ok_or_else(|| Error::rejected("no `exp`"))?;
         Ok(Attestation::new(format!("host/{name}"))
             .selector("join_token", "name", &name)
             .claim("name", name.as_str())
             .claim("jti", jti.as_str())
-            .single_use(&format!("jti:{jti}"), exp))
+            .single_use(&format!("jti:{jti}"), jwt.usable_until()))
     }
 }
 

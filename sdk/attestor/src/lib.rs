@@ -216,6 +216,13 @@ pub mod host {
             self.claims.get(name).and_then(Value::as_i64)
         }
 
+        /// Until when a single use of this token must be remembered: as
+        /// long as [`JwtTrustSources::verify`] would still accept it
+        /// (`exp` plus the leeway).
+        pub fn usable_until(&self) -> i64 {
+            self.claim_i64("exp").unwrap_or_default().saturating_add(JWT_LEEWAY_SECONDS)
+        }
+
         /// What identifies this token for replay protection: its `jti` when
         /// it has one, else its signature (unique to the token).
         pub fn replay_id(&self) -> String {
@@ -364,6 +371,9 @@ pub struct JwtTrustSource {
     pub settings: Value,
 }
 
+/// Clock skew allowed on `exp`, `nbf` and `iat`.
+pub const JWT_LEEWAY_SECONDS: i64 = 60;
+
 /// What separates an accepted audience from the key digest in a bound
 /// audience: `<audience>/key/<hex SHA-256 of the key's DER SPKI>`.
 pub const KEY_BINDING_INFIX: &str = "/key/";
@@ -508,11 +518,11 @@ impl JwtTrustSources {
         }
         let now = host::now();
         let exp = jwt.claim_i64("exp").ok_or_else(|| Error::rejected("no `exp`"))?;
-        if now > exp + 60 {
+        if now > exp.saturating_add(JWT_LEEWAY_SECONDS) {
             return Err(Error::rejected("token has expired"));
         }
-        if jwt.claim_i64("nbf").is_some_and(|t| now + 60 < t)
-            || jwt.claim_i64("iat").is_some_and(|t| now + 60 < t)
+        if jwt.claim_i64("nbf").is_some_and(|t| now + JWT_LEEWAY_SECONDS < t)
+            || jwt.claim_i64("iat").is_some_and(|t| now + JWT_LEEWAY_SECONDS < t)
         {
             return Err(Error::rejected("token is not valid yet"));
         }
