@@ -484,6 +484,69 @@ fn jwt_tokens_can_be_bound_to_the_requested_key() {
     assert_eq!(server.certificates().len(), 3);
 }
 
+#[test]
+fn the_methods_serve_ephemeral_requests_and_the_broker_too() {
+    // The default ephemeral policy names identities for k8s_sat only; a
+    // copy gives github_oidc jobs theirs.
+    let tmp = tempfile::tempdir().unwrap();
+    let policies = support::policies_with(tmp.path(), "policies", |_| {});
+    let rule = r#"
+identity := sprintf("spiffe://%s/github/%s", [input.trust_domain, input.attestation.claims.repository]) if {
+	input.requester.kind == "evidence"
+	input.attestation.method == "github_oidc"
+}
+"#;
+    let path = policies.join("ephemeral.rego");
+    let text = std::fs::read_to_string(&path).unwrap() + rule;
+    std::fs::write(&path, text).unwrap();
+    let server = Server::dev_in(
+        &tmp.path().join("data"),
+        &["--policies", policies.to_str().unwrap()],
+    );
+    let github = Cluster::new_rsa(METHODS[0].issuer, jsonwebtoken::Algorithm::RS256);
+    register(&server, &METHODS[0], &github);
+    let (_, other_csr) = csr();
+    let (key, csr) = csr();
+    let mut claims = github_claims(now());
+    claims["aud"] = format!("castellan/key/{}", key_digest(&key)).into();
+    let token = github.sign(&claims);
+    let ask = |token: &str, csr: &str| {
+        server.post(
+            "/api/v1/ephemeral",
+            &json!({"csr": csr, "justification": "release 4.2", "method": "github_oidc", "evidence": token}),
+            None,
+        )
+    };
+
+    let r = ask(&token, &csr);
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/github/acme/api");
+    assert_eq!(r.body["attestation"]["method"], "github_oidc");
+    // Single use and key binding hold here as for attested issuance.
+    ask(&token, &csr).assert_problem(403, "attestation-failed");
+    let mut claims = github_claims(now());
+    claims["aud"] = format!("castellan/key/{}", key_digest(&key)).into();
+    ask(&github.sign(&claims), &other_csr).assert_problem(403, "attestation-failed");
+
+    // The broker attests with the same modules; its default policy then
+    // wants agents attested by k8s_sat, so a genuine job token gets as far
+    // as policy, and a forgery does not.
+    let broker = |token: &str| {
+        server.post(
+            "/api/v1/broker/agent-identities",
+            &json!({"agent_id": "deploy-bot", "method": "github_oidc", "evidence": token,
+                    "scopes": ["read"], "audience": ["https://tools.example.com"]}),
+            None,
+        )
+    };
+    let r = broker(&github.sign(&github_claims(now())));
+    r.assert_problem(403, "policy-denied");
+    assert!(r.body.to_string().contains("not github_oidc"), "{}", r.body);
+    let forger = Cluster::new_rsa(METHODS[0].issuer, jsonwebtoken::Algorithm::RS256);
+    broker(&forger.sign(&github_claims(now()))).assert_problem(403, "attestation-failed");
+    assert!(server.certificates().is_empty());
+}
+
 // === x509pop ===
 
 struct Pki {
