@@ -16,6 +16,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use castellan_attestor_sdk::{AudienceRule, Context, Error as SdkError};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -48,17 +49,22 @@ pub struct TrustSource {
     pub audiences: Vec<String>,
     /// Name of the host-held key set to verify signatures with.
     pub key_set: String,
+    /// `key_binding`: `"optional"` (default) or `"required"`.
+    #[serde(default)]
+    pub settings: Value,
 }
 
 struct K8sSat;
 
 impl Guest for K8sSat {
-    fn attest(evidence: String, config: String, _context: String) -> Result<Attestation, AttestError> {
+    fn attest(evidence: String, config: String, context: String) -> Result<Attestation, AttestError> {
         castellan_attestor_sdk::link();
         let config: Config = serde_json::from_str(&config)
             .map_err(|e| AttestError::Config(format!("k8s_sat configuration: {e}")))?;
+        let context: Context = serde_json::from_str(&context)
+            .map_err(|e| AttestError::Config(format!("k8s_sat context: {e}")))?;
         let now = castellan::attestor::clock::now();
-        attest_token(&evidence, &config, now, |key_set, token| {
+        attest_token(&evidence, &config, &context, now, |key_set, token| {
             castellan::attestor::crypto::verify_jws(key_set, token).map(|v| v.payload_json)
         })
     }
@@ -71,6 +77,7 @@ export!(K8sSat);
 pub fn attest_token(
     token: &str,
     config: &Config,
+    context: &Context,
     now: i64,
     verify: impl FnOnce(&str, &str) -> Result<String, String>,
 ) -> Result<Attestation, AttestError> {
@@ -122,7 +129,7 @@ pub fn attest_token(
         .unwrap_or(DEFAULT_LEEWAY_SECONDS)
         .clamp(0, 300);
     check_issuer(&claims, &source.issuer)?;
-    let audiences = check_audience(&claims, &source.audiences)?;
+    let (audiences, key_bound) = check_audience(&claims, source, context)?;
     let expires_at = check_lifetime(&claims, now, leeway)?;
     let identity = Identity::from_claims(&claims)?;
 
@@ -146,6 +153,7 @@ pub fn attest_token(
         "pod_name": identity.pod_name,
         "pod_uid": identity.pod_uid,
         "token_shape": identity.shape,
+        "key_bound": key_bound,
     });
     Ok(Attestation {
         subject: format!("ns/{}/sa/{}", identity.namespace, identity.service_account),
@@ -183,7 +191,11 @@ fn check_issuer(claims: &Map<String, Value>, expected: &str) -> Result<(), Attes
     }
 }
 
-fn check_audience(claims: &Map<String, Value>, accepted: &[String]) -> Result<Vec<String>, AttestError> {
+fn check_audience(
+    claims: &Map<String, Value>,
+    source: &TrustSource,
+    context: &Context,
+) -> Result<(Vec<String>, bool), AttestError> {
     let auds: Vec<String> = match claims.get("aud") {
         Some(Value::String(a)) => vec![a.clone()],
         Some(Value::Array(items)) => items
@@ -193,13 +205,18 @@ fn check_audience(claims: &Map<String, Value>, accepted: &[String]) -> Result<Ve
             .ok_or_else(|| AttestError::Rejected("`aud` holds a non-string value".into()))?,
         _ => return Err(AttestError::Rejected("token has no `aud` claim".into())),
     };
-    if auds.iter().any(|a| accepted.contains(a)) {
-        Ok(auds)
-    } else {
-        Err(AttestError::Rejected(
-            "token audience is not one this trust source accepts".into(),
-        ))
-    }
+    let rule = AudienceRule {
+        source: &source.name,
+        accepted: &source.audiences,
+        settings: &source.settings,
+    };
+    let refs: Vec<&str> = auds.iter().map(String::as_str).collect();
+    let key_bound = rule.check(&refs, Some(context)).map_err(|e| match e {
+        SdkError::Config(m) => AttestError::Config(m),
+        SdkError::Malformed(m) => AttestError::Malformed(m),
+        SdkError::Rejected(m) | SdkError::NoTrustSource(m) => AttestError::Rejected(m),
+    })?;
+    Ok((auds, key_bound))
 }
 
 /// Checks `exp` (required), `nbf` and `iat` (when present); returns `exp`.

@@ -9,6 +9,7 @@ fn config() -> Config {
             issuer: "https://k8s.example".into(),
             audiences: vec!["castellan".into()],
             key_set: "ks-prod".into(),
+            settings: Value::Null,
         }],
         leeway_seconds: None,
     }
@@ -40,7 +41,7 @@ fn projected() -> Value {
 /// Stands in for the host: "verifies" by returning the payload as-is.
 fn run(payload: Value) -> Result<Attestation, AttestError> {
     let t = token(&payload);
-    attest_token(&t, &config(), NOW, |ks, _| {
+    attest_token(&t, &config(), &Context::default(), NOW, |ks, _| {
         assert_eq!(ks, "ks-prod");
         Ok(payload.to_string())
     })
@@ -129,7 +130,9 @@ fn identity_claims_are_required_and_consistent() {
 #[test]
 fn verification_failure_is_a_rejection() {
     let t = token(&projected());
-    let r = attest_token(&t, &config(), NOW, |_, _| Err("bad signature".into()));
+    let r = attest_token(&t, &config(), &Context::default(), NOW, |_, _| {
+        Err("bad signature".into())
+    });
     assert!(rejected(r).contains("bad signature"));
 }
 
@@ -144,7 +147,13 @@ fn garbage_is_malformed_not_a_panic() {
         "a.bnVsbA.c",
         "\u{0}.\u{1}.\u{2}",
     ] {
-        let r = attest_token(evidence, &config(), NOW, |_, _| unreachable!());
+        let r = attest_token(
+            evidence,
+            &config(),
+            &Context::default(),
+            NOW,
+            |_, _| unreachable!(),
+        );
         assert!(
             matches!(r, Err(AttestError::Malformed(_))),
             "{evidence:?} gave {r:?}"
@@ -158,6 +167,71 @@ fn no_trust_source_is_distinct() {
         trust_sources: vec![],
         leeway_seconds: None,
     };
-    let r = attest_token(&token(&projected()), &cfg, NOW, |_, _| unreachable!());
+    let r = attest_token(
+        &token(&projected()),
+        &cfg,
+        &Context::default(),
+        NOW,
+        |_, _| unreachable!(),
+    );
     assert!(matches!(r, Err(AttestError::NoTrustSource(_))));
+}
+
+const KEY: &str = "3f0c5a0e6b1d2c4f8a9e7d6c5b4a39281706f5e4d3c2b1a0918273645546372a";
+
+/// Runs `payload` for a request certifying `key` (hex SHA-256 of its SPKI).
+fn run_for_key(payload: Value, key: Option<&str>, settings: Value) -> Result<Attestation, AttestError> {
+    let mut cfg = config();
+    cfg.trust_sources[0].settings = settings;
+    let context = Context {
+        key_sha256: key.map(str::to_owned),
+        ..Context::default()
+    };
+    attest_token(&token(&payload), &cfg, &context, NOW, |_, _| {
+        Ok(payload.to_string())
+    })
+}
+
+fn key_bound(a: &Attestation) -> bool {
+    let claims: Value = serde_json::from_str(&a.claims_json).unwrap();
+    claims["key_bound"].as_bool().unwrap()
+}
+
+#[test]
+fn an_audience_can_bind_the_token_to_the_requested_key() {
+    let mut p = projected();
+    p["aud"] = serde_json::json!([format!("castellan/key/{KEY}")]);
+    let a = run_for_key(p.clone(), Some(KEY), Value::Null).unwrap();
+    assert!(key_bound(&a));
+    // Another key, or none, or a digest in another case or length.
+    let other = KEY.replace('3', "4");
+    assert!(rejected(run_for_key(p.clone(), Some(&other), Value::Null)).contains("another key"));
+    assert!(rejected(run_for_key(p.clone(), None, Value::Null)).contains("certifies none"));
+    for aud in [
+        format!("castellan/key/{}", KEY.to_uppercase()),
+        format!("castellan/key/{}", &KEY[..40]),
+        format!("other/key/{KEY}"),
+        format!("castellan/key/{KEY}/x"),
+    ] {
+        p["aud"] = serde_json::json!([aud]);
+        assert!(rejected(run_for_key(p.clone(), Some(KEY), Value::Null)).contains("audience"));
+    }
+    // Two bound audiences must agree.
+    p["aud"] = serde_json::json!([format!("castellan/key/{KEY}"), format!("castellan/key/{other}")]);
+    assert!(rejected(run_for_key(p, Some(KEY), Value::Null)).contains("two different keys"));
+}
+
+#[test]
+fn a_trust_source_can_require_key_binding() {
+    let required = serde_json::json!({"key_binding": "required"});
+    let plain = projected();
+    assert!(!key_bound(
+        &run_for_key(plain.clone(), Some(KEY), Value::Null).unwrap()
+    ));
+    assert!(rejected(run_for_key(plain.clone(), Some(KEY), required.clone())).contains("requires"));
+    let mut bound = projected();
+    bound["aud"] = serde_json::json!(["castellan", format!("castellan/key/{KEY}")]);
+    assert!(key_bound(&run_for_key(bound, Some(KEY), required).unwrap()));
+    let r = run_for_key(plain, Some(KEY), serde_json::json!({"key_binding": true}));
+    assert!(matches!(r, Err(AttestError::Config(_))), "{r:?}");
 }

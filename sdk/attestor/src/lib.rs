@@ -378,7 +378,7 @@ pub const JWT_LEEWAY_SECONDS: i64 = 60;
 /// audience: `<audience>/key/<hex SHA-256 of the key's DER SPKI>`.
 pub const KEY_BINDING_INFIX: &str = "/key/";
 
-/// How the token's audiences relate to the trust source's.
+/// How one audience relates to the accepted ones.
 enum AudienceMatch {
     None,
     /// An accepted audience as it is.
@@ -387,27 +387,76 @@ enum AudienceMatch {
     Bound(String),
 }
 
-impl JwtTrustSource {
-    /// Matches one `aud` value against the accepted audiences.
-    fn audience(&self, aud: &str) -> AudienceMatch {
-        if self.audiences.iter().any(|a| a == aud) {
-            return AudienceMatch::Plain;
+fn match_audience(accepted: &[String], aud: &str) -> AudienceMatch {
+    if accepted.iter().any(|a| a == aud) {
+        return AudienceMatch::Plain;
+    }
+    for prefix in accepted {
+        let digest = aud
+            .strip_prefix(prefix.as_str())
+            .and_then(|rest| rest.strip_prefix(KEY_BINDING_INFIX));
+        if let Some(digest) = digest
+            && digest.len() == 64
+            && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return AudienceMatch::Bound(digest.to_owned());
         }
-        for accepted in &self.audiences {
-            let digest = aud
-                .strip_prefix(accepted.as_str())
-                .and_then(|rest| rest.strip_prefix(KEY_BINDING_INFIX));
-            if let Some(digest) = digest
-                && digest.len() == 64
-                && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            {
-                return AudienceMatch::Bound(digest.to_owned());
+    }
+    AudienceMatch::None
+}
+
+/// A trust source's audiences and its `settings.key_binding`
+/// (`"optional"`, the default, or `"required"`).
+pub struct AudienceRule<'a> {
+    pub source: &'a str,
+    pub accepted: &'a [String],
+    pub settings: &'a Value,
+}
+
+impl AudienceRule<'_> {
+    /// Checks a token's `aud` values. With `binding` (the request's
+    /// context), an audience may also name the key being certified as
+    /// `<accepted>/key/<hex SHA-256 of its DER SubjectPublicKeyInfo>`, and
+    /// must then name exactly `context.key_sha256`. Returns whether the
+    /// token is bound to the requested key.
+    pub fn check(&self, audiences: &[&str], binding: Option<&Context>) -> Result<bool, Error> {
+        let mut plain = false;
+        let mut bound: Option<String> = None;
+        for aud in audiences {
+            match match_audience(self.accepted, aud) {
+                AudienceMatch::Plain => plain = true,
+                // Only where the caller asked for binding; elsewhere a
+                // bound-looking audience is just not an accepted one.
+                AudienceMatch::Bound(digest) if binding.is_some() => {
+                    if bound.as_ref().is_some_and(|b| *b != digest) {
+                        return Err(Error::rejected("token audiences name two different keys"));
+                    }
+                    bound = Some(digest);
+                }
+                _ => {}
             }
         }
-        AudienceMatch::None
+        if !plain && bound.is_none() {
+            return Err(Error::rejected("token audience is not accepted"));
+        }
+        let Some(context) = binding else {
+            return Ok(false);
+        };
+        match (bound, context.key_sha256.as_deref()) {
+            (Some(digest), Some(key)) if digest.eq_ignore_ascii_case(key) => Ok(true),
+            (Some(_), Some(_)) => Err(Error::rejected("token is bound to another key than the one requested")),
+            (Some(_), None) => Err(Error::rejected(
+                "token is bound to a key, but the request certifies none (send a CSR)",
+            )),
+            (None, _) if self.key_binding_required()? => Err(Error::rejected(format!(
+                "trust source `{}` requires the token's audience to name the requested key \
+                 (`<audience>{KEY_BINDING_INFIX}<hex SHA-256 of the key's DER SubjectPublicKeyInfo>`)",
+                self.source
+            ))),
+            (None, _) => Ok(false),
+        }
     }
 
-    /// `settings.key_binding`: `"optional"` (the default) or `"required"`.
     fn key_binding_required(&self) -> Result<bool, Error> {
         match self.settings.get("key_binding") {
             None | Some(Value::Null) => Ok(false),
@@ -415,7 +464,7 @@ impl JwtTrustSource {
             Some(Value::String(s)) if s == "required" => Ok(true),
             Some(_) => Err(Error::Config(format!(
                 "trust source `{}`: settings.key_binding must be \"optional\" or \"required\"",
-                self.name
+                self.source
             ))),
         }
     }
@@ -475,47 +524,14 @@ impl JwtTrustSources {
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
             _ => Vec::new(),
         };
-        let mut plain = false;
-        let mut bound: Option<String> = None;
-        for aud in audiences {
-            match source.audience(aud) {
-                AudienceMatch::Plain => plain = true,
-                // Only where the caller asked for binding; elsewhere a
-                // bound-looking audience is just not an accepted one.
-                AudienceMatch::Bound(digest) if binding.is_some() => {
-                    if bound.as_ref().is_some_and(|b| *b != digest) {
-                        return Err(Error::rejected("token audiences name two different keys"));
-                    }
-                    bound = Some(digest);
-                }
-                _ => {}
-            }
-        }
-        if !plain && bound.is_none() {
-            return Err(Error::rejected("token audience is not accepted"));
-        }
+        let rule = AudienceRule {
+            source: &source.name,
+            accepted: &source.audiences,
+            settings: &source.settings,
+        };
+        let key_bound = rule.check(&audiences, binding)?;
         let mut jwt = jwt;
-        if let Some(context) = binding {
-            match (&bound, context.key_sha256.as_deref()) {
-                (Some(digest), Some(key)) if digest.eq_ignore_ascii_case(key) => jwt.key_bound = true,
-                (Some(_), Some(_)) => {
-                    return Err(Error::rejected("token is bound to another key than the one requested"));
-                }
-                (Some(_), None) => {
-                    return Err(Error::rejected(
-                        "token is bound to a key, but the request certifies none (send a CSR)",
-                    ));
-                }
-                (None, _) if source.key_binding_required()? => {
-                    return Err(Error::rejected(format!(
-                        "trust source `{}` requires the token's audience to name the requested key \
-                         (`<audience>{KEY_BINDING_INFIX}<hex SHA-256 of the key's DER SubjectPublicKeyInfo>`)",
-                        source.name
-                    )));
-                }
-                (None, _) => {}
-            }
-        }
+        jwt.key_bound = key_bound;
         let now = host::now();
         let exp = jwt.claim_i64("exp").ok_or_else(|| Error::rejected("no `exp`"))?;
         if now > exp.saturating_add(JWT_LEEWAY_SECONDS) {
