@@ -282,3 +282,155 @@ fn a_pcr_policy_and_the_manufacturer_roots_are_enforced() {
     );
     assert_eq!(server2.certificates().len(), 0);
 }
+
+/// The hex SHA-256 of the EK of the TPM behind `tcti` (the attestor is
+/// dropped, and its handles flushed, before this returns).
+#[cfg(feature = "tpm")]
+fn ek_sha256_of(tpm: &SwTpm) -> String {
+    let attestor = Attestor::connect(&tpm.tcti()).unwrap();
+    let ek = castellan_tpm::wire::Public::from_tpm2b(attestor.ek_public()).unwrap();
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(ek.tpmt_bytes()))
+}
+
+/// `castellan tpm evidence` through the real binary: it asks for the
+/// challenge, answers it in the TPM for the CSR's key and writes evidence
+/// that issues exactly once, leaving no handle in the TPM.
+#[cfg(feature = "tpm")]
+#[test]
+fn the_cli_answers_a_challenge_with_the_tpm() {
+    if !castellan_tpm::testing::available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let tpm = SwTpm::manufacture(&ca);
+    let ek_sha256 = ek_sha256_of(&tpm);
+    let server = server_for(tmp.path(), &ca, std::slice::from_ref(&ek_sha256), None);
+    let (csr_pem, _) = csr();
+    let csr_file = tmp.path().join("csr.pem");
+    std::fs::write(&csr_file, &csr_pem).unwrap();
+    let evidence_file = tmp.path().join("evidence.json");
+
+    let out = support::castellan()
+        .args(["tpm", "evidence", "--addr", &server.base, "--tcti", &tpm.tcti()])
+        .arg("--csr")
+        .arg(&csr_file)
+        .args(["--pcrs", "16,0,7"])
+        .arg("--output")
+        .arg(&evidence_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.is_empty(), "the evidence goes to --output only");
+    assert_eq!(tpm.handles("handles-transient"), Vec::<String>::new());
+    assert_eq!(tpm.handles("handles-saved-session"), Vec::<String>::new());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&evidence_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let text = std::fs::read_to_string(&evidence_file).unwrap();
+    let evidence: Value = serde_json::from_str(&text).unwrap();
+    let mut quoted: Vec<&str> = evidence["pcrs"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    quoted.sort_unstable();
+    assert_eq!(quoted, ["0", "16", "7"]);
+
+    // The file's text as it is, as `jq --rawfile` would post it.
+    let issue_text = || {
+        server.post(
+            "/api/v1/workloads/attested-issuance",
+            &json!({ "method": "tpm", "evidence": text, "csr": csr_pem }),
+            None,
+        )
+    };
+    let r = issue_text();
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        r.body["spiffe_id"],
+        format!("spiffe://example.org/tpm/{ek_sha256}")
+    );
+    assert!(
+        r.body["attestation"]["selectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s.as_str().unwrap().starts_with("tpm:pcr:16:")),
+        "{}",
+        r.body
+    );
+    // The evidence answered one challenge: a second use is refused.
+    issue_text().assert_problem(403, "attestation-failed");
+    assert_eq!(server.certificates().len(), 1);
+
+    // Without --output the evidence is the only thing on stdout.
+    let out = support::castellan()
+        .args(["tpm", "evidence", "--addr", &server.base, "--tcti", &tpm.tcti()])
+        .arg("--csr")
+        .arg(&csr_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let evidence: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(evidence["pcrs"].as_object().unwrap().len(), 8);
+    let r = issue(&server, &evidence, &csr_pem);
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    assert_eq!(server.certificates().len(), 2);
+}
+
+/// A TPM the CLI cannot reach, or one whose vendor wrote no EK certificate,
+/// is a non-zero exit with an `error:` line saying so (before any server
+/// is asked: nothing listens at the address).
+#[cfg(feature = "tpm")]
+#[test]
+fn the_cli_says_which_tpm_it_cannot_use() {
+    if !castellan_tpm::testing::available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (csr_pem, _) = csr();
+    let csr_file = tmp.path().join("csr.pem");
+    std::fs::write(&csr_file, &csr_pem).unwrap();
+    let closed = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let addr = format!("http://127.0.0.1:{}", closed());
+    let evidence = |tcti: &str| {
+        let out = support::castellan()
+            .args(["tpm", "evidence", "--addr", &addr, "--tcti", tcti])
+            .arg("--csr")
+            .arg(&csr_file)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(out.stdout.is_empty());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let bad_tcti = format!("swtpm:host=127.0.0.1,port={}", closed());
+    let stderr = evidence(&bad_tcti);
+    assert!(
+        stderr.contains(&format!("error: cannot use a TPM through TCTI `{bad_tcti}`")),
+        "{stderr}"
+    );
+    let stderr = evidence("nonsense");
+    assert!(
+        stderr.contains("error: cannot use a TPM through TCTI `nonsense`"),
+        "{stderr}"
+    );
+
+    let blank = SwTpm::blank();
+    let stderr = evidence(&blank.tcti());
+    assert!(
+        stderr.contains("error: the TPM has no RSA-2048 EK certificate"),
+        "{stderr}"
+    );
+    assert_eq!(blank.handles("handles-transient"), Vec::<String>::new());
+}

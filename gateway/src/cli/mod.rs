@@ -16,6 +16,8 @@ mod bundle;
 mod entry;
 mod ephemeral;
 mod svid_helper;
+#[cfg(feature = "tpm")]
+mod tpm;
 
 use crate::client::Endpoint;
 use crate::config::Config;
@@ -64,6 +66,10 @@ enum Command {
     Ephemeral(ephemeral::EphemeralCommand),
     /// Keep an SVID, its key and bundle on disk from the Workload API; signal a command on rotation.
     SvidHelper(svid_helper::SvidHelperArgs),
+    /// The machine's TPM 2.0: answer a `tpm` attestation challenge.
+    #[cfg(feature = "tpm")]
+    #[command(subcommand)]
+    Tpm(tpm::TpmCommand),
 }
 
 /// How client commands reach a server.
@@ -335,8 +341,9 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CASTELLAN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CASTELLAN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn,tss_esapi=warn")
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -363,6 +370,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Entry(cmd) => entry::run(cmd).await,
         Command::Ephemeral(cmd) => ephemeral::ephemeral(cmd).await,
         Command::SvidHelper(args) => svid_helper::run(args).await,
+        #[cfg(feature = "tpm")]
+        Command::Tpm(cmd) => tpm::run(cmd).await,
     }
 }
 

@@ -10,7 +10,7 @@
 //! to a temporary file created with its final mode, then renamed into place.
 
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
 use std::process::{ExitCode, ExitStatus};
@@ -29,7 +29,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, sleep_until};
 use tokio_stream::{Stream, StreamExt as _};
 
-use crate::util::{random_bytes, rfc3339};
+use crate::util::rfc3339;
 
 /// Certificates, bundles and JWKS: public material.
 const PUBLIC_MODE: u32 = 0o644;
@@ -423,21 +423,7 @@ fn file_name(flag: &str, name: String) -> anyhow::Result<String> {
 /// rename.
 fn write_atomic(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<(), HelperError> {
     let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.{}.tmp", hex::encode(random_bytes::<6>())));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(contents)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, &path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.map_err(|error| HelperError::Write { path, error })
+    crate::util::write_file_atomic(&path, contents, mode).map_err(|error| HelperError::Write { path, error })
 }
 
 // === impl Settings ===
