@@ -365,7 +365,18 @@ fn the_cli_answers_a_challenge_with_the_tpm() {
     issue_text().assert_problem(403, "attestation-failed");
     assert_eq!(server.certificates().len(), 1);
 
-    // Without --output the evidence is the only thing on stdout.
+    // Without --output the evidence is the only thing on stdout, and
+    // `svid issue --key` certifies the key it is bound to.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let key_file = tmp.path().join("host.key");
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let host_csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    std::fs::write(&csr_file, &host_csr).unwrap();
     let out = support::castellan()
         .args(["tpm", "evidence", "--addr", &server.base, "--tcti", &tpm.tcti()])
         .arg("--csr")
@@ -375,8 +386,52 @@ fn the_cli_answers_a_challenge_with_the_tpm() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let evidence: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(evidence["pcrs"].as_object().unwrap().len(), 8);
-    let r = issue(&server, &evidence, &csr_pem);
-    assert_eq!(r.status, 201, "{}", r.body);
+    let out_dir = tmp.path().join("svid");
+    let mut child = support::castellan()
+        .args([
+            "svid",
+            "issue",
+            "--addr",
+            &server.base,
+            "--method",
+            "tpm",
+            "--evidence-file",
+            "-",
+        ])
+        .arg("--key")
+        .arg(&key_file)
+        .arg("--out-dir")
+        .arg(&out_dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &out.stdout).unwrap();
+    let issued = child.wait_with_output().unwrap();
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&issued.stdout).trim(),
+        format!("spiffe://example.org/tpm/{ek_sha256}")
+    );
+    let svid = std::fs::read(out_dir.join("svid.pem")).unwrap();
+    let leaf = rustls_pemfile::certs(&mut svid.as_slice())
+        .next()
+        .unwrap()
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    assert_eq!(
+        cert.public_key().raw,
+        rcgen::PublicKeyData::subject_public_key_info(&key)
+    );
+    assert!(
+        !out_dir.join("svid.key").exists(),
+        "the caller's key stays where it is"
+    );
 
     assert_eq!(server.certificates().len(), 2);
 }

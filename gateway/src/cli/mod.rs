@@ -193,6 +193,12 @@ struct SvidIssue {
     /// Directory to write svid.pem, svid.key and bundle.pem into.
     #[arg(long, default_value = ".")]
     out_dir: PathBuf,
+    /// Certify this PKCS#8 PEM private key instead of a new one (for
+    /// evidence bound to a key made beforehand: `castellan tpm evidence
+    /// --csr`, or a token whose audience names the key). svid.key is then
+    /// not written.
+    #[arg(long)]
+    key: Option<PathBuf>,
     /// Requested lifetime in seconds (policy may shorten it).
     #[arg(long)]
     ttl: Option<u64>,
@@ -543,7 +549,15 @@ fn problem_line(status: StatusCode, body: &[u8]) -> String {
 async fn svid_issue(args: SvidIssue) -> anyhow::Result<ExitCode> {
     let evidence = read_evidence(&args.evidence_file)?;
     let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let key = match &args.key {
+        Some(path) => {
+            let pem =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            rcgen::KeyPair::from_pem(&pem)
+                .with_context(|| format!("{} is not a PKCS#8 PEM private key", path.display()))?
+        }
+        None => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
+    };
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
         .serialize_request(&key)?
         .pem()?;
@@ -568,10 +582,16 @@ async fn svid_issue(args: SvidIssue) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let svid = args.out_dir.join("svid.pem");
-    let key_path = args.out_dir.join("svid.key");
+    let key_path = match &args.key {
+        Some(path) => path.clone(),
+        None => {
+            let path = args.out_dir.join("svid.key");
+            crate::util::write_private_file(&path, key.serialize_pem().as_bytes())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            path
+        }
+    };
     let bundle = args.out_dir.join("bundle.pem");
-    crate::util::write_private_file(&key_path, key.serialize_pem().as_bytes())
-        .with_context(|| format!("cannot write {}", key_path.display()))?;
     std::fs::write(&svid, field("chain_pem")?).with_context(|| format!("cannot write {}", svid.display()))?;
     std::fs::write(&bundle, field("bundle_pem")?)
         .with_context(|| format!("cannot write {}", bundle.display()))?;
