@@ -549,4 +549,6 @@ fn trap_text(e: wasmtime::Error) -> AttestError {
 }
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;

@@ -306,6 +306,25 @@ impl Identity {
                 )));
             }
         }
+        // The pod's name and uid become selectors too: the same bounds.
+        if let Some(pod) = &id.pod_name
+            && !is_dns_label_like(pod)
+        {
+            return Err(AttestError::Rejected(format!(
+                "pod name `{}` is not a valid Kubernetes name",
+                printable(pod)
+            )));
+        }
+        if let Some(uid) = &id.pod_uid
+            && (uid.is_empty()
+                || uid.len() > 64
+                || !uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        {
+            return Err(AttestError::Rejected(format!(
+                "pod uid `{}` is not a UID",
+                printable(uid)
+            )));
+        }
         if let Some(sub) = claims.get("sub").and_then(Value::as_str) {
             let expected = format!("system:serviceaccount:{}:{}", id.namespace, id.service_account);
             if sub != expected {

@@ -235,3 +235,16 @@ fn a_trust_source_can_require_key_binding() {
     let r = run_for_key(plain, Some(KEY), serde_json::json!({"key_binding": true}));
     assert!(matches!(r, Err(AttestError::Config(_))), "{r:?}");
 }
+
+#[test]
+fn pod_name_and_uid_are_bounded_like_other_names() {
+    let mut p = projected();
+    p["kubernetes.io"]["pod"]["name"] = "a".repeat(2000).into();
+    assert!(rejected(run(p)).contains("pod name"));
+    let mut p = projected();
+    p["kubernetes.io"]["pod"]["name"] = "api\u{7f}1".into();
+    assert!(rejected(run(p)).contains("pod name"));
+    let mut p = projected();
+    p["kubernetes.io"]["pod"]["uid"] = "x".repeat(100).into();
+    assert!(rejected(run(p)).contains("pod uid"));
+}

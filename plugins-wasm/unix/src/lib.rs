@@ -18,6 +18,12 @@ use castellan_attestor_sdk::serde_json::Value;
 use castellan_attestor_sdk::{Attestation, Attestor, Context, Error, attestor, serde_json};
 use serde::Deserialize;
 
+/// Longest user, group, path or hash taken from the evidence. Each becomes
+/// a selector, which the host caps at 1024 bytes; an executable path can
+/// be up to 4096 bytes (`PATH_MAX`), and such a process must be refused,
+/// not turned into an answer the host rejects as a module fault.
+const MAX_VALUE_BYTES: usize = 1000;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Evidence {
@@ -40,8 +46,24 @@ impl Attestor for Unix {
     type Config = Value;
 
     fn attest(evidence: &str, _config: Value, _context: &Context) -> Result<Attestation, Error> {
-        let e: Evidence = serde_json::from_str(evidence)
-            .map_err(|_| Error::malformed("unix evidence is not the host's JSON"))?;
+        let malformed = || Error::malformed("unix evidence is not the host's JSON");
+        // An object only: serde would also take the fields as an array.
+        if !evidence.trim_start().starts_with('{') {
+            return Err(malformed());
+        }
+        let e: Evidence = serde_json::from_str(evidence).map_err(|_| malformed())?;
+        for (name, value) in [
+            ("user", &e.user),
+            ("group", &e.group),
+            ("path", &e.path),
+            ("sha256", &e.sha256),
+        ] {
+            if value.as_ref().is_some_and(|v| v.len() > MAX_VALUE_BYTES) {
+                return Err(Error::rejected(format!(
+                    "the caller's {name} is longer than {MAX_VALUE_BYTES} bytes"
+                )));
+            }
+        }
         let uid = format!("{}", e.uid);
         let gid = format!("{}", e.gid);
         let mut a = Attestation::new(format!("uid/{}", e.uid))
