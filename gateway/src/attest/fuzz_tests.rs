@@ -22,7 +22,7 @@
 //!   content signed with the test's keys. It may be accepted; a module
 //!   failure is still a bug.
 //!
-//! `CASTELLAN_FUZZ_ITERATIONS` (default 1000, about 8 s for all methods in
+//! `CASTELLAN_FUZZ_ITERATIONS` (default 1000, 9 to 12 s for all methods in
 //! a debug build on 2 cores) sets the mutants and the signed cases per
 //! method: raise it for a longer run. `CASTELLAN_FUZZ_SEED` (hex or decimal)
 //! changes the seed. A failure names the method, kind, case and seeds, with

@@ -33,6 +33,12 @@ use castellan_attestor_sdk::{
 };
 use serde::Deserialize;
 
+/// Most DNS and URI names a certificate may carry. Each becomes a selector
+/// and the DNS names a claim; beyond this the answer would pass the host's
+/// limits (256 selectors, 64 KiB of claims). Such a certificate is refused:
+/// dropping names could hide one a policy denies.
+const MAX_NAMES: usize = 100;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Evidence {
@@ -93,6 +99,11 @@ impl Attestor for X509Pop {
                 }
             };
             host::verify_signature(&e.algorithm, &leaf.public_key, message.as_bytes(), &signature)?;
+            if leaf.dns_names.len() + leaf.uris.len() > MAX_NAMES {
+                return Err(Error::rejected(format!(
+                    "the certificate has more than {MAX_NAMES} DNS and URI names"
+                )));
+            }
             let subject = if fit(&leaf.common_name) {
                 format!("cn/{}", leaf.common_name)
             } else {
