@@ -220,7 +220,9 @@ pub mod host {
         /// long as [`JwtTrustSources::verify`] would still accept it
         /// (`exp` plus the leeway).
         pub fn usable_until(&self) -> i64 {
-            self.claim_i64("exp").unwrap_or_default().saturating_add(JWT_LEEWAY_SECONDS)
+            self.claim_i64("exp")
+                .unwrap_or_default()
+                .saturating_add(JWT_LEEWAY_SECONDS)
         }
 
         /// What identifies this token for replay protection: its `jti` when
@@ -397,7 +399,9 @@ fn match_audience(accepted: &[String], aud: &str) -> AudienceMatch {
             .and_then(|rest| rest.strip_prefix(KEY_BINDING_INFIX));
         if let Some(digest) = digest
             && digest.len() == 64
-            && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && digest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
             return AudienceMatch::Bound(digest.to_owned());
         }
@@ -444,7 +448,9 @@ impl AudienceRule<'_> {
         };
         match (bound, context.key_sha256.as_deref()) {
             (Some(digest), Some(key)) if digest.eq_ignore_ascii_case(key) => Ok(true),
-            (Some(_), Some(_)) => Err(Error::rejected("token is bound to another key than the one requested")),
+            (Some(_), Some(_)) => Err(Error::rejected(
+                "token is bound to another key than the one requested",
+            )),
             (Some(_), None) => Err(Error::rejected(
                 "token is bound to a key, but the request certifies none (send a CSR)",
             )),
