@@ -134,7 +134,9 @@ fn mutations(token: &str, n: usize) -> Vec<String> {
         seed
     };
     let alphabet = b"ABCxyz019-_.=+/{}\"\\ \x00\xff";
-    for i in 0..n {
+    let mut i = 0;
+    while out.len() < n {
+        i += 1;
         let mut t = bytes.to_vec();
         match i % 4 {
             0 => {
@@ -151,7 +153,11 @@ fn mutations(token: &str, n: usize) -> Vec<String> {
                 t = [parts[1], b".", parts[0], b".", parts[2]].concat();
             }
         }
-        out.push(String::from_utf8_lossy(&t).into_owned());
+        // A substitution can write the character that was already there:
+        // that is the genuine token, not a mutant.
+        if t != bytes {
+            out.push(String::from_utf8_lossy(&t).into_owned());
+        }
     }
     out
 }

@@ -33,6 +33,25 @@ fn verifies_a_genuine_es256_token() {
 }
 
 #[test]
+fn refuses_a_signature_spelled_another_way() {
+    // An ES256 signature is 64 bytes, 86 base64url characters: the last
+    // one carries 4 unused bits. Setting them leaves the bytes alone but
+    // changes the text, which replay protection keys on, so it must fail.
+    let (kp, jwk) = ec_jwk("k1");
+    let set = KeySet::from_jwks(&serde_json::json!({"keys": [jwk]})).unwrap();
+    let token = sign(&kp, header("k1"), &serde_json::json!({"sub": "x"}));
+    let (signed, sig) = token.rsplit_once('.').unwrap();
+    assert_eq!(sig.len(), 86);
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let last = alphabet.iter().position(|c| *c == sig.as_bytes()[85]).unwrap();
+    let respelled = alphabet[(last & !0b1111) | (!last & 0b1111)] as char;
+    let variant = format!("{signed}.{}{respelled}", &sig[..85]);
+    assert_ne!(variant, token);
+    assert!(set.verify_compact(&variant).is_err());
+    assert!(set.verify_compact(&token).is_ok());
+}
+
+#[test]
 fn refuses_forgeries_and_weak_algorithms() {
     let (kp, jwk) = ec_jwk("k1");
     let (other, _) = ec_jwk("k1");
