@@ -27,6 +27,8 @@ pub mod signer;
 pub mod spiffe_id;
 pub mod store;
 pub mod tls;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 pub mod trust;
 pub mod util;
 pub mod workload_api;

@@ -489,3 +489,56 @@ fn the_cli_says_which_tpm_it_cannot_use() {
     );
     assert_eq!(blank.handles("handles-transient"), Vec::<String>::new());
 }
+
+/// `castellan bench attestors` with a TPM: the tpm row's proofs all issue
+/// (nothing refused), other methods run beside it, and the TPM is left
+/// with no handles.
+#[cfg(feature = "tpm")]
+#[test]
+fn the_attestor_bench_measures_the_tpm_method() {
+    if !castellan_tpm::testing::available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let tpm = SwTpm::manufacture(&ca);
+    let ek_ca = tmp.path().join("ek-ca.pem");
+    std::fs::write(&ek_ca, format!("{}{}", pem(&ca.root()), pem(&ca.intermediate()))).unwrap();
+    let server = Server::dev_in(&tmp.path().join("data"), &[]);
+    let out = support::castellan()
+        .args(["bench", "attestors", "--addr", &server.base, "--token-file"])
+        .arg(server.dir.join("admin.token"))
+        .args([
+            "--requests",
+            "4",
+            "--concurrency",
+            "2",
+            "--methods",
+            "tpm,join_token",
+        ])
+        .args(["--tpm-tcti", &tpm.tcti(), "--tpm-ek-ca"])
+        .arg(&ek_ca)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.ends_with("[]")).collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    assert!(rows[0].trim_start().starts_with("tpm "), "{stdout}");
+    assert!(rows[1].trim_start().starts_with("join_token "), "{stdout}");
+    assert_eq!(tpm.handles("handles-transient"), Vec::<String>::new());
+    assert_eq!(tpm.handles("handles-saved-session"), Vec::<String>::new());
+    assert_eq!(server.certificates().len(), 8);
+    // It removed the trust source it registered.
+    let sources = server.get_admin("/api/v1/trust-sources");
+    assert_eq!(sources.status, 200, "{}", sources.body);
+    assert!(
+        !sources.body.to_string().contains("bench-tpm-"),
+        "{}",
+        sources.body
+    );
+}

@@ -7,7 +7,13 @@
 //! tokens signed by a key the bench registers as a trust source, AWS
 //! documents signed by a certificate it registers, join tokens from the
 //! admin API, x509pop answers to challenges fetched beforehand. What is
-//! measured is the issuance request only. `tpm` needs a TPM and is not here.
+//! measured is the issuance request only.
+//!
+//! `tpm` is in the table when a TPM is named (`--tpm-tcti`, with the CA
+//! certificates of its EK's manufacturer): the bench answers a challenge per
+//! request with it — an ActivateCredential and a quote each, bound to that
+//! request's CSR key — before the clock starts. Challenges live five
+//! minutes, so preparing must finish well within that.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,7 +36,34 @@ pub struct Options {
     pub admin_token: String,
     pub concurrency: usize,
     pub requests: usize,
+    /// The methods to measure, by name; empty for all.
+    pub methods: Vec<String>,
+    /// The TPM for the `tpm` row.
+    pub tpm: Option<TpmTarget>,
 }
+
+/// A TPM to measure the `tpm` method with.
+pub struct TpmTarget {
+    /// Its TCTI, e.g. `swtpm:host=127.0.0.1,port=2321`.
+    pub tcti: String,
+    /// PEM certificates of its EK's manufacturer (root and intermediates),
+    /// registered as the bench's `tpm` trust source.
+    pub ek_ca_pem: String,
+}
+
+/// How the bench's user names another TPM, for errors.
+#[cfg(feature = "tpm")]
+const TPM_CHOOSE: &str = "choose one with --tpm-tcti";
+
+/// The PCRs each bench quote covers (as `castellan tpm evidence` does by
+/// default).
+#[cfg(feature = "tpm")]
+const TPM_PCRS: [u32; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
+
+/// Preparing TPM proofs must end by then, so that none of their
+/// challenges expires while the measured requests run.
+#[cfg(feature = "tpm")]
+const TPM_PREPARE_BUDGET_SECONDS: u64 = 240;
 
 /// One method's figures.
 pub struct Row {
@@ -61,8 +94,9 @@ async fn admin(
     Ok(serde_json::from_slice(&resp).unwrap_or(Value::Null))
 }
 
-/// The default bundle with data that lets the bench's identities through.
-fn bench_bundle() -> anyhow::Result<Vec<u8>> {
+/// The default bundle with data that lets the bench's identities through
+/// (and the bench TPM, named by its EK's SHA-256, when there is one).
+fn bench_bundle(tpm_ek_sha256: Option<&str>) -> anyhow::Result<Vec<u8>> {
     let mut bundle = crate::bundle::Bundle::embedded();
     let data = bundle
         .files
@@ -74,6 +108,9 @@ fn bench_bundle() -> anyhow::Result<Vec<u8>> {
     issuance["gcp_iit"]["allowed_projects"] = json!(["bench-project"]);
     issuance["azure_msi"]["allow"] = json!([{"tenant": "bench-tenant"}]);
     issuance["aws_iid"]["allowed_accounts"] = json!(["111122223333"]);
+    if let Some(ek) = tpm_ek_sha256 {
+        issuance["tpm"]["allowed_ek_sha256"] = json!([ek]);
+    }
     bundle
         .files
         .insert("data.json".into(), serde_json::to_vec(&data)?);
@@ -134,12 +171,35 @@ fn jwt_claims(method: &str, issuer: &str, i: usize) -> Value {
 /// Evidence for `n` issuances of `method`, and the trust source to delete after.
 async fn prepare(
     conn: &mut Conn,
-    token: &str,
+    opts: &Options,
     method: &'static str,
-    n: usize,
 ) -> anyhow::Result<(Vec<Bytes>, Option<String>)> {
+    let (token, n) = (opts.admin_token.as_str(), opts.requests);
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
     match method {
+        "tpm" => {
+            let target = opts.tpm.as_ref().context("no TPM to measure")?;
+            let source = admin(
+                conn,
+                token,
+                Method::POST,
+                "/api/v1/trust-sources",
+                Some(json!({"name": format!("bench-tpm-{tag}"), "method": "tpm",
+                            "certificates": target.ek_ca_pem})),
+            )
+            .await?;
+            let id = source["id"].as_str().map(str::to_owned);
+            match tpm_proofs(&opts.endpoint, &target.tcti, n).await {
+                Ok(bodies) => Ok((bodies, id)),
+                Err(e) => {
+                    if let Some(id) = id {
+                        let path = format!("/api/v1/trust-sources/{id}");
+                        let _ = admin(conn, token, Method::DELETE, &path, None).await;
+                    }
+                    Err(e)
+                }
+            }
+        }
         "github_oidc" | "gcp_iit" | "azure_msi" => {
             let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
             let kid = format!("bench-{tag}");
@@ -282,17 +342,111 @@ async fn prepare(
     }
 }
 
-/// Runs every method in turn.
+/// `n` issuance requests for the `tpm` method, each with a fresh CSR key and
+/// the TPM's answer to its own challenge, bound to that key.
+#[cfg(feature = "tpm")]
+async fn tpm_proofs(endpoint: &Endpoint, tcti: &str, n: usize) -> anyhow::Result<Vec<Bytes>> {
+    let runtime = tokio::runtime::Handle::current();
+    let (endpoint, tcti) = (endpoint.clone(), tcti.to_owned());
+    let started = Instant::now();
+    let bodies = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Bytes>> {
+        let mut tpm = crate::tpm::Tpm::open(&tcti, TPM_CHOOSE)?;
+        let mut bodies = Vec::with_capacity(n);
+        for _ in 0..n {
+            anyhow::ensure!(
+                started.elapsed().as_secs() < TPM_PREPARE_BUDGET_SECONDS,
+                "{} TPM proofs took more than {TPM_PREPARE_BUDGET_SECONDS} s to make, so their \
+                 challenges could expire while being measured; ask for fewer with --requests",
+                bodies.len()
+            );
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let key_sha256 =
+                <sha2::Sha256 as sha2::Digest>::digest(rcgen::PublicKeyData::subject_public_key_info(&key));
+            let evidence = tpm.answer_challenge(&runtime, &endpoint, &key_sha256, &TPM_PCRS)?;
+            let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+                .serialize_request(&key)?
+                .pem()?;
+            bodies.push(Bytes::from(
+                json!({"method": "tpm", "evidence": evidence.to_string(), "csr": csr}).to_string(),
+            ));
+        }
+        Ok(bodies)
+    })
+    .await
+    .context("the TPM task failed")??;
+    eprintln!(
+        "  made {n} TPM proofs in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(bodies)
+}
+
+#[cfg(not(feature = "tpm"))]
+async fn tpm_proofs(_: &Endpoint, _: &str, _: usize) -> anyhow::Result<Vec<Bytes>> {
+    anyhow::bail!("this castellan was built without the `tpm` feature, so it cannot talk to a TPM")
+}
+
+/// The hex SHA-256 of the bench TPM's EK, which the bench policy allows.
+#[cfg(feature = "tpm")]
+async fn tpm_ek_sha256(tcti: &str) -> anyhow::Result<String> {
+    let tcti = tcti.to_owned();
+    tokio::task::spawn_blocking(move || crate::tpm::Tpm::open(&tcti, TPM_CHOOSE)?.ek_sha256())
+        .await
+        .context("the TPM task failed")?
+}
+
+#[cfg(not(feature = "tpm"))]
+async fn tpm_ek_sha256(_: &str) -> anyhow::Result<String> {
+    anyhow::bail!("this castellan was built without the `tpm` feature, so it cannot talk to a TPM")
+}
+
+/// Every method the bench can measure, in table order.
+pub const METHODS: [&str; 7] = [
+    "github_oidc",
+    "gcp_iit",
+    "azure_msi",
+    "aws_iid",
+    "join_token",
+    "x509pop",
+    "tpm",
+];
+
+/// Runs each chosen method in turn (all of them when `opts.methods` is
+/// empty; `tpm` only when a TPM is named), then puts the embedded policy
+/// bundle back, also when a method fails.
 pub async fn run(opts: Options) -> anyhow::Result<Vec<Row>> {
+    let methods: Vec<&'static str> = if opts.methods.is_empty() {
+        METHODS
+            .into_iter()
+            .filter(|m| *m != "tpm" || opts.tpm.is_some())
+            .collect()
+    } else {
+        let mut chosen = Vec::new();
+        for name in &opts.methods {
+            let m = METHODS.into_iter().find(|m| m == name).with_context(|| {
+                format!("no method `{name}` to bench; choose from {}", METHODS.join(", "))
+            })?;
+            anyhow::ensure!(
+                m != "tpm" || opts.tpm.is_some(),
+                "measuring tpm needs a TPM: give --tpm-tcti and --tpm-ek-ca"
+            );
+            chosen.push(m);
+        }
+        chosen
+    };
     let mut conn = opts.endpoint.connect().await?;
     let token = opts.admin_token.as_str();
+    let ek_sha256 = match &opts.tpm {
+        Some(t) if methods.contains(&"tpm") => Some(tpm_ek_sha256(&t.tcti).await?),
+        _ => None,
+    };
     let (status, resp) = conn
         .send_with(
             Method::PUT,
             "/api/v1/bundles/default",
             Some(token),
             &[("content-type", "application/gzip".into())],
-            Some(Bytes::from(bench_bundle()?)),
+            Some(Bytes::from(bench_bundle(ek_sha256.as_deref())?)),
         )
         .await?;
     anyhow::ensure!(
@@ -300,48 +454,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Row>> {
         "pushing the bench policy (needs `castellan dev`, where unsigned bundles are accepted): {status} {}",
         String::from_utf8_lossy(&resp)
     );
-    let mut rows = Vec::new();
-    let path = "/api/v1/workloads/attested-issuance";
-    for method in [
-        "github_oidc",
-        "gcp_iit",
-        "azure_msi",
-        "aws_iid",
-        "join_token",
-        "x509pop",
-    ] {
-        eprintln!("preparing {} {method} proofs…", opts.requests);
-        let (bodies, source) = prepare(&mut conn, token, method, opts.requests).await?;
-        let started = Instant::now();
-        let (mut latencies, statuses) = super::run_paced(
-            &opts.endpoint,
-            path,
-            Arc::new(bodies),
-            0,
-            opts.requests,
-            opts.concurrency,
-            None,
-        )
-        .await?;
-        let elapsed = started.elapsed();
-        latencies.sort();
-        rows.push(Row {
-            method,
-            report: super::summarise(opts.requests, latencies, &statuses, elapsed),
-        });
-        if let Some(id) = source {
-            let _ = conn
-                .send(
-                    Method::DELETE,
-                    &format!("/api/v1/trust-sources/{id}"),
-                    Some(token),
-                    None,
-                )
-                .await;
-        }
-    }
+    let rows = measure(&mut conn, &opts, &methods).await;
     let original = crate::bundle::Bundle::embedded().to_tar_gz()?;
-    let _ = conn
+    let restored = conn
         .send_with(
             Method::PUT,
             "/api/v1/bundles/default",
@@ -350,5 +465,46 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Row>> {
             Some(Bytes::from(original)),
         )
         .await;
+    if let Err(e) = restored {
+        eprintln!("could not put the embedded policy bundle back: {e:#}");
+    }
+    rows
+}
+
+async fn measure(conn: &mut Conn, opts: &Options, methods: &[&'static str]) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let path = "/api/v1/workloads/attested-issuance";
+    for &method in methods {
+        eprintln!("preparing {} {method} proofs…", opts.requests);
+        let (bodies, source) = prepare(conn, opts, method).await?;
+        let started = Instant::now();
+        let measured = super::run_paced(
+            &opts.endpoint,
+            path,
+            Arc::new(bodies),
+            0,
+            opts.requests,
+            opts.concurrency,
+            None,
+        )
+        .await;
+        let elapsed = started.elapsed();
+        if let Some(id) = source {
+            let _ = conn
+                .send(
+                    Method::DELETE,
+                    &format!("/api/v1/trust-sources/{id}"),
+                    Some(&opts.admin_token),
+                    None,
+                )
+                .await;
+        }
+        let (mut latencies, statuses) = measured?;
+        latencies.sort();
+        rows.push(Row {
+            method,
+            report: super::summarise(opts.requests, latencies, &statuses, elapsed),
+        });
+    }
     Ok(rows)
 }

@@ -232,6 +232,20 @@ struct BenchAttestors {
     /// Measured issuances per method.
     #[arg(long, default_value_t = 2000)]
     requests: usize,
+    /// Only these methods, comma-separated [default: all; tpm only with
+    /// --tpm-tcti].
+    #[arg(long, value_delimiter = ',')]
+    methods: Vec<String>,
+    /// Adds the tpm row, answering one challenge per request with the TPM
+    /// behind this TCTI (e.g. `swtpm:host=127.0.0.1,port=2321`) before the
+    /// clock starts. Use a TPM you may load: each proof makes an
+    /// ActivateCredential and a quote.
+    #[arg(long, requires = "tpm_ek_ca")]
+    tpm_tcti: Option<String>,
+    /// PEM file with the CA certificates (root and intermediates) of the
+    /// TPM's EK certificate, registered as the bench's tpm trust source.
+    #[arg(long, requires = "tpm_tcti")]
+    tpm_ek_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -531,7 +545,7 @@ fn read_evidence(path: &Path) -> anyhow::Result<String> {
 }
 
 /// Turns a problem+json body into one readable line.
-fn problem_line(status: StatusCode, body: &[u8]) -> String {
+pub(crate) fn problem_line(status: StatusCode, body: &[u8]) -> String {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(p) => format!(
             "{} {}: {}",
@@ -666,11 +680,21 @@ async fn bench_attestors(args: BenchAttestors) -> anyhow::Result<ExitCode> {
         args.concurrency >= 1 && args.requests >= 1,
         "--concurrency and --requests must be at least 1"
     );
+    let tpm = match (args.tpm_tcti, &args.tpm_ek_ca) {
+        (Some(tcti), Some(path)) => Some(crate::bench::attestors::TpmTarget {
+            tcti,
+            ek_ca_pem: std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the EK CA certificates {}", path.display()))?,
+        }),
+        _ => None,
+    };
     let rows = crate::bench::attestors::run(crate::bench::attestors::Options {
         endpoint: Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?,
         admin_token: token,
         concurrency: args.concurrency,
         requests: args.requests,
+        methods: args.methods,
+        tpm,
     })
     .await?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
