@@ -102,11 +102,24 @@ impl DevCluster {
         pod: Option<&str>,
         ttl_seconds: i64,
     ) -> anyhow::Result<String> {
+        self.mint_token_for(DEV_AUDIENCE, namespace, service_account, pod, ttl_seconds)
+    }
+
+    /// Like [`Self::mint_token`], for `audience` (as `kubectl create token
+    /// --audience` asks for one).
+    pub fn mint_token_for(
+        &self,
+        audience: &str,
+        namespace: &str,
+        service_account: &str,
+        pod: Option<&str>,
+        ttl_seconds: i64,
+    ) -> anyhow::Result<String> {
         mint_projected_token(
             &self.key,
             &self.kid,
             DEV_ISSUER,
-            DEV_AUDIENCE,
+            audience,
             namespace,
             service_account,
             pod,

@@ -155,6 +155,11 @@ struct DevTokenK8s {
     /// Token lifetime in seconds.
     #[arg(long, default_value_t = 600)]
     ttl: i64,
+    /// The token's audience. The dev trust source accepts `castellan`, and
+    /// `castellan/key/<hex SHA-256 of a DER SubjectPublicKeyInfo>` for a
+    /// token good only with that key (`svid issue --key`).
+    #[arg(long, default_value = crate::dev::DEV_AUDIENCE)]
+    audience: String,
 }
 
 #[derive(Args)]
@@ -507,7 +512,17 @@ fn dev_token(t: DevTokenK8s) -> anyhow::Result<ExitCode> {
         "--ttl must be between 1 and 86400 seconds"
     );
     let cluster = DevCluster::load(&t.data_dir)?;
-    let token = cluster.mint_token(&t.namespace, &t.service_account, t.pod.as_deref(), t.ttl)?;
+    anyhow::ensure!(
+        !t.audience.is_empty() && t.audience.len() <= 512,
+        "--audience must be 1 to 512 characters"
+    );
+    let token = cluster.mint_token_for(
+        &t.audience,
+        &t.namespace,
+        &t.service_account,
+        t.pod.as_deref(),
+        t.ttl,
+    )?;
     println!("{token}");
     Ok(ExitCode::SUCCESS)
 }
@@ -567,8 +582,23 @@ async fn svid_issue(args: SvidIssue) -> anyhow::Result<ExitCode> {
         Some(path) => {
             let pem =
                 std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            rcgen::KeyPair::from_pem(&pem)
-                .with_context(|| format!("{} is not a PKCS#8 PEM private key", path.display()))?
+            rcgen::KeyPair::from_pem(&pem).map_err(|_| {
+                let hint = if pem.contains("-----BEGIN EC PRIVATE KEY-----")
+                    || pem.contains("-----BEGIN RSA PRIVATE KEY-----")
+                {
+                    format!(
+                        " (it is in the older SEC1/PKCS#1 form; convert it with \
+                         `openssl pkcs8 -topk8 -nocrypt -in {0} -out {0}.p8`)",
+                        path.display()
+                    )
+                } else {
+                    String::new()
+                };
+                anyhow::anyhow!(
+                    "{} is not an unencrypted PKCS#8 PEM private key (EC P-256/P-384, Ed25519 or RSA){hint}",
+                    path.display()
+                )
+            })?
         }
         None => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
     };
@@ -596,13 +626,13 @@ async fn svid_issue(args: SvidIssue) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let svid = args.out_dir.join("svid.pem");
-    let key_path = match &args.key {
-        Some(path) => path.clone(),
+    let key_note = match &args.key {
+        Some(path) => format!("for the key in {}", path.display()),
         None => {
             let path = args.out_dir.join("svid.key");
             crate::util::write_private_file(&path, key.serialize_pem().as_bytes())
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            path
+            format!("its key in {}", path.display())
         }
     };
     let bundle = args.out_dir.join("bundle.pem");
@@ -611,10 +641,9 @@ async fn svid_issue(args: SvidIssue) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot write {}", bundle.display()))?;
     println!("{}", field("spiffe_id")?);
     eprintln!(
-        "wrote {} (expires {}), {} and {}",
+        "wrote {} (expires {}), {key_note}, and the trust bundle in {}",
         svid.display(),
         field("not_after")?,
-        key_path.display(),
         bundle.display()
     );
     Ok(ExitCode::SUCCESS)
