@@ -28,16 +28,16 @@ struct Challenge {
     encrypted_secret: String,
 }
 
-/// An opened TPM with its EK certificate read.
+/// An opened TPM with its EK certificate, if it has one, read.
 pub struct Tpm {
     attestor: Attestor,
-    ek_certificate: Vec<u8>,
+    ek_certificate: Option<Vec<u8>>,
 }
 
 impl Tpm {
     /// Connects through `tcti`, creates the EK and a transient AK, and reads
-    /// the EK certificate, which the server needs to know the manufacturer.
-    /// `choose` says how the user picks another TPM, for the error.
+    /// the EK certificate (the manufacturer's word for the EK). `choose`
+    /// says how the user picks another TPM, for the error.
     pub fn open(tcti: &str, choose: &str) -> anyhow::Result<Self> {
         let mut attestor = Attestor::connect(tcti).map_err(|e| {
             anyhow::anyhow!(
@@ -47,16 +47,18 @@ impl Tpm {
         })?;
         let ek_certificate = attestor
             .ek_certificate()
-            .map_err(|e| anyhow::anyhow!("cannot read the EK certificate from the TPM: {}", one_line(&e)))?
-            .context(
-                "the TPM has no RSA-2048 EK certificate in NV index 0x01c00002; the server \
-                 needs it to check the TPM's manufacturer, so this TPM cannot use the tpm method \
-                 until its vendor's EK certificate is provisioned there",
-            )?;
+            .map_err(|e| anyhow::anyhow!("cannot read the EK certificate from the TPM: {}", one_line(&e)))?;
         Ok(Self {
             attestor,
             ek_certificate,
         })
+    }
+
+    /// The RSA-2048 EK certificate (DER) from NV index 0x01c00002, if the
+    /// vendor provisioned one. Without it the server trusts the EK only if
+    /// a tpm trust source enrolls its hash ([`Self::ek_sha256`]).
+    pub fn ek_certificate(&self) -> Option<&[u8]> {
+        self.ek_certificate.as_deref()
     }
 
     /// The hex SHA-256 of the EK's TPMT_PUBLIC: what the server's `tpm`
@@ -79,12 +81,14 @@ impl Tpm {
         key_sha256: &[u8],
         pcrs: &[u32],
     ) -> anyhow::Result<Value> {
-        let ask = json!({
+        let mut ask = json!({
             "method": "tpm",
-            "ek_certificate": STANDARD.encode(&self.ek_certificate),
             "ek_public": STANDARD.encode(self.attestor.ek_public()),
             "ak_public": STANDARD.encode(self.attestor.ak_public()),
         });
+        if let Some(der) = &self.ek_certificate {
+            ask["ek_certificate"] = STANDARD.encode(der).into();
+        }
         let challenge: Challenge = runtime
             .block_on(post(endpoint, "/api/v1/attestation/challenges", &ask))
             .context("cannot get a challenge from the server")?;

@@ -17,6 +17,9 @@ use serde_json::Value;
 /// Largest number of keys one JWKS may hold.
 const MAX_KEYS: usize = 64;
 
+/// Largest number of EKs one `tpm` trust source may enroll.
+pub const MAX_ENROLLED_EKS: usize = 10_000;
+
 /// Why a trust source was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -170,6 +173,7 @@ impl TrustSourceSpec {
                 }
             }
         }
+        let enrolled = self.check_enrolled_eks()?;
         if let Some(url) = &self.jwks_url {
             check_jwks_url(url)?;
             if self.jwks.is_some() || self.jwks_file.is_some() {
@@ -188,9 +192,9 @@ impl TrustSourceSpec {
         }
         let jwt = self.jwks.is_some() || self.jwks_file.is_some() || self.jwks_url.is_some();
         let x509 = self.certificates.is_some() || self.certificates_file.is_some();
-        if !jwt && !x509 {
+        if !jwt && !x509 && !enrolled {
             return Err(TrustError::Missing(
-                "jwks (JWT methods) or certificates (X.509 methods)",
+                "jwks (JWT methods), certificates (X.509 methods) or settings.enrolled_ek_sha256 (tpm)",
             ));
         }
         if let Some(pem) = &self.certificates {
@@ -209,6 +213,39 @@ impl TrustSourceSpec {
             Some(jwks) => KeySet::from_jwks(jwks).map(drop),
             None => Ok(()),
         }
+    }
+
+    /// Checks `settings.enrolled_ek_sha256`, the EKs a `tpm` source trusts
+    /// without a manufacturer's certificate: 1 to [`MAX_ENROLLED_EKS`] hex
+    /// SHA-256 digests of EK public areas. Whether the source has any.
+    fn check_enrolled_eks(&self) -> Result<bool, TrustError> {
+        let Some(list) = self.settings.as_ref().and_then(|s| s.get("enrolled_ek_sha256")) else {
+            return Ok(false);
+        };
+        if self.method != "tpm" {
+            return Err(TrustError::Settings(
+                "enrolled_ek_sha256 is for the tpm method".into(),
+            ));
+        }
+        let bad = || {
+            TrustError::Settings(format!(
+                "enrolled_ek_sha256 must be an array of 1 to {MAX_ENROLLED_EKS} hex SHA-256 digests \
+                 (64 characters each, as `castellan tpm ek` prints them)"
+            ))
+        };
+        let list = list.as_array().ok_or_else(bad)?;
+        if list.is_empty() || list.len() > MAX_ENROLLED_EKS {
+            return Err(bad());
+        }
+        for digest in list {
+            let ok = digest
+                .as_str()
+                .is_some_and(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()));
+            if !ok {
+                return Err(bad());
+            }
+        }
+        Ok(true)
     }
 
     /// Turns the spec into a trust source, reading `jwks_file` if needed.

@@ -436,9 +436,8 @@ fn the_cli_answers_a_challenge_with_the_tpm() {
     assert_eq!(server.certificates().len(), 2);
 }
 
-/// A TPM the CLI cannot reach, or one whose vendor wrote no EK certificate,
-/// is a non-zero exit with an `error:` line saying so (before any server
-/// is asked: nothing listens at the address).
+/// A TPM the CLI cannot reach is a non-zero exit with an `error:` line
+/// saying so (before any server is asked: nothing listens at the address).
 #[cfg(feature = "tpm")]
 #[test]
 fn the_cli_says_which_tpm_it_cannot_use() {
@@ -480,14 +479,120 @@ fn the_cli_says_which_tpm_it_cannot_use() {
         stderr.contains("error: cannot use a TPM through TCTI `nonsense`"),
         "{stderr}"
     );
+}
 
+/// A TPM whose vendor wrote no EK certificate sends its EK public area
+/// alone. The server trusts that EK only when a tpm trust source enrolls
+/// its hash (as `castellan tpm ek` prints it); then the CLI's evidence
+/// issues, and so does the attestor bench's.
+#[cfg(feature = "tpm")]
+#[test]
+fn a_tpm_without_an_ek_certificate_is_trusted_once_enrolled() {
+    if !castellan_tpm::testing::available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
     let blank = SwTpm::blank();
-    let stderr = evidence(&blank.tcti());
+    let out = support::castellan()
+        .args(["tpm", "ek", "--tcti", &blank.tcti()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ek_sha256 = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(ek_sha256, ek_sha256_of(&blank));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no EK certificate"));
+
+    // Trusted manufacturers only (and policy allows the EK): refused.
+    let ca = Ca::new();
+    let _certified = SwTpm::manufacture(&ca);
+    let server = server_for(tmp.path(), &ca, std::slice::from_ref(&ek_sha256), None);
+    let (csr_pem, _) = csr();
+    let csr_file = tmp.path().join("csr.pem");
+    std::fs::write(&csr_file, &csr_pem).unwrap();
+    let evidence = || {
+        let out = support::castellan()
+            .args(["tpm", "evidence", "--addr", &server.base, "--tcti", &blank.tcti()])
+            .arg("--csr")
+            .arg(&csr_file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("enrolls EK {ek_sha256}")), "{stderr}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let issue = |evidence: &str| {
+        server.post(
+            "/api/v1/workloads/attested-issuance",
+            &json!({ "method": "tpm", "evidence": evidence, "csr": csr_pem }),
+            None,
+        )
+    };
+    let r = issue(&evidence());
+    r.assert_problem(403, "attestation-failed");
     assert!(
-        stderr.contains("error: the TPM has no RSA-2048 EK certificate"),
-        "{stderr}"
+        r.body["detail"].as_str().unwrap().contains("enrolls its EK"),
+        "{}",
+        r.body
+    );
+
+    // Enrollment is checked when the source is made.
+    for (settings, method) in [
+        (json!({ "enrolled_ek_sha256": ["abc"] }), "tpm"),
+        (json!({ "enrolled_ek_sha256": [] }), "tpm"),
+        (json!({ "enrolled_ek_sha256": ek_sha256 }), "tpm"),
+        (json!({ "enrolled_ek_sha256": [ek_sha256] }), "x509pop"),
+    ] {
+        let r = server.post_admin(
+            "/api/v1/trust-sources",
+            &json!({ "name": "bad", "method": method, "settings": settings }),
+        );
+        assert_eq!(r.status, 422, "{settings} for {method}: {}", r.body);
+    }
+    let r = server.post_admin(
+        "/api/v1/trust-sources",
+        &json!({
+            "name": "enrolled-hosts", "method": "tpm",
+            "settings": { "enrolled_ek_sha256": [ek_sha256.to_uppercase()] },
+        }),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = issue(&evidence());
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        r.body["spiffe_id"],
+        format!("spiffe://example.org/tpm/{ek_sha256}")
+    );
+    let issued = server
+        .audit()
+        .into_iter()
+        .rev()
+        .find(|e| e["kind"] == "issuance.issued")
+        .unwrap();
+    assert!(issued.to_string().contains("tpm:ek_trust:enrolled"), "{issued}");
+
+    // The bench enrolls a TPM it has no EK CA for.
+    let out = support::castellan()
+        .args(["bench", "attestors", "--addr", &server.base, "--token-file"])
+        .arg(server.dir.join("admin.token"))
+        .args(["--requests", "2", "--concurrency", "1", "--methods", "tpm"])
+        .args(["--tpm-tcti", &blank.tcti()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("tpm ") && l.ends_with("[]")),
+        "{stdout}"
     );
     assert_eq!(blank.handles("handles-transient"), Vec::<String>::new());
+    assert_eq!(blank.handles("handles-saved-session"), Vec::<String>::new());
 }
 
 /// `castellan bench attestors` with a TPM: the tpm row's proofs all issue

@@ -10,7 +10,8 @@
 //! measured is the issuance request only.
 //!
 //! `tpm` is in the table when a TPM is named (`--tpm-tcti`, with the CA
-//! certificates of its EK's manufacturer): the bench answers a challenge per
+//! certificates of its EK's manufacturer, else the EK is enrolled by its
+//! hash): the bench answers a challenge per
 //! request with it — an ActivateCredential and a quote each, bound to that
 //! request's CSR key — before the clock starts. Challenges live five
 //! minutes, so preparing must finish well within that.
@@ -46,9 +47,10 @@ pub struct Options {
 pub struct TpmTarget {
     /// Its TCTI, e.g. `swtpm:host=127.0.0.1,port=2321`.
     pub tcti: String,
-    /// PEM certificates of its EK's manufacturer (root and intermediates),
-    /// registered as the bench's `tpm` trust source.
-    pub ek_ca_pem: String,
+    /// PEM certificates of its EK's manufacturer (root and intermediates)
+    /// for the bench's `tpm` trust source; without them the source enrolls
+    /// the TPM's EK by its hash instead.
+    pub ek_ca_pem: Option<String>,
 }
 
 /// How the bench's user names another TPM, for errors.
@@ -179,15 +181,15 @@ async fn prepare(
     match method {
         "tpm" => {
             let target = opts.tpm.as_ref().context("no TPM to measure")?;
-            let source = admin(
-                conn,
-                token,
-                Method::POST,
-                "/api/v1/trust-sources",
-                Some(json!({"name": format!("bench-tpm-{tag}"), "method": "tpm",
-                            "certificates": target.ek_ca_pem})),
-            )
-            .await?;
+            let mut spec = json!({"name": format!("bench-tpm-{tag}"), "method": "tpm"});
+            match &target.ek_ca_pem {
+                Some(pem) => spec["certificates"] = pem.as_str().into(),
+                None => {
+                    let ek = tpm_ek_sha256(&target.tcti).await?;
+                    spec["settings"] = json!({ "enrolled_ek_sha256": [ek] });
+                }
+            }
+            let source = admin(conn, token, Method::POST, "/api/v1/trust-sources", Some(spec)).await?;
             let id = source["id"].as_str().map(str::to_owned);
             match tpm_proofs(&opts.endpoint, &target.tcti, n).await {
                 Ok(bodies) => Ok((bodies, id)),
@@ -428,7 +430,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Row>> {
             })?;
             anyhow::ensure!(
                 m != "tpm" || opts.tpm.is_some(),
-                "measuring tpm needs a TPM: give --tpm-tcti and --tpm-ek-ca"
+                "measuring tpm needs a TPM: give --tpm-tcti"
             );
             chosen.push(m);
         }

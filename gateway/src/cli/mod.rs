@@ -245,10 +245,11 @@ struct BenchAttestors {
     /// behind this TCTI (e.g. `swtpm:host=127.0.0.1,port=2321`) before the
     /// clock starts. Use a TPM you may load: each proof makes an
     /// ActivateCredential and a quote.
-    #[arg(long, requires = "tpm_ek_ca")]
+    #[arg(long)]
     tpm_tcti: Option<String>,
     /// PEM file with the CA certificates (root and intermediates) of the
-    /// TPM's EK certificate, registered as the bench's tpm trust source.
+    /// TPM's EK certificate, for the bench's tpm trust source [default:
+    /// the source enrolls the TPM's EK by its hash instead].
     #[arg(long, requires = "tpm_tcti")]
     tpm_ek_ca: Option<PathBuf>,
 }
@@ -709,14 +710,16 @@ async fn bench_attestors(args: BenchAttestors) -> anyhow::Result<ExitCode> {
         args.concurrency >= 1 && args.requests >= 1,
         "--concurrency and --requests must be at least 1"
     );
-    let tpm = match (args.tpm_tcti, &args.tpm_ek_ca) {
-        (Some(tcti), Some(path)) => Some(crate::bench::attestors::TpmTarget {
-            tcti,
-            ek_ca_pem: std::fs::read_to_string(path)
+    let ek_ca_pem = match &args.tpm_ek_ca {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the EK CA certificates {}", path.display()))?,
-        }),
-        _ => None,
+        ),
+        None => None,
     };
+    let tpm = args
+        .tpm_tcti
+        .map(|tcti| crate::bench::attestors::TpmTarget { tcti, ek_ca_pem });
     let rows = crate::bench::attestors::run(crate::bench::attestors::Options {
         endpoint: Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?,
         admin_token: token,

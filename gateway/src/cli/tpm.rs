@@ -33,6 +33,19 @@ pub(super) enum TpmCommand {
     /// Answer a server challenge with this machine's TPM and print the
     /// evidence for `POST /api/v1/workloads/attested-issuance` (method `tpm`).
     Evidence(Evidence),
+    /// Print the hex SHA-256 of this TPM's EK public area: what the server
+    /// names the machine by (`spiffe://TD/tpm/<it>`), what policy allows in
+    /// `tpm.allowed_ek_sha256`, and what a tpm trust source enrolls in
+    /// `settings.enrolled_ek_sha256` for a TPM without an EK certificate.
+    Ek(Ek),
+}
+
+#[derive(Args)]
+pub(super) struct Ek {
+    /// TCTI of the TPM [default: $TPM2TOOLS_TCTI, else $TCTI, else
+    /// device:/dev/tpmrm0].
+    #[arg(long)]
+    tcti: Option<String>,
 }
 
 #[derive(Args)]
@@ -65,7 +78,29 @@ pub(super) struct Evidence {
 pub(super) async fn run(cmd: TpmCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         TpmCommand::Evidence(args) => evidence(args).await,
+        TpmCommand::Ek(args) => ek(args).await,
     }
+}
+
+async fn ek(args: Ek) -> anyhow::Result<ExitCode> {
+    let tcti = args.tcti.unwrap_or_else(tcti_from_env);
+    let (digest, certified) = tokio::task::spawn_blocking(move || {
+        let tpm = Tpm::open(&tcti, "choose one with --tcti or TPM2TOOLS_TCTI")?;
+        anyhow::Ok((tpm.ek_sha256()?, tpm.ek_certificate().is_some()))
+    })
+    .await
+    .context("the TPM task failed")??;
+    println!("{digest}");
+    if certified {
+        eprintln!(
+            "the TPM has an EK certificate (NV 0x01c00002): a tpm trust source with its manufacturer's CA certificates vouches for it"
+        );
+    } else {
+        eprintln!(
+            "the TPM has no EK certificate: to trust it, enroll this digest in a tpm trust source's settings.enrolled_ek_sha256"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn evidence(args: Evidence) -> anyhow::Result<ExitCode> {
@@ -84,12 +119,15 @@ async fn evidence(args: Evidence) -> anyhow::Result<ExitCode> {
 
     let runtime = tokio::runtime::Handle::current();
     let evidence = tokio::task::spawn_blocking(move || {
-        Tpm::open(&tcti, "choose one with --tcti or TPM2TOOLS_TCTI")?.answer_challenge(
-            &runtime,
-            &endpoint,
-            &key_sha256,
-            &pcrs,
-        )
+        let mut tpm = Tpm::open(&tcti, "choose one with --tcti or TPM2TOOLS_TCTI")?;
+        if tpm.ek_certificate().is_none() {
+            eprintln!(
+                "the TPM has no EK certificate: sending its EK public area alone, which the server \
+                 trusts only if a tpm trust source enrolls EK {}",
+                tpm.ek_sha256()?
+            );
+        }
+        tpm.answer_challenge(&runtime, &endpoint, &key_sha256, &pcrs)
     })
     .await
     .context("the TPM task failed")??;
@@ -135,6 +173,7 @@ mod tests {
         let parse = |pcrs: &str| {
             Cli::try_parse_from(["t", "evidence", "--csr", "c.pem", "--pcrs", pcrs]).map(|c| match c.cmd {
                 TpmCommand::Evidence(e) => e.pcrs,
+                TpmCommand::Ek(_) => Vec::new(),
             })
         };
         assert_eq!(parse("0,7,16").ok(), Some(vec![0, 7, 16]));

@@ -679,11 +679,12 @@ async fn create_challenge(State(state): State<AppState>, body: Body) -> Response
     }
 }
 
-/// The TPM part of a challenge: checks that the EK certificate certifies
-/// the EK public area, then wraps a fresh secret to that EK for the AK's
-/// Name (MakeCredential). Only the TPM holding that EK, with that AK
-/// loaded, can recover the secret. The module later checks the EK
-/// certificate's chain, the secret and the quote.
+/// The TPM part of a challenge: checks that the EK certificate, if one is
+/// given, certifies the EK public area, then wraps a fresh secret to that
+/// EK for the AK's Name (MakeCredential). Only the TPM holding that EK,
+/// with that AK loaded, can recover the secret. The module later checks
+/// the EK certificate's chain (or, without one, that a trust source
+/// enrolls the EK), the secret and the quote.
 type ChallengeParts = (serde_json::Map<String, Value>, serde_json::Map<String, Value>);
 
 fn tpm_credential(ask: &ChallengeAsk) -> Result<ChallengeParts, Problem> {
@@ -705,25 +706,35 @@ fn tpm_credential(ask: &ChallengeAsk) -> Result<ChallengeParts, Problem> {
             .decode(text.trim())
             .map_err(|_| invalid(format!("`{name}` is not base64")))
     };
-    let ek_cert = field(&ask.ek_certificate, "ek_certificate")?;
     let ek_public = field(&ask.ek_public, "ek_public")?;
     let ak_public = field(&ask.ak_public, "ak_public")?;
     let ek = castellan_tpm::wire::Public::from_tpm2b(&ek_public)
         .map_err(|e| invalid(format!("ek_public: {e}")))?;
     let ak = castellan_tpm::wire::Public::from_tpm2b(&ak_public)
         .map_err(|e| invalid(format!("ak_public: {e}")))?;
-    let ek_cert = castellan_tpm::ek::trim_der(&ek_cert)
-        .map_err(|e| invalid(format!("ek_certificate: {e}")))?
-        .to_vec();
-    castellan_tpm::ek::check_ek_matches(&ek_cert, &ek)
-        .map_err(|e| invalid(format!("ek_certificate: {e}")))?;
+    // Without a certificate the EK is trusted only if a trust source
+    // enrolls its hash; the module decides.
+    let ek_cert = match ask.ek_certificate {
+        Some(_) => {
+            let der = field(&ask.ek_certificate, "ek_certificate")?;
+            let der = castellan_tpm::ek::trim_der(&der)
+                .map_err(|e| invalid(format!("ek_certificate: {e}")))?
+                .to_vec();
+            castellan_tpm::ek::check_ek_matches(&der, &ek)
+                .map_err(|e| invalid(format!("ek_certificate: {e}")))?;
+            Some(der)
+        }
+        None => None,
+    };
     let ak_name = ak.name().map_err(|e| invalid(format!("ak_public: {e}")))?;
     let secret = crate::util::random_bytes::<32>();
     let credential = castellan_tpm::make_credential(&ek, &ak_name, &secret)
         .map_err(|e| invalid(format!("MakeCredential: {e}")))?;
     let mut private = serde_json::Map::new();
     private.insert("secret_sha256".into(), crate::util::sha256_hex(&secret).into());
-    private.insert("ek_certificate".into(), STANDARD.encode(&ek_cert).into());
+    if let Some(der) = &ek_cert {
+        private.insert("ek_certificate".into(), STANDARD.encode(der).into());
+    }
     private.insert(
         "ek_public_sha256".into(),
         crate::util::sha256_hex(ek.tpmt_bytes()).into(),

@@ -10,15 +10,19 @@
 //! "attest", "signature", "pcrs": {"<index>": "<hex sha256 value>"}}`.
 //!
 //! This module checks: the EK certificate chains to the trust source's
-//! `certificates` (the TPM manufacturers' roots); the activated secret is
+//! `certificates` (the TPM manufacturers' roots) or, for a TPM without one
+//! (the challenge then carries only the EK public area), the trust source
+//! enrolls the EK's hash in `settings.enrolled_ek_sha256`; the activated secret is
 //! the one the host wrapped; the quote is signed by that AK over that
 //! nonce and covers exactly the PCR values given; and the PCR values match
 //! the trust source's `settings.pcr_policy` (`{"<index>": "<hex>"}`) if it
 //! has one. The host took the challenge before this module ran, so a
 //! nonce is answered once. When the request certifies a key, the quote's
 //! qualifying data must be SHA-256(nonce || SHA-256 of the key's DER
-//! SubjectPublicKeyInfo): the quote is bound to that key. Selectors (`tpm:<name>:<value>`): `ek_sha256`
-//! (of the EK public area), `pcr` (`<index>:<hex>`), `ca` (trust source).
+//! SubjectPublicKeyInfo): the quote is bound to that key. Selectors
+//! (`tpm:<name>:<value>`): `ek_sha256` (of the EK public area), `pcr`
+//! (`<index>:<hex>`), `ca` (the trust source), `ek_trust` (`certificate` or
+//! `enrolled`: how that source vouched for the EK).
 
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
@@ -95,7 +99,12 @@ impl Attestor for Tpm {
                 "the activated secret is not the one issued: this TPM does not hold the certified EK",
             ));
         }
-        let ek_cert = b64(context_str(challenge, "ek_certificate")?, "ek_certificate")?;
+        // Absent when the client had no EK certificate: then only an
+        // enrolling trust source can vouch for the EK.
+        let ek_cert = match challenge.extra.get("ek_certificate").and_then(Value::as_str) {
+            Some(text) => Some(b64(text, "ek_certificate")?),
+            None => None,
+        };
         let ak_public = b64(context_str(challenge, "ak_public")?, "ak_public")?;
         let ek_sha256 = context_str(challenge, "ek_public_sha256")?;
         // Bound to the key being certified: the quote's qualifying data is
@@ -124,15 +133,29 @@ impl Attestor for Tpm {
         let signature = b64(&e.signature, "signature")?;
         host::verify_tpm_quote(&ak_public, &attest, &signature, &nonce, &pcrs)?;
 
-        let mut last = Error::NoTrustSource("no tpm trust source has certificates".into());
+        let mut last = Error::NoTrustSource("no tpm trust source has certificates or enrolled EKs".into());
         for source in &config.trust_sources {
-            let Some(cert_set) = source.cert_set.as_deref() else {
+            let vouched = match (&ek_cert, source.cert_set.as_deref()) {
+                (Some(cert), Some(cert_set)) => {
+                    match host::verify_chain(cert_set, core::slice::from_ref(cert), "tpm-ek") {
+                        Ok(_) => Some("certificate"),
+                        Err(err) => {
+                            last = err;
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            };
+            let vouched = vouched.or_else(|| enrolls(source, ek_sha256).then_some("enrolled"));
+            let Some(vouched) = vouched else {
+                if ek_cert.is_none() {
+                    last = Error::rejected(
+                        "the TPM sent no EK certificate and no tpm trust source enrolls its EK",
+                    );
+                }
                 continue;
             };
-            if let Err(err) = host::verify_chain(cert_set, core::slice::from_ref(&ek_cert), "tpm-ek") {
-                last = err;
-                continue;
-            }
             if let Some(policy) = source.settings.get("pcr_policy").and_then(Value::as_object) {
                 for (index, want) in policy {
                     let got = index
@@ -151,7 +174,9 @@ impl Attestor for Tpm {
             let mut a = Attestation::new(format!("ek/{ek_sha256}"))
                 .selector("tpm", "ek_sha256", ek_sha256)
                 .selector("tpm", "ca", &source.name)
+                .selector("tpm", "ek_trust", vouched)
                 .claim("ek_sha256", ek_sha256)
+                .claim("ek_trust", vouched)
                 .claim("trust_source", source.name.as_str());
             let mut values = serde_json::Map::new();
             for (i, v) in &pcrs {
@@ -162,6 +187,21 @@ impl Attestor for Tpm {
         }
         Err(last)
     }
+}
+
+/// Whether `source` lists the EK (its public area's SHA-256, hex) in
+/// `settings.enrolled_ek_sha256`: trusted without a manufacturer's
+/// certificate because an operator recorded it from the machine.
+fn enrolls(source: &castellan_attestor_sdk::TrustSourceConfig, ek_sha256: &str) -> bool {
+    source
+        .settings
+        .get("enrolled_ek_sha256")
+        .and_then(Value::as_array)
+        .is_some_and(|list| {
+            list.iter()
+                .filter_map(Value::as_str)
+                .any(|d| d.eq_ignore_ascii_case(ek_sha256))
+        })
 }
 
 attestor!(Tpm);
