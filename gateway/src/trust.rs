@@ -141,6 +141,59 @@ impl TrustSource {
     }
 }
 
+/// Checks a source's method `settings` where the host reads them: an
+/// object; `key_binding` (the SDK's JWT verification); the EKs a `tpm`
+/// source enrolls. Returns whether it enrolls any, which makes it a source
+/// that vouches for something even without keys or certificates.
+pub fn check_settings(method: &str, settings: &Value) -> Result<bool, TrustError> {
+    if !settings.is_object() {
+        return Err(TrustError::Settings("must be a JSON object".into()));
+    }
+    match settings.get("key_binding") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s == "optional" || s == "required" => {}
+        Some(_) => {
+            return Err(TrustError::Settings(
+                "key_binding must be \"optional\" or \"required\"".into(),
+            ));
+        }
+    }
+    check_enrolled_eks(method, settings)
+}
+
+/// Checks `settings.enrolled_ek_sha256`, the EKs a `tpm` source trusts
+/// without a manufacturer's certificate: 1 to [`MAX_ENROLLED_EKS`] hex
+/// SHA-256 digests of EK public areas. Whether the source has any.
+fn check_enrolled_eks(method: &str, settings: &Value) -> Result<bool, TrustError> {
+    let Some(list) = settings.get("enrolled_ek_sha256") else {
+        return Ok(false);
+    };
+    if method != "tpm" {
+        return Err(TrustError::Settings(
+            "enrolled_ek_sha256 is for the tpm method".into(),
+        ));
+    }
+    let bad = || {
+        TrustError::Settings(format!(
+            "enrolled_ek_sha256 must be an array of 1 to {MAX_ENROLLED_EKS} hex SHA-256 digests \
+             (64 characters each, as `castellan tpm ek` prints them)"
+        ))
+    };
+    let list = list.as_array().ok_or_else(bad)?;
+    if list.is_empty() || list.len() > MAX_ENROLLED_EKS {
+        return Err(bad());
+    }
+    for digest in list {
+        let ok = digest
+            .as_str()
+            .is_some_and(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !ok {
+            return Err(bad());
+        }
+    }
+    Ok(true)
+}
+
 impl TrustSourceSpec {
     /// Validates the spec, including every key of the JWKS.
     pub fn check(&self) -> Result<(), TrustError> {
@@ -158,22 +211,10 @@ impl TrustSourceSpec {
         if !valid {
             return Err(TrustError::UnknownMethod(self.method.clone()));
         }
-        if let Some(settings) = &self.settings {
-            if !settings.is_object() {
-                return Err(TrustError::Settings("must be a JSON object".into()));
-            }
-            // Read by the SDK's JWT verification (key-bound audiences).
-            match settings.get("key_binding") {
-                None | Some(Value::Null) => {}
-                Some(Value::String(s)) if s == "optional" || s == "required" => {}
-                Some(_) => {
-                    return Err(TrustError::Settings(
-                        "key_binding must be \"optional\" or \"required\"".into(),
-                    ));
-                }
-            }
-        }
-        let enrolled = self.check_enrolled_eks()?;
+        let enrolled = match &self.settings {
+            Some(settings) => check_settings(&self.method, settings)?,
+            None => false,
+        };
         if let Some(url) = &self.jwks_url {
             check_jwks_url(url)?;
             if self.jwks.is_some() || self.jwks_file.is_some() {
@@ -213,39 +254,6 @@ impl TrustSourceSpec {
             Some(jwks) => KeySet::from_jwks(jwks).map(drop),
             None => Ok(()),
         }
-    }
-
-    /// Checks `settings.enrolled_ek_sha256`, the EKs a `tpm` source trusts
-    /// without a manufacturer's certificate: 1 to [`MAX_ENROLLED_EKS`] hex
-    /// SHA-256 digests of EK public areas. Whether the source has any.
-    fn check_enrolled_eks(&self) -> Result<bool, TrustError> {
-        let Some(list) = self.settings.as_ref().and_then(|s| s.get("enrolled_ek_sha256")) else {
-            return Ok(false);
-        };
-        if self.method != "tpm" {
-            return Err(TrustError::Settings(
-                "enrolled_ek_sha256 is for the tpm method".into(),
-            ));
-        }
-        let bad = || {
-            TrustError::Settings(format!(
-                "enrolled_ek_sha256 must be an array of 1 to {MAX_ENROLLED_EKS} hex SHA-256 digests \
-                 (64 characters each, as `castellan tpm ek` prints them)"
-            ))
-        };
-        let list = list.as_array().ok_or_else(bad)?;
-        if list.is_empty() || list.len() > MAX_ENROLLED_EKS {
-            return Err(bad());
-        }
-        for digest in list {
-            let ok = digest
-                .as_str()
-                .is_some_and(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()));
-            if !ok {
-                return Err(bad());
-            }
-        }
-        Ok(true)
     }
 
     /// Turns the spec into a trust source, reading `jwks_file` if needed.

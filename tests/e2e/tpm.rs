@@ -549,14 +549,30 @@ fn a_tpm_without_an_ek_certificate_is_trusted_once_enrolled() {
         );
         assert_eq!(r.status, 422, "{settings} for {method}: {}", r.body);
     }
+    // A source enrolling other machines: still refused.
+    let someone_else = "ab".repeat(32);
     let r = server.post_admin(
         "/api/v1/trust-sources",
         &json!({
             "name": "enrolled-hosts", "method": "tpm",
-            "settings": { "enrolled_ek_sha256": [ek_sha256.to_uppercase()] },
+            "settings": { "enrolled_ek_sha256": [someone_else] },
         }),
     );
     assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    issue(&evidence()).assert_problem(403, "attestation-failed");
+    // Enrolling it changes the source's settings at once (a bad list
+    // changes nothing); digests are compared without regard to case.
+    let rotate = |settings: Value| {
+        server.post_admin(
+            &format!("/api/v1/trust-sources/{id}/rotate"),
+            &json!({ "settings": settings }),
+        )
+    };
+    rotate(json!({ "enrolled_ek_sha256": ["nope"] })).assert_problem(422, "invalid-trust-source");
+    rotate(json!({})).assert_problem(422, "invalid-trust-source");
+    let r = rotate(json!({ "enrolled_ek_sha256": [someone_else, ek_sha256.to_uppercase()] }));
+    assert_eq!(r.status, 200, "{}", r.body);
     let r = issue(&evidence());
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(
@@ -570,6 +586,11 @@ fn a_tpm_without_an_ek_certificate_is_trusted_once_enrolled() {
         .find(|e| e["kind"] == "issuance.issued")
         .unwrap();
     assert!(issued.to_string().contains("tpm:ek_trust:enrolled"), "{issued}");
+    // Struck off: refused again.
+    let r = rotate(json!({ "enrolled_ek_sha256": [someone_else] }));
+    assert_eq!(r.status, 200, "{}", r.body);
+    issue(&evidence()).assert_problem(403, "attestation-failed");
+    assert_eq!(server.certificates().len(), 1);
 
     // The bench enrolls a TPM it has no EK CA for.
     let out = support::castellan()

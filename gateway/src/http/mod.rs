@@ -815,7 +815,9 @@ async fn create_join_token(State(state): State<AppState>, req: Request<Body>) ->
 }
 
 /// What `POST /api/v1/trust-sources/{id}/rotate` takes: the new keys or
-/// certificates, and how long the replaced ones stay trusted.
+/// certificates, and how long the replaced ones stay trusted; or new
+/// method settings (e.g. a tpm source's enrolled EKs or PCR policy), which
+/// apply at once.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Rotation {
@@ -823,6 +825,8 @@ struct Rotation {
     jwks: Option<Value>,
     #[serde(default)]
     certificates: Option<String>,
+    #[serde(default)]
+    settings: Option<Value>,
     /// Default 3600; 0 drops the old keys at once.
     #[serde(default = "default_overlap")]
     overlap_seconds: u64,
@@ -909,8 +913,19 @@ async fn rotate_trust_source(
                 "overlap_seconds must be at most 604800".into(),
             )));
         }
-        if rotation.jwks.is_none() && rotation.certificates.is_none() {
-            return Err(trust_problem(TrustError::Missing("jwks or certificates")));
+        if rotation.jwks.is_none() && rotation.certificates.is_none() && rotation.settings.is_none() {
+            return Err(trust_problem(TrustError::Missing(
+                "jwks, certificates or settings",
+            )));
+        }
+        if let Some(settings) = &rotation.settings {
+            let enrolls = crate::trust::check_settings(&source.method, settings).map_err(trust_problem)?;
+            let vouches = source.has_jwks() || source.certificates.is_some() || source.jwks_url.is_some();
+            if !enrolls && !vouches {
+                return Err(trust_problem(TrustError::Missing(
+                    "settings.enrolled_ek_sha256 (this source has no keys or certificates)",
+                )));
+            }
         }
         if let Some(j) = &rotation.jwks {
             if !source.has_jwks() {
@@ -932,11 +947,18 @@ async fn rotate_trust_source(
         }
         let until = crate::util::now_unix() + rotation.overlap_seconds as i64;
         let mut rotated = source.as_ref().clone();
-        rotated.previous = Some(crate::trust::PreviousKeys {
-            jwks: source.jwks.clone(),
-            certificates: source.certificates.clone(),
-            until,
-        });
+        let keys_rotated = rotation.jwks.is_some() || rotation.certificates.is_some();
+        if keys_rotated {
+            rotated.previous = Some(crate::trust::PreviousKeys {
+                jwks: source.jwks.clone(),
+                certificates: source.certificates.clone(),
+                until,
+            });
+        }
+        let settings_changed = rotation.settings.is_some();
+        if let Some(settings) = rotation.settings {
+            rotated.settings = Some(settings);
+        }
         if let Some(j) = rotation.jwks {
             rotated.jwks = j;
         }
@@ -946,7 +968,11 @@ async fn rotate_trust_source(
         let event = AuditEvent {
             kind: "trust_source.rotated".into(),
             actor: "admin".into(),
-            detail: json!({ "id": source.id, "name": source.name, "previous_until": until }),
+            detail: json!({
+                "id": source.id, "name": source.name,
+                "previous_until": keys_rotated.then_some(until),
+                "settings_changed": settings_changed,
+            }),
         };
         replace_trust_source(&state, rotated, event).await
     }
