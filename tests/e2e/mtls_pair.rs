@@ -62,16 +62,22 @@ fn roles() -> &'static Roles {
     })
 }
 
-/// `cargo build -p castellan-example-mtls-pair --bins` into the target
-/// directory and profile this test was built for; cargo says where each
-/// executable is.
+/// Builds the example's binaries into the target directory and profile
+/// this test was built for; cargo says where each executable is.
+///
+/// It asks for the whole workspace with all targets, as `cargo test
+/// --workspace --all-targets` built it, so that features resolve the same
+/// way: after that build this one is fresh. Building the example package
+/// alone resolves features without the workspace's dev-dependencies and
+/// recompiled about half its dependency graph (some 80 crates, 3 minutes
+/// of CI).
 fn build_example() -> HashMap<String, PathBuf> {
     let castellan = Path::new(env!("CARGO_BIN_EXE_castellan"));
     let profile_dir = castellan.parent().unwrap();
     let mut cargo = Command::new(env!("CARGO"));
     cargo
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-        .args(["build", "-p", "castellan-example-mtls-pair", "--bins"])
+        .args(["build", "--workspace", "--all-targets"])
         .args(["--message-format", "json-render-diagnostics", "--target-dir"])
         .arg(profile_dir.parent().unwrap());
     match profile_dir.file_name().unwrap().to_str().unwrap() {
@@ -91,6 +97,10 @@ fn build_example() -> HashMap<String, PathBuf> {
             continue;
         };
         if msg["reason"] == "compiler-artifact"
+            && msg["package_id"]
+                .as_str()
+                .is_some_and(|id| id.contains("castellan-example-mtls-pair"))
+            && msg["profile"]["test"] == false
             && let (Some(name), Some(exe)) = (msg["target"]["name"].as_str(), msg["executable"].as_str())
         {
             bins.insert(name.to_owned(), PathBuf::from(exe));
