@@ -260,6 +260,11 @@ fn fuzz(target: Target) {
     for (i, variant) in field_variants(&target.seeds).iter().enumerate() {
         run.check(Kind::Field, i, 0, variant);
     }
+    // A JSON object's values as an array, in every order: serde would take
+    // one of them for the evidence struct, so each must be refused.
+    for (i, array) in target.seeds.iter().flat_map(|s| as_arrays(s)).enumerate() {
+        run.check(Kind::Junk, 1000 + i, 0, &array);
+    }
     for i in 0..n {
         let s = case_seed(1, i);
         let evidence = mutant(&mut Rng::new(s), &target.seeds);
@@ -296,6 +301,36 @@ fn fuzz(target: Target) {
         run.failures.len(),
         run.failures.join("\n")
     );
+}
+
+/// The values of JSON object evidence as arrays, in every order (objects of
+/// up to 6 fields; none for other evidence).
+fn as_arrays(evidence: &str) -> Vec<String> {
+    fn orders(items: &[Value]) -> Vec<Vec<Value>> {
+        if items.len() <= 1 {
+            return vec![items.to_vec()];
+        }
+        let mut out = Vec::new();
+        for i in 0..items.len() {
+            let mut rest = items.to_vec();
+            let first = rest.remove(i);
+            for mut tail in orders(&rest) {
+                tail.insert(0, first.clone());
+                out.push(tail);
+            }
+        }
+        out
+    }
+    match serde_json::from_str::<Value>(evidence) {
+        Ok(Value::Object(fields)) if fields.len() <= 6 => {
+            let values: Vec<Value> = fields.into_iter().map(|(_, v)| v).collect();
+            orders(&values)
+                .into_iter()
+                .map(|o| Value::Array(o).to_string())
+                .collect()
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// The start of `evidence`, escaped, with its length; for a compact JWS,

@@ -106,8 +106,7 @@ impl Attestor for AwsIid {
     type Config = TrustSources;
 
     fn attest(evidence: &str, config: TrustSources, _context: &Context) -> Result<Attestation, Error> {
-        let e: Evidence = serde_json::from_str(evidence)
-            .map_err(|_| Error::malformed("evidence is not the expected JSON"))?;
+        let e: Evidence = castellan_attestor_sdk::json_evidence(evidence)?;
         let sources: Vec<_> = config
             .trust_sources
             .iter()

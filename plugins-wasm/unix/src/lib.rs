@@ -15,7 +15,7 @@ use alloc::format;
 use alloc::string::String;
 
 use castellan_attestor_sdk::serde_json::Value;
-use castellan_attestor_sdk::{Attestation, Attestor, Context, Error, attestor, serde_json};
+use castellan_attestor_sdk::{Attestation, Attestor, Context, Error, attestor};
 use serde::Deserialize;
 
 /// Longest user, group, path or hash taken from the evidence. Each becomes
@@ -46,12 +46,7 @@ impl Attestor for Unix {
     type Config = Value;
 
     fn attest(evidence: &str, _config: Value, _context: &Context) -> Result<Attestation, Error> {
-        let malformed = || Error::malformed("unix evidence is not the host's JSON");
-        // An object only: serde would also take the fields as an array.
-        if !evidence.trim_start().starts_with('{') {
-            return Err(malformed());
-        }
-        let e: Evidence = serde_json::from_str(evidence).map_err(|_| malformed())?;
+        let e: Evidence = castellan_attestor_sdk::json_evidence(evidence)?;
         for (name, value) in [
             ("user", &e.user),
             ("group", &e.group),

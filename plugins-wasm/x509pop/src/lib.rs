@@ -66,8 +66,7 @@ impl Attestor for X509Pop {
     type Config = TrustSources;
 
     fn attest(evidence: &str, config: TrustSources, context: &Context) -> Result<Attestation, Error> {
-        let e: Evidence = serde_json::from_str(evidence)
-            .map_err(|_| Error::malformed("evidence is not the expected JSON"))?;
+        let e: Evidence = castellan_attestor_sdk::json_evidence(evidence)?;
         let challenge = context
             .challenge
             .as_ref()

@@ -155,6 +155,16 @@ impl Error {
     }
 }
 
+/// Parses JSON evidence into `T`, which must come as a JSON object: serde
+/// would also take a struct's fields as an array, in order, which no client
+/// sends and no module should accept.
+pub fn json_evidence<T: DeserializeOwned>(evidence: &str) -> Result<T, Error> {
+    if !evidence.trim_start().starts_with('{') {
+        return Err(Error::malformed("evidence is not a JSON object"));
+    }
+    serde_json::from_str(evidence).map_err(|_| Error::malformed("evidence is not the expected JSON"))
+}
+
 /// A module's entry point: implement it and call [`attestor!`].
 pub trait Attestor {
     /// The configuration the host passes, deserialised from JSON.
