@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use castellan_tpm::client::Attestor;
+use castellan_tpm::client::{Attestor, EkKind};
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
@@ -35,11 +35,12 @@ pub struct Tpm {
 }
 
 impl Tpm {
-    /// Connects through `tcti`, creates the EK and a transient AK, and reads
-    /// the EK certificate (the manufacturer's word for the EK). `choose`
-    /// says how the user picks another TPM, for the error.
-    pub fn open(tcti: &str, choose: &str) -> anyhow::Result<Self> {
-        let mut attestor = Attestor::connect(tcti).map_err(|e| {
+    /// Connects through `tcti`, creates the EK (of `ek` kind; `None` for
+    /// the one the vendor certified) and a transient AK, and reads the EK
+    /// certificate (the manufacturer's word for the EK). `choose` says how
+    /// the user picks another TPM, for the error.
+    pub fn open(tcti: &str, ek: Option<EkKind>, choose: &str) -> anyhow::Result<Self> {
+        let mut attestor = Attestor::connect_with(tcti, ek).map_err(|e| {
             anyhow::anyhow!(
                 "cannot use a TPM through TCTI `{tcti}`: {}; {choose}",
                 one_line(&e)
@@ -54,11 +55,16 @@ impl Tpm {
         })
     }
 
-    /// The RSA-2048 EK certificate (DER) from NV index 0x01c00002, if the
-    /// vendor provisioned one. Without it the server trusts the EK only if
-    /// a tpm trust source enrolls its hash ([`Self::ek_sha256`]).
+    /// The EK's certificate (DER) from NV, if the vendor provisioned one.
+    /// Without it the server trusts the EK only if a tpm trust source
+    /// enrolls its hash ([`Self::ek_sha256`]).
     pub fn ek_certificate(&self) -> Option<&[u8]> {
         self.ek_certificate.as_deref()
+    }
+
+    /// The EK in use.
+    pub fn ek_kind(&self) -> EkKind {
+        self.attestor.ek_kind()
     }
 
     /// The hex SHA-256 of the EK's TPMT_PUBLIC: what the server's `tpm`

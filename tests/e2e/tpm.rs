@@ -484,7 +484,8 @@ fn the_cli_says_which_tpm_it_cannot_use() {
 /// A TPM whose vendor wrote no EK certificate sends its EK public area
 /// alone. The server trusts that EK only when a tpm trust source enrolls
 /// its hash (as `castellan tpm ek` prints it); then the CLI's evidence
-/// issues, and so does the attestor bench's.
+/// issues, with the RSA-2048 EK or the P-256 one, and so does the attestor
+/// bench's.
 #[cfg(feature = "tpm")]
 #[test]
 fn a_tpm_without_an_ek_certificate_is_trusted_once_enrolled() {
@@ -493,34 +494,43 @@ fn a_tpm_without_an_ek_certificate_is_trusted_once_enrolled() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let blank = SwTpm::blank();
-    let out = support::castellan()
-        .args(["tpm", "ek", "--tcti", &blank.tcti()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let ek_sha256 = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let ek_of = |kind: &str| {
+        let out = support::castellan()
+            .args(["tpm", "ek", "--tcti", &blank.tcti(), "--ek", kind])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(stderr.contains("EK has no certificate"), "{stderr}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let ek_sha256 = ek_of("auto");
     assert_eq!(ek_sha256, ek_sha256_of(&blank));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("has no EK certificate"));
+    // The TPM's P-256 EK is another key, so another identity.
+    let ecc_sha256 = ek_of("ecc");
+    assert_eq!(ecc_sha256.len(), 64);
+    assert_ne!(ecc_sha256, ek_sha256);
 
-    // Trusted manufacturers only (and policy allows the EK): refused.
+    // Trusted manufacturers only (and policy allows the EKs): refused.
     let ca = Ca::new();
     let _certified = SwTpm::manufacture(&ca);
-    let server = server_for(tmp.path(), &ca, std::slice::from_ref(&ek_sha256), None);
+    let server = server_for(tmp.path(), &ca, &[ek_sha256.clone(), ecc_sha256.clone()], None);
     let (csr_pem, _) = csr();
     let csr_file = tmp.path().join("csr.pem");
     std::fs::write(&csr_file, &csr_pem).unwrap();
-    let evidence = || {
+    let evidence_with = |kind: &str, digest: &str| {
         let out = support::castellan()
             .args(["tpm", "evidence", "--addr", &server.base, "--tcti", &blank.tcti()])
-            .arg("--csr")
+            .args(["--ek", kind, "--csr"])
             .arg(&csr_file)
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(&format!("enrolls EK {ek_sha256}")), "{stderr}");
+        assert!(stderr.contains(&format!("enrolls EK {digest}")), "{stderr}");
         String::from_utf8(out.stdout).unwrap()
     };
+    let evidence = || evidence_with("auto", &ek_sha256);
     let issue = |evidence: &str| {
         server.post(
             "/api/v1/workloads/attested-issuance",
@@ -591,6 +601,19 @@ fn a_tpm_without_an_ek_certificate_is_trusted_once_enrolled() {
     assert_eq!(r.status, 200, "{}", r.body);
     issue(&evidence()).assert_problem(403, "attestation-failed");
     assert_eq!(server.certificates().len(), 1);
+
+    // The P-256 EK: the server shares the credential's seed by ECDH.
+    issue(&evidence_with("ecc", &ecc_sha256)).assert_problem(403, "attestation-failed");
+    let r = rotate(json!({ "enrolled_ek_sha256": [ecc_sha256] }));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = issue(&evidence_with("ecc", &ecc_sha256));
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        r.body["spiffe_id"],
+        format!("spiffe://example.org/tpm/{ecc_sha256}")
+    );
+    issue(&evidence()).assert_problem(403, "attestation-failed");
+    assert_eq!(server.certificates().len(), 2);
 
     // The bench enrolls a TPM it has no EK CA for.
     let out = support::castellan()

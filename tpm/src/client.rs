@@ -13,9 +13,8 @@ use tss_esapi::abstraction::{AsymmetricAlgorithmSelection, ak, ek};
 use tss_esapi::attributes::SessionAttributesBuilder;
 use tss_esapi::constants::{SessionType, Tss2ResponseCodeKind};
 use tss_esapi::handles::{AuthHandle, KeyHandle, ObjectHandle, SessionHandle};
-use tss_esapi::interface_types::algorithm::{
-    AsymmetricAlgorithm, HashingAlgorithm, SignatureSchemeAlgorithm,
-};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
+use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
@@ -28,9 +27,29 @@ use crate::ek::trim_der;
 use crate::errors::{Error, Result};
 use crate::wire;
 
+/// Which endorsement key to attest with: those of the TCG default
+/// low-range templates, whose certificates vendors write to NV.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EkKind {
+    /// RSA-2048 (template L-1; certificate at NV 0x01c00002).
+    Rsa2048,
+    /// ECC NIST P-256 (template L-2; certificate at NV 0x01c0000a).
+    EccP256,
+}
+
+impl EkKind {
+    fn selection(self) -> AsymmetricAlgorithmSelection {
+        match self {
+            Self::Rsa2048 => AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+            Self::EccP256 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+        }
+    }
+}
+
 /// A TPM with its EK and an AK loaded.
 pub struct Attestor {
     ctx: Context,
+    kind: EkKind,
     ek: KeyHandle,
     ak: KeyHandle,
     ek_public: Vec<u8>,
@@ -56,9 +75,22 @@ impl Attestor {
     /// RSA-2048 EK from the TCG default template and an RSA-2048
     /// RSASSA-SHA256 restricted signing AK under it.
     pub fn connect(tcti: &str) -> Result<Self> {
+        Self::connect_with(tcti, Some(EkKind::Rsa2048))
+    }
+
+    /// Like [`Self::connect`], with the EK `kind`; `None` picks the one the
+    /// vendor certified: RSA-2048 if its certificate is in NV, else P-256
+    /// if that one's is, else RSA-2048.
+    pub fn connect_with(tcti: &str, kind: Option<EkKind>) -> Result<Self> {
         let tcti = TctiNameConf::from_str(tcti)?;
         let mut ctx = Context::new(tcti)?;
-        let ek = ek::create_ek_object(&mut ctx, AsymmetricAlgorithm::Rsa, None)?;
+        let kind = match kind {
+            Some(kind) => kind,
+            None if nv_certificate(&mut ctx, EkKind::Rsa2048)?.is_some() => EkKind::Rsa2048,
+            None if nv_certificate(&mut ctx, EkKind::EccP256)?.is_some() => EkKind::EccP256,
+            None => EkKind::Rsa2048,
+        };
+        let ek = ek::create_ek_object_2(&mut ctx, kind.selection(), None)?;
         let keys = Self::create_ak(&mut ctx, ek);
         let (ak, ek_public, ak_public) = match keys {
             Ok(keys) => keys,
@@ -69,11 +101,17 @@ impl Attestor {
         };
         Ok(Self {
             ctx,
+            kind,
             ek,
             ak,
             ek_public,
             ak_public,
         })
+    }
+
+    /// The EK in use.
+    pub fn ek_kind(&self) -> EkKind {
+        self.kind
     }
 
     fn create_ak(ctx: &mut Context, ek: KeyHandle) -> Result<(KeyHandle, Vec<u8>, Vec<u8>)> {
@@ -113,20 +151,11 @@ impl Attestor {
         &self.ak_public
     }
 
-    /// The RSA-2048 EK certificate (DER) from NV index 0x01c00002, or `None`
-    /// if the TPM has none there.
+    /// The certificate (DER) of the EK in use, from its NV index
+    /// (0x01c00002 for RSA-2048, 0x01c0000a for P-256), or `None` if the
+    /// TPM has none there.
     pub fn ek_certificate(&mut self) -> Result<Option<Vec<u8>>> {
-        match ek::retrieve_ek_pubcert(
-            &mut self.ctx,
-            AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
-        ) {
-            Ok(bytes) => Ok(Some(trim_der(&bytes)?.to_vec())),
-            // The index is not defined: this TPM shipped without a certificate.
-            Err(tss_esapi::Error::Tss2Error(rc)) if rc.kind() == Some(Tss2ResponseCodeKind::Handle) => {
-                Ok(None)
-            }
-            Err(e) => Err(e.into()),
-        }
+        nv_certificate(&mut self.ctx, self.kind)
     }
 
     /// TPM2_ActivateCredential with the AK and the EK: returns the secret
@@ -227,6 +256,16 @@ impl Drop for Attestor {
     fn drop(&mut self) {
         flush(&mut self.ctx, self.ak.into());
         flush(&mut self.ctx, self.ek.into());
+    }
+}
+
+/// The EK certificate of `kind` from NV, or `None` if its index is not
+/// defined (the TPM shipped without one).
+fn nv_certificate(ctx: &mut Context, kind: EkKind) -> Result<Option<Vec<u8>>> {
+    match ek::retrieve_ek_pubcert(ctx, kind.selection()) {
+        Ok(bytes) => Ok(Some(trim_der(&bytes)?.to_vec())),
+        Err(tss_esapi::Error::Tss2Error(rc)) if rc.kind() == Some(Tss2ResponseCodeKind::Handle) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 

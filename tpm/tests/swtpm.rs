@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use castellan_tpm::client::Attestor;
+use castellan_tpm::client::{Attestor, EkKind};
 use castellan_tpm::{Error, ek, make_credential, verify_quote, wire};
 use rustls_pki_types::UnixTime;
 
@@ -347,4 +347,52 @@ fn tpm_without_ek_certificate_says_so() {
         .activate_credential(&credential.id_object, &credential.encrypted_secret)
         .unwrap();
     assert_eq!(secret, b"no certificate");
+}
+
+/// A P-256 EK (template L-2): MakeCredential shares the seed by ECDH, and
+/// the TPM activates the credential only for its own EK and that AK. Auto
+/// selection picks RSA-2048 while its certificate is in NV.
+#[test]
+fn an_ecc_p256_ek_activates_credentials() {
+    if !castellan_tpm::testing::available() {
+        return;
+    }
+    let tpm = SwTpm::blank();
+    let mut attestor = Attestor::connect_with(&tpm.tcti(), Some(EkKind::EccP256)).unwrap();
+    assert_eq!(attestor.ek_kind(), EkKind::EccP256);
+    assert_eq!(attestor.ek_certificate().unwrap(), None);
+    let ek = wire::Public::from_tpm2b(attestor.ek_public()).unwrap();
+    assert!(matches!(
+        ek.key,
+        wire::PublicKey::Ecc {
+            curve: wire::ECC_NIST_P256,
+            ..
+        }
+    ));
+    let ak = wire::Public::from_tpm2b(attestor.ak_public()).unwrap();
+    let secret = nonce();
+    let credential = make_credential(&ek, &ak.name().unwrap(), &secret).unwrap();
+    assert_eq!(credential.encrypted_secret.len(), 2 + 2 + 32 + 2 + 32);
+    let activated = attestor
+        .activate_credential(&credential.id_object, &credential.encrypted_secret)
+        .unwrap();
+    assert_eq!(activated, secret);
+    // Made for another AK's Name: refused by the TPM.
+    let other = make_credential(&ek, &ek.name().unwrap(), &secret).unwrap();
+    assert!(
+        attestor
+            .activate_credential(&other.id_object, &other.encrypted_secret)
+            .is_err()
+    );
+    // The quote side does not depend on the EK.
+    let n = nonce();
+    let quote = attestor.quote(&n, &PCRS).unwrap();
+    verify_quote(&ak, &quote.attest, &quote.signature, &n, &quote.pcrs).unwrap();
+    drop(attestor);
+    assert_eq!(tpm.handles("handles-transient"), Vec::<String>::new());
+
+    let ca = Ca::new();
+    let certified = SwTpm::manufacture(&ca);
+    let auto = Attestor::connect_with(&certified.tcti(), None).unwrap();
+    assert_eq!(auto.ek_kind(), EkKind::Rsa2048);
 }

@@ -352,7 +352,7 @@ async fn tpm_proofs(endpoint: &Endpoint, tcti: &str, n: usize) -> anyhow::Result
     let (endpoint, tcti) = (endpoint.clone(), tcti.to_owned());
     let started = Instant::now();
     let bodies = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Bytes>> {
-        let mut tpm = crate::tpm::Tpm::open(&tcti, TPM_CHOOSE)?;
+        let mut tpm = crate::tpm::Tpm::open(&tcti, None, TPM_CHOOSE)?;
         let mut bodies = Vec::with_capacity(n);
         for _ in 0..n {
             anyhow::ensure!(
@@ -392,7 +392,7 @@ async fn tpm_proofs(_: &Endpoint, _: &str, _: usize) -> anyhow::Result<Vec<Bytes
 #[cfg(feature = "tpm")]
 async fn tpm_ek_sha256(tcti: &str) -> anyhow::Result<String> {
     let tcti = tcti.to_owned();
-    tokio::task::spawn_blocking(move || crate::tpm::Tpm::open(&tcti, TPM_CHOOSE)?.ek_sha256())
+    tokio::task::spawn_blocking(move || crate::tpm::Tpm::open(&tcti, None, TPM_CHOOSE)?.ek_sha256())
         .await
         .context("the TPM task failed")?
 }

@@ -19,6 +19,7 @@ use sha2::{Digest as _, Sha256};
 use super::ServerArgs;
 use crate::client::Endpoint;
 use crate::tpm::Tpm;
+use castellan_tpm::client::EkKind;
 
 /// Used when neither `--tcti` nor a TCTI variable is set: the kernel's
 /// resource manager, which flushes what a crashed client leaves behind.
@@ -46,6 +47,42 @@ pub(super) struct Ek {
     /// device:/dev/tpmrm0].
     #[arg(long)]
     tcti: Option<String>,
+    #[command(flatten)]
+    ek: EkChoice,
+}
+
+/// Which endorsement key to use.
+#[derive(Args)]
+struct EkChoice {
+    /// The EK: `rsa` (RSA-2048), `ecc` (NIST P-256), or `auto`: the one
+    /// whose certificate the vendor wrote to NV (RSA first), else RSA.
+    #[arg(long = "ek", value_enum, default_value_t = EkArg::Auto)]
+    kind: EkArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EkArg {
+    Auto,
+    Rsa,
+    Ecc,
+}
+
+impl EkChoice {
+    fn kind(&self) -> Option<EkKind> {
+        match self.kind {
+            EkArg::Auto => None,
+            EkArg::Rsa => Some(EkKind::Rsa2048),
+            EkArg::Ecc => Some(EkKind::EccP256),
+        }
+    }
+}
+
+/// How the EK is named in messages.
+fn ek_name(kind: EkKind) -> &'static str {
+    match kind {
+        EkKind::Rsa2048 => "RSA-2048",
+        EkKind::EccP256 => "ECC P-256",
+    }
 }
 
 #[derive(Args)]
@@ -57,6 +94,8 @@ pub(super) struct Evidence {
     /// $TCTI, else device:/dev/tpmrm0].
     #[arg(long)]
     tcti: Option<String>,
+    #[command(flatten)]
+    ek: EkChoice,
     /// The PEM CSR to be certified: the quote is bound to its key, so the
     /// evidence is good only together with this CSR.
     #[arg(long)]
@@ -84,20 +123,24 @@ pub(super) async fn run(cmd: TpmCommand) -> anyhow::Result<ExitCode> {
 
 async fn ek(args: Ek) -> anyhow::Result<ExitCode> {
     let tcti = args.tcti.unwrap_or_else(tcti_from_env);
-    let (digest, certified) = tokio::task::spawn_blocking(move || {
-        let tpm = Tpm::open(&tcti, "choose one with --tcti or TPM2TOOLS_TCTI")?;
-        anyhow::Ok((tpm.ek_sha256()?, tpm.ek_certificate().is_some()))
+    let kind = args.ek.kind();
+    let (digest, certified, kind) = tokio::task::spawn_blocking(move || {
+        let tpm = Tpm::open(&tcti, kind, "choose one with --tcti or TPM2TOOLS_TCTI")?;
+        anyhow::Ok((tpm.ek_sha256()?, tpm.ek_certificate().is_some(), tpm.ek_kind()))
     })
     .await
     .context("the TPM task failed")??;
     println!("{digest}");
+    let name = ek_name(kind);
     if certified {
         eprintln!(
-            "the TPM has an EK certificate (NV 0x01c00002): a tpm trust source with its manufacturer's CA certificates vouches for it"
+            "the {name} EK has a certificate in NV: a tpm trust source with its manufacturer's CA \
+             certificates vouches for it"
         );
     } else {
         eprintln!(
-            "the TPM has no EK certificate: to trust it, enroll this digest in a tpm trust source's settings.enrolled_ek_sha256"
+            "the {name} EK has no certificate: to trust it, enroll this digest in a tpm trust \
+             source's settings.enrolled_ek_sha256"
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -118,12 +161,14 @@ async fn evidence(args: Evidence) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(!pcrs.is_empty(), "--pcrs names no PCR");
 
     let runtime = tokio::runtime::Handle::current();
+    let kind = args.ek.kind();
     let evidence = tokio::task::spawn_blocking(move || {
-        let mut tpm = Tpm::open(&tcti, "choose one with --tcti or TPM2TOOLS_TCTI")?;
+        let mut tpm = Tpm::open(&tcti, kind, "choose one with --tcti or TPM2TOOLS_TCTI")?;
         if tpm.ek_certificate().is_none() {
             eprintln!(
-                "the TPM has no EK certificate: sending its EK public area alone, which the server \
-                 trusts only if a tpm trust source enrolls EK {}",
+                "the TPM has no {} EK certificate: sending its EK public area alone, which the \
+                 server trusts only if a tpm trust source enrolls EK {}",
+                ek_name(tpm.ek_kind()),
                 tpm.ek_sha256()?
             );
         }

@@ -40,7 +40,7 @@ fn secret_must_fit_a_digest() {
 }
 
 #[test]
-fn ecc_and_unusual_eks_are_unsupported() {
+fn eks_without_aes_128_cfb_are_unsupported() {
     let mut point = vec![4];
     point.extend([9; 64]);
     let ecc = wire::Public::from_tpm2b(&ecc_public(EK_ATTRIBUTES, None, &point)).unwrap();
