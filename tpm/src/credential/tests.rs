@@ -40,6 +40,40 @@ fn secret_must_fit_a_digest() {
 }
 
 #[test]
+fn a_p256_ek_gets_an_ephemeral_point() {
+    use ring::agreement;
+    let rng = ring::rand::SystemRandom::new();
+    let key = agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &rng).unwrap();
+    let point = key.compute_public_key().unwrap();
+    let ek = wire::Public::from_tpm2b(&ecc_ek_public(EK_ATTRIBUTES, point.as_ref())).unwrap();
+    let c = make_credential(&ek, &[0x00, 0x0b, 7, 7, 7], b"secret").unwrap();
+    // TPM2B(TPM2B(x) || TPM2B(y)), 32-byte coordinates of a fresh point.
+    assert_eq!(c.encrypted_secret.len(), 2 + 2 + 32 + 2 + 32);
+    assert_eq!(&c.encrypted_secret[..4], &[0, 68, 0, 32]);
+    assert_eq!(&c.encrypted_secret[36..38], &[0, 32]);
+    let again = make_credential(&ek, &[0x00, 0x0b, 7, 7, 7], b"secret").unwrap();
+    assert_ne!(again.encrypted_secret, c.encrypted_secret);
+    // A point off the curve is refused, not used.
+    let mut off = point.as_ref().to_vec();
+    off[64] ^= 1;
+    let bad = wire::Public::from_tpm2b(&ecc_ek_public(EK_ATTRIBUTES, &off)).unwrap();
+    assert!(matches!(
+        make_credential(&bad, b"name", b"secret"),
+        Err(Error::Invalid { .. })
+    ));
+}
+
+#[test]
+fn kdfe_is_one_sha256_block_with_the_nul_terminated_use() {
+    let mut input = 1u32.to_be_bytes().to_vec();
+    input.extend_from_slice(b"zzIDENTITY\0uv");
+    assert_eq!(
+        kdfe_sha256(b"zz", b"IDENTITY", b"u", b"v"),
+        ring::digest::digest(&ring::digest::SHA256, &input).as_ref()
+    );
+}
+
+#[test]
 fn eks_without_aes_128_cfb_are_unsupported() {
     let mut point = vec![4];
     point.extend([9; 64]);

@@ -33,12 +33,27 @@ pub fn rsa_public(
 
 /// A TPM2B_PUBLIC for a P-256 key with the given uncompressed point.
 pub fn ecc_public(attributes: u32, scheme: Option<(u16, u16)>, point: &[u8]) -> Vec<u8> {
+    ecc_public_with(attributes, None, scheme, point)
+}
+
+/// A TPM2B_PUBLIC for a P-256 EK (AES-128-CFB symmetric, as template L-2)
+/// with the given uncompressed point.
+pub fn ecc_ek_public(attributes: u32, point: &[u8]) -> Vec<u8> {
+    ecc_public_with(attributes, Some((ALG_AES, 128, ALG_CFB)), None, point)
+}
+
+fn ecc_public_with(
+    attributes: u32,
+    symmetric: Option<(u16, u16, u16)>,
+    scheme: Option<(u16, u16)>,
+    point: &[u8],
+) -> Vec<u8> {
     let mut t = Vec::new();
     t.extend_from_slice(&ALG_ECC.to_be_bytes());
     t.extend_from_slice(&ALG_SHA256.to_be_bytes());
     t.extend_from_slice(&attributes.to_be_bytes());
     t.extend_from_slice(&[0, 0]);
-    push_symmetric(&mut t, None);
+    push_symmetric(&mut t, symmetric);
     push_scheme(&mut t, scheme);
     t.extend_from_slice(&ECC_NIST_P256.to_be_bytes());
     push_scheme(&mut t, None);
