@@ -70,11 +70,33 @@ fn roles() -> &'static Roles {
 /// way: after that build this one is fresh. Building the example package
 /// alone resolves features without the workspace's dev-dependencies and
 /// recompiled about half its dependency graph (some 80 crates, 3 minutes
-/// of CI).
+/// of CI); so did the package variables a test inherits (below).
 fn build_example() -> HashMap<String, PathBuf> {
     let castellan = Path::new(env!("CARGO_BIN_EXE_castellan"));
     let profile_dir = castellan.parent().unwrap();
     let mut cargo = Command::new(env!("CARGO"));
+    // Cargo gives a test the variables of the package it belongs to; a
+    // build script that reruns when one changes (ring's watches
+    // CARGO_MANIFEST_DIR, CARGO_PKG_* and OUT_DIR) would be rebuilt with
+    // them, so they go.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let package_scoped = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CFG_"]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+            || [
+                "OUT_DIR",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&name.as_ref());
+        if package_scoped {
+            cargo.env_remove(name.as_ref());
+        }
+    }
     cargo
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
         .args(["build", "--workspace", "--all-targets"])
