@@ -58,16 +58,22 @@ fn main() {
     let attestation = attestors
         .attest("k8s_sat", &token, registry.snapshot(), &ctx)
         .unwrap();
-    let input = serde_json::json!({
-        "version": 1, "trust_domain": "example.org", "attestation": attestation,
-        "request": {"ttl_seconds": 600, "dns_names": []},
-    });
+    let input = castellan::model::policy::IssuanceInput {
+        version: castellan::model::policy::INPUT_VERSION,
+        trust_domain: "example.org",
+        attestation: &attestation,
+        request: castellan::model::policy::IssuanceAsk {
+            ttl_seconds: Some(600),
+            dns_names: vec![],
+        },
+    };
+    let snapshot = policies.snapshot();
     median("decide (rego)", 2000, || {
-        policies.decide_issuance(&input).unwrap();
+        snapshot.decide_issuance(&input).unwrap();
     });
 
     let ca = castellan::ca::load_or_create(&dir.path().join("ca"), "example.org").unwrap();
-    let signer = InProcessSigner::new(&ca).unwrap();
+    let signer = InProcessSigner::new(&ca, "example.org").unwrap();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
         .unwrap()

@@ -5,7 +5,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
@@ -13,6 +12,51 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+
+/// Why a request could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The address is not an `http://` or `https://` URL this client takes.
+    #[error("address `{url}`: {problem}")]
+    Address { url: String, problem: &'static str },
+    /// An `https://` address without a CA file to trust.
+    #[error("an https:// address needs --ca-file (e.g. DATA_DIR/ca/root.crt)")]
+    NoCaFile,
+    /// The CA file could not be read.
+    #[error("CA file {path}")]
+    CaFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CA file holds no usable certificate.
+    #[error("CA file {path}: {problem}")]
+    CaCertificate { path: String, problem: String },
+    /// The TLS configuration could not be built.
+    #[error("TLS configuration")]
+    Tls(#[source] rustls::Error),
+    /// The server could not be reached.
+    #[error("cannot connect to {authority}")]
+    Connect {
+        authority: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed.
+    #[error("TLS handshake with {authority} failed")]
+    Handshake {
+        authority: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("HTTP")]
+    Http(#[from] hyper::Error),
+    /// The request could not be built (a header value that is not valid).
+    #[error("invalid request")]
+    Request(#[from] hyper::http::Error),
+}
 
 /// Where the server is.
 #[derive(Clone)]
@@ -32,26 +76,39 @@ pub struct Conn {
 impl Endpoint {
     /// Parses `http://host:port` or `https://host:port`. For https the CA
     /// file is required: Castellan's server certificate comes from its own CA.
-    pub fn parse(url: &str, ca_file: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn parse(url: &str, ca_file: Option<&Path>) -> Result<Self, ClientError> {
         let (endpoint, path) = Self::parse_url(url, ca_file)?;
-        anyhow::ensure!(path == "/", "address `{url}` must not have a path");
+        if path != "/" {
+            return Err(ClientError::Address {
+                url: url.to_owned(),
+                problem: "must not have a path",
+            });
+        }
         Ok(endpoint)
     }
 
     /// Parses a full URL into the endpoint and its path (with query).
-    pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<(Self, String)> {
+    pub fn parse_url(url: &str, ca_file: Option<&Path>) -> Result<(Self, String), ClientError> {
         let tls = match ca_file {
             Some(ca_file) if url.starts_with("https://") => {
-                let pem = std::fs::read(ca_file).with_context(|| format!("{}", ca_file.display()))?;
+                let path = ca_file.display().to_string();
+                let pem = std::fs::read(ca_file).map_err(|source| ClientError::CaFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                let bad = |problem: String| ClientError::CaCertificate {
+                    path: path.clone(),
+                    problem,
+                };
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                    roots
-                        .add(cert.context("CA file is not PEM")?)
-                        .context("CA certificate not usable")?;
+                    let cert = cert.map_err(|e| bad(format!("not PEM: {e}")))?;
+                    roots.add(cert).map_err(|e| bad(format!("not usable: {e}")))?;
                 }
                 let provider = Arc::new(rustls::crypto::ring::default_provider());
                 let config = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()?
+                    .with_safe_default_protocol_versions()
+                    .map_err(ClientError::Tls)?
                     .with_root_certificates(roots)
                     .with_no_client_auth();
                 Some(Arc::new(config))
@@ -65,29 +122,35 @@ impl Endpoint {
     pub fn parse_url_with(
         url: &str,
         tls: Option<Arc<rustls::ClientConfig>>,
-    ) -> anyhow::Result<(Self, String)> {
+    ) -> Result<(Self, String), ClientError> {
+        let bad = |problem| ClientError::Address {
+            url: url.to_owned(),
+            problem,
+        };
         let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = url.strip_prefix("http://") {
             (false, r)
         } else {
-            anyhow::bail!("address `{url}` must start with http:// or https://");
+            return Err(bad("must start with http:// or https://"));
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (rest[..i].to_owned(), rest[i..].to_owned()),
             None => (rest.to_owned(), "/".to_owned()),
         };
-        anyhow::ensure!(!authority.is_empty(), "address `{url}` has no host");
+        if authority.is_empty() {
+            return Err(bad("has no host"));
+        }
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
                 h.trim_start_matches('[').trim_end_matches(']').to_owned(),
-                p.parse().context("invalid port")?,
+                p.parse().map_err(|_| bad("has an invalid port"))?,
             ),
             _ => (authority.clone(), if https { 443 } else { 80 }),
         };
         let tls = if https {
-            let config = tls.context("an https:// address needs --ca-file (e.g. DATA_DIR/ca/root.crt)")?;
-            let name = ServerName::try_from(host.clone()).context("invalid server name")?;
+            let config = tls.ok_or(ClientError::NoCaFile)?;
+            let name = ServerName::try_from(host.clone()).map_err(|_| bad("has an invalid server name"))?;
             Some((tokio_rustls::TlsConnector::from(config), name))
         } else {
             None
@@ -104,21 +167,28 @@ impl Endpoint {
     }
 
     /// Opens a connection.
-    pub async fn connect(&self) -> anyhow::Result<Conn> {
+    pub async fn connect(&self) -> Result<Conn, ClientError> {
+        let connect_error = |source| ClientError::Connect {
+            authority: self.authority.clone(),
+            source,
+        };
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .with_context(|| format!("cannot connect to {}", self.authority))?;
-        tcp.set_nodelay(true)?;
-        let sender = match &self.tls {
-            Some((connector, name)) => {
-                let tls = connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .context("TLS handshake failed")?;
-                handshake(TokioIo::new(tls)).await?
-            }
-            None => handshake(TokioIo::new(tcp)).await?,
-        };
+            .map_err(connect_error)?;
+        tcp.set_nodelay(true).map_err(connect_error)?;
+        let sender =
+            match &self.tls {
+                Some((connector, name)) => {
+                    let tls = connector.connect(name.clone(), tcp).await.map_err(|source| {
+                        ClientError::Handshake {
+                            authority: self.authority.clone(),
+                            source,
+                        }
+                    })?;
+                    handshake(TokioIo::new(tls)).await?
+                }
+                None => handshake(TokioIo::new(tcp)).await?,
+            };
         Ok(Conn {
             sender,
             authority: self.authority.clone(),
@@ -126,7 +196,7 @@ impl Endpoint {
     }
 }
 
-async fn handshake<T>(io: TokioIo<T>) -> anyhow::Result<SendRequest<Full<Bytes>>>
+async fn handshake<T>(io: TokioIo<T>) -> Result<SendRequest<Full<Bytes>>, ClientError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -145,7 +215,7 @@ impl Conn {
         path: &str,
         token: Option<&str>,
         body: Option<Bytes>,
-    ) -> anyhow::Result<(StatusCode, Bytes)> {
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         self.send_with(method, path, token, &[], body).await
     }
 
@@ -157,7 +227,7 @@ impl Conn {
         token: Option<&str>,
         headers: &[(&str, String)],
         body: Option<Bytes>,
-    ) -> anyhow::Result<(StatusCode, Bytes)> {
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -172,10 +242,26 @@ impl Conn {
             req = req.header("content-type", "application/json");
         }
         let req = req.body(Full::new(body.unwrap_or_default()))?;
-        self.sender.ready().await.context("connection closed")?;
+        self.sender.ready().await?;
         let resp = self.sender.send_request(req).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         Ok((status, bytes))
+    }
+}
+
+/// Turns a problem+json body into one readable line.
+pub fn problem_line(status: hyper::StatusCode, body: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(p) => format!(
+            "{} {}: {}",
+            status.as_u16(),
+            p["type"]
+                .as_str()
+                .and_then(|t| t.strip_prefix(crate::model::PROBLEM_TYPE_PREFIX))
+                .unwrap_or("error"),
+            p["detail"].as_str().unwrap_or("")
+        ),
+        Err(_) => format!("{status}"),
     }
 }

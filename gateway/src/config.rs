@@ -106,6 +106,16 @@ pub struct WorkloadApiConfig {
     pub jwt_svid_algorithm: String,
 }
 
+impl WorkloadApiConfig {
+    /// The JWT-SVID algorithm (validated at start: ES256 or RS256).
+    pub fn jwt_alg(&self) -> crate::signer::JwtAlg {
+        match self.jwt_svid_algorithm.as_str() {
+            "RS256" => crate::signer::JwtAlg::RS256,
+            _ => crate::signer::JwtAlg::ES256,
+        }
+    }
+}
+
 impl Default for WorkloadApiConfig {
     fn default() -> Self {
         Self {

@@ -5,9 +5,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rcgen::KeyPair;
 use serde_json::{Value, json};
 
@@ -21,6 +18,42 @@ pub const DEV_ISSUER: &str = "https://dev-cluster.castellan.invalid";
 /// Audience of dev tokens (and the one the dev trust source accepts).
 pub const DEV_AUDIENCE: &str = "castellan";
 
+/// Why the dev cluster's key or a token could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DevError {
+    /// The key file could not be read or written.
+    #[error("{path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No dev data directory holds a key.
+    #[error("no dev cluster key at {path}; start `castellan dev --data-dir {data_dir}` first")]
+    NoKey { path: String, data_dir: String },
+    /// The key file holds no usable key.
+    #[error("{path} is not a private key")]
+    Key {
+        path: String,
+        #[source]
+        source: rcgen::Error,
+    },
+    /// Generating a key failed.
+    #[error("key generation")]
+    Generate(#[from] rcgen::Error),
+    /// Signing a token failed.
+    #[error("token signing")]
+    Sign(#[from] jsonwebtoken::errors::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
+    move |source| DevError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
 /// The dev cluster's token signing key (ES256).
 pub struct DevCluster {
     key: KeyPair,
@@ -33,35 +66,29 @@ fn key_path(data_dir: &Path) -> PathBuf {
 
 impl DevCluster {
     /// Loads the dev signing key from the data directory, creating it once.
-    pub fn load_or_create(data_dir: &Path) -> anyhow::Result<Self> {
+    pub fn load_or_create(data_dir: &Path) -> Result<Self, DevError> {
         let path = key_path(data_dir);
         let key = if path.exists() {
-            let pem = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
-            KeyPair::from_pem(&pem).with_context(|| format!("{} is not a private key", path.display()))?
+            let pem = std::fs::read_to_string(&path).map_err(io(&path))?;
+            parse_key(&path, &pem)?
         } else {
-            let dir = path.parent().context("key path has a parent")?;
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let dir = data_dir.join("dev");
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
             let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            write_private_file(&path, key.serialize_pem().as_bytes())
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            write_private_file(&path, key.serialize_pem().as_bytes()).map_err(io(&path))?;
             key
         };
         Ok(Self::from_key(key))
     }
 
     /// Loads the key of an existing dev data directory (for `dev token`).
-    pub fn load(data_dir: &Path) -> anyhow::Result<Self> {
+    pub fn load(data_dir: &Path) -> Result<Self, DevError> {
         let path = key_path(data_dir);
-        let pem = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "no dev cluster key at {}; start `castellan dev --data-dir {}` first",
-                path.display(),
-                data_dir.display()
-            )
+        let pem = std::fs::read_to_string(&path).map_err(|_| DevError::NoKey {
+            path: path.display().to_string(),
+            data_dir: data_dir.display().to_string(),
         })?;
-        Ok(Self::from_key(KeyPair::from_pem(&pem).with_context(|| {
-            format!("{} is not a private key", path.display())
-        })?))
+        Ok(Self::from_key(parse_key(&path, &pem)?))
     }
 
     fn from_key(key: KeyPair) -> Self {
@@ -101,7 +128,7 @@ impl DevCluster {
         service_account: &str,
         pod: Option<&str>,
         ttl_seconds: i64,
-    ) -> anyhow::Result<String> {
+    ) -> Result<String, DevError> {
         self.mint_token_for(DEV_AUDIENCE, namespace, service_account, pod, ttl_seconds)
     }
 
@@ -114,7 +141,7 @@ impl DevCluster {
         service_account: &str,
         pod: Option<&str>,
         ttl_seconds: i64,
-    ) -> anyhow::Result<String> {
+    ) -> Result<String, DevError> {
         mint_projected_token(
             &self.key,
             &self.kid,
@@ -128,13 +155,12 @@ impl DevCluster {
     }
 }
 
-/// The public JWK of a P-256 key.
-pub fn p256_jwk(key: &KeyPair, kid: &str) -> Value {
-    let raw = key.public_key_raw();
-    json!({
-        "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
-        "x": URL_SAFE_NO_PAD.encode(&raw[1..33]),
-        "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+pub use crate::signer::p256_jwk;
+
+fn parse_key(path: &Path, pem: &str) -> Result<KeyPair, DevError> {
+    KeyPair::from_pem(pem).map_err(|source| DevError::Key {
+        path: path.display().to_string(),
+        source,
     })
 }
 
@@ -149,7 +175,7 @@ pub fn mint_projected_token(
     service_account: &str,
     pod: Option<&str>,
     ttl_seconds: i64,
-) -> anyhow::Result<String> {
+) -> Result<String, DevError> {
     let now = now_unix();
     let pod_name = pod.map(str::to_owned).unwrap_or_else(|| {
         format!(

@@ -492,8 +492,8 @@ impl Federation {
             }
             _ => crate::tls::web_client_config(c.ca_file.as_deref()).map_err(|e| err(e.to_string()))?,
         };
-        let (endpoint, path) =
-            crate::client::Endpoint::parse_url_with(url, Some(tls)).map_err(|e| err(format!("{e:#}")))?;
+        let (endpoint, path) = crate::client::Endpoint::parse_url_with(url, Some(tls))
+            .map_err(|e| err(crate::util::error_chain(&e)))?;
         let fetch = async {
             let mut conn = endpoint.connect().await?;
             conn.send(hyper::Method::GET, &path, None, None).await
@@ -501,7 +501,7 @@ impl Federation {
         let (status, body) = tokio::time::timeout(FETCH_TIMEOUT, fetch)
             .await
             .map_err(|_| err("timed out".into()))?
-            .map_err(|e| err(format!("{e:#}")))?;
+            .map_err(|e| err(crate::util::error_chain(&e)))?;
         if !status.is_success() {
             return Err(err(format!("answered {status}")));
         }
@@ -523,7 +523,7 @@ mod tests {
     fn signer() -> crate::signer::InProcessSigner {
         let dir = tempfile::tempdir().unwrap();
         let ca = crate::ca::load_or_create(dir.path(), "example.org").unwrap();
-        crate::signer::InProcessSigner::new(&ca).unwrap()
+        crate::signer::InProcessSigner::new(&ca, "example.org").unwrap()
     }
 
     #[test]
@@ -550,9 +550,16 @@ mod tests {
         assert_eq!(x509_key["kty"], "EC");
         assert_eq!(x509_key["crv"], "P-256");
         // And the JWT key verifies what the signer signs.
-        let jwt = s
-            .sign_jwt(&json!({"sub": "spiffe://example.org/a", "exp": 4_000_000_000u64}))
-            .unwrap();
+        let claims = crate::signer::JwtSvidClaims {
+            sub: crate::spiffe_id::SpiffeId::parse("spiffe://example.org/a").unwrap(),
+            aud: vec!["a".into()],
+            iat: 1,
+            exp: 4_000_000_000,
+            iss: None,
+            jti: None,
+            agent: None,
+        };
+        let jwt = s.sign_jwt_svid(&claims, crate::signer::JwtAlg::ES256).unwrap();
         b.jwt_keys().unwrap().verify_compact(&jwt).unwrap();
     }
 

@@ -1,4 +1,13 @@
-//! The `castellan` binary: every command is in [`castellan::cli`].
+//! The `castellan` binary: the commands (`cli`), the assembly of a running
+//! server from a config (`server`), and the tools a user runs beside the
+//! server (`bench`, the TPM client `tpm`, `cli::svid_helper`). They sit on
+//! top of the `castellan` library and are not part of it.
+
+mod bench;
+mod cli;
+mod server;
+#[cfg(feature = "tpm")]
+mod tpm;
 
 /// mimalloc: the issuance path allocates from many threads at once (HTTP,
 /// Rego, JSON), where glibc's allocator contends.
@@ -6,5 +15,5 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    castellan::cli::main()
+    cli::main()
 }

@@ -5,10 +5,8 @@
 //! the attempts run out (then it is audited as undeliverable).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use bytes::Bytes;
 use hyper::Method;
 use serde::Deserialize;
@@ -24,6 +22,44 @@ const MAX_ATTEMPTS: u32 = 10;
 const MAX_BACKOFF_SECONDS: i64 = 300;
 /// How often the outbox is read.
 const POLL: Duration = Duration::from_millis(200);
+
+/// Why a webhook is refused at start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WebhookConfigError {
+    /// The URL is not usable.
+    #[error("webhook `{name}` url")]
+    Url {
+        name: String,
+        #[source]
+        source: crate::client::ClientError,
+    },
+    /// Plain HTTP to anything but loopback.
+    #[error("webhook `{0}`: plain http:// is only allowed to a loopback address")]
+    PlainHttp(String),
+    /// The secret file could not be read.
+    #[error("webhook `{name}` secret_file {path}")]
+    Secret {
+        name: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The secret is too short to sign with.
+    #[error("webhook `{0}`: the secret must be at least 16 characters")]
+    ShortSecret(String),
+}
+
+/// Why one delivery failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+enum DeliveryError {
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    #[error("timed out")]
+    Timeout,
+    #[error("receiver answered {0}")]
+    Status(hyper::StatusCode),
+}
 
 /// A webhook as configured.
 #[derive(Debug, Clone, Deserialize)]
@@ -62,7 +98,7 @@ impl Webhook {
 
 /// Delivers outbox items to the configured webhooks.
 pub struct Dispatcher {
-    store: Arc<dyn Store>,
+    store: Store,
     hooks: Vec<Webhook>,
 }
 
@@ -78,11 +114,15 @@ pub fn signature(key: &ring::hmac::Key, timestamp: i64, body: &[u8]) -> String {
 
 impl Dispatcher {
     /// Validates the webhook settings and reads their secrets.
-    pub fn new(store: Arc<dyn Store>, configs: &[WebhookConfig]) -> anyhow::Result<Self> {
+    pub fn new(store: Store, configs: &[WebhookConfig]) -> Result<Self, WebhookConfigError> {
         let mut hooks = Vec::new();
         for c in configs {
-            let (endpoint, path) = Endpoint::parse_url(&c.url, c.ca_file.as_deref())
-                .with_context(|| format!("webhook `{}` url", c.name))?;
+            let (endpoint, path) = Endpoint::parse_url(&c.url, c.ca_file.as_deref()).map_err(|source| {
+                WebhookConfigError::Url {
+                    name: c.name.clone(),
+                    source,
+                }
+            })?;
             if c.url.starts_with("http://") {
                 let host = c
                     .url
@@ -90,20 +130,20 @@ impl Dispatcher {
                     .split(['/', ':'])
                     .next()
                     .unwrap_or_default();
-                anyhow::ensure!(
-                    matches!(host, "127.0.0.1" | "localhost" | "[::1]"),
-                    "webhook `{}`: plain http:// is only allowed to a loopback address",
-                    c.name
-                );
+                if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
+                    return Err(WebhookConfigError::PlainHttp(c.name.clone()));
+                }
             }
-            let secret = std::fs::read_to_string(&c.secret_file)
-                .with_context(|| format!("webhook `{}` secret_file {}", c.name, c.secret_file.display()))?;
+            let secret =
+                std::fs::read_to_string(&c.secret_file).map_err(|source| WebhookConfigError::Secret {
+                    name: c.name.clone(),
+                    path: c.secret_file.display().to_string(),
+                    source,
+                })?;
             let secret = secret.trim();
-            anyhow::ensure!(
-                secret.len() >= 16,
-                "webhook `{}`: the secret must be at least 16 characters",
-                c.name
-            );
+            if secret.len() < 16 {
+                return Err(WebhookConfigError::ShortSecret(c.name.clone()));
+            }
             hooks.push(Webhook {
                 name: c.name.clone(),
                 endpoint,
@@ -125,7 +165,7 @@ impl Dispatcher {
         }
     }
 
-    async fn pass(&self) -> anyhow::Result<()> {
+    async fn pass(&self) -> Result<(), crate::store::StoreError> {
         let now = now_unix();
         for mut item in self.store.outbox(100).await? {
             if item.next_attempt_at > now {
@@ -149,9 +189,9 @@ impl Dispatcher {
                         if *attempts >= MAX_ATTEMPTS {
                             item.done.push(hook.name.clone());
                             let event = AuditEvent {
-                                kind: "webhook.undeliverable".into(),
-                                actor: "castellan".into(),
-                                detail: json!({ "webhook": hook.name, "delivery": item.id, "event": item.notification.event, "error": e.to_string() }),
+                                kind: crate::model::AuditKind::WebhookUndeliverable,
+                                actor: crate::model::Actor::Castellan,
+                                detail: json!({ "webhook": hook.name, "delivery": item.id, "event": item.notification.event, "error": crate::util::error_chain(&e) }),
                             };
                             self.store.audit(event).await?;
                         } else {
@@ -172,13 +212,15 @@ impl Dispatcher {
         Ok(())
     }
 
-    async fn deliver(&self, hook: &Webhook, item: &OutboxItem) -> anyhow::Result<()> {
-        let body = serde_json::to_vec(&json!({
+    async fn deliver(&self, hook: &Webhook, item: &OutboxItem) -> Result<(), DeliveryError> {
+        let body = json!({
             "id": item.id,
             "event": item.notification.event,
             "created_at": item.created_at,
             "data": item.notification.payload,
-        }))?;
+        })
+        .to_string()
+        .into_bytes();
         let timestamp = now_unix();
         let headers = [
             ("x-castellan-event", item.notification.event.clone()),
@@ -192,8 +234,10 @@ impl Dispatcher {
         };
         let (status, _) = tokio::time::timeout(Duration::from_secs(10), send)
             .await
-            .context("timed out")??;
-        anyhow::ensure!(status.is_success(), "receiver answered {status}");
+            .map_err(|_| DeliveryError::Timeout)??;
+        if !status.is_success() {
+            return Err(DeliveryError::Status(status));
+        }
         Ok(())
     }
 }

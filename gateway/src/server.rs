@@ -12,34 +12,29 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
-use crate::attest::Attestors;
-use crate::auth::Authenticator;
-use crate::ca;
-use crate::config::Config;
-use crate::http::{AppState, router};
-use crate::issuance::Pipeline;
-use crate::signer::{InProcessSigner, Signer};
-use crate::store::{RedbStore, Store};
-use crate::trust::{Registry, TrustSource};
+use castellan::attest::Attestors;
+use castellan::auth::Authenticator;
+use castellan::bundle::BundleKeys;
+use castellan::ca;
+use castellan::config::Config;
+use castellan::engine::Engine;
+use castellan::http::{AppState, router};
+use castellan::signer::{InProcessSigner, Signer};
+use castellan::store::Store;
+use castellan::trust::{Registry, TrustSource};
 
 /// A server ready to listen.
 pub struct App {
-    pub pipeline: Arc<Pipeline>,
+    pub engine: Arc<Engine>,
     pub auth: Arc<Authenticator>,
-    pub approvals: Arc<crate::approvals::Approvals>,
-    pub bundles: Arc<crate::bundle::Bundles>,
-    /// Workload API registration entries.
-    pub entries: Arc<crate::workload_api::Entries>,
+    pub bundles: Arc<castellan::bundle::Bundles>,
     /// Public keys that may sign bundles, and whether unsigned ones pass.
     pub bundle_keys: Arc<BundleKeys>,
-    pub broker: Arc<crate::broker::Broker>,
     /// Foreign trust domains' bundles (refreshers start with the listener).
-    pub federation: Arc<crate::federation::Federation>,
+    pub federation: Arc<castellan::federation::Federation>,
     /// Started with the listener; `None` once started or when no webhooks.
-    pub dispatcher: std::sync::Mutex<Option<crate::notify::Dispatcher>>,
+    pub dispatcher: std::sync::Mutex<Option<castellan::notify::Dispatcher>>,
     pub admin_token_path: PathBuf,
-    pub store_path: PathBuf,
-    pub ca_dir: PathBuf,
     pub ca_created: bool,
     pub config: Config,
 }
@@ -53,18 +48,18 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     restrict_dir(dir)?;
 
     let store_path = dir.join("castellan.redb");
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&store_path)?);
+    let store = Store::redb(&store_path)?;
 
     let ca_dir = dir.join("ca");
     let ca = ca::load_or_create(&ca_dir, &config.trust_domain)?;
-    let mut signer = InProcessSigner::new(&ca)?;
+    let mut signer = InProcessSigner::new(&ca, &config.trust_domain)?;
     if config.workload_api.jwt_svid_algorithm == "RS256" {
         signer = signer.with_rsa_jwt_key(&ca::load_or_create_rsa_jwt_key(&ca_dir)?)?;
     }
     let signer: Arc<dyn Signer> = Arc::new(signer);
 
     let admin_token_path = dir.join("admin.token");
-    let oidc = Arc::new(crate::auth::OidcIssuers::new(&config.oidc_issuers)?);
+    let oidc = Arc::new(castellan::auth::OidcIssuers::new(&config.oidc_issuers)?);
     let auth = Arc::new(
         Authenticator::load_or_create(&admin_token_path)
             .with_context(|| format!("admin token {}", admin_token_path.display()))?
@@ -76,7 +71,7 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     let cache_dir = dir.join("cache").join("attestors");
     let attestors = Arc::new(Attestors::with_cache_dir(
         &config.sandbox,
-        crate::attest::embedded::MODULES,
+        castellan::attest::embedded::MODULES,
         Some(&cache_dir),
     )?);
 
@@ -89,18 +84,18 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         );
     }
     sources.extend(extra_sources);
-    sources.push(crate::join_token::trust_source(
+    sources.push(castellan::engine::join_token::trust_source(
         &config.trust_domain,
         signer.jwks(),
     ));
     sources.extend(store.trust_sources().await?);
     let trust = Arc::new(Registry::new(sources)?);
 
-    crate::policy::set_eval_deadline(std::time::Duration::from_millis(config.policy_deadline_ms));
+    castellan::policy::set_eval_deadline(std::time::Duration::from_millis(config.policy_deadline_ms));
     let initial = match &config.policies {
-        Some(dir) => crate::bundle::Bundle::from_dir(dir)
+        Some(dir) => castellan::bundle::Bundle::from_dir(dir)
             .with_context(|| format!("policy bundle {}", dir.display()))?,
-        None => crate::bundle::Bundle::embedded(),
+        None => castellan::bundle::Bundle::embedded(),
     };
     let logger = if config.decision_logs.enabled {
         let path = config
@@ -108,16 +103,17 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
             .path
             .clone()
             .unwrap_or_else(|| dir.join("decisions.log"));
-        let logger = crate::policy::DecisionLogger::open(path.clone(), config.decision_logs.mask.clone())
+        let logger = castellan::policy::DecisionLogger::open(path.clone(), config.decision_logs.mask.clone())
             .with_context(|| format!("decision_logs.path {}", path.display()))?;
         Some(Arc::new(logger))
     } else {
         None
     };
-    let (bundles, policies) = crate::bundle::Bundles::start(attestors.clone(), "default", initial, logger)
-        .map_err(|e| anyhow::anyhow!("policy bundle: {e}"))?;
+    let (bundles, policies) =
+        castellan::bundle::Bundles::start(attestors.clone(), "default", initial, logger)
+            .map_err(|e| anyhow::anyhow!("policy bundle: {e}"))?;
     let bundles = Arc::new(bundles);
-    let signing_keys = load_bundle_keys(&config)?;
+    let signing_keys = castellan::bundle::load_keys(&config)?;
     // A source whose method no module serves stays inert until a bundle
     // brings one; it is not an error (bundles may be pushed after start).
     let snapshot = policies.snapshot();
@@ -129,45 +125,37 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
 
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let max_in_flight = (workers * 4).min(config.sandbox.max_instances as usize);
-    let pipeline = Arc::new(Pipeline::new(
-        config.trust_domain.clone(),
+    let entries = Arc::new(castellan::entries::Entries::new(store.entries().await?));
+    let engine = Engine::new(castellan::engine::Parts {
+        trust_domain: config.trust_domain.clone(),
         attestors,
         trust,
         policies,
         signer,
-        store,
-        config.issuance.clone(),
+        store: store.clone(),
+        limits: config.issuance.clone(),
+        entries,
+        oidc,
         max_in_flight,
-    ));
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
     if let Some(url) = &config.public_url {
-        let _ = pipeline.public_url.set(url.trim_end_matches('/').to_owned());
+        let _ = engine.public_url.set(url.trim_end_matches('/').to_owned());
     }
-    let pipeline_store_entries = pipeline.store.entries().await?;
-    let approvals = crate::approvals::Approvals::new(pipeline.clone());
-    let broker = crate::broker::Broker::new(pipeline.clone(), approvals.clone(), oidc)
-        .await
-        .map_err(|e| anyhow::anyhow!("broker: {e}"))?;
     let dispatcher = if config.webhooks.is_empty() {
         None
     } else {
-        Some(crate::notify::Dispatcher::new(
-            pipeline.store.clone(),
-            &config.webhooks,
-        )?)
+        Some(castellan::notify::Dispatcher::new(store, &config.webhooks)?)
     };
     Ok(App {
-        pipeline,
+        engine,
         auth,
-        approvals,
         bundles,
-        entries: Arc::new(crate::workload_api::Entries::new(pipeline_store_entries)),
         bundle_keys: Arc::new(signing_keys),
-        broker,
-        federation: crate::federation::Federation::new(config.federation.trust_domains.clone()),
+        federation: castellan::federation::Federation::new(config.federation.trust_domains.clone()),
         dispatcher: std::sync::Mutex::new(dispatcher),
         admin_token_path,
-        store_path,
-        ca_dir,
         ca_created: ca.created,
         config,
     })
@@ -176,8 +164,8 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
 impl App {
     /// The SPIFFE ID in Castellan's own server certificate: what a federated
     /// peer names as `endpoint_spiffe_id`.
-    pub fn server_spiffe_id(&self) -> anyhow::Result<crate::spiffe_id::SpiffeId> {
-        Ok(crate::spiffe_id::SpiffeId::parse(&format!(
+    pub fn server_spiffe_id(&self) -> anyhow::Result<castellan::spiffe_id::SpiffeId> {
+        Ok(castellan::spiffe_id::SpiffeId::parse(&format!(
             "spiffe://{}/castellan/server",
             self.config.trust_domain
         ))?)
@@ -191,73 +179,6 @@ impl App {
             .clone()
             .unwrap_or_else(|| self.config.data_dir.join("workload.sock"))
     }
-}
-
-/// Who may sign bundles.
-pub struct BundleKeys {
-    /// (keyid, PEM public key).
-    pub keys: Vec<(Option<String>, String)>,
-    /// Unsigned bundles pass (`bundles.verification = "off"`, or `dev`).
-    pub verification_off: bool,
-}
-
-impl BundleKeys {
-    /// Verifies a bundle's signature with the configured keys. Returns
-    /// whether it was signed and verified.
-    pub fn verify(&self, bundle: &crate::bundle::Bundle) -> Result<bool, crate::bundle::BundleError> {
-        if !bundle.files.contains_key(crate::bundle::SIGNATURES_FILE) {
-            if self.verification_off {
-                return Ok(false);
-            }
-            return Err(crate::bundle::BundleError::Signature(
-                "the bundle is not signed, and bundles.verification is `required`".into(),
-            ));
-        }
-        if self.keys.is_empty() {
-            return Err(crate::bundle::BundleError::Signature(
-                "no bundle signing keys are configured (bundles.keys)".into(),
-            ));
-        }
-        let mut last = None;
-        for (_, pem) in &self.keys {
-            match crate::bundle::verify(bundle, pem) {
-                Ok(sig) => {
-                    let expected = self
-                        .keys
-                        .iter()
-                        .find(|(_, p)| p == pem)
-                        .and_then(|(k, _)| k.clone());
-                    if let (Some(want), Some(got)) = (expected, sig.keyid.as_ref())
-                        && want != *got
-                    {
-                        last = Some(crate::bundle::BundleError::Signature(format!(
-                            "keyid `{got}` does not match the key's `{want}`"
-                        )));
-                        continue;
-                    }
-                    return Ok(true);
-                }
-                // An integrity failure is final: the signature was good, the content is not.
-                Err(e @ crate::bundle::BundleError::Integrity(_)) => return Err(e),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last
-            .unwrap_or_else(|| crate::bundle::BundleError::Signature("no key verifies the signature".into())))
-    }
-}
-
-fn load_bundle_keys(config: &Config) -> anyhow::Result<BundleKeys> {
-    let mut keys = Vec::new();
-    for k in &config.bundles.keys {
-        let pem = std::fs::read_to_string(&k.public_key_file)
-            .with_context(|| format!("bundles.keys public_key_file {}", k.public_key_file.display()))?;
-        keys.push((k.keyid.clone(), pem));
-    }
-    Ok(BundleKeys {
-        keys,
-        verification_off: config.bundles.verification == "off",
-    })
 }
 
 /// Keeps the data directory private to its owner: it holds CA keys.
@@ -280,9 +201,16 @@ pub fn tls_config(app: &App, addr: SocketAddr) -> anyhow::Result<rustls::ServerC
             if addr.ip().is_unspecified() {
                 ips = vec![std::net::Ipv4Addr::LOCALHOST.into()];
             }
-            app.pipeline
-                .signer
-                .issue_server_certificate(&app.server_spiffe_id()?, &tls.dns_names, &ips)?
+            // The listener's key is made here and never leaves this process.
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+            let chain = app.engine.signer.issue_server_certificate(
+                &app.server_spiffe_id()?,
+                &tls.dns_names,
+                &ips,
+                &spki,
+            )?;
+            (chain, key.serialize_pem())
         }
     };
     let certs = rustls_pemfile::certs(&mut chain_pem.as_bytes())
@@ -328,35 +256,31 @@ pub async fn serve(
             ip => ip.to_string(),
         };
         let _ = app
-            .pipeline
+            .engine
             .public_url
             .set(format!("{scheme}://{host}:{}", local.port()));
     }
     let state = AppState {
-        pipeline: app.pipeline.clone(),
+        engine: app.engine.clone(),
         auth: app.auth.clone(),
-        approvals: app.approvals.clone(),
         bundles: app.bundles.clone(),
-        entries: app.entries.clone(),
         bundle_keys: app.bundle_keys.clone(),
-        broker: app.broker.clone(),
         federation: app.federation.clone(),
         bundle_refresh_hint: app.config.federation.refresh_hint_seconds,
         max_body_bytes: app.config.http.max_body_bytes,
     };
     if !app.config.bundles.sources.is_empty() {
-        tokio::spawn(crate::http::bundles::watch(
+        tokio::spawn(castellan::http::watch_bundle_sources(
             state.clone(),
             app.config.bundles.sources.clone(),
         ));
     }
     let service = TowerToHyperService::new(router(state));
-    tokio::spawn(app.approvals.clone().run_housekeeping());
+    tokio::spawn(app.engine.clone().run_housekeeping());
     app.federation.start();
-    tokio::spawn(crate::trust::refresh_jwks_urls(app.pipeline.trust.clone()));
-    let api = crate::workload_api::WorkloadApi::new(
-        app.pipeline.clone(),
-        app.entries.clone(),
+    tokio::spawn(castellan::trust::refresh_jwks_urls(app.engine.trust.clone()));
+    let api = castellan::workload_api::WorkloadApi::new(
+        app.engine.clone(),
         app.federation.clone(),
         app.config.workload_api.clone(),
     );

@@ -1,7 +1,15 @@
 //! The signer: the only code that touches CA keys. It mints X.509-SVIDs from
 //! a [`Template`] exactly as the X.509-SVID standard asks (one URI SAN, leaf
-//! KeyUsage critical with digitalSignature, BasicConstraints CA:false) and
-//! never decides *whether* to sign: that is the pipeline's job.
+//! KeyUsage critical with digitalSignature, BasicConstraints CA:false),
+//! JWT-SVIDs from typed [`JwtSvidClaims`], and join tokens from typed
+//! [`JoinTokenClaims`]. It never decides *whether* to sign (that is the
+//! engine's job) but it does enforce *what* it signs: only identities in its
+//! own trust domain, so a separate signer process could refuse a
+//! compromised gateway whatever it asks.
+//!
+//! The contract is **blocking**: every method does CPU work here, or, for a
+//! signer in another process, waits on its socket. The engine calls it from
+//! its blocking pool; start-up code calls it directly.
 
 use rcgen::{
     CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
@@ -19,6 +27,12 @@ const BACKDATE: Duration = Duration::seconds(30);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SignerError {
+    /// The identity asked for is not in the signer's trust domain.
+    #[error("{0} is outside the trust domain this signer serves")]
+    ForeignIdentity(String),
+    /// No key of that algorithm is loaded.
+    #[error("no {0} JWT-SVID key is loaded")]
+    NoKey(JwtAlg),
     /// The CA key or certificate could not be loaded.
     #[error("signer key: {0}")]
     Key(String),
@@ -29,8 +43,100 @@ pub enum SignerError {
     #[error("template: {0}")]
     Template(String),
     /// Signing itself failed.
-    #[error("signing failed: {0}")]
+    #[error("signing failed")]
     Sign(#[from] rcgen::Error),
+    /// Signing a JWT failed.
+    #[error("JWT signing failed")]
+    Jwt(#[from] jsonwebtoken::errors::Error),
+}
+
+/// The algorithms JWT-SVIDs are signed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum JwtAlg {
+    /// ECDSA P-256 with SHA-256: the default, and what agent identities and
+    /// join tokens use.
+    ES256,
+    /// RSASSA-PKCS1-v1_5 with SHA-256, for relying parties that only take RSA.
+    RS256,
+}
+
+impl std::fmt::Display for JwtAlg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JwtAlg::ES256 => "ES256",
+            JwtAlg::RS256 => "RS256",
+        })
+    }
+}
+
+/// The claims of a JWT-SVID: `sub` is the SPIFFE ID, `aud` at least one
+/// audience, `exp` required (the JWT-SVID standard), plus what agent
+/// identities carry.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JwtSvidClaims {
+    pub sub: SpiffeId,
+    pub aud: Vec<String>,
+    pub iat: i64,
+    pub exp: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// The broker's claims, for agent identities.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentClaims>,
+}
+
+/// What an agent identity's JWT-SVID says beyond the standard claims.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AgentClaims {
+    /// Space-separated scopes.
+    pub scope: String,
+    pub agent_id: String,
+    /// RFC 7800 confirmation: the thumbprint of the key the agent holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+    /// RFC 8693 actor chain: who the agent acts for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub act: Option<ActClaim>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskClaim>,
+}
+
+/// `cnf` with an RFC 7638 JWK thumbprint.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Confirmation {
+    pub jkt: String,
+}
+
+/// One level of an RFC 8693 `act` claim, nesting the one before it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ActClaim {
+    pub sub: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub act: Option<Box<ActClaim>>,
+}
+
+/// The task an agent identity is scoped to.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TaskClaim {
+    pub id: String,
+    pub purpose: String,
+}
+
+/// The claims of a join token: a one-time bootstrap credential for a host,
+/// verified by the `join_token` attestor like any token.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JoinTokenClaims {
+    pub iss: String,
+    pub aud: Vec<String>,
+    /// The host's name.
+    pub sub: String,
+    pub jti: String,
+    pub iat: i64,
+    pub exp: i64,
 }
 
 /// What to put in an X.509-SVID.
@@ -58,9 +164,11 @@ pub struct IssuedCertificate {
 }
 
 /// Signs credentials. Implementations: [`InProcessSigner`] (embedded), and
-/// later a client for a separate signer process.
+/// later a client for a separate signer process. Blocking (see the module
+/// documentation).
 pub trait Signer: Send + Sync + 'static {
-    /// Mints an X.509-SVID for the template.
+    /// Mints an X.509-SVID for the template; refuses an identity outside the
+    /// signer's trust domain.
     fn sign_x509_svid(&self, template: &Template) -> Result<IssuedCertificate, SignerError>;
 
     /// Intermediate certificates (PEM) that complete a leaf's chain.
@@ -69,31 +177,33 @@ pub trait Signer: Send + Sync + 'static {
     /// Trust anchors (PEM) relying parties verify chains against.
     fn bundle_pem(&self) -> &str;
 
-    /// Signs a JWT (ES256) with the JWT-SVID key; the header carries `kid`
-    /// and `typ: JWT`. The caller builds the claims; the signer adds nothing.
-    fn sign_jwt(&self, claims: &serde_json::Value) -> Result<String, SignerError>;
+    /// Signs a JWT-SVID with `alg`; the header carries `kid` and `typ: JWT`.
+    /// Refuses a `sub` outside the signer's trust domain.
+    fn sign_jwt_svid(&self, claims: &JwtSvidClaims, alg: JwtAlg) -> Result<String, SignerError>;
 
-    /// Signs a JWT-SVID with `alg` (`ES256`, or `RS256` when an RSA JWT key
-    /// is loaded).
-    fn sign_jwt_svid(&self, claims: &serde_json::Value, alg: &str) -> Result<String, SignerError>;
+    /// Signs a join token (ES256) with the JWT key.
+    fn sign_join_token(&self, claims: &JoinTokenClaims) -> Result<String, SignerError>;
 
     /// The public JWT signing keys as a JWKS, for relying parties.
     fn jwks(&self) -> serde_json::Value;
 
-    /// Issues a TLS server certificate for Castellan's own listener. It is
-    /// also an X.509-SVID for `spiffe_id`, so that peers may authenticate the
-    /// bundle endpoint with the `https_spiffe` profile. Returns the chain PEM
-    /// (leaf first) and the new private key PEM.
+    /// Issues a TLS server certificate for Castellan's own listener, bound
+    /// to `public_key_der` (a SubjectPublicKeyInfo: the caller keeps the
+    /// private key). It is also an X.509-SVID for `spiffe_id`, so that peers
+    /// may authenticate the bundle endpoint with the `https_spiffe` profile.
+    /// Returns the chain PEM, leaf first.
     fn issue_server_certificate(
         &self,
         spiffe_id: &SpiffeId,
         dns_names: &[String],
         ips: &[std::net::IpAddr],
-    ) -> Result<(String, String), SignerError>;
+        public_key_der: &[u8],
+    ) -> Result<String, SignerError>;
 }
 
 /// Signs in this process with the intermediate CA key.
 pub struct InProcessSigner {
+    trust_domain: String,
     issuer: Issuer<'static, KeyPair>,
     jwt_key: jsonwebtoken::EncodingKey,
     jwt_kid: String,
@@ -106,8 +216,9 @@ pub struct InProcessSigner {
 }
 
 impl InProcessSigner {
-    /// Loads the intermediate key and certificate.
-    pub fn new(ca: &CaMaterial) -> Result<Self, SignerError> {
+    /// Loads the intermediate key and certificate; the signer signs for
+    /// `trust_domain` only.
+    pub fn new(ca: &CaMaterial, trust_domain: &str) -> Result<Self, SignerError> {
         let key = KeyPair::from_pem(&ca.intermediate_key_pem).map_err(|e| SignerError::Key(e.to_string()))?;
         let issuer = Issuer::from_ca_cert_pem(&ca.intermediate_cert_pem, key)
             .map_err(|e| SignerError::Key(format!("intermediate certificate: {e}")))?;
@@ -121,11 +232,12 @@ impl InProcessSigner {
             KeyPair::from_pem(&ca.jwt_key_pem).map_err(|e| SignerError::Key(format!("JWT key: {e}")))?;
         let jwt_key = jsonwebtoken::EncodingKey::from_ec_pem(ca.jwt_key_pem.as_bytes())
             .map_err(|e| SignerError::Key(format!("JWT key: {e}")))?;
-        let jwk = crate::dev::p256_jwk(&jwt_pair, "");
+        let jwk = p256_jwk(&jwt_pair, "");
         let jwt_kid = jwk_thumbprint(&jwk);
         let mut public = jwk;
         public["kid"] = jwt_kid.clone().into();
         Ok(Self {
+            trust_domain: trust_domain.to_owned(),
             issuer,
             jwt_key,
             jwt_kid,
@@ -209,6 +321,17 @@ fn finish(cert: rcgen::Certificate, params: &CertificateParams) -> IssuedCertifi
     }
 }
 
+/// The public JWK of a P-256 key.
+pub fn p256_jwk(key: &KeyPair, kid: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let raw = key.public_key_raw();
+    serde_json::json!({
+        "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+        "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw[1..33]),
+        "y": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw[33..65]),
+    })
+}
+
 /// RFC 7638 JWK thumbprint (SHA-256, base64url) of an EC or RSA public JWK.
 pub fn jwk_thumbprint(jwk: &serde_json::Value) -> String {
     use base64::Engine as _;
@@ -228,24 +351,52 @@ pub fn jwk_thumbprint(jwk: &serde_json::Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(canonical.as_bytes()))
 }
 
-impl Signer for InProcessSigner {
-    fn sign_jwt(&self, claims: &serde_json::Value) -> Result<String, SignerError> {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some(self.jwt_kid.clone());
-        header.typ = Some("JWT".into());
-        jsonwebtoken::encode(&header, claims, &self.jwt_key).map_err(|e| SignerError::Template(e.to_string()))
+impl InProcessSigner {
+    /// Refuses an identity outside this signer's trust domain.
+    fn check_identity(&self, id: &SpiffeId) -> Result<(), SignerError> {
+        if id.trust_domain() != self.trust_domain || id.path().is_empty() {
+            return Err(SignerError::ForeignIdentity(id.to_string()));
+        }
+        Ok(())
     }
 
-    fn sign_jwt_svid(&self, claims: &serde_json::Value, alg: &str) -> Result<String, SignerError> {
-        let (algorithm, key, kid) = match (alg, &self.rsa_jwt) {
-            ("ES256", _) => (jsonwebtoken::Algorithm::ES256, &self.jwt_key, &self.jwt_kid),
-            ("RS256", Some((key, kid))) => (jsonwebtoken::Algorithm::RS256, key, kid),
-            _ => return Err(SignerError::Key(format!("no {alg} JWT-SVID key is loaded"))),
-        };
+    fn sign_jwt(
+        &self,
+        claims: &impl serde::Serialize,
+        algorithm: jsonwebtoken::Algorithm,
+        key: &jsonwebtoken::EncodingKey,
+        kid: &str,
+    ) -> Result<String, SignerError> {
         let mut header = jsonwebtoken::Header::new(algorithm);
-        header.kid = Some(kid.clone());
+        header.kid = Some(kid.to_owned());
         header.typ = Some("JWT".into());
-        jsonwebtoken::encode(&header, claims, key).map_err(|e| SignerError::Template(e.to_string()))
+        Ok(jsonwebtoken::encode(&header, claims, key)?)
+    }
+}
+
+impl Signer for InProcessSigner {
+    fn sign_jwt_svid(&self, claims: &JwtSvidClaims, alg: JwtAlg) -> Result<String, SignerError> {
+        self.check_identity(&claims.sub)?;
+        if claims.aud.is_empty() || claims.exp <= claims.iat {
+            return Err(SignerError::Template(
+                "a JWT-SVID needs an audience and a lifetime".into(),
+            ));
+        }
+        let (algorithm, key, kid) = match (alg, &self.rsa_jwt) {
+            (JwtAlg::ES256, _) => (jsonwebtoken::Algorithm::ES256, &self.jwt_key, &self.jwt_kid),
+            (JwtAlg::RS256, Some((key, kid))) => (jsonwebtoken::Algorithm::RS256, key, kid),
+            (JwtAlg::RS256, None) => return Err(SignerError::NoKey(alg)),
+        };
+        self.sign_jwt(claims, algorithm, key, kid)
+    }
+
+    fn sign_join_token(&self, claims: &JoinTokenClaims) -> Result<String, SignerError> {
+        self.sign_jwt(
+            claims,
+            jsonwebtoken::Algorithm::ES256,
+            &self.jwt_key,
+            &self.jwt_kid,
+        )
     }
 
     fn jwks(&self) -> serde_json::Value {
@@ -253,6 +404,7 @@ impl Signer for InProcessSigner {
     }
 
     fn sign_x509_svid(&self, t: &Template) -> Result<IssuedCertificate, SignerError> {
+        self.check_identity(&t.spiffe_id)?;
         let public_key = SubjectPublicKeyInfo::from_der(&t.public_key_der)
             .map_err(|e| SignerError::PublicKey(e.to_string()))?;
         let mut params = self.leaf_params(t.ttl)?;
@@ -295,8 +447,11 @@ impl Signer for InProcessSigner {
         spiffe_id: &SpiffeId,
         dns_names: &[String],
         ips: &[std::net::IpAddr],
-    ) -> Result<(String, String), SignerError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        public_key_der: &[u8],
+    ) -> Result<String, SignerError> {
+        self.check_identity(spiffe_id)?;
+        let key = SubjectPublicKeyInfo::from_der(public_key_der)
+            .map_err(|e| SignerError::PublicKey(e.to_string()))?;
         let mut params = self.leaf_params(Duration::days(90))?;
         params.is_ca = IsCa::ExplicitNoCa;
         params
@@ -319,8 +474,7 @@ impl Signer for InProcessSigner {
             .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &self.issuer)?;
-        let chain = format!("{}{}", cert.pem(), self.intermediates_pem);
-        Ok((chain, key.serialize_pem()))
+        Ok(format!("{}{}", cert.pem(), self.intermediates_pem))
     }
 }
 
@@ -348,9 +502,18 @@ mod tests {
     fn jwts_carry_the_thumbprint_kid_and_verify_with_the_published_key() {
         let dir = tempfile::tempdir().unwrap();
         let ca = crate::ca::load_or_create(&dir.path().join("ca"), "example.org").unwrap();
-        let signer = InProcessSigner::new(&ca).unwrap();
+        let signer = InProcessSigner::new(&ca, "example.org").unwrap();
+        let claims = |sub: &str| JwtSvidClaims {
+            sub: SpiffeId::parse(sub).unwrap(),
+            aud: vec!["a".into()],
+            iat: 1,
+            exp: 4_000_000_000,
+            iss: None,
+            jti: None,
+            agent: None,
+        };
         let token = signer
-            .sign_jwt(&serde_json::json!({"sub": "spiffe://example.org/a", "exp": 4_000_000_000u64}))
+            .sign_jwt_svid(&claims("spiffe://example.org/a"), JwtAlg::ES256)
             .unwrap();
         let header = jsonwebtoken::decode_header(&token).unwrap();
         let jwks = signer.jwks();
@@ -359,5 +522,27 @@ mod tests {
         let keys = crate::trust::KeySet::from_jwks(&jwks).unwrap();
         keys.verify_compact(&token).unwrap();
         assert!(jwks["keys"][0].get("d").is_none(), "public only");
+        // Purpose: nothing outside the trust domain, in any shape.
+        assert!(matches!(
+            signer.sign_jwt_svid(&claims("spiffe://evil.org/a"), JwtAlg::ES256),
+            Err(SignerError::ForeignIdentity(_))
+        ));
+        assert!(matches!(
+            signer.sign_jwt_svid(&claims("spiffe://example.org/a"), JwtAlg::RS256),
+            Err(SignerError::NoKey(JwtAlg::RS256))
+        ));
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let template = |id: &str| Template {
+            spiffe_id: SpiffeId::parse(id).unwrap(),
+            public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
+            ttl: Duration::minutes(5),
+            dns_names: vec![],
+            extensions: vec![],
+        };
+        assert!(signer.sign_x509_svid(&template("spiffe://example.org/w")).is_ok());
+        assert!(matches!(
+            signer.sign_x509_svid(&template("spiffe://evil.org/w")),
+            Err(SignerError::ForeignIdentity(_))
+        ));
     }
 }

@@ -30,6 +30,13 @@ pub enum SpiffeIdError {
     TooLong,
 }
 
+/// A SPIFFE ID serialises as its URI (in JWT-SVID claims, for instance).
+impl serde::Serialize for SpiffeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl SpiffeId {
     /// Parses and validates a SPIFFE ID.
     pub fn parse(s: &str) -> Result<Self, SpiffeIdError> {

@@ -7,26 +7,56 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+
+/// Why a TLS client configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file of extra roots could not be read.
+    #[error("{path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A root certificate is not PEM or not usable.
+    #[error("{path}: {problem}")]
+    Root { path: String, problem: String },
+    /// The bundle to trust is empty.
+    #[error("the bundle holds no X.509 authority")]
+    NoAuthority,
+    /// rustls refused the configuration.
+    #[error("TLS configuration")]
+    Config(#[from] rustls::Error),
+}
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// Web PKI roots, plus the certificates of `extra_roots` (PEM) if given.
-pub fn web_client_config(extra_roots: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+pub fn web_client_config(extra_roots: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_roots {
-        let pem = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+        let shown = path.display().to_string();
+        let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let bad = |problem: String| TlsError::Root {
+            path: shown.clone(),
+            problem,
+        };
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| bad(format!("not PEM: {e}")))?;
             roots
-                .add(cert.with_context(|| format!("{} is not PEM", path.display()))?)
-                .with_context(|| format!("a certificate in {} is not usable as a root", path.display()))?;
+                .add(cert)
+                .map_err(|e| bad(format!("a certificate is not usable as a root: {e}")))?;
         }
     }
     let config = rustls::ClientConfig::builder_with_provider(provider())
@@ -41,8 +71,10 @@ pub fn web_client_config(extra_roots: Option<&Path>) -> anyhow::Result<Arc<rustl
 pub fn spiffe_client_config(
     authorities: Vec<Vec<u8>>,
     spiffe_id: String,
-) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    anyhow::ensure!(!authorities.is_empty(), "the bundle holds no X.509 authority");
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    if authorities.is_empty() {
+        return Err(TlsError::NoAuthority);
+    }
     let provider = provider();
     let verifier = SpiffeServerVerifier {
         authorities: authorities.into_iter().map(CertificateDer::from).collect(),

@@ -17,7 +17,7 @@ use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
-use crate::client::Endpoint;
+use castellan::client::Endpoint;
 
 /// What the server answers to a tpm challenge request.
 #[derive(serde::Deserialize)]
@@ -72,7 +72,7 @@ impl Tpm {
     pub fn ek_sha256(&self) -> anyhow::Result<String> {
         let ek = castellan_tpm::wire::Public::from_tpm2b(self.attestor.ek_public())
             .map_err(|e| anyhow::anyhow!("the TPM's EK public area does not parse: {}", one_line(&e)))?;
-        Ok(crate::util::sha256_hex(ek.tpmt_bytes()))
+        Ok(castellan::util::sha256_hex(ek.tpmt_bytes()))
     }
 
     /// Gets a challenge for this TPM's EK and AK, activates the credential
@@ -168,7 +168,7 @@ async fn post<T: serde::de::DeserializeOwned>(
     anyhow::ensure!(
         status == StatusCode::CREATED,
         "{}",
-        crate::cli::problem_line(status, &resp)
+        castellan::client::problem_line(status, &resp)
     );
     serde_json::from_slice(&resp).context("the server's answer is not the expected JSON")
 }

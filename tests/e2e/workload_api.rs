@@ -134,6 +134,74 @@ async fn an_unregistered_caller_gets_permission_denied_and_streams_end_on_deleti
 }
 
 #[tokio::test]
+async fn workload_api_svids_are_in_the_inventory_and_the_audit_and_decisions_are_logged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(&config, "[decision_logs]\nenabled = true\n").unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::dev_in(&data, &["--config", config.to_str().unwrap()]);
+    let selector = format!("unix:uid:{}", my_uid());
+    let c = client(&server).await;
+    // Refused first: the refusal is audited with what the kernel says.
+    assert!(c.fetch_x509_svid().await.is_err());
+    entry(&server, "spiffe://example.org/workload/inv", &selector, "");
+    let svid = c.fetch_x509_svid().await.unwrap();
+    let leaf = svid.cert_chain()[0].as_ref().to_vec();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    let serial = hex::encode(cert.raw_serial());
+    c.fetch_jwt_svid(&["payments"], None).await.unwrap();
+
+    let certs = server.certificates();
+    let recorded = certs
+        .iter()
+        .find(|r| r["serial"] == serial.as_str())
+        .unwrap_or_else(|| panic!("serial {serial} not in {certs:?}"));
+    assert_eq!(recorded["source"], "workload_api");
+    assert_eq!(recorded["spiffe_id"], "spiffe://example.org/workload/inv");
+    assert!(recorded["not_after"].as_str().unwrap().starts_with("20"));
+    assert!(
+        recorded["selectors"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(selector))
+    );
+
+    let audit = server.audit();
+    let kind = |k: &str| audit.iter().filter(|e| e["kind"] == k).collect::<Vec<_>>();
+    let issued = kind("workload_api.x509_issued");
+    assert!(issued.iter().any(|e| e["detail"]["serial"] == recorded["serial"]));
+    assert_eq!(kind("workload_api.jwt_issued").len(), 1);
+    let refused = kind("workload_api.refused");
+    assert!(!refused.is_empty());
+    assert_eq!(refused[0]["detail"]["problem"], "not-registered");
+    assert!(
+        refused[0]["detail"]["selectors"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(selector))
+    );
+
+    let log = data.join("decisions.log");
+    assert!(support::eventually(std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .map(|t| t.contains("castellan/workload_api/decision"))
+            .unwrap_or(false)
+    }));
+    let line: serde_json::Value = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["path"] == "castellan/workload_api/decision")
+        .unwrap();
+    assert_eq!(line["input"]["version"], 1);
+    assert_eq!(
+        line["input"]["entry"]["spiffe_id"],
+        "spiffe://example.org/workload/inv"
+    );
+    assert_eq!(line["result"]["allow"], true);
+}
+
+#[tokio::test]
 async fn a_raw_call_without_the_security_header_is_refused() {
     let server = Server::dev();
     entry(

@@ -1,168 +1,18 @@
-//! Approvals: just-in-time ephemeral requests that wait for people.
+//! Approvals: the rules of just-in-time requests that wait for people.
 //!
-//! This module owns the request record, its state machine (`pending` →
-//! `approved` → `issued`; `pending` → `denied` | `expired` | `cancelled`),
-//! the binding that ties every vote to exactly what was approved, and the
-//! rules of voting (no self-approval, one vote per approver, eligibility from
-//! policy). It never signs: the surface asks the signer once the store has
-//! recorded the transition to `approved`, which happens exactly once because
-//! the store applies every transition in its single writer.
+//! This module owns a request's state machine (`pending` → `approved` →
+//! `issued`; `pending` → `denied` | `expired` | `cancelled`), the binding
+//! that ties every vote to exactly what was approved, and the rules of
+//! voting (no self-approval, one vote per approver, eligibility from
+//! policy). The request itself is the model's ([`Request`]). It never signs
+//! and never stores: the engine's ephemeral flow applies these rules inside
+//! one store transition, which happens exactly once per request because the
+//! store serialises transitions.
 
-mod service;
-
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-pub use service::{Approvals, Created, EphemeralError, NewRequest};
-
-use crate::auth::Principal;
-
-/// The states of an ephemeral request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Pending,
-    Approved,
-    Issued,
-    Denied,
-    Expired,
-    Cancelled,
-}
-
-impl State {
-    /// Whether no transition leaves this state.
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            State::Issued | State::Denied | State::Expired | State::Cancelled
-        )
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Pending => "pending",
-            State::Approved => "approved",
-            State::Issued => "issued",
-            State::Denied => "denied",
-            State::Expired => "expired",
-            State::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "pending" => State::Pending,
-            "approved" => State::Approved,
-            "issued" => State::Issued,
-            "denied" => State::Denied,
-            "expired" => State::Expired,
-            "cancelled" => State::Cancelled,
-            _ => return None,
-        })
-    }
-}
-
-/// Who asked, as recorded on the request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Requester {
-    /// `user:<name>` for API tokens and people, `workload:<method>:<subject>`
-    /// for evidence.
-    pub id: String,
-    pub name: String,
-    /// `token`, `oidc` or `evidence`.
-    pub kind: String,
-}
-
-/// One approver's vote.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Vote {
-    pub approver: String,
-    pub decision: Decision,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub reason: String,
-    pub at: String,
-}
-
-/// A vote's direction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Decision {
-    Approve,
-    Deny,
-}
-
-/// Who may approve and how many must, from the policy decision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rule {
-    pub required_approvals: u32,
-    #[serde(default)]
-    pub approver_groups: Vec<String>,
-    #[serde(default)]
-    pub approver_principals: Vec<String>,
-    /// Denials that end the request.
-    pub deny_threshold: u32,
-}
-
-impl From<crate::policy::ApprovalRule> for Rule {
-    /// At least one approval, and at least one denial, are ever needed.
-    fn from(a: crate::policy::ApprovalRule) -> Self {
-        Self {
-            required_approvals: a.required_approvals.max(1),
-            approver_groups: a.approver_groups,
-            approver_principals: a.approver_principals,
-            deny_threshold: a.deny_threshold.max(1),
-        }
-    }
-}
-
-/// The certificate an issued request produced.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IssuedCert {
-    pub certificate_pem: String,
-    pub chain_pem: String,
-    pub bundle_pem: String,
-    pub serial: String,
-    pub not_after: String,
-    /// The agent JWT-SVID, for broker requests that went through approval.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jwt_svid: Option<String>,
-}
-
-/// An ephemeral request as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Request {
-    pub id: String,
-    pub state: State,
-    pub requester: Requester,
-    pub spiffe_id: String,
-    pub dns_names: Vec<String>,
-    pub ttl_seconds: u64,
-    pub justification: String,
-    #[serde(default)]
-    pub ticket: Option<String>,
-    pub emergency: bool,
-    /// Break-glass issuances are flagged for review after the fact.
-    pub post_review: bool,
-    /// DER SubjectPublicKeyInfo (base64) the certificate will be bound to.
-    pub public_key: String,
-    pub binding: String,
-    pub rule: Rule,
-    pub votes: Vec<Vote>,
-    pub created_at: String,
-    /// Unix seconds after which a pending request expires.
-    pub expires_at: i64,
-    #[serde(default)]
-    pub decided_at: Option<String>,
-    #[serde(default)]
-    pub issued: Option<IssuedCert>,
-    pub policy_revision: String,
-    /// What the attestor proved, for requesters that sent evidence.
-    #[serde(default)]
-    pub attestation: Option<crate::issuance::AttestationSummary>,
-    /// For an agent identity escalated by the broker: what will be minted.
-    #[serde(default)]
-    pub agent: Option<crate::broker::AgentGrant>,
-}
+use crate::model::Principal;
+pub use crate::model::{IssuedCert, Request, Requester, Rule, State, Vote, VoteDecision};
 
 /// Why a vote or cancellation was refused. Each maps to one problem type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -282,7 +132,7 @@ impl Request {
     pub fn vote(
         &mut self,
         voter: &Principal,
-        decision: Decision,
+        decision: VoteDecision,
         reason: &str,
         binding: &str,
         now: i64,
@@ -311,13 +161,13 @@ impl Request {
             reason: reason.chars().take(1024).collect(),
             at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
         });
-        let count = |d: Decision| self.votes.iter().filter(|v| v.decision == d).count() as u32;
-        if count(Decision::Deny) >= self.rule.deny_threshold.max(1) {
+        let count = |d: VoteDecision| self.votes.iter().filter(|v| v.decision == d).count() as u32;
+        if count(VoteDecision::Deny) >= self.rule.deny_threshold.max(1) {
             self.state = State::Denied;
             self.decided_at = Some(crate::util::rfc3339(time::OffsetDateTime::now_utc()));
             return Ok(VoteOutcome::Denied);
         }
-        if count(Decision::Approve) >= self.rule.required_approvals.max(1) {
+        if count(VoteDecision::Approve) >= self.rule.required_approvals.max(1) {
             self.state = State::Approved;
             self.decided_at = Some(crate::util::rfc3339(time::OffsetDateTime::now_utc()));
             return Ok(VoteOutcome::Approved);
@@ -345,7 +195,7 @@ impl Request {
     pub fn approvers(&self) -> Vec<String> {
         self.votes
             .iter()
-            .filter(|v| v.decision == Decision::Approve)
+            .filter(|v| v.decision == VoteDecision::Approve)
             .map(|v| v.approver.clone())
             .collect()
     }

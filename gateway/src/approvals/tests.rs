@@ -7,7 +7,7 @@ fn principal(name: &str, role: Role, groups: &[&str]) -> Principal {
         name: name.into(),
         role,
         groups: groups.iter().map(|g| (*g).to_owned()).collect(),
-        kind: "token",
+        kind: crate::model::PrincipalKind::Token,
     }
 }
 
@@ -68,24 +68,24 @@ fn quorum_approves_once_and_repeats_are_no_ops() {
     let b = r.binding.clone();
     let sre1 = principal("sre1", Role::Approver, &["sre"]);
     assert_eq!(
-        r.vote(&sre1, Decision::Approve, "", &b, 10),
+        r.vote(&sre1, VoteDecision::Approve, "", &b, 10),
         Ok(VoteOutcome::Recorded)
     );
     assert_eq!(
-        r.vote(&sre1, Decision::Approve, "", &b, 10),
+        r.vote(&sre1, VoteDecision::Approve, "", &b, 10),
         Ok(VoteOutcome::Repeat)
     );
     // Named principal, no group needed.
     let bob = principal("bob", Role::Approver, &[]);
     assert_eq!(
-        r.vote(&bob, Decision::Approve, "", &b, 10),
+        r.vote(&bob, VoteDecision::Approve, "", &b, 10),
         Ok(VoteOutcome::Approved)
     );
     assert_eq!(r.state, State::Approved);
     assert_eq!(r.approvers(), ["user:sre1", "user:bob"]);
     let sre2 = principal("sre2", Role::Approver, &["sre"]);
     assert_eq!(
-        r.vote(&sre2, Decision::Approve, "", &b, 10),
+        r.vote(&sre2, VoteDecision::Approve, "", &b, 10),
         Err(ApprovalError::NotPending("approved"))
     );
 }
@@ -99,17 +99,17 @@ fn refusals_leave_the_request_untouched() {
         ..principal("alice", Role::Approver, &[])
     };
     assert_eq!(
-        r.vote(&alice_in_sre, Decision::Approve, "", &b, 10),
+        r.vote(&alice_in_sre, VoteDecision::Approve, "", &b, 10),
         Err(ApprovalError::SelfApproval)
     );
     let requester_role = principal("eve", Role::Requester, &["sre"]);
     assert!(matches!(
-        r.vote(&requester_role, Decision::Approve, "", &b, 10),
+        r.vote(&requester_role, VoteDecision::Approve, "", &b, 10),
         Err(ApprovalError::NotEligible(_))
     ));
     let sre = principal("sre1", Role::Approver, &["sre"]);
     assert_eq!(
-        r.vote(&sre, Decision::Approve, "", "sha256:00", 10),
+        r.vote(&sre, VoteDecision::Approve, "", "sha256:00", 10),
         Err(ApprovalError::BindingMismatch)
     );
     assert!(r.votes.is_empty() && r.state == State::Pending);
@@ -122,13 +122,13 @@ fn deadline_expires_and_denial_ends() {
     let b = r.binding.clone();
     let sre = principal("sre1", Role::Approver, &["sre"]);
     assert_eq!(
-        r.vote(&sre, Decision::Approve, "", &b, 1_000),
+        r.vote(&sre, VoteDecision::Approve, "", &b, 1_000),
         Err(ApprovalError::Expired)
     );
     assert_eq!(r.state, State::Expired);
     let mut r = request(2);
     assert_eq!(
-        r.vote(&sre, Decision::Deny, "no", &b, 10),
+        r.vote(&sre, VoteDecision::Deny, "no", &b, 10),
         Ok(VoteOutcome::Denied)
     );
     assert!(r.state.is_terminal());
@@ -141,7 +141,7 @@ fn the_extension_is_a_der_utf8string_of_json() {
     let mut r = request(1);
     r.votes.push(Vote {
         approver: "user:bob".into(),
-        decision: Decision::Approve,
+        decision: VoteDecision::Approve,
         reason: String::new(),
         at: "t".into(),
     });

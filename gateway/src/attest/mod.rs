@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
 use serde_json::Value;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{
@@ -24,6 +23,7 @@ use wasmtime::{
 };
 
 use crate::config::SandboxConfig;
+pub use crate::model::{Attestation, SingleUse};
 use crate::trust::Snapshot;
 
 mod bindings {
@@ -66,28 +66,6 @@ pub const HOST_EVIDENCE_METHODS: &[&str] = &["unix"];
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
-
-/// What an attestor module proved about a caller.
-#[derive(Debug, Clone, Serialize)]
-pub struct Attestation {
-    pub method: String,
-    pub subject: String,
-    pub selectors: Vec<String>,
-    /// Verified claims, a JSON object.
-    pub claims: Value,
-    /// Set when the evidence is good for one use: the pipeline refuses a
-    /// second attestation with the same id (see [`replay`]).
-    #[serde(skip)]
-    pub single_use: Option<SingleUse>,
-}
-
-/// The one-use mark a module put on its evidence.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SingleUse {
-    pub id: String,
-    /// Unix seconds until which a second use is refused.
-    pub until: i64,
-}
 
 /// The claim modules set through the SDK's `Attestation::single_use`.
 const SINGLE_USE_CLAIM: &str = "_single_use";

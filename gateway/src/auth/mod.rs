@@ -11,53 +11,11 @@ use crate::util::write_private_file;
 
 mod oidc;
 
+pub use crate::model::{Principal, PrincipalKind, Role, TokenRecord};
 pub use oidc::{OidcIssuerConfig, OidcIssuers};
 
 /// Prefix that makes Castellan tokens recognisable to secret scanners.
 const TOKEN_PREFIX: &str = "cst_";
-
-/// What a caller may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Everything, including managing tokens and trust sources.
-    Admin,
-    /// Vote on requests the policy makes them eligible for; request too.
-    Approver,
-    /// Ask for ephemeral credentials.
-    Requester,
-}
-
-impl Role {
-    /// Whether this role may vote on requests at all (policy narrows it).
-    pub fn can_approve(self) -> bool {
-        matches!(self, Role::Admin | Role::Approver)
-    }
-}
-
-/// An authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    /// `user:<name>` for people and API tokens.
-    pub id: String,
-    pub name: String,
-    pub role: Role,
-    pub groups: Vec<String>,
-    /// `admin`, `token` or `oidc`.
-    pub kind: &'static str,
-}
-
-/// An API token as stored: never the token, only its hash.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TokenRecord {
-    pub id: String,
-    pub name: String,
-    pub role: Role,
-    pub groups: Vec<String>,
-    pub created_at: String,
-    /// Lowercase hex SHA-256 of the token.
-    pub token_sha256: String,
-}
 
 /// Checks bearer tokens: the bootstrap admin token and API tokens.
 pub struct Authenticator {
@@ -147,7 +105,7 @@ impl Authenticator {
                 name: "admin".into(),
                 role: Role::Admin,
                 groups: Vec::new(),
-                kind: "admin",
+                kind: PrincipalKind::Admin,
             });
         }
         // The map is keyed by hash: a lookup reveals nothing a hash does not.
@@ -169,7 +127,7 @@ impl Authenticator {
             name: record.name.clone(),
             role: record.role,
             groups: record.groups.clone(),
-            kind: "token",
+            kind: PrincipalKind::Token,
         })
     }
 

@@ -54,6 +54,37 @@ struct Issuer {
     keys: KeySet,
 }
 
+/// Why an `[[oidc_issuers]]` entry was refused at start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OidcConfigError {
+    /// A required setting is missing.
+    #[error("oidc issuer `{name}`: {missing} required")]
+    Missing { name: String, missing: &'static str },
+    /// The JWKS file could not be read.
+    #[error("oidc issuer `{name}` jwks_file {path}")]
+    Read {
+        name: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The JWKS is not JSON.
+    #[error("oidc issuer `{name}` jwks_file")]
+    Json {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The JWKS holds keys Castellan will not use.
+    #[error("oidc issuer `{name}`")]
+    Keys {
+        name: String,
+        #[source]
+        source: crate::trust::TrustError,
+    },
+}
+
 /// The configured issuers.
 #[derive(Default)]
 pub struct OidcIssuers {
@@ -62,27 +93,36 @@ pub struct OidcIssuers {
 
 impl OidcIssuers {
     /// Validates the issuers and loads their keys.
-    pub fn new(configs: &[OidcIssuerConfig]) -> anyhow::Result<Self> {
+    pub fn new(configs: &[OidcIssuerConfig]) -> Result<Self, OidcConfigError> {
         let mut issuers = Vec::new();
         for c in configs {
-            anyhow::ensure!(
-                !c.issuer.is_empty() && !c.audiences.is_empty(),
-                "oidc issuer `{}`: issuer and audiences are required",
-                c.name
-            );
+            let name = || c.name.clone();
+            if c.issuer.is_empty() || c.audiences.is_empty() {
+                return Err(OidcConfigError::Missing {
+                    name: name(),
+                    missing: "issuer and audiences are",
+                });
+            }
             let jwks = match (&c.jwks, &c.jwks_file) {
                 (Some(j), _) => j.clone(),
                 (None, Some(p)) => {
-                    let text = std::fs::read_to_string(p).map_err(|e| {
-                        anyhow::anyhow!("oidc issuer `{}` jwks_file {}: {e}", c.name, p.display())
+                    let text = std::fs::read_to_string(p).map_err(|source| OidcConfigError::Read {
+                        name: name(),
+                        path: p.display().to_string(),
+                        source,
                     })?;
                     serde_json::from_str(&text)
-                        .map_err(|e| anyhow::anyhow!("oidc issuer `{}` jwks_file: {e}", c.name))?
+                        .map_err(|source| OidcConfigError::Json { name: name(), source })?
                 }
-                (None, None) => anyhow::bail!("oidc issuer `{}`: jwks or jwks_file is required", c.name),
+                (None, None) => {
+                    return Err(OidcConfigError::Missing {
+                        name: name(),
+                        missing: "jwks or jwks_file is",
+                    });
+                }
             };
             let keys =
-                KeySet::from_jwks(&jwks).map_err(|e| anyhow::anyhow!("oidc issuer `{}`: {e}", c.name))?;
+                KeySet::from_jwks(&jwks).map_err(|source| OidcConfigError::Keys { name: name(), source })?;
             issuers.push(Issuer {
                 config: c.clone(),
                 keys,
@@ -160,7 +200,7 @@ impl OidcIssuers {
             name,
             role: Role::Approver,
             groups,
-            kind: "oidc",
+            kind: crate::model::PrincipalKind::Oidc,
         })
     }
 }

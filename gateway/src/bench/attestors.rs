@@ -27,9 +27,9 @@ use hyper::{Method, StatusCode};
 use rcgen::KeyPair;
 use serde_json::{Value, json};
 
-use crate::client::{Conn, Endpoint};
-use crate::dev::p256_jwk;
-use crate::util::now_unix;
+use castellan::client::{Conn, Endpoint};
+use castellan::dev::p256_jwk;
+use castellan::util::now_unix;
 
 /// What to run.
 pub struct Options {
@@ -99,7 +99,7 @@ async fn admin(
 /// The default bundle with data that lets the bench's identities through
 /// (and the bench TPM, named by its EK's SHA-256, when there is one).
 fn bench_bundle(tpm_ek_sha256: Option<&str>) -> anyhow::Result<Vec<u8>> {
-    let mut bundle = crate::bundle::Bundle::embedded();
+    let mut bundle = castellan::bundle::Bundle::embedded();
     let data = bundle
         .files
         .get("data.json")
@@ -257,7 +257,8 @@ async fn prepare(
                 Some(json!({"name": format!("bench-aws-{tag}"), "method": "aws_iid", "certificates": cert.pem()})),
             )
             .await?;
-            let pending = crate::util::rfc3339(time::OffsetDateTime::now_utc() - time::Duration::seconds(60));
+            let pending =
+                castellan::util::rfc3339(time::OffsetDateTime::now_utc() - time::Duration::seconds(60));
             let pending = pending
                 .split('.')
                 .next()
@@ -321,7 +322,7 @@ async fn prepare(
                 let c: Value = serde_json::from_slice(&resp)?;
                 let csr_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
                 let key_sha =
-                    crate::util::sha256_hex(&rcgen::PublicKeyData::subject_public_key_info(&csr_key));
+                    castellan::util::sha256_hex(&rcgen::PublicKeyData::subject_public_key_info(&csr_key));
                 let message = format!(
                     "castellan-x509pop-v1\n{}\n{key_sha}\n",
                     c["nonce"].as_str().unwrap_or_default()
@@ -457,7 +458,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Row>> {
         String::from_utf8_lossy(&resp)
     );
     let rows = measure(&mut conn, &opts, &methods).await;
-    let original = crate::bundle::Bundle::embedded().to_tar_gz()?;
+    let original = castellan::bundle::Bundle::embedded().to_tar_gz()?;
     let restored = conn
         .send_with(
             Method::PUT,

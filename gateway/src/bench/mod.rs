@@ -14,11 +14,11 @@ use hyper::{Method, StatusCode};
 use rcgen::KeyPair;
 use serde_json::json;
 
-use crate::client::Endpoint;
+use castellan::client::Endpoint;
 
 pub mod attestors;
 pub mod workload_api;
-use crate::dev::{mint_projected_token, p256_jwk};
+use castellan::dev::{mint_projected_token, p256_jwk};
 
 /// What to run.
 pub struct Options {
@@ -56,7 +56,7 @@ struct BenchSource {
 }
 
 async fn register_source(
-    admin: &mut crate::client::Conn,
+    admin: &mut castellan::client::Conn,
     token: &str,
     prefix: &str,
 ) -> anyhow::Result<BenchSource> {
@@ -88,7 +88,7 @@ async fn register_source(
     Ok(BenchSource { key, kid, issuer, id })
 }
 
-async fn remove_source(admin: &mut crate::client::Conn, token: &str, source: &BenchSource) {
+async fn remove_source(admin: &mut castellan::client::Conn, token: &str, source: &BenchSource) {
     let _ = admin
         .send(
             Method::DELETE,

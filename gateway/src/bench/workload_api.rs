@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use crate::client::Endpoint;
+use castellan::client::Endpoint;
 
 /// What to run.
 pub struct Options {
@@ -88,7 +88,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 async fn create_entry(
-    admin: &mut crate::client::Conn,
+    admin: &mut castellan::client::Conn,
     token: &str,
     spiffe_id: &str,
 ) -> anyhow::Result<String> {

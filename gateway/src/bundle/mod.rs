@@ -9,6 +9,7 @@
 //! verification. It never activates anything: loading is the gateway's job.
 
 mod active;
+mod keys;
 mod sign;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use active::{ActivationError, Bundles};
+pub use keys::{BundleKeys, load_keys};
 pub use sign::{SigningAlg, VerifiedSignature, sign, verify};
 
 /// Largest compressed bundle accepted.

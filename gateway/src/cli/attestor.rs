@@ -8,9 +8,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 
-use crate::attest::{Attestors, ModuleSet};
-use crate::config::SandboxConfig;
-use crate::trust::{Registry, TrustSourceSpec};
+use castellan::attest::{Attestors, ModuleSet};
+use castellan::config::SandboxConfig;
+use castellan::trust::{Registry, TrustSourceSpec};
 
 #[derive(Subcommand)]
 pub(super) enum AttestorCommand {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 
-use crate::bundle::{self, Bundle, SigningAlg};
+use castellan::bundle::{self, Bundle, SigningAlg};
 
 #[derive(Subcommand)]
 pub(super) enum BundleCommand {
@@ -76,7 +76,7 @@ pub(super) fn run(cmd: BundleCommand) -> anyhow::Result<ExitCode> {
             let built = bundle::build(&b.dir).with_context(|| format!("{}", b.dir.display()))?;
             // Compile the Rego now so authors hear about errors before shipping.
             if built.rego().next().is_some() {
-                let files = crate::policy::BundleFiles::from_bundle(&built)?;
+                let files = castellan::policy::BundleFiles::from_files(&built.files)?;
                 files
                     .check_compiles()
                     .context("the bundle's Rego does not compile")?;
@@ -128,7 +128,7 @@ pub(super) fn run(cmd: BundleCommand) -> anyhow::Result<ExitCode> {
                 let files: Vec<_> = b
                     .files
                     .iter()
-                    .map(|(p, d)| serde_json::json!({ "path": p, "size": d.len(), "sha256": crate::util::sha256_hex(d) }))
+                    .map(|(p, d)| serde_json::json!({ "path": p, "size": d.len(), "sha256": castellan::util::sha256_hex(d) }))
                     .collect();
                 println!(
                     "{}",

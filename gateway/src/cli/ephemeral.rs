@@ -223,7 +223,7 @@ fn table(items: &[Value]) {
 fn write_issued(r: &Value, out_dir: &Path, key_pem: Option<&str>) -> anyhow::Result<()> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     if let Some(k) = key_pem {
-        crate::util::write_private_file(&out_dir.join("svid.key"), k.as_bytes())?;
+        castellan::util::write_private_file(&out_dir.join("svid.key"), k.as_bytes())?;
     }
     let chain = r["chain_pem"].as_str().context("no certificate in the answer")?;
     std::fs::write(out_dir.join("svid.pem"), chain)?;
@@ -371,7 +371,7 @@ async fn request(a: Request) -> anyhow::Result<ExitCode> {
     if let Some(k) = &key_pem {
         std::fs::create_dir_all(&a.out_dir)
             .with_context(|| format!("cannot create {}", a.out_dir.display()))?;
-        crate::util::write_private_file(&a.out_dir.join("svid.key"), k.as_bytes())?;
+        castellan::util::write_private_file(&a.out_dir.join("svid.key"), k.as_bytes())?;
     }
     if status == StatusCode::ACCEPTED {
         eprintln!(

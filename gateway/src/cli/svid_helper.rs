@@ -29,7 +29,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, sleep_until};
 use tokio_stream::{Stream, StreamExt as _};
 
-use crate::util::rfc3339;
+use castellan::util::rfc3339;
 
 /// Certificates, bundles and JWKS: public material.
 const PUBLIC_MODE: u32 = 0o644;
@@ -423,7 +423,8 @@ fn file_name(flag: &str, name: String) -> anyhow::Result<String> {
 /// rename.
 fn write_atomic(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<(), HelperError> {
     let path = dir.join(name);
-    crate::util::write_file_atomic(&path, contents, mode).map_err(|error| HelperError::Write { path, error })
+    castellan::util::write_file_atomic(&path, contents, mode)
+        .map_err(|error| HelperError::Write { path, error })
 }
 
 // === impl Settings ===

@@ -17,8 +17,8 @@ use clap::{Args, Subcommand};
 use sha2::{Digest as _, Sha256};
 
 use super::ServerArgs;
-use crate::client::Endpoint;
 use crate::tpm::Tpm;
+use castellan::client::Endpoint;
 use castellan_tpm::client::EkKind;
 
 /// Used when neither `--tcti` nor a TCTI variable is set: the kernel's
@@ -151,7 +151,7 @@ async fn evidence(args: Evidence) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot read the CSR {}", args.csr.display()))?;
     // The same parsing and checks as the server's, so a CSR it would refuse
     // fails here before the TPM is touched.
-    let csr = crate::issuance::verify_csr(&csr_pem).with_context(|| format!("{}", args.csr.display()))?;
+    let csr = castellan::engine::verify_csr(&csr_pem).with_context(|| format!("{}", args.csr.display()))?;
     let key_sha256 = Sha256::digest(&csr.spki_der);
     let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
     let tcti = args.tcti.unwrap_or_else(tcti_from_env);
@@ -181,7 +181,7 @@ async fn evidence(args: Evidence) -> anyhow::Result<ExitCode> {
     text.push('\n');
     match &args.output {
         Some(path) => {
-            crate::util::write_file_atomic(path, text.as_bytes(), EVIDENCE_MODE)
+            castellan::util::write_file_atomic(path, text.as_bytes(), EVIDENCE_MODE)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             eprintln!(
                 "wrote {} (challenge {}); post it with the same CSR within the challenge's lifetime",

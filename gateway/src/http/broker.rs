@@ -11,26 +11,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{AppState, Problem, issuance_problem, read_json};
-use crate::broker::{AgentRequest, BrokerError, Outcome, RevocationFilter, Task};
-
-fn problem(e: BrokerError) -> Problem {
-    match e {
-        BrokerError::Issuance(i) => issuance_problem(i),
-        BrokerError::Delegation(_) => Problem::new(
-            StatusCode::FORBIDDEN,
-            "delegation-refused",
-            "Delegation refused",
-            e.to_string(),
-        ),
-        BrokerError::Approval(a) => Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "issuance-failed",
-            "Issuance failed",
-            a.to_string(),
-        ),
-    }
-}
+use super::{AppState, Problem, read_json};
+use crate::engine::broker::{AgentRequest, Outcome};
+use crate::engine::{EngineError, Refusal, Surface};
+use crate::model::{Actor, RevocationFilter, Task};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,25 +42,19 @@ struct AgentBody {
     task: Option<Task>,
 }
 
-impl AppState {
-    async fn refuse_broker(&self, actor: &str, what: &str, p: Problem) -> Response {
-        self.audit(
-            "broker.refused",
-            actor,
-            json!({ "operation": what, "status": p.status, "problem": p.slug(), "detail": p.detail, "reasons": p.reasons }),
-        )
-        .await;
-        p.into_response()
-    }
-}
-
 /// `POST /api/v1/broker/agent-identities`: the evidence is the credential.
-pub(super) async fn agent_identities(State(state): State<AppState>, req: Request<Body>) -> Response {
+pub(super) async fn agent_identities(
+    State(state): State<AppState>,
+    req: Request<Body>,
+) -> Result<Response, Problem> {
     let body: AgentBody = match read_json(req.into_body(), state.max_body_bytes).await {
         Ok(b) => b,
-        Err(p) => return state.refuse_broker("anonymous", "agent-identity", p).await,
+        Err(e) => {
+            let refusal = Refusal::new(Surface::Broker, "agent-identity", Actor::Anonymous);
+            state.engine.audit_refusal(refusal, &e).await;
+            return Err(e.into());
+        }
     };
-    let actor = format!("agent:{}", super::printable(&body.agent_id));
     let request = AgentRequest {
         agent_id: Some(body.agent_id),
         method: body.method,
@@ -89,31 +67,26 @@ pub(super) async fn agent_identities(State(state): State<AppState>, req: Request
         subject_token: body.delegation.map(|d| d.subject_token),
         task: body.task,
     };
-    match state.broker.request(request).await {
-        Ok(Outcome::Issued(g)) => (StatusCode::CREATED, axum::Json(g)).into_response(),
-        Ok(Outcome::Pending(r)) => (StatusCode::ACCEPTED, axum::Json(r.view())).into_response(),
-        Err(e) => state.refuse_broker(&actor, "agent-identity", problem(e)).await,
-    }
+    Ok(
+        match state.engine.agent_identity(Surface::Broker, request).await? {
+            Outcome::Issued(g) => (StatusCode::CREATED, axum::Json(g)).into_response(),
+            Outcome::Pending(r) => (StatusCode::ACCEPTED, axum::Json(r.view())).into_response(),
+        },
+    )
 }
 
 /// `POST /api/v1/broker/revocations` (admin): by `agent_id`, `task_id` or `jti`.
-pub(super) async fn revoke(State(state): State<AppState>, req: Request<Body>) -> Response {
+pub(super) async fn revoke(State(state): State<AppState>, req: Request<Body>) -> Result<Response, Problem> {
     let (parts, body) = req.into_parts();
-    let who = match state.require_admin(&parts.headers, "broker.revoke").await {
-        Ok(()) => "user:admin".to_owned(),
-        Err(p) => return p.into_response(),
-    };
-    let filter: RevocationFilter = match read_json(body, state.max_body_bytes).await {
-        Ok(f) => f,
-        Err(p) => return p.into_response(),
-    };
+    let admin = state.require_admin(&parts.headers, "broker.revoke").await?;
+    let filter: RevocationFilter = read_json(body, state.max_body_bytes).await?;
     if !filter.is_valid() {
-        return Problem::malformed("give exactly one of `agent_id`, `task_id` or `jti`").into_response();
+        return Err(Problem::malformed(
+            "give exactly one of `agent_id`, `task_id` or `jti`",
+        ));
     }
-    match state.broker.revoke(filter, who).await {
-        Ok(revoked) => axum::Json(json!({ "revoked": revoked })).into_response(),
-        Err(e) => problem(e).into_response(),
-    }
+    let revoked = state.engine.revoke_agents(filter, Actor::from(&admin)).await?;
+    Ok(axum::Json(json!({ "revoked": revoked })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -127,25 +100,26 @@ pub(super) struct FeedQuery {
 pub(super) async fn revocation_feed(
     State(state): State<AppState>,
     q: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
+) -> Result<Response, Problem> {
     let Ok(Query(q)) = q else {
-        return Problem::malformed("invalid query").into_response();
+        return Err(Problem::malformed("invalid query"));
     };
     let limit = q.limit.unwrap_or(500).clamp(1, 1000);
     if q.cursor.as_ref().is_some_and(|c| c.parse::<u64>().is_err()) {
-        return Problem::malformed("`cursor` is not one this server returned").into_response();
+        return Err(Problem::malformed("`cursor` is not one this server returned"));
     }
-    match state.pipeline.store.revocations(limit, q.cursor.as_deref()).await {
-        Ok(page) => {
-            axum::Json(json!({ "items": page.items, "next_cursor": page.next_cursor })).into_response()
-        }
-        Err(e) => Problem::unavailable(format!("store: {e}")).into_response(),
-    }
+    let page = state
+        .engine
+        .store
+        .revocations(limit, q.cursor.as_deref())
+        .await
+        .map_err(|e| AppState::unavailable("the revocation feed could not be read", e))?;
+    Ok(axum::Json(json!({ "items": page.items, "next_cursor": page.next_cursor })).into_response())
 }
 
 /// `GET /.well-known/openid-configuration`.
 pub(super) async fn discovery(State(state): State<AppState>) -> Response {
-    let iss = crate::broker::issuer(&state.pipeline);
+    let iss = state.engine.issuer();
     axum::Json(json!({
         "issuer": iss,
         "jwks_uri": format!("{iss}/.well-known/jwks.json"),
@@ -164,7 +138,7 @@ pub(super) async fn discovery(State(state): State<AppState>) -> Response {
 
 /// `GET /.well-known/jwks.json`: the JWT-SVID signing keys.
 pub(super) async fn jwks(State(state): State<AppState>) -> Response {
-    axum::Json(state.pipeline.signer.jwks()).into_response()
+    axum::Json(state.engine.signer.jwks()).into_response()
 }
 
 /// An RFC 6749 error response: `{"error", "error_description"}`.
@@ -316,9 +290,14 @@ pub(super) async fn token(State(state): State<AppState>, req: Request<Body>) -> 
     })();
     let request = match result {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(e) => {
+            let refusal = Refusal::new(Surface::TokenExchange, "agent-identity", Actor::Anonymous);
+            let refused = EngineError::BadRequest(e.2.clone());
+            state.engine.audit_refusal(refusal, &refused).await;
+            return e.into_response();
+        }
     };
-    match state.broker.request(request).await {
+    match state.engine.agent_identity(Surface::TokenExchange, request).await {
         Ok(Outcome::Issued(g)) => {
             let mut resp = axum::Json(json!({
                 "access_token": g.jwt_svid,
@@ -338,29 +317,25 @@ pub(super) async fn token(State(state): State<AppState>, req: Request<Body>) -> 
             format!("approval required; follow /api/v1/ephemeral/{}", r.id),
         )
         .into_response(),
-        Err(e) => {
-            let p = problem(e);
-            let error = match p.slug() {
-                "malformed-request" => "invalid_request",
-                "policy-denied" => "invalid_scope",
-                "issuance-failed" | "unavailable" => "server_error",
-                _ => "invalid_grant",
-            };
-            let status = if error == "server_error" {
-                StatusCode::INTERNAL_SERVER_ERROR
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            state
-                .audit(
-                    "broker.refused",
-                    "oauth2",
-                    json!({ "operation": "token-exchange", "problem": p.slug(), "detail": p.detail }),
-                )
-                .await;
-            oauth_error(status, error, p.detail).into_response()
-        }
+        // The engine audited the refusal; OAuth clients get RFC 6749's shape.
+        Err(e) => oauth_refusal(e).into_response(),
     }
+}
+
+/// An engine refusal as an RFC 6749 error.
+fn oauth_refusal(e: EngineError) -> OAuthError {
+    let error = match e.slug() {
+        "malformed-request" => "invalid_request",
+        "policy-denied" => "invalid_scope",
+        "issuance-failed" | "unavailable" | "overloaded" => "server_error",
+        _ => "invalid_grant",
+    };
+    let status = match (error, e.status()) {
+        ("server_error", 503) => StatusCode::SERVICE_UNAVAILABLE,
+        ("server_error", _) => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    oauth_error(status, error, e.detail())
 }
 
 /// `POST /oauth2/introspect` (any API token): RFC 7662.
@@ -396,5 +371,5 @@ pub(super) async fn introspect(
         }
         Err(r) => return r.into_response(),
     };
-    axum::Json(state.broker.introspect(&token).await).into_response()
+    axum::Json(state.engine.introspect(&token).await).into_response()
 }

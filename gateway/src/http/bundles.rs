@@ -8,6 +8,7 @@ use serde_json::json;
 
 use super::{AppState, Problem};
 use crate::bundle::{ActivationError, Bundle, BundleError, MAX_BUNDLE_BYTES};
+use crate::model::{Actor, AuditKind};
 
 fn problem(e: &ActivationError) -> Problem {
     let (status, slug, title) = match e {
@@ -50,7 +51,7 @@ pub(crate) async fn activate(
     state: &AppState,
     name: &str,
     bundle: Result<Bundle, BundleError>,
-    actor: &str,
+    actor: Actor,
 ) -> Result<crate::policy::BundleInfo, Problem> {
     let keys = state.bundle_keys.clone();
     let bundles = state.bundles.clone();
@@ -65,7 +66,7 @@ pub(crate) async fn activate(
     .map_err(|e| Problem::internal(format!("activation task failed: {e}")))?;
     match result {
         Ok(info) => {
-            state.audit("bundle.activated", actor, json!({ "name": info.name, "revision": info.revision, "signed": info.signed, "attestors": info.attestors })).await;
+            state.audit(AuditKind::BundleActivated, actor, json!({ "name": info.name, "revision": info.revision, "signed": info.signed, "attestors": info.attestors })).await;
             tracing::info!(bundle = %info.name, revision = %info.revision, "bundle activated");
             Ok(info)
         }
@@ -73,7 +74,7 @@ pub(crate) async fn activate(
             let p = problem(&e);
             state
                 .audit(
-                    "bundle.refused",
+                    AuditKind::BundleRefused,
                     actor,
                     json!({ "name": name, "problem": p.slug(), "detail": p.detail }),
                 )
@@ -89,28 +90,21 @@ pub(super) async fn put(
     State(state): State<AppState>,
     Path(name): Path<String>,
     req: Request<Body>,
-) -> Response {
+) -> Result<Response, Problem> {
     let (parts, body) = req.into_parts();
-    if let Err(p) = state.require_admin(&parts.headers, "bundles.put").await {
-        return p.into_response();
-    }
-    let bytes = match axum::body::to_bytes(body, MAX_BUNDLE_BYTES).await {
-        Ok(b) => b,
-        Err(_) => return Problem::too_large(MAX_BUNDLE_BYTES).into_response(),
-    };
+    let admin = state.require_admin(&parts.headers, "bundles.put").await?;
+    let bytes = axum::body::to_bytes(body, MAX_BUNDLE_BYTES)
+        .await
+        .map_err(|_| Problem::too_large(MAX_BUNDLE_BYTES))?;
     let bundle = Bundle::from_tar_gz(&bytes);
-    match activate(&state, &name, bundle, "user:admin").await {
-        Ok(info) => axum::Json(info).into_response(),
-        Err(p) => p.into_response(),
-    }
+    let info = activate(&state, &name, bundle, Actor::from(&admin)).await?;
+    Ok(axum::Json(info).into_response())
 }
 
 /// `GET /api/v1/bundles`: the active bundles and their revisions.
-pub(super) async fn list(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(p) = state.require_admin(&headers, "bundles.list").await {
-        return p.into_response();
-    }
-    axum::Json(json!({ "items": state.bundles.list() })).into_response()
+pub(super) async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, Problem> {
+    state.require_admin(&headers, "bundles.list").await?;
+    Ok(axum::Json(json!({ "items": state.bundles.list() })).into_response())
 }
 
 /// A cheap fingerprint of a file or directory: paths, sizes, mtimes.
@@ -141,7 +135,7 @@ fn fingerprint(path: &std::path::Path) -> Option<Vec<(String, u64, std::time::Sy
 
 /// Loads each configured bundle source at start and again whenever it
 /// changes on disk (polled every two seconds).
-pub(crate) async fn watch(state: AppState, sources: Vec<crate::config::BundleSource>) {
+pub async fn watch(state: AppState, sources: Vec<crate::config::BundleSource>) {
     let mut seen: Vec<Option<Vec<(String, u64, std::time::SystemTime)>>> = vec![None; sources.len()];
     loop {
         for (i, source) in sources.iter().enumerate() {
@@ -166,7 +160,7 @@ pub(crate) async fn watch(state: AppState, sources: Vec<crate::config::BundleSou
                 &state,
                 &source.name,
                 bundle,
-                &format!("watch:{}", source.path.display()),
+                Actor::Watch(source.path.display().to_string()),
             )
             .await;
         }

@@ -1,5 +1,5 @@
 //! `/api/v1/ephemeral`: just-in-time requests and their approvals. Parses,
-//! authenticates, calls [`Approvals`], renders; refusals are audited.
+//! authenticates, calls the engine, renders; the engine audits refusals.
 
 use std::time::Duration;
 
@@ -10,46 +10,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{AppState, Problem, issuance_problem, printable, read_json};
-use crate::approvals::{ApprovalError, Created, Decision, EphemeralError, NewRequest, State as ReqState};
+use super::{AppState, Problem, printable, read_json};
+use crate::engine::ephemeral::{Created, NewRequest};
+use crate::engine::{EngineError, Refusal, Surface};
+use crate::model::{Actor, State as ReqState, VoteDecision};
 
 /// Longest long-poll accepted, in seconds.
 const MAX_WAIT_SECONDS: u64 = 60;
-
-fn problem(e: EphemeralError) -> Problem {
-    let detail = e.to_string();
-    let p = |status, slug, title| Problem::new(status, slug, title, detail.clone());
-    match e {
-        EphemeralError::Issuance(i) => issuance_problem(i),
-        EphemeralError::Unauthenticated => Problem::unauthorized(),
-        EphemeralError::Forbidden(_) => p(StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
-        EphemeralError::Approval(a) => match a {
-            ApprovalError::NotFound => p(StatusCode::NOT_FOUND, "not-found", "Not found"),
-            ApprovalError::Expired => p(StatusCode::GONE, "request-expired", "Request expired"),
-            ApprovalError::NotPending(_) => {
-                p(StatusCode::CONFLICT, "request-not-pending", "Request not pending")
-            }
-            ApprovalError::SelfApproval => p(StatusCode::FORBIDDEN, "self-approval", "Self-approval refused"),
-            ApprovalError::NotEligible(_) => {
-                p(StatusCode::FORBIDDEN, "not-eligible", "Not an eligible approver")
-            }
-            ApprovalError::BindingMismatch => p(StatusCode::CONFLICT, "binding-mismatch", "Binding mismatch"),
-            ApprovalError::NotRequester => p(StatusCode::FORBIDDEN, "not-requester", "Not the requester"),
-        },
-    }
-}
-
-impl AppState {
-    async fn refuse_ephemeral(&self, actor: &str, what: &str, p: Problem) -> Response {
-        self.audit(
-            "ephemeral.refused",
-            actor,
-            json!({ "operation": what, "status": p.status, "problem": p.slug(), "detail": p.detail }),
-        )
-        .await;
-        p.into_response()
-    }
-}
 
 #[derive(Deserialize)]
 struct CreateBody {
@@ -76,29 +43,26 @@ struct CreateBody {
 }
 
 /// `POST /api/v1/ephemeral`.
-pub(super) async fn create(State(state): State<AppState>, req: Request<Body>) -> Response {
+pub(super) async fn create(State(state): State<AppState>, req: Request<Body>) -> Result<Response, Problem> {
     let (parts, body) = req.into_parts();
     let caller = state.principal(&parts.headers);
-    let actor = caller
-        .as_ref()
-        .map(|c| c.id.clone())
-        .unwrap_or_else(|| "anonymous".into());
-    let body: CreateBody = match read_json(body, state.max_body_bytes).await {
+    let actor = caller.as_ref().map(Actor::from).unwrap_or(Actor::Anonymous);
+    let parsed = read_json::<CreateBody>(body, state.max_body_bytes)
+        .await
+        .and_then(|body| match (&body.method, &body.evidence) {
+            (Some(_), Some(_)) | (None, None) => Ok(body),
+            _ => Err(EngineError::BadRequest(
+                "`method` and `evidence` go together".into(),
+            )),
+        });
+    let body = match parsed {
         Ok(b) => b,
-        Err(p) => return state.refuse_ephemeral(&actor, "create", p).await,
-    };
-    let evidence = match (body.method, body.evidence) {
-        (Some(m), Some(e)) => Some((m, e)),
-        (None, None) => None,
-        _ => {
-            let p = Problem::malformed("`method` and `evidence` go together");
-            return state.refuse_ephemeral(&actor, "create", p).await;
+        Err(e) => {
+            let refusal = Refusal::new(Surface::Ephemeral, "create", actor);
+            state.engine.audit_refusal(refusal, &e).await;
+            return Err(e.into());
         }
     };
-    let actor = evidence
-        .as_ref()
-        .map(|(m, _)| format!("evidence:{}", printable(m)))
-        .unwrap_or(actor);
     let new = NewRequest {
         csr_pem: body.csr,
         ttl_seconds: body.ttl_seconds,
@@ -107,14 +71,13 @@ pub(super) async fn create(State(state): State<AppState>, req: Request<Body>) ->
         emergency: body.emergency,
         spiffe_id: body.spiffe_id,
         dns_names: body.dns_names,
-        evidence,
+        evidence: body.method.zip(body.evidence),
         extra: Value::Object(body.extra),
     };
-    match state.approvals.create(caller, new).await {
-        Ok(Created::Issued(r)) => (StatusCode::CREATED, axum::Json(r.view())).into_response(),
-        Ok(Created::Pending(r)) => (StatusCode::ACCEPTED, axum::Json(r.view())).into_response(),
-        Err(e) => state.refuse_ephemeral(&actor, "create", problem(e)).await,
-    }
+    Ok(match state.engine.ephemeral_create(caller, new).await? {
+        Created::Issued(r) => (StatusCode::CREATED, axum::Json(r.view())).into_response(),
+        Created::Pending(r) => (StatusCode::ACCEPTED, axum::Json(r.view())).into_response(),
+    })
 }
 
 #[derive(Deserialize)]
@@ -128,28 +91,24 @@ pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
     q: Result<Query<GetQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
+) -> Result<Response, Problem> {
     let Ok(Query(q)) = q else {
-        return Problem::malformed("`wait` must be a number of seconds").into_response();
+        return Err(Problem::malformed("`wait` must be a number of seconds"));
     };
-    let not_found = || Problem::not_found("no ephemeral request with that id").into_response();
-    let current = match state.approvals.get(&id).await {
-        Ok(Some(r)) => r,
-        Ok(None) => return not_found(),
-        Err(e) => return problem(e).into_response(),
-    };
+    let not_found = || Problem::not_found("no ephemeral request with that id");
+    let current = state.engine.ephemeral_get(&id).await?.ok_or_else(not_found)?;
     let request = match q.wait {
         Some(w) if w > 0 && !current.state.is_terminal() => {
             let wait = Duration::from_secs(w.min(MAX_WAIT_SECONDS));
-            match state.approvals.wait(&id, current.state, wait).await {
-                Ok(Some(r)) => r,
-                Ok(None) => return not_found(),
-                Err(e) => return problem(e).into_response(),
-            }
+            state
+                .engine
+                .ephemeral_wait(&id, current.state, wait)
+                .await?
+                .ok_or_else(not_found)?
         }
         _ => current,
     };
-    axum::Json(request.view()).into_response()
+    Ok(axum::Json(request.view()).into_response())
 }
 
 #[derive(Deserialize)]
@@ -162,33 +121,24 @@ pub(super) async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let who = match state.require_principal(&headers, "ephemeral.list").await {
-        Ok(p) => p,
-        Err(p) => return p.into_response(),
-    };
+) -> Result<Response, Problem> {
+    let who = state.require_principal(&headers, "ephemeral.list").await?;
     let Ok(Query(q)) = q else {
-        return Problem::malformed("invalid query").into_response();
+        return Err(Problem::malformed("invalid query"));
     };
     let filter = match q.state.as_deref().map(|s| (s, ReqState::parse(s))) {
         None => None,
         Some((_, Some(s))) => Some(s),
-        Some((s, None)) => {
-            return Problem::malformed(format!("unknown state `{}`", printable(s))).into_response();
-        }
+        Some((s, None)) => return Err(Problem::malformed(format!("unknown state `{}`", printable(s)))),
     };
-    match state.approvals.list(&who, filter).await {
-        Ok(items) => {
-            axum::Json(json!({ "items": items.iter().map(|r| r.view()).collect::<Vec<_>>() })).into_response()
-        }
-        Err(e) => problem(e).into_response(),
-    }
+    let items = state.engine.ephemeral_list(&who, filter).await?;
+    Ok(axum::Json(json!({ "items": items.iter().map(|r| r.view()).collect::<Vec<_>>() })).into_response())
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VoteBody {
-    decision: Decision,
+    decision: VoteDecision,
     #[serde(default)]
     reason: String,
     binding: String,
@@ -199,24 +149,22 @@ pub(super) async fn vote(
     State(state): State<AppState>,
     Path(id): Path<String>,
     req: Request<Body>,
-) -> Response {
+) -> Result<Response, Problem> {
     let (parts, body) = req.into_parts();
-    let voter = match state.require_principal(&parts.headers, "ephemeral.vote").await {
-        Ok(p) => p,
-        Err(p) => return p.into_response(),
-    };
+    let voter = state.require_principal(&parts.headers, "ephemeral.vote").await?;
     let body: VoteBody = match read_json(body, state.max_body_bytes).await {
         Ok(b) => b,
-        Err(p) => return state.refuse_ephemeral(&voter.id, "vote", p).await,
+        Err(e) => {
+            let refusal = Refusal::new(Surface::Ephemeral, "vote", Actor::from(&voter));
+            state.engine.audit_refusal(refusal, &e).await;
+            return Err(e.into());
+        }
     };
-    match state
-        .approvals
-        .vote(&voter, &id, body.decision, &body.reason, &body.binding)
-        .await
-    {
-        Ok(r) => axum::Json(r.view()).into_response(),
-        Err(e) => state.refuse_ephemeral(&voter.id, "vote", problem(e)).await,
-    }
+    let request = state
+        .engine
+        .ephemeral_vote(&voter, &id, body.decision, &body.reason, &body.binding)
+        .await?;
+    Ok(axum::Json(request.view()).into_response())
 }
 
 /// `POST /api/v1/ephemeral/{id}/cancel` (the requester).
@@ -224,13 +172,8 @@ pub(super) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    let who = match state.require_principal(&headers, "ephemeral.cancel").await {
-        Ok(p) => p,
-        Err(p) => return p.into_response(),
-    };
-    match state.approvals.cancel(&who, &id).await {
-        Ok(r) => axum::Json(r.view()).into_response(),
-        Err(e) => state.refuse_ephemeral(&who.id, "cancel", problem(e)).await,
-    }
+) -> Result<Response, Problem> {
+    let who = state.require_principal(&headers, "ephemeral.cancel").await?;
+    let request = state.engine.ephemeral_cancel(&who, &id).await?;
+    Ok(axum::Json(request.view()).into_response())
 }

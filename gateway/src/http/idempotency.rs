@@ -75,7 +75,7 @@ pub(super) async fn layer(State(state): State<AppState>, req: Request<Body>, nex
     );
     let body_sha256 = sha256_hex(&bytes);
 
-    match state.pipeline.store.idempotency_get(&scope).await {
+    match state.engine.store.idempotency_get(&scope).await {
         Ok(Some(saved)) if now_unix() - saved.created_at < KEEP_SECONDS => {
             if saved.body_sha256 != body_sha256 {
                 return Problem::new(
@@ -135,7 +135,7 @@ pub(super) async fn layer(State(state): State<AppState>, req: Request<Body>, nex
             .to_owned(),
         created_at: now_unix(),
     };
-    if let Err(e) = state.pipeline.store.idempotency_put(&scope, saved).await {
+    if let Err(e) = state.engine.store.idempotency_put(&scope, saved).await {
         tracing::warn!(error = %e, "could not remember an idempotent response");
     }
     Response::from_parts(parts, Body::from(body))

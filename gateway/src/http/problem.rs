@@ -5,8 +5,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::engine::EngineError;
+
 /// The URI prefix of every problem type.
-pub const TYPE_PREFIX: &str = "urn:castellan:problem:";
+pub const TYPE_PREFIX: &str = crate::model::PROBLEM_TYPE_PREFIX;
 
 /// A problem response.
 #[derive(Debug, Clone, Serialize)]
@@ -19,6 +21,9 @@ pub struct Problem {
     /// Policy reasons, for `policy-denied`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasons: Option<Vec<String>>,
+    /// Seconds after which a retry may succeed (`Retry-After`).
+    #[serde(skip)]
+    pub retry_after: Option<u64>,
 }
 
 impl Problem {
@@ -30,6 +35,7 @@ impl Problem {
             status: status.as_u16(),
             detail: detail.into(),
             reasons: None,
+            retry_after: None,
         }
     }
 
@@ -108,6 +114,50 @@ impl IntoResponse for Problem {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Some(seconds) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         resp
+    }
+}
+
+/// The title of each problem type the engine produces.
+fn title(slug: &str) -> &'static str {
+    match slug {
+        "malformed-request" => "Malformed request",
+        "payload-too-large" => "Request body too large",
+        "invalid-csr" => "Invalid CSR",
+        "unknown-method" => "Unknown attestation method",
+        "no-trust-source" => "No trust source for this method",
+        "attestation-failed" => "Attestation failed",
+        "policy-denied" => "Denied by policy",
+        "not-registered" => "No identity registered",
+        "delegation-refused" => "Delegation refused",
+        "not-found" => "Not found",
+        "request-expired" => "Request expired",
+        "request-not-pending" => "Request not pending",
+        "self-approval" => "Self-approval refused",
+        "not-eligible" => "Not an eligible approver",
+        "binding-mismatch" => "Binding mismatch",
+        "not-requester" => "Not the requester",
+        "unauthorized" => "Authentication required",
+        "forbidden" => "Forbidden",
+        "overloaded" => "Overloaded",
+        "unavailable" => "Service unavailable",
+        _ => "Issuance failed",
+    }
+}
+
+impl From<EngineError> for Problem {
+    fn from(e: EngineError) -> Self {
+        let slug = e.slug();
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut p = Problem::new(status, slug, title(slug), e.detail());
+        p.reasons = e.reasons().map(<[String]>::to_vec);
+        if matches!(e, EngineError::Overloaded) {
+            p.retry_after = Some(1);
+        }
+        p
     }
 }

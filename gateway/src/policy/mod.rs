@@ -15,6 +15,10 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::model::policy::{
+    ApprovalRule, BrokerDecision, BrokerInput, EmergencyRule, EphemeralDecision, EphemeralInput,
+    EphemeralOutcome, INPUT_VERSION, IssuanceDecision, IssuanceInput, WorkloadDecision, WorkloadInput,
+};
 pub use tester::{TestOutcome, TestReport, run_tests};
 
 /// The default bundle compiled into the binary.
@@ -70,111 +74,8 @@ pub struct Manifest {
     pub metadata: Value,
 }
 
-/// The issuance decision document (version 1), see `policies/README.md`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct IssuanceDecision {
-    pub allow: bool,
-    #[serde(default)]
-    pub spiffe_id: Option<String>,
-    #[serde(default)]
-    pub ttl_seconds: Option<u64>,
-    #[serde(default)]
-    pub dns_names: Vec<String>,
-    #[serde(default)]
-    pub reasons: Vec<String>,
-}
-
 /// Rules the gateway evaluates; each is compiled once when a bundle loads.
 pub const ENTRYPOINTS: &[&str] = &[ISSUANCE_RULE, EPHEMERAL_RULE, BROKER_RULE, WORKLOAD_RULE];
-
-/// The ephemeral decision document (version 1), see `policies/README.md`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct EphemeralDecision {
-    /// `deny`, `issue` (now) or `approve` (wait for approvers).
-    pub outcome: EphemeralOutcome,
-    #[serde(default)]
-    pub reasons: Vec<String>,
-    #[serde(default)]
-    pub spiffe_id: Option<String>,
-    #[serde(default)]
-    pub ttl_seconds: Option<u64>,
-    #[serde(default)]
-    pub dns_names: Vec<String>,
-    #[serde(default)]
-    pub approval: Option<ApprovalRule>,
-    #[serde(default)]
-    pub emergency: Option<EmergencyRule>,
-}
-
-/// The broker decision document (version 1), see `policies/README.md`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct BrokerDecision {
-    /// `deny`, `issue` or `approve`.
-    pub outcome: EphemeralOutcome,
-    #[serde(default)]
-    pub reasons: Vec<String>,
-    #[serde(default)]
-    pub agent_id: Option<String>,
-    #[serde(default)]
-    pub spiffe_id: Option<String>,
-    /// Scopes policy allows for this request; the host intersects them with
-    /// the request and the parent's.
-    #[serde(default)]
-    pub scopes: Vec<String>,
-    /// The longest lifetime policy allows.
-    #[serde(default)]
-    pub ttl_seconds: Option<u64>,
-    #[serde(default)]
-    pub approval: Option<ApprovalRule>,
-}
-
-/// What the ephemeral policy decided.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum EphemeralOutcome {
-    Deny,
-    Issue,
-    Approve,
-}
-
-/// Who must approve, from the policy.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct ApprovalRule {
-    pub required_approvals: u32,
-    #[serde(default)]
-    pub approver_groups: Vec<String>,
-    #[serde(default)]
-    pub approver_principals: Vec<String>,
-    #[serde(default = "one")]
-    pub deny_threshold: u32,
-    #[serde(default = "fifteen_minutes")]
-    pub pending_ttl_seconds: u64,
-}
-
-/// Whether break-glass may skip approval, and for how long at most.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct EmergencyRule {
-    pub allowed: bool,
-    #[serde(default = "five_minutes")]
-    pub max_ttl_seconds: u64,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn fifteen_minutes() -> u64 {
-    900
-}
-
-fn five_minutes() -> u64 {
-    300
-}
 
 /// What one loaded bundle contributes, as `GET /api/v1/bundles` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -239,36 +140,38 @@ impl BundleFiles {
         files
     }
 
-    /// The policy part of a bundle: its `.manifest`, Rego (tests excluded)
-    /// and `data.json`.
-    pub fn from_bundle(bundle: &crate::bundle::Bundle) -> Result<Self, PolicyError> {
+    /// The policy part of a bundle's files: its `.manifest`, Rego (tests
+    /// excluded) and `data.json`, by file name.
+    pub fn from_files<'a>(
+        files: impl IntoIterator<Item = (&'a String, &'a Vec<u8>)>,
+    ) -> Result<Self, PolicyError> {
         let text = |b: &Vec<u8>, name: &str| {
             String::from_utf8(b.clone()).map_err(|_| PolicyError::Read {
                 path: name.into(),
                 message: "not UTF-8".into(),
             })
         };
-        let mut files = Self {
+        let mut out = Self {
             manifest: None,
             rego: Vec::new(),
             data: None,
         };
-        for (name, bytes) in &bundle.files {
+        for (name, bytes) in files {
             if name == ".manifest" {
-                files.manifest = Some(text(bytes, name)?);
+                out.manifest = Some(text(bytes, name)?);
             } else if name == "data.json" {
-                files.data = Some(text(bytes, name)?);
+                out.data = Some(text(bytes, name)?);
             } else if name.ends_with(".rego") && !name.ends_with("_test.rego") {
-                files.rego.push((name.clone(), text(bytes, name)?));
+                out.rego.push((name.clone(), text(bytes, name)?));
             }
         }
-        if files.rego.is_empty() {
+        if out.rego.is_empty() {
             return Err(PolicyError::Read {
                 path: "bundle".into(),
                 message: "no .rego files".into(),
             });
         }
-        Ok(files)
+        Ok(out)
     }
 
     /// Reads a bundle directory. `include_tests` adds `*_test.rego`.
@@ -448,10 +351,17 @@ impl Loaded {
         serde_json::to_value(&result).map_err(|e| PolicyError::Eval(e.to_string()))
     }
 
-    fn decide<T: serde::de::DeserializeOwned>(&self, rule: &str, input: &Value) -> Result<T, PolicyError> {
-        let value = self.eval(rule, input)?;
+    /// Evaluates `rule` over a typed input, logs the decision when decision
+    /// logs are on, and checks the decision's shape. Blocking.
+    fn decide<T: serde::de::DeserializeOwned>(
+        &self,
+        rule: &str,
+        input: &impl Serialize,
+    ) -> Result<T, PolicyError> {
+        let input = serde_json::to_value(input).map_err(|e| PolicyError::Eval(e.to_string()))?;
+        let value = self.eval(rule, &input)?;
         if let Some(logger) = &self.logger {
-            logger.log(rule, input, &value, &self.bundles);
+            logger.log(rule, &input, &value, &self.bundles);
         }
         if value.is_null() {
             return Err(PolicyError::BadDecision(format!("`{rule}` is undefined")));
@@ -460,18 +370,23 @@ impl Loaded {
     }
 
     /// The broker decision, shape checked.
-    pub fn decide_broker(&self, input: &Value) -> Result<BrokerDecision, PolicyError> {
+    pub fn decide_broker(&self, input: &BrokerInput<'_>) -> Result<BrokerDecision, PolicyError> {
         self.decide(BROKER_RULE, input)
     }
 
     /// The ephemeral decision, shape checked.
-    pub fn decide_ephemeral(&self, input: &Value) -> Result<EphemeralDecision, PolicyError> {
+    pub fn decide_ephemeral(&self, input: &EphemeralInput<'_>) -> Result<EphemeralDecision, PolicyError> {
         self.decide(EPHEMERAL_RULE, input)
     }
 
     /// The issuance decision, shape checked.
-    pub fn decide_issuance(&self, input: &Value) -> Result<IssuanceDecision, PolicyError> {
+    pub fn decide_issuance(&self, input: &IssuanceInput<'_>) -> Result<IssuanceDecision, PolicyError> {
         self.decide(ISSUANCE_RULE, input)
+    }
+
+    /// The Workload API decision for one entry, shape checked.
+    pub fn decide_workload(&self, input: &WorkloadInput<'_>) -> Result<WorkloadDecision, PolicyError> {
+        self.decide(WORKLOAD_RULE, input)
     }
 }
 
@@ -537,21 +452,6 @@ impl Policies {
     /// Evaluates an entry point on the active snapshot.
     pub fn eval(&self, rule: &str, input: &Value) -> Result<Value, PolicyError> {
         self.active.load().eval(rule, input)
-    }
-
-    /// The broker decision on the active snapshot.
-    pub fn decide_broker(&self, input: &Value) -> Result<BrokerDecision, PolicyError> {
-        self.active.load().decide_broker(input)
-    }
-
-    /// The ephemeral decision on the active snapshot.
-    pub fn decide_ephemeral(&self, input: &Value) -> Result<EphemeralDecision, PolicyError> {
-        self.active.load().decide_ephemeral(input)
-    }
-
-    /// The issuance decision on the active snapshot.
-    pub fn decide_issuance(&self, input: &Value) -> Result<IssuanceDecision, PolicyError> {
-        self.active.load().decide_issuance(input)
     }
 }
 

@@ -1,44 +1,52 @@
 use super::*;
 
-fn input(ns: &str, ttl: Option<u64>) -> Value {
-    serde_json::json!({
-        "version": 1,
-        "trust_domain": "example.org",
-        "attestation": {
-            "method": "k8s_sat",
-            "subject": format!("ns/{ns}/sa/api"),
-            "selectors": [format!("k8s:ns:{ns}"), "k8s:sa:api"],
-            "claims": {"namespace": ns, "service_account": "api"},
+use crate::model::Attestation;
+use crate::model::policy::IssuanceAsk;
+
+fn attestation(ns: &str) -> Attestation {
+    Attestation {
+        method: "k8s_sat".into(),
+        subject: format!("ns/{ns}/sa/api"),
+        selectors: vec![format!("k8s:ns:{ns}"), "k8s:sa:api".into()],
+        claims: serde_json::json!({"namespace": ns, "service_account": "api"}),
+        single_use: None,
+    }
+}
+
+/// The issuance decision of the active snapshot for a k8s workload in `ns`.
+fn decide(p: &Policies, ns: &str, ttl: Option<u64>) -> IssuanceDecision {
+    let attestation = attestation(ns);
+    let input = IssuanceInput {
+        version: INPUT_VERSION,
+        trust_domain: "example.org",
+        attestation: &attestation,
+        request: IssuanceAsk {
+            ttl_seconds: ttl,
+            dns_names: vec![],
         },
-        "request": {"ttl_seconds": ttl, "dns_names": []},
-    })
+    };
+    p.snapshot().decide_issuance(&input).unwrap()
 }
 
 #[test]
 fn embedded_bundle_allows_and_caps_ttl() {
     let p = Policies::embedded().unwrap();
     assert_eq!(p.revision(), "castellan-default-1");
-    let d = p.decide_issuance(&input("prod", None)).unwrap();
+    let d = decide(&p, "prod", None);
     assert!(d.allow);
     assert_eq!(
         d.spiffe_id.as_deref(),
         Some("spiffe://example.org/ns/prod/sa/api")
     );
     assert_eq!(d.ttl_seconds, Some(900));
-    assert_eq!(
-        p.decide_issuance(&input("prod", Some(7200))).unwrap().ttl_seconds,
-        Some(3600)
-    );
-    assert_eq!(
-        p.decide_issuance(&input("prod", Some(300))).unwrap().ttl_seconds,
-        Some(300)
-    );
+    assert_eq!(decide(&p, "prod", Some(7200)).ttl_seconds, Some(3600));
+    assert_eq!(decide(&p, "prod", Some(300)).ttl_seconds, Some(300));
 }
 
 #[test]
 fn embedded_bundle_denies_kube_system_with_a_reason() {
     let p = Policies::embedded().unwrap();
-    let d = p.decide_issuance(&input("kube-system", None)).unwrap();
+    let d = decide(&p, "kube-system", None);
     assert!(!d.allow);
     assert_eq!(
         d.reasons,

@@ -1,23 +1,37 @@
-//! The store: certificate inventory, trust sources, and a hash-chained,
-//! append-only audit log. [`Store`] is the seam for other backends; redb is
-//! the embedded default. A write that acknowledges an issuance is durable
-//! before the call returns.
+//! The store: certificate inventory, requests, agent tokens, trust sources,
+//! entries, the webhook outbox and a hash-chained, append-only audit log.
+//!
+//! Two layers. A [`Backend`] only stores: it speaks the model, runs a unit
+//! of work in one durable write transaction ([`Txn`]) and answers reads.
+//! [`Store`], above it, owns the rules every backend must keep alike: audit
+//! chaining, the outbox, single-use marks, the pending index, the
+//! revocation cascade and cursors. A new backend implements storage only
+//! and passes the same conformance suite (`conformance.rs`).
+//!
+//! The store imports the model and nothing of the flows above it.
 
-mod redb_store;
+mod conformance;
+mod memory;
+mod redb_backend;
+mod rules;
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use std::sync::{Arc, Mutex};
 
-use crate::approvals::{ApprovalError, Request, State};
-use crate::auth::TokenRecord;
-use crate::broker::{AgentToken, Revocation, RevocationFilter};
-use crate::trust::TrustSource;
+use serde_json::json;
 
-pub use redb_store::RedbStore;
+pub use self::memory::MemoryBackend;
+pub use self::redb_backend::RedbBackend;
+use crate::model::{
+    Actor, AgentToken, AuditKind, Entry, Request, Revocation, RevocationFilter, State, TokenRecord,
+    TrustSource,
+};
+pub use crate::model::{
+    AuditEvent, AuditRecord, CertificateRecord, IdempotentResponse, Notification, OutboxItem,
+};
 
-/// What a request transition writes beside the request itself, in the same
-/// transaction: audit events, notifications for the webhook outbox, and
-/// certificates for the inventory.
+/// What a change writes beside its main record, in the same transaction:
+/// audit events, notifications for the webhook outbox, certificates for the
+/// inventory and agent tokens for the registry.
 #[derive(Debug, Default)]
 pub struct Effects {
     pub audit: Vec<AuditEvent>,
@@ -27,55 +41,30 @@ pub struct Effects {
     pub agent_tokens: Vec<AgentToken>,
 }
 
-/// An event for webhooks, queued durably with the change that caused it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Notification {
-    /// `ephemeral.created`, `ephemeral.decided`, `ephemeral.issued`, `ephemeral.expired`.
-    pub event: String,
-    pub payload: Value,
-}
-
-/// A queued notification and its delivery state per webhook.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct OutboxItem {
-    pub seq: u64,
-    pub id: String,
-    pub notification: Notification,
-    pub created_at: String,
-    /// Webhook names this item was delivered to (or gave up on).
-    #[serde(default)]
-    pub done: Vec<String>,
-    /// Attempts so far, by webhook name.
-    #[serde(default)]
-    pub attempts: std::collections::BTreeMap<String, u32>,
-    /// Unix seconds before which no retry is made.
-    #[serde(default)]
-    pub next_attempt_at: i64,
-}
-
-/// A stored answer to an `Idempotency-Key`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct IdempotentResponse {
-    pub body_sha256: String,
-    pub status: u16,
-    pub body: String,
-    pub content_type: String,
-    pub created_at: i64,
-}
-
-/// A transition applied to a stored request inside the writer.
-pub type RequestUpdate = Box<dyn FnOnce(&mut Request) -> Result<Effects, ApprovalError> + Send>;
-
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The database could not be opened or is in use by another process.
-    #[error("cannot open the store at {path}: {message}")]
-    Open { path: String, message: String },
+    #[error("cannot open the store at {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A read or write failed in the backend.
-    #[error("store backend: {0}")]
-    Backend(String),
+    #[error("store backend")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A stored value does not decode.
+    #[error("stored {what} does not decode")]
+    Decode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A cursor that this store never handed out.
+    #[error("invalid cursor")]
+    Cursor,
     /// The writer has stopped (the server is shutting down).
     #[error("the store is shutting down")]
     Closed,
@@ -84,68 +73,11 @@ pub enum StoreError {
     ChainBroken(u64),
 }
 
-/// One issued certificate in the inventory.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CertificateRecord {
-    /// Serial number, lowercase hex.
-    pub serial: String,
-    pub spiffe_id: String,
-    pub not_before: String,
-    pub not_after: String,
-    /// Which surface issued it, e.g. `attested-issuance`.
-    pub source: String,
-    /// Attestation method and subject that earned it.
-    pub method: String,
-    pub subject: String,
-    /// SHA-256 of the certificate's SubjectPublicKeyInfo, hex.
-    pub public_key_sha256: String,
-    pub issued_at: String,
-}
-
-/// An audit event before it is chained.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AuditEvent {
-    /// What happened, e.g. `issuance.issued`, `issuance.refused`.
-    pub kind: String,
-    /// Who asked: `admin`, `evidence:<method>`, or `anonymous`.
-    pub actor: String,
-    /// Details safe to keep: never evidence, tokens or keys.
-    pub detail: Value,
-}
-
-/// An audit entry as stored: the event, its place and its chain hashes.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AuditRecord {
-    pub seq: u64,
-    pub at: String,
-    #[serde(flatten)]
-    pub event: AuditEvent,
-    /// Hash of the previous entry (`sha256:` + 64 zeros for the first).
-    pub prev_hash: String,
-    /// `sha256:` over this entry's canonical JSON without `hash`.
-    pub hash: String,
-}
-
-impl AuditRecord {
-    /// Computes the hash this record must carry.
-    pub fn compute_hash(&self) -> String {
-        let body = serde_json::json!({
-            "seq": self.seq,
-            "at": self.at,
-            "kind": self.event.kind,
-            "actor": self.event.actor,
-            "detail": self.event.detail,
-            "prev_hash": self.prev_hash,
-        });
-        // serde_json without `preserve_order` sorts object keys, which makes
-        // this serialisation canonical for our purposes.
-        format!("sha256:{}", crate::util::sha256_hex(body.to_string().as_bytes()))
+impl StoreError {
+    /// Wraps any backend error, keeping it as the source.
+    pub fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Backend(Box::new(e))
     }
-}
-
-/// The hash that precedes the first audit entry.
-pub fn genesis_hash() -> String {
-    format!("sha256:{}", "0".repeat(64))
 }
 
 /// A page of results and the cursor for the next one.
@@ -155,106 +87,413 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
-/// What every backend provides.
+/// One unit of work in a write transaction.
+pub type Work = Box<dyn FnOnce(&mut dyn Txn) -> Result<(), StoreError> + Send>;
+
+/// One write transaction, as a backend offers it. A unit of work reads and
+/// decides before its first write, so a refusal writes nothing; an error
+/// fails the whole transaction. Sequence numbers start at 1.
+pub trait Txn {
+    fn last_certificate_seq(&mut self) -> Result<u64, StoreError>;
+    fn put_certificate(&mut self, seq: u64, cert: &CertificateRecord) -> Result<(), StoreError>;
+
+    /// The newest audit record, if any.
+    fn audit_head(&mut self) -> Result<Option<AuditRecord>, StoreError>;
+    fn put_audit(&mut self, record: &AuditRecord) -> Result<(), StoreError>;
+
+    fn put_trust_source(&mut self, source: &TrustSource) -> Result<(), StoreError>;
+    fn delete_trust_source(&mut self, id: &str) -> Result<bool, StoreError>;
+
+    fn put_token(&mut self, record: &TokenRecord) -> Result<(), StoreError>;
+
+    fn request(&mut self, id: &str) -> Result<Option<Request>, StoreError>;
+    /// Stores a request; `pending` keeps it in (or out of) the pending index.
+    fn put_request(&mut self, request: &Request, pending: bool) -> Result<(), StoreError>;
+
+    fn last_outbox_seq(&mut self) -> Result<u64, StoreError>;
+    fn put_outbox(&mut self, item: &OutboxItem) -> Result<(), StoreError>;
+    fn delete_outbox(&mut self, seq: u64) -> Result<(), StoreError>;
+
+    fn put_idempotent(&mut self, key: &str, response: &IdempotentResponse) -> Result<(), StoreError>;
+    /// Forgets responses created before `before` (Unix seconds).
+    fn purge_idempotent(&mut self, before: i64) -> Result<(), StoreError>;
+
+    fn agent_token(&mut self, jti: &str) -> Result<Option<AgentToken>, StoreError>;
+    fn put_agent_token(&mut self, token: &AgentToken) -> Result<(), StoreError>;
+    /// Tokens whose `agent_id`, `task_id` or `jti` is the filter's one.
+    fn agent_tokens_matching(&mut self, filter: &RevocationFilter) -> Result<Vec<AgentToken>, StoreError>;
+    /// Tokens minted with `parent_jti` as their parent.
+    fn agent_token_children(&mut self, parent_jti: &str) -> Result<Vec<AgentToken>, StoreError>;
+
+    fn last_revocation_seq(&mut self) -> Result<u64, StoreError>;
+    fn put_revocation(&mut self, revocation: &Revocation) -> Result<(), StoreError>;
+
+    fn put_entry(&mut self, entry: &Entry) -> Result<(), StoreError>;
+    fn delete_entry(&mut self, id: &str) -> Result<bool, StoreError>;
+
+    /// Until when spent evidence `key` matters, if it was spent.
+    fn spent_until(&mut self, key: &str) -> Result<Option<i64>, StoreError>;
+    fn put_spent(&mut self, key: &str, until: i64) -> Result<(), StoreError>;
+    /// Forgets marks that stopped mattering before `now`.
+    fn purge_spent(&mut self, now: i64) -> Result<(), StoreError>;
+}
+
+/// Storage, and nothing else. Implementations: [`RedbBackend`] (the
+/// embedded default) and [`MemoryBackend`] (tests).
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Backend: Send + Sync + 'static {
+    /// Runs `work` in a write transaction and returns once it is durable
+    /// (or refused as a whole). Backends may commit several callers' work
+    /// in one transaction; each still hears back only after the commit.
+    async fn write(&self, work: Work) -> Result<(), StoreError>;
+
+    /// Certificates with sequence numbers after `after`, in order.
+    async fn certificates(&self, limit: usize, after: u64) -> Result<Page<CertificateRecord>, StoreError>;
+    async fn count_certificates(&self) -> Result<u64, StoreError>;
+    /// Audit records after `after`, in order.
+    async fn audit_records(&self, limit: usize, after: u64) -> Result<Page<AuditRecord>, StoreError>;
+    async fn trust_sources(&self) -> Result<Vec<TrustSource>, StoreError>;
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    async fn request(&self, id: &str) -> Result<Option<Request>, StoreError>;
+    /// Every request, or only those in the pending index.
+    async fn requests(&self, pending_only: bool) -> Result<Vec<Request>, StoreError>;
+    /// The oldest `limit` outbox items.
+    async fn outbox(&self, limit: usize) -> Result<Vec<OutboxItem>, StoreError>;
+    async fn idempotent(&self, key: &str) -> Result<Option<IdempotentResponse>, StoreError>;
+    async fn entries(&self) -> Result<Vec<Entry>, StoreError>;
+    async fn agent_token(&self, jti: &str) -> Result<Option<AgentToken>, StoreError>;
+    /// Revocations with sequence numbers after `after`, in order.
+    async fn revocations(&self, limit: usize, after: u64) -> Result<Page<Revocation>, StoreError>;
+}
+
+/// The store every stage uses: a backend plus the rules above it.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store(..)")
+    }
+}
+
+fn parse_cursor(cursor: Option<&str>) -> Result<u64, StoreError> {
+    match cursor {
+        None => Ok(0),
+        Some(c) => c.parse().map_err(|_| StoreError::Cursor),
+    }
+}
+
+impl Store {
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        Self { backend }
+    }
+
+    /// The embedded redb store at `path`.
+    pub fn redb(path: &std::path::Path) -> Result<Self, StoreError> {
+        Ok(Self::new(Arc::new(RedbBackend::open(path)?)))
+    }
+
+    /// An in-memory store (tests).
+    pub fn memory() -> Self {
+        Self::new(Arc::new(MemoryBackend::default()))
+    }
+
+    /// Runs `f` in one write transaction and returns what it returned once
+    /// the transaction is durable.
+    pub async fn transact<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Txn) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let slot = Arc::new(Mutex::new(None));
+        let out = slot.clone();
+        self.backend
+            .write(Box::new(move |txn| {
+                let value = f(txn)?;
+                *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
+                Ok(())
+            }))
+            .await?;
+        let value = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        value.ok_or(StoreError::Closed)
+    }
+
     /// Records an issued certificate and its audit event in one durable write.
-    async fn record_issuance(&self, cert: CertificateRecord, event: AuditEvent) -> Result<(), StoreError>;
+    pub async fn record_issuance(
+        &self,
+        cert: CertificateRecord,
+        event: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.record(Effects {
+            audit: vec![event],
+            certificates: vec![cert],
+            ..Effects::default()
+        })
+        .await
+    }
+
+    /// Writes `effects` in one durable write.
+    pub async fn record(&self, effects: Effects) -> Result<(), StoreError> {
+        self.transact(move |t| rules::apply_effects(t, effects)).await
+    }
 
     /// Appends an audit event durably.
-    async fn audit(&self, event: AuditEvent) -> Result<(), StoreError>;
+    pub async fn audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.transact(move |t| rules::append_audit(t, event).map(drop))
+            .await
+    }
 
     /// Lists certificates in issuance order, `limit` at a time.
-    async fn list_certificates(
+    pub async fn list_certificates(
         &self,
         limit: usize,
         cursor: Option<&str>,
-    ) -> Result<Page<CertificateRecord>, StoreError>;
+    ) -> Result<Page<CertificateRecord>, StoreError> {
+        self.backend.certificates(limit, parse_cursor(cursor)?).await
+    }
 
     /// Number of certificates in the inventory.
-    async fn count_certificates(&self) -> Result<u64, StoreError>;
+    pub async fn count_certificates(&self) -> Result<u64, StoreError> {
+        self.backend.count_certificates().await
+    }
 
     /// Lists audit entries after `cursor`.
-    async fn list_audit(&self, limit: usize, cursor: Option<&str>) -> Result<Page<AuditRecord>, StoreError>;
-
-    /// Persists a trust source together with its audit event.
-    async fn put_trust_source(&self, source: TrustSource, event: AuditEvent) -> Result<(), StoreError>;
-
-    /// Deletes a trust source together with its audit event.
-    async fn delete_trust_source(&self, id: &str, event: AuditEvent) -> Result<bool, StoreError>;
-
-    /// All persisted trust sources.
-    async fn trust_sources(&self) -> Result<Vec<TrustSource>, StoreError>;
+    pub async fn list_audit(
+        &self,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<AuditRecord>, StoreError> {
+        self.backend.audit_records(limit, parse_cursor(cursor)?).await
+    }
 
     /// Re-hashes the whole audit log; returns the number of entries checked.
-    async fn verify_audit_chain(&self) -> Result<u64, StoreError>;
+    pub async fn verify_audit_chain(&self) -> Result<u64, StoreError> {
+        let mut prev = crate::model::genesis_hash();
+        let mut expected_seq = 1;
+        let mut after = 0;
+        loop {
+            let page = self.backend.audit_records(1000, after).await?;
+            for rec in &page.items {
+                if rec.seq != expected_seq || rec.prev_hash != prev || rec.compute_hash() != rec.hash {
+                    return Err(StoreError::ChainBroken(rec.seq));
+                }
+                prev = rec.hash.clone();
+                expected_seq += 1;
+                after = rec.seq;
+            }
+            if page.next_cursor.is_none() {
+                return Ok(expected_seq - 1);
+            }
+        }
+    }
+
+    /// Persists a trust source together with its audit event.
+    pub async fn put_trust_source(&self, source: TrustSource, event: AuditEvent) -> Result<(), StoreError> {
+        self.transact(move |t| {
+            t.put_trust_source(&source)?;
+            rules::append_audit(t, event).map(drop)
+        })
+        .await
+    }
+
+    /// Deletes a trust source together with its audit event.
+    pub async fn delete_trust_source(&self, id: &str, event: AuditEvent) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.transact(move |t| {
+            let existed = t.delete_trust_source(&id)?;
+            rules::append_audit(t, event)?;
+            Ok(existed)
+        })
+        .await
+    }
+
+    /// All persisted trust sources, oldest first.
+    pub async fn trust_sources(&self) -> Result<Vec<TrustSource>, StoreError> {
+        let mut out = self.backend.trust_sources().await?;
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        Ok(out)
+    }
 
     /// Persists a new API token record with its audit event.
-    async fn put_token(&self, record: TokenRecord, event: AuditEvent) -> Result<(), StoreError>;
+    pub async fn put_token(&self, record: TokenRecord, event: AuditEvent) -> Result<(), StoreError> {
+        self.transact(move |t| {
+            t.put_token(&record)?;
+            rules::append_audit(t, event).map(drop)
+        })
+        .await
+    }
 
     /// All API token records.
-    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    pub async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.backend.tokens().await
+    }
 
-    /// Stores a new ephemeral request and its effects in one transaction.
-    async fn create_request(&self, request: Request, effects: Effects) -> Result<(), StoreError>;
+    /// Stores a new request and its effects in one transaction.
+    pub async fn create_request(&self, request: Request, effects: Effects) -> Result<(), StoreError> {
+        self.transact(move |t| {
+            rules::put_request(t, &request)?;
+            rules::apply_effects(t, effects)
+        })
+        .await
+    }
 
     /// One request.
-    async fn get_request(&self, id: &str) -> Result<Option<Request>, StoreError>;
+    pub async fn get_request(&self, id: &str) -> Result<Option<Request>, StoreError> {
+        self.backend.request(id).await
+    }
 
-    /// Requests, optionally only in one state, oldest first.
-    async fn list_requests(&self, state: Option<State>) -> Result<Vec<Request>, StoreError>;
+    /// Requests, optionally only in one state, oldest first. Pending ones
+    /// come from the pending index rather than a scan.
+    pub async fn list_requests(&self, state: Option<State>) -> Result<Vec<Request>, StoreError> {
+        let mut all = self.backend.requests(state == Some(State::Pending)).await?;
+        if let Some(state) = state {
+            all.retain(|r| r.state == state);
+        }
+        all.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        Ok(all)
+    }
 
     /// Applies `update` to the stored request atomically: concurrent updates
-    /// are serialised, and a refused update writes nothing. The inner result
-    /// is the domain outcome; the outer one the store's.
-    async fn update_request(
+    /// are serialised, and a refused update writes nothing. `None` when no
+    /// request has that id; otherwise the domain outcome.
+    pub async fn update_request<E: Send + 'static>(
         &self,
         id: &str,
-        update: RequestUpdate,
-    ) -> Result<Result<Request, ApprovalError>, StoreError>;
+        update: impl FnOnce(&mut Request) -> Result<Effects, E> + Send + 'static,
+    ) -> Result<Option<Result<Request, E>>, StoreError> {
+        let id = id.to_owned();
+        self.transact(move |t| {
+            let Some(mut request) = t.request(&id)? else {
+                return Ok(None);
+            };
+            match update(&mut request) {
+                Err(refused) => Ok(Some(Err(refused))),
+                Ok(effects) => {
+                    rules::put_request(t, &request)?;
+                    rules::apply_effects(t, effects)?;
+                    Ok(Some(Ok(request)))
+                }
+            }
+        })
+        .await
+    }
 
     /// Outbox items, oldest first.
-    async fn outbox(&self, limit: usize) -> Result<Vec<OutboxItem>, StoreError>;
+    pub async fn outbox(&self, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        self.backend.outbox(limit).await
+    }
 
     /// Replaces an outbox item's delivery state, or removes it when `None`.
-    async fn outbox_update(&self, seq: u64, item: Option<OutboxItem>) -> Result<(), StoreError>;
+    pub async fn outbox_update(&self, seq: u64, item: Option<OutboxItem>) -> Result<(), StoreError> {
+        self.transact(move |t| match item {
+            Some(item) => t.put_outbox(&item),
+            None => t.delete_outbox(seq),
+        })
+        .await
+    }
 
     /// A stored idempotent response.
-    async fn idempotency_get(&self, key: &str) -> Result<Option<IdempotentResponse>, StoreError>;
+    pub async fn idempotency_get(&self, key: &str) -> Result<Option<IdempotentResponse>, StoreError> {
+        self.backend.idempotent(key).await
+    }
+
+    /// Stores an idempotent response.
+    pub async fn idempotency_put(&self, key: &str, response: IdempotentResponse) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        self.transact(move |t| t.put_idempotent(&key, &response)).await
+    }
+
+    /// Forgets idempotent responses created before `before` (Unix seconds).
+    pub async fn idempotency_purge(&self, before: i64) -> Result<(), StoreError> {
+        self.transact(move |t| t.purge_idempotent(before)).await
+    }
 
     /// Persists a registration entry with its audit event.
-    async fn put_entry(&self, entry: crate::workload_api::Entry, event: AuditEvent)
-    -> Result<(), StoreError>;
+    pub async fn put_entry(&self, entry: Entry, event: AuditEvent) -> Result<(), StoreError> {
+        self.transact(move |t| {
+            t.put_entry(&entry)?;
+            rules::append_audit(t, event).map(drop)
+        })
+        .await
+    }
 
     /// Deletes a registration entry with its audit event.
-    async fn delete_entry(&self, id: &str, event: AuditEvent) -> Result<bool, StoreError>;
+    pub async fn delete_entry(&self, id: &str, event: AuditEvent) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.transact(move |t| {
+            let existed = t.delete_entry(&id)?;
+            rules::append_audit(t, event)?;
+            Ok(existed)
+        })
+        .await
+    }
 
-    /// All registration entries.
-    async fn entries(&self) -> Result<Vec<crate::workload_api::Entry>, StoreError>;
+    /// All registration entries, oldest first.
+    pub async fn entries(&self) -> Result<Vec<Entry>, StoreError> {
+        let mut out = self.backend.entries().await?;
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        Ok(out)
+    }
 
     /// Marks single-use evidence `key` spent until `until`; false when it
     /// already was (and still matters at `now`). Survives restarts.
-    async fn spend(&self, key: &str, until: i64, now: i64) -> Result<bool, StoreError>;
+    pub async fn spend(&self, key: &str, until: i64, now: i64) -> Result<bool, StoreError> {
+        let key = key.to_owned();
+        self.transact(move |t| rules::spend(t, &key, until, now)).await
+    }
 
     /// Forgets spent evidence that stopped mattering before `now`.
-    async fn spent_purge(&self, now: i64) -> Result<(), StoreError>;
+    pub async fn spent_purge(&self, now: i64) -> Result<(), StoreError> {
+        self.transact(move |t| t.purge_spent(now)).await
+    }
 
     /// Records an issued agent token and its effects in one transaction.
-    async fn put_agent_token(&self, token: AgentToken, effects: Effects) -> Result<(), StoreError>;
+    pub async fn put_agent_token(&self, token: AgentToken, effects: Effects) -> Result<(), StoreError> {
+        self.transact(move |t| {
+            t.put_agent_token(&token)?;
+            rules::apply_effects(t, effects)
+        })
+        .await
+    }
 
     /// One agent token record.
-    async fn agent_token(&self, jti: &str) -> Result<Option<AgentToken>, StoreError>;
+    pub async fn agent_token(&self, jti: &str) -> Result<Option<AgentToken>, StoreError> {
+        self.backend.agent_token(jti).await
+    }
 
     /// Revokes every live token matching `filter` and all their descendants;
     /// returns the revocations made (already-revoked tokens are skipped).
-    async fn revoke(&self, filter: RevocationFilter, actor: String) -> Result<Vec<Revocation>, StoreError>;
+    /// Audited as `broker.revoked` when anything was revoked.
+    pub async fn revoke(
+        &self,
+        filter: RevocationFilter,
+        actor: Actor,
+    ) -> Result<Vec<Revocation>, StoreError> {
+        self.transact(move |t| {
+            let revoked = rules::revoke_cascade(t, &filter, crate::util::now_unix())?;
+            if !revoked.is_empty() {
+                let event = AuditEvent::new(
+                    AuditKind::BrokerRevoked,
+                    actor,
+                    json!({
+                        "filter": filter,
+                        "jtis": revoked.iter().map(|r| r.jti.clone()).collect::<Vec<_>>(),
+                    }),
+                );
+                rules::append_audit(t, event)?;
+            }
+            Ok(revoked)
+        })
+        .await
+    }
 
     /// The revocation feed after `cursor`.
-    async fn revocations(&self, limit: usize, cursor: Option<&str>) -> Result<Page<Revocation>, StoreError>;
-
-    /// Forgets idempotent responses created before `before` (Unix seconds).
-    async fn idempotency_purge(&self, before: i64) -> Result<(), StoreError>;
-
-    /// Stores an idempotent response.
-    async fn idempotency_put(&self, key: &str, response: IdempotentResponse) -> Result<(), StoreError>;
+    pub async fn revocations(
+        &self,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<Revocation>, StoreError> {
+        self.backend.revocations(limit, parse_cursor(cursor)?).await
+    }
 }

@@ -1,3 +1,8 @@
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::Algorithm;
+use serde_json::Value;
+
 use super::*;
 
 fn ec_jwk(kid: &str) -> (rcgen::KeyPair, Value) {

@@ -1,13 +1,11 @@
-//! The SPIFFE Workload API on a Unix socket. A caller is attested from what
-//! the kernel reports about the socket's peer (pid, uid, gid, executable),
-//! never from anything it sends: that evidence goes through the `unix`
-//! attestor module, its selectors are matched against registration entries,
-//! and each matching entry passes the `castellan.workload_api` policy before
-//! its SVID is minted. Streams stay open: X.509-SVIDs are re-minted at
-//! half-life and when the caller's entries change, and bundles are pushed
-//! when a federated trust domain's bundle changes.
-
-mod entries;
+//! The SPIFFE Workload API on a Unix socket: a thin adapter over the
+//! engine. It gathers what the kernel reports about the socket's peer (pid,
+//! uid, gid, executable), never anything the caller sends, and hands it to
+//! the engine as host evidence; the engine attests, matches entries,
+//! decides, mints, records and audits. This module renders the answers and
+//! keeps streams open: X.509-SVIDs are re-minted at half-life and when the
+//! caller's entries change, and bundles are pushed when a federated trust
+//! domain's bundle changes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -25,18 +23,20 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-pub use entries::{Entries, Entry, EntrySpec};
-
-use crate::attest::Attestation;
 use crate::config::WorkloadApiConfig;
+use crate::engine::workload::HostEvidence;
+use crate::engine::{Engine, EngineError};
 use crate::federation::Federation;
-use crate::issuance::Pipeline;
-use crate::signer::Template;
+use crate::model::{Attestation, Entry};
 use crate::spiffe_id::SpiffeId;
 use crate::util::now_unix;
 
 /// The header every Workload API call must carry.
 const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// How long a stream waits before trying again when the engine is at
+/// capacity: streams outlive overload, they are not ended by it.
+const OVERLOAD_RETRY: Duration = Duration::from_secs(1);
 
 /// Bundles keyed by trust domain SPIFFE ID (`spiffe://name`), as both the
 /// X.509 and the JWT messages carry them.
@@ -45,17 +45,27 @@ type BundleMap = HashMap<String, Vec<u8>>;
 /// The gRPC service (cheap to clone: it holds handles).
 #[derive(Clone)]
 pub struct WorkloadApi {
-    pipeline: Arc<Pipeline>,
-    entries: Arc<Entries>,
+    engine: Arc<Engine>,
     federation: Arc<Federation>,
     config: Arc<WorkloadApiConfig>,
     exe_hashes: Arc<ExeHashes>,
     /// Federated trust domains still waiting for their first refresh.
     starting: watch::Receiver<usize>,
-    /// Bounds the attestation, policy and minting work in flight: a thousand
-    /// streams rotating at once queue here rather than each taking a
-    /// blocking thread (and its memory).
-    work: Arc<tokio::sync::Semaphore>,
+}
+
+/// The gRPC status for an engine refusal.
+fn status(e: EngineError) -> Status {
+    match e {
+        EngineError::NotRegistered => Status::permission_denied(e.to_string()),
+        EngineError::AttestationFailed(_)
+        | EngineError::HostEvidenceOnly(_)
+        | EngineError::UnknownMethod(_)
+        | EngineError::NoTrustSource(_) => {
+            Status::permission_denied(format!("caller attestation failed: {e}"))
+        }
+        EngineError::Overloaded | EngineError::Store(_) => Status::unavailable(e.detail()),
+        other => Status::internal(other.detail()),
+    }
 }
 
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
@@ -140,45 +150,23 @@ struct Minted {
 }
 
 impl WorkloadApi {
-    pub fn new(
-        pipeline: Arc<Pipeline>,
-        entries: Arc<Entries>,
-        federation: Arc<Federation>,
-        config: WorkloadApiConfig,
-    ) -> Self {
+    pub fn new(engine: Arc<Engine>, federation: Arc<Federation>, config: WorkloadApiConfig) -> Self {
         let starting = federation.first_refresh_done();
         Self {
-            pipeline,
-            entries,
+            engine,
             federation,
             config: Arc::new(config),
             exe_hashes: Arc::default(),
             starting,
-            work: Arc::new(tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(2, |n| n.get()) * 2,
-            )),
         }
     }
 
-    /// Runs `f` on the blocking pool once a work permit is free.
-    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-        let _permit = self
-            .work
-            .acquire()
-            .await
-            .map_err(|_| Status::unavailable("shutting down"))?;
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))
-    }
-
     /// Serves on a bound socket until the process ends.
-    pub async fn serve(self, listener: tokio::net::UnixListener) -> anyhow::Result<()> {
+    pub async fn serve(self, listener: tokio::net::UnixListener) -> Result<(), tonic::transport::Error> {
         tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(self))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-            .await?;
-        Ok(())
+            .await
     }
 
     /// Every call starts here: the header, then readiness. Until each
@@ -195,68 +183,44 @@ impl WorkloadApi {
     }
 
     /// Attests the caller from the socket's peer credentials.
-    async fn attest<T>(&self, req: &Request<T>) -> Result<Attestation, Status> {
+    async fn attest<T>(&self, operation: &'static str, req: &Request<T>) -> Result<Attestation, Status> {
         let info = req
             .extensions()
             .get::<tonic::transport::server::UdsConnectInfo>()
             .and_then(|i| i.peer_cred)
             .ok_or_else(|| Status::permission_denied("the caller's credentials are unknown"))?;
-        let p = self.pipeline.clone();
         let hashes = self.config.exe_sha256.then(|| self.exe_hashes.clone());
-        self.blocking(move || {
-            let evidence = unix_evidence(info.pid(), info.uid(), info.gid(), hashes.as_deref()).to_string();
-            let snapshot = p.policies.snapshot();
-            p.attest(&snapshot, "unix", &evidence)
-        })
-        .await?
-        .map_err(|e| Status::permission_denied(format!("caller attestation failed: {e}")))
-    }
-
-    /// The entries the caller matches and policy allows.
-    async fn entitled(&self, attestation: &Attestation) -> Result<Vec<Arc<Entry>>, Status> {
-        let candidates = self.entries.matching(&attestation.selectors);
-        if candidates.is_empty() {
-            return Ok(candidates);
-        }
-        let p = self.pipeline.clone();
-        let a = attestation.clone();
-        self.blocking(move || {
-            let snapshot = p.policies.snapshot();
-            let mut allowed = Vec::new();
-            for entry in candidates {
-                let input = json!({
-                    "version": 1, "trust_domain": p.trust_domain, "attestation": a,
-                    "entry": {"id": entry.id, "spiffe_id": entry.spiffe_id, "selectors": entry.selectors},
-                });
-                match snapshot.eval(crate::policy::WORKLOAD_RULE, &input) {
-                    Ok(v) if v["allow"] == true => allowed.push(entry),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, entry = %entry.id, "workload_api policy failed; SVID withheld"),
-                }
-            }
-            allowed
+        // Reading /proc and hashing an executable is blocking file work.
+        let evidence = tokio::task::spawn_blocking(move || {
+            unix_evidence(info.pid(), info.uid(), info.gid(), hashes.as_deref())
         })
         .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        self.engine
+            .workload_caller(operation, HostEvidence::from_kernel(evidence))
+            .await
+            .map_err(status)
     }
 
-    /// Entitled entries, or PermissionDenied when there are none.
-    async fn entitled_or_denied(&self, attestation: &Attestation) -> Result<Vec<Arc<Entry>>, Status> {
-        let entries = self.entitled(attestation).await?;
-        if entries.is_empty() {
-            return Err(Status::permission_denied(
-                "no identity is registered for this caller",
-            ));
-        }
-        Ok(entries)
+    /// Entitled entries, or PermissionDenied (audited) when there are none.
+    async fn entitled_or_denied(
+        &self,
+        operation: &'static str,
+        attestation: &Attestation,
+    ) -> Result<Vec<Arc<Entry>>, Status> {
+        self.engine
+            .workload_entitled_or_refused(operation, attestation)
+            .await
+            .map_err(status)
     }
 
     fn own_key(&self) -> String {
-        format!("spiffe://{}", self.pipeline.trust_domain)
+        format!("spiffe://{}", self.engine.trust_domain)
     }
 
     /// DER of the trust bundle (concatenated certificates).
     fn bundle_der(&self) -> Vec<u8> {
-        pem_to_der(self.pipeline.signer.bundle_pem())
+        pem_to_der(self.engine.signer.bundle_pem())
     }
 
     /// The foreign trust domains these entries federate with, that have a
@@ -285,7 +249,7 @@ impl WorkloadApi {
     fn jwt_bundles(&self, entries: &[Arc<Entry>]) -> BundleMap {
         let mut map = self.federated(entries, |b| b.jwt_jwks().to_string().into_bytes());
         map.retain(|_, jwks| !jwks.starts_with(br#"{"keys":[]"#));
-        let mut own = self.pipeline.signer.jwks();
+        let mut own = self.engine.signer.jwks();
         if let Some(keys) = own["keys"].as_array_mut() {
             for k in keys {
                 k["use"] = "jwt-svid".into();
@@ -295,51 +259,33 @@ impl WorkloadApi {
         map
     }
 
-    /// Mints an X.509-SVID with a fresh key for each entry.
-    async fn mint(&self, entries: &[Arc<Entry>]) -> Result<Minted, Status> {
-        let p = self.pipeline.clone();
-        let list = entries.to_vec();
+    /// Mints an X.509-SVID with a fresh key for each entry, through the
+    /// engine (which records and audits them).
+    async fn mint(&self, attestation: &Attestation, entries: &[Arc<Entry>]) -> Result<Minted, EngineError> {
+        let minted = self.engine.workload_x509(attestation, entries).await?;
         let bundle = self.bundle_der();
-        let (svids, soonest) = self
-            .blocking(move || {
-                let mut svids = Vec::new();
-                let mut soonest = i64::MAX;
-                let mut hints = std::collections::HashSet::new();
-                for e in list {
-                    // Hints are unique within a response: the first entry keeps it.
-                    let hint = if e.hint.is_empty() || hints.insert(e.hint.clone()) {
-                        e.hint.clone()
-                    } else {
-                        String::new()
-                    };
-                    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                        .map_err(|e| Status::internal(e.to_string()))?;
-                    let template = Template {
-                        spiffe_id: SpiffeId::parse(&e.spiffe_id)
-                            .map_err(|e| Status::internal(e.to_string()))?,
-                        public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
-                        ttl: time::Duration::seconds(e.x509_svid_ttl as i64),
-                        dns_names: e.dns_names.clone(),
-                        extensions: vec![],
-                    };
-                    let cert = p
-                        .signer
-                        .sign_x509_svid(&template)
-                        .map_err(|e| Status::internal(e.to_string()))?;
-                    soonest = soonest.min(cert.not_after.unix_timestamp());
-                    let mut chain = cert.der.clone();
-                    chain.extend(pem_to_der(p.signer.intermediates_pem()));
-                    svids.push(X509svid {
-                        spiffe_id: e.spiffe_id.clone(),
-                        x509_svid: chain,
-                        x509_svid_key: key.serialize_der(),
-                        bundle: bundle.clone(),
-                        hint,
-                    });
-                }
-                Ok::<_, Status>((svids, soonest))
-            })
-            .await??;
+        let intermediates = pem_to_der(self.engine.signer.intermediates_pem());
+        let mut hints = std::collections::HashSet::new();
+        let mut soonest = i64::MAX;
+        let mut svids = Vec::with_capacity(minted.len());
+        for m in minted {
+            // Hints are unique within a response: the first entry keeps it.
+            let hint = if m.entry.hint.is_empty() || hints.insert(m.entry.hint.clone()) {
+                m.entry.hint.clone()
+            } else {
+                String::new()
+            };
+            soonest = soonest.min(m.not_after);
+            let mut chain = m.certificate_der;
+            chain.extend_from_slice(&intermediates);
+            svids.push(X509svid {
+                spiffe_id: m.entry.spiffe_id.clone(),
+                x509_svid: chain,
+                x509_svid_key: m.key_der,
+                bundle: bundle.clone(),
+                hint,
+            });
+        }
         let half = ((soonest - now_unix()).max(2) / 2) as u64;
         Ok(Minted {
             entries: entries.iter().map(|e| e.as_ref().clone()).collect(),
@@ -351,13 +297,16 @@ impl WorkloadApi {
     /// Runs one X.509-SVID stream: sends a response whenever the SVIDs are
     /// re-minted or the bundles they come with change.
     async fn x509_stream(self, attestation: Attestation, tx: mpsc::Sender<Result<X509svidResponse, Status>>) {
-        let mut entries_changed = self.entries.subscribe();
+        let mut entries_changed = self.engine.entries.subscribe();
         let mut bundles_changed = self.federation.subscribe();
         let mut minted: Option<Minted> = None;
         let mut sent_bundles: Option<BundleMap> = None;
         loop {
-            let entries = match self.entitled(&attestation).await {
+            let entries = match self.engine.workload_entitled(&attestation).await {
                 Ok(e) if e.is_empty() => {
+                    self.engine
+                        .workload_refused("fetch_x509_svid", &attestation, &EngineError::NotRegistered)
+                        .await;
                     let _ = tx
                         .send(Err(Status::permission_denied(
                             "the caller's identities were removed",
@@ -366,8 +315,13 @@ impl WorkloadApi {
                     return;
                 }
                 Ok(e) => e,
-                Err(s) => {
-                    let _ = tx.send(Err(s)).await;
+                // A busy server is no reason to end a stream: try again.
+                Err(EngineError::Overloaded) => {
+                    tokio::time::sleep(OVERLOAD_RETRY).await;
+                    continue;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(status(e))).await;
                     return;
                 }
             };
@@ -376,10 +330,14 @@ impl WorkloadApi {
                 .as_ref()
                 .is_none_or(|m| m.entries != current || tokio::time::Instant::now() >= m.rotate_at);
             if stale {
-                match self.mint(&entries).await {
+                match self.mint(&attestation, &entries).await {
                     Ok(m) => minted = Some(m),
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
+                    Err(EngineError::Overloaded) => {
+                        tokio::time::sleep(OVERLOAD_RETRY).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(status(e))).await;
                         return;
                     }
                 }
@@ -414,18 +372,28 @@ impl WorkloadApi {
     /// with PermissionDenied when the caller loses its last entry.
     async fn bundle_stream<T: Send + 'static>(
         self,
+        operation: &'static str,
         attestation: Attestation,
         tx: mpsc::Sender<Result<T, Status>>,
         render: impl Fn(&Self, &[Arc<Entry>]) -> BundleMap,
         wrap: impl Fn(BundleMap) -> T,
     ) {
-        let mut entries_changed = self.entries.subscribe();
+        let mut entries_changed = self.engine.entries.subscribe();
         let mut bundles_changed = self.federation.subscribe();
         let mut sent: Option<BundleMap> = None;
         loop {
-            let bundles = match self.entitled_or_denied(&attestation).await {
+            let bundles = match self
+                .engine
+                .workload_entitled_or_refused(operation, &attestation)
+                .await
+            {
                 Ok(entries) => render(&self, &entries),
-                Err(s) => {
+                Err(EngineError::Overloaded) => {
+                    tokio::time::sleep(OVERLOAD_RETRY).await;
+                    continue;
+                }
+                Err(e) => {
+                    let s = status(e);
                     let _ = tx.send(Err(s)).await;
                     return;
                 }
@@ -447,8 +415,8 @@ impl WorkloadApi {
     /// Keys that verify JWT-SVIDs of `trust_domain`: Castellan's own, or a
     /// federated domain's.
     fn jwt_keys_for(&self, trust_domain: &str) -> Result<crate::trust::KeySet, Status> {
-        if trust_domain == self.pipeline.trust_domain {
-            return crate::trust::KeySet::from_jwks(&self.pipeline.signer.jwks())
+        if trust_domain == self.engine.trust_domain {
+            return crate::trust::KeySet::from_jwks(&self.engine.signer.jwks())
                 .map_err(|e| Status::internal(e.to_string()));
         }
         self.federation
@@ -500,10 +468,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         self.admit(&req)?;
-        let attestation = self.attest(&req).await?;
+        let attestation = self.attest("fetch_x509_svid", &req).await?;
         // Refuse at once rather than on the stream: the caller sees the
         // status as the RPC's.
-        self.entitled_or_denied(&attestation).await?;
+        self.entitled_or_denied("fetch_x509_svid", &attestation).await?;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(self.clone().x509_stream(attestation, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -514,10 +482,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         self.admit(&req)?;
-        let attestation = self.attest(&req).await?;
-        self.entitled_or_denied(&attestation).await?;
+        let attestation = self.attest("fetch_x509_bundles", &req).await?;
+        self.entitled_or_denied("fetch_x509_bundles", &attestation)
+            .await?;
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(self.clone().bundle_stream(
+            "fetch_x509_bundles",
             attestation,
             tx,
             |api, entries| api.x509_bundles(entries),
@@ -531,38 +501,36 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if req.get_ref().audience.is_empty() || req.get_ref().audience.iter().any(|a| a.is_empty()) {
             return Err(Status::invalid_argument("audience is required"));
         }
-        let attestation = self.attest(&req).await?;
-        let mut entries = self.entitled(&attestation).await?;
+        let attestation = self.attest("fetch_jwt_svid", &req).await?;
+        let mut entries = self
+            .engine
+            .workload_entitled(&attestation)
+            .await
+            .map_err(status)?;
         let body = req.into_inner();
         if !body.spiffe_id.is_empty() {
             entries.retain(|e| e.spiffe_id == body.spiffe_id);
         }
         if entries.is_empty() {
-            return Err(Status::permission_denied(
-                "no identity is registered for this caller",
-            ));
+            let refused = EngineError::NotRegistered;
+            self.engine
+                .workload_refused("fetch_jwt_svid", &attestation, &refused)
+                .await;
+            return Err(status(refused));
         }
-        let (p, alg) = (self.pipeline.clone(), self.config.jwt_svid_algorithm.clone());
-        // RSA signing takes milliseconds: keep it off the async workers.
-        let svids = self
-            .blocking(move || {
-                let now = now_unix();
-                let mut svids = Vec::new();
-                for e in entries {
-                    let claims = json!({ "sub": e.spiffe_id, "aud": body.audience, "iat": now, "exp": now + e.jwt_svid_ttl as i64 });
-                    let svid = p
-                        .signer
-                        .sign_jwt_svid(&claims, &alg)
-                        .map_err(|e| Status::internal(e.to_string()))?;
-                    svids.push(Jwtsvid {
-                        spiffe_id: e.spiffe_id.clone(),
-                        svid,
-                        hint: e.hint.clone(),
-                    });
-                }
-                Ok::<_, Status>(svids)
+        let minted = self
+            .engine
+            .workload_jwt(&attestation, entries, body.audience, self.config.jwt_alg())
+            .await
+            .map_err(status)?;
+        let svids = minted
+            .into_iter()
+            .map(|m| Jwtsvid {
+                spiffe_id: m.entry.spiffe_id.clone(),
+                svid: m.token,
+                hint: m.entry.hint.clone(),
             })
-            .await??;
+            .collect();
         Ok(Response::new(JwtsvidResponse { svids }))
     }
 
@@ -571,10 +539,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         self.admit(&req)?;
-        let attestation = self.attest(&req).await?;
-        self.entitled_or_denied(&attestation).await?;
+        let attestation = self.attest("fetch_jwt_bundles", &req).await?;
+        self.entitled_or_denied("fetch_jwt_bundles", &attestation).await?;
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(self.clone().bundle_stream(
+            "fetch_jwt_bundles",
             attestation,
             tx,
             |api, entries| api.jwt_bundles(entries),
@@ -663,10 +632,9 @@ fn to_struct(v: &Value) -> prost_types::Struct {
 
 /// Binds the Workload API socket (any local process may connect; what it
 /// gets depends on what the kernel says it is).
-pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+    let listener = tokio::net::UnixListener::bind(path)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
     Ok(listener)

@@ -1,0 +1,354 @@
+//! `castellan bench …`: drive a running server with the load generator
+//! (`crate::bench`) and print what it measured.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+
+use castellan::client::Endpoint;
+
+use super::ServerArgs;
+
+#[derive(Subcommand)]
+pub(super) enum BenchCommand {
+    /// Drive attested issuance and print issuances/s and latency percentiles.
+    Issuance(BenchIssuance),
+    /// Time from the final approval to a long-polling requester holding its certificate.
+    Approvals(BenchApprovals),
+    /// Agent identities (JWT-SVID, one-hop delegation) per second, or latency at a set rate.
+    Broker(BenchBroker),
+    /// Attested issuances per second for each attestation method (against `castellan dev`).
+    Attestors(BenchAttestors),
+    /// Many open Workload API streams: server memory per stream, time to push
+    /// a rotation to all of them, then FetchJWTSVID per second.
+    WorkloadApi(BenchWorkloadApi),
+}
+
+#[derive(Args)]
+pub(super) struct BenchAttestors {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// File holding the admin API token.
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Measured issuances per method.
+    #[arg(long, default_value_t = 2000)]
+    requests: usize,
+    /// Only these methods, comma-separated [default: all; tpm only with
+    /// --tpm-tcti].
+    #[arg(long, value_delimiter = ',')]
+    methods: Vec<String>,
+    /// Adds the tpm row, answering one challenge per request with the TPM
+    /// behind this TCTI (e.g. `swtpm:host=127.0.0.1,port=2321`) before the
+    /// clock starts. Use a TPM you may load: each proof makes an
+    /// ActivateCredential and a quote.
+    #[arg(long)]
+    tpm_tcti: Option<String>,
+    /// PEM file with the CA certificates (root and intermediates) of the
+    /// TPM's EK certificate, for the bench's tpm trust source [default:
+    /// the source enrolls the TPM's EK by its hash instead].
+    #[arg(long, requires = "tpm_tcti")]
+    tpm_ek_ca: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub(super) struct BenchWorkloadApi {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// File holding the admin API token (to register the bench entries).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// The Workload API socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Concurrent FetchX509SVID streams, one connection each.
+    #[arg(long, default_value_t = 1000)]
+    streams: usize,
+    /// FetchJWTSVID calls in flight at once.
+    #[arg(long, default_value_t = 32)]
+    jwt_concurrency: usize,
+    /// FetchJWTSVID calls measured.
+    #[arg(long, default_value_t = 20_000)]
+    jwt_requests: usize,
+}
+
+#[derive(Args)]
+pub(super) struct BenchBroker {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// File holding the admin API token (to register the bench trust source).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Measured requests.
+    #[arg(long, default_value_t = 10_000)]
+    requests: usize,
+    /// Open-loop rate (requests/s); latency counts from each request's due time.
+    #[arg(long)]
+    rate: Option<f64>,
+}
+
+#[derive(Args)]
+pub(super) struct BenchApprovals {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// File holding the admin API token (to create the bench's own tokens).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Requests to approve, one after another.
+    #[arg(long, default_value_t = 200)]
+    requests: usize,
+}
+
+#[derive(Args)]
+pub(super) struct BenchIssuance {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Admin API token (used only to register the bench trust source).
+    #[arg(
+        long,
+        env = "CASTELLAN_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "token_file"
+    )]
+    token: Option<String>,
+    /// File holding the admin API token, e.g. DATA_DIR/admin.token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Measured requests.
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
+    /// Unmeasured requests sent first.
+    #[arg(long, default_value_t = 500)]
+    warmup: usize,
+}
+
+/// Runs one `castellan bench` command.
+pub(super) async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCommand::Issuance(args) => bench(args).await,
+        BenchCommand::Approvals(args) => bench_approvals(args).await,
+        BenchCommand::Broker(args) => bench_broker(args).await,
+        BenchCommand::WorkloadApi(args) => bench_workload_api(args).await,
+        BenchCommand::Attestors(args) => bench_attestors(args).await,
+    }
+}
+
+async fn bench(args: BenchIssuance) -> anyhow::Result<ExitCode> {
+    let token = match (args.token, &args.token_file) {
+        (_, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("{}", f.display()))?
+            .trim()
+            .to_owned(),
+        (Some(t), None) => t,
+        (None, None) => anyhow::bail!("give --token-file or CASTELLAN_TOKEN"),
+    };
+    anyhow::ensure!(
+        args.concurrency >= 1 && args.requests >= 1,
+        "--concurrency and --requests must be at least 1"
+    );
+    let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
+    let report = crate::bench::run(crate::bench::Options {
+        endpoint,
+        admin_token: token,
+        concurrency: args.concurrency,
+        requests: args.requests,
+        warmup: args.warmup,
+    })
+    .await?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "attested issuance: {} requests at concurrency {}",
+        report.requests, args.concurrency
+    );
+    println!("  issued       {}", report.issued);
+    if !report.refused.is_empty() {
+        println!("  refused      {:?} (status, count)", report.refused);
+    }
+    println!("  elapsed      {:.2} s", report.elapsed.as_secs_f64());
+    println!("  throughput   {:.0} issuances/s", report.rate());
+    println!(
+        "  latency      p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(report.p50),
+        ms(report.p99),
+        ms(report.max)
+    );
+    Ok(if report.refused.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// An admin token from a file, trimmed.
+pub(super) fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("{}", path.display()))?
+        .trim()
+        .to_owned())
+}
+
+async fn bench_attestors(args: BenchAttestors) -> anyhow::Result<ExitCode> {
+    let token = read_token_file(&args.token_file)?;
+    anyhow::ensure!(
+        args.concurrency >= 1 && args.requests >= 1,
+        "--concurrency and --requests must be at least 1"
+    );
+    let ek_ca_pem = match &args.tpm_ek_ca {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the EK CA certificates {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let tpm = args
+        .tpm_tcti
+        .map(|tcti| crate::bench::attestors::TpmTarget { tcti, ek_ca_pem });
+    let rows = crate::bench::attestors::run(crate::bench::attestors::Options {
+        endpoint: Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?,
+        admin_token: token,
+        concurrency: args.concurrency,
+        requests: args.requests,
+        methods: args.methods,
+        tpm,
+    })
+    .await?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "attested issuance by method: {} requests each, concurrency {}",
+        args.requests, args.concurrency
+    );
+    println!("  method        issued/s    p50 ms   p99 ms   refused");
+    for r in rows {
+        println!(
+            "  {:<12} {:>9.0} {:>9.2} {:>8.2}   {:?}",
+            r.method,
+            r.report.rate(),
+            ms(r.report.p50),
+            ms(r.report.p99),
+            r.report.refused
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bench_workload_api(args: BenchWorkloadApi) -> anyhow::Result<ExitCode> {
+    let token = read_token_file(&args.token_file)?;
+    anyhow::ensure!(
+        args.streams >= 1 && args.jwt_concurrency >= 1 && args.jwt_requests >= 1,
+        "--streams, --jwt-concurrency and --jwt-requests must be at least 1"
+    );
+    let r = crate::bench::workload_api::run(crate::bench::workload_api::Options {
+        socket: args.socket,
+        endpoint: Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?,
+        admin_token: token,
+        streams: args.streams,
+        jwt_concurrency: args.jwt_concurrency,
+        jwt_requests: args.jwt_requests,
+    })
+    .await?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    let grown = r.rss_after_kib.saturating_sub(r.rss_before_kib);
+    println!("workload API: {} concurrent FetchX509SVID streams", r.streams);
+    println!("  all open in  {:.0} ms", ms(r.open_elapsed));
+    println!(
+        "  server RSS   {} KiB -> {} KiB: {:.1} KiB per open stream",
+        r.rss_before_kib,
+        r.rss_after_kib,
+        grown as f64 / r.streams as f64
+    );
+    println!(
+        "  rotation     pushed to all in {:.0} ms (p50 {:.0} ms)",
+        ms(r.push_all),
+        ms(r.push_p50)
+    );
+    println!(
+        "FetchJWTSVID: {} calls, concurrency {}",
+        r.jwt.requests, args.jwt_concurrency
+    );
+    if !r.jwt.refused.is_empty() {
+        println!("  failed       {}", r.jwt.requests - r.jwt.issued);
+    }
+    println!("  throughput   {:.0} JWT-SVIDs/s", r.jwt.rate());
+    println!(
+        "  latency      p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(r.jwt.p50),
+        ms(r.jwt.p99),
+        ms(r.jwt.max)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bench_broker(args: BenchBroker) -> anyhow::Result<ExitCode> {
+    let token = read_token_file(&args.token_file)?;
+    anyhow::ensure!(
+        args.concurrency >= 1 && args.requests >= 1,
+        "--concurrency and --requests must be at least 1"
+    );
+    anyhow::ensure!(args.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
+    let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
+    let r = crate::bench::run_broker(crate::bench::BrokerOptions {
+        endpoint,
+        admin_token: token,
+        concurrency: args.concurrency,
+        requests: args.requests,
+        rate: args.rate,
+    })
+    .await?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    match args.rate {
+        Some(rate) => println!(
+            "agent identities (one-hop delegation): {} requests at {rate:.0}/s open loop",
+            r.requests
+        ),
+        None => println!(
+            "agent identities (one-hop delegation): {} requests at concurrency {}",
+            r.requests, args.concurrency
+        ),
+    }
+    println!("  issued       {}", r.issued);
+    if !r.refused.is_empty() {
+        println!("  refused      {:?} (status, count)", r.refused);
+    }
+    println!("  throughput   {:.0} identities/s", r.rate());
+    println!(
+        "  latency      p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(r.p50),
+        ms(r.p99),
+        ms(r.max)
+    );
+    Ok(if r.refused.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn bench_approvals(args: BenchApprovals) -> anyhow::Result<ExitCode> {
+    let token = read_token_file(&args.token_file)?;
+    anyhow::ensure!(args.requests >= 1, "--requests must be at least 1");
+    let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
+    let r = crate::bench::run_approvals(endpoint, &token, args.requests).await?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "final approval -> long-polling requester holds its certificate: {} requests",
+        r.requests
+    );
+    println!(
+        "  latency      p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(r.p50),
+        ms(r.p99),
+        ms(r.max)
+    );
+    Ok(ExitCode::SUCCESS)
+}

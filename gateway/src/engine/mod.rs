@@ -1,0 +1,437 @@
+//! The engine: every credential, whatever surface asked for it, goes
+//! through here, and only here, in one order:
+//!
+//! ```text
+//! admit ─▶ snapshot ─▶ attest ─▶ decide ─▶ [approve] ─▶ sign ─▶ record ─▶ respond
+//!         (policies    (WASM)    (Rego,     (people)   (signer) (store)
+//!          + modules)            logged)
+//! ```
+//!
+//! - **admit**: one back-pressure limit ([`Admission`]) shared by all flows.
+//! - **snapshot**: the policies and attestor modules are taken once per
+//!   request, so a bundle swap never mixes two bundles in one decision.
+//! - **attest**: the method's module verifies the evidence. Methods whose
+//!   evidence the host gathers (`unix`) are accepted only from the Workload
+//!   API adapter; every other surface is refused before any module runs.
+//! - **decide**: the flow's Rego package over a typed, versioned input;
+//!   decisions are logged when decision logs are on.
+//! - **approve**, **sign**, **record**: pending requests wait for votes; the
+//!   signer mints; the credential and its audit entry are durable before the
+//!   answer leaves. Every refusal is audited here, whatever the surface.
+//!
+//! Flows: attested issuance ([`issuance`]), just-in-time requests
+//! ([`ephemeral`]), agent identities and token exchange ([`broker`]),
+//! Workload API SVIDs ([`workload`]) and join tokens ([`join_token`]).
+//! Surfaces (HTTP, the Workload API socket) parse, authenticate, call one
+//! of these and render; they never assemble stages themselves.
+
+mod admission;
+pub mod broker;
+mod csr;
+pub mod ephemeral;
+mod errors;
+pub mod issuance;
+pub mod join_token;
+pub mod workload;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde_json::json;
+use tokio::sync::Notify;
+
+pub use admission::{Admission, Admitted};
+pub use csr::{VerifiedCsr, verify_csr};
+pub use errors::EngineError;
+
+use crate::attest::challenge::Challenges;
+use crate::attest::replay::ReplayCache;
+use crate::attest::{AttestError, Attestors, HOST_EVIDENCE_METHODS};
+use crate::auth::OidcIssuers;
+use crate::config::IssuanceConfig;
+use crate::entries::Entries;
+use crate::model::{Actor, Attestation, AuditEvent, AuditKind};
+use crate::policy::{Loaded, Policies};
+use crate::signer::{IssuedCertificate, Signer, Template};
+use crate::spiffe_id::SpiffeId;
+use crate::store::Store;
+use crate::trust::Registry;
+
+/// Where a request came from. It decides which evidence is acceptable (host
+/// evidence only from the Workload API) and how a refusal is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// `POST /api/v1/workloads/attested-issuance`.
+    AttestedIssuance,
+    /// `/api/v1/ephemeral`.
+    Ephemeral,
+    /// `POST /api/v1/broker/agent-identities`.
+    Broker,
+    /// `POST /oauth2/token` (RFC 8693).
+    TokenExchange,
+    /// The SPIFFE Workload API socket.
+    WorkloadApi,
+    /// `POST /api/v1/join-tokens`.
+    JoinToken,
+}
+
+impl Surface {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Surface::AttestedIssuance => "attested-issuance",
+            Surface::Ephemeral => "ephemeral",
+            Surface::Broker => "broker",
+            Surface::TokenExchange => "token-exchange",
+            Surface::WorkloadApi => "workload_api",
+            Surface::JoinToken => "join-token",
+        }
+    }
+
+    /// Whether this surface gathers evidence itself, from the kernel.
+    fn gathers_host_evidence(self) -> bool {
+        self == Surface::WorkloadApi
+    }
+
+    /// The audit kind of a refusal on this surface.
+    fn refusal_kind(self) -> AuditKind {
+        match self {
+            Surface::AttestedIssuance => AuditKind::IssuanceRefused,
+            Surface::Ephemeral => AuditKind::EphemeralRefused,
+            Surface::Broker | Surface::TokenExchange => AuditKind::BrokerRefused,
+            Surface::WorkloadApi => AuditKind::WorkloadRefused,
+            Surface::JoinToken => AuditKind::JoinTokenRefused,
+        }
+    }
+}
+
+/// A refusal as the audit log records it.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub surface: Surface,
+    /// What was attempted on the surface (`create`, `vote`, `fetch_x509_svid`…).
+    pub operation: &'static str,
+    pub actor: Actor,
+    /// The attestation method named, when there was one.
+    pub method: Option<String>,
+    /// The caller's selectors, when attestation got that far.
+    pub selectors: Option<Vec<String>>,
+}
+
+impl Refusal {
+    pub fn new(surface: Surface, operation: &'static str, actor: Actor) -> Self {
+        Self {
+            surface,
+            operation,
+            actor,
+            method: None,
+            selectors: None,
+        }
+    }
+
+    pub fn method(mut self, method: &str) -> Self {
+        self.method = Some(printable(method));
+        self
+    }
+}
+
+/// What the engine is built from.
+pub struct Parts {
+    pub trust_domain: String,
+    pub attestors: Arc<Attestors>,
+    pub trust: Arc<Registry>,
+    pub policies: Arc<Policies>,
+    pub signer: Arc<dyn Signer>,
+    pub store: Store,
+    pub limits: IssuanceConfig,
+    pub entries: Arc<Entries>,
+    pub oidc: Arc<OidcIssuers>,
+    /// Requests doing CPU work at once (see [`Admission`]).
+    pub max_in_flight: usize,
+}
+
+/// The engine shared by every surface.
+pub struct Engine {
+    pub trust_domain: String,
+    pub attestors: Arc<Attestors>,
+    pub trust: Arc<Registry>,
+    pub policies: Arc<Policies>,
+    pub signer: Arc<dyn Signer>,
+    pub store: Store,
+    pub limits: IssuanceConfig,
+    /// Workload API registration entries.
+    pub entries: Arc<Entries>,
+    /// The externally reachable base URL (`iss` of JWT-SVIDs, discovery).
+    pub public_url: OnceLock<String>,
+    /// Nonces issued to clients of challenge-based methods.
+    pub challenges: Challenges,
+    admission: Admission,
+    /// Single-use evidence already seen (the store keeps it across restarts).
+    replay: ReplayCache,
+    /// Delegation verification and the revoked-token set.
+    delegations: broker::Delegations,
+    /// Waiters per ephemeral request id, woken on every transition.
+    watchers: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl Engine {
+    /// Builds the engine; loads the revoked-token set from the store.
+    pub async fn new(parts: Parts) -> Result<Arc<Self>, EngineError> {
+        let delegations = broker::Delegations::load(&parts.store, parts.oidc, &parts.signer.jwks()).await?;
+        // Waiting requests hold no CPU: let many queue behind the permits
+        // before answering `overloaded`.
+        let max_waiting = parts.max_in_flight.max(1) * 64;
+        Ok(Arc::new(Self {
+            trust_domain: parts.trust_domain,
+            attestors: parts.attestors,
+            trust: parts.trust,
+            policies: parts.policies,
+            signer: parts.signer,
+            store: parts.store,
+            limits: parts.limits,
+            entries: parts.entries,
+            public_url: OnceLock::new(),
+            challenges: Challenges::default(),
+            admission: Admission::new(parts.max_in_flight, max_waiting),
+            replay: ReplayCache::default(),
+            delegations,
+            watchers: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The `iss` of every JWT-SVID and of discovery.
+    pub fn issuer(&self) -> String {
+        self.public_url
+            .get()
+            .cloned()
+            .unwrap_or_else(|| format!("spiffe://{}", self.trust_domain))
+    }
+
+    /// Admission: waits for a permit or refuses with `overloaded`.
+    pub async fn admit(&self) -> Result<Admitted<'_>, EngineError> {
+        self.admission.admit().await
+    }
+
+    /// Runs CPU work (attest, decide, sign) on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        tokio::task::spawn_blocking(f).await.map_err(EngineError::Task)?
+    }
+
+    /// The attest stage. Blocking. Tells the module the public key the
+    /// caller wants certified (`context.key_sha256`) so that evidence able
+    /// to carry it is bound to it, resolves the server challenge the
+    /// evidence names, and spends single-use evidence (in memory and
+    /// durably) before the attestation counts.
+    fn attest(
+        &self,
+        surface: Surface,
+        snapshot: &Loaded,
+        method: &str,
+        evidence: &str,
+        key_spki: Option<&[u8]>,
+    ) -> Result<Attestation, EngineError> {
+        // Flows check this first; checked again here, where modules run.
+        check_method(surface, method)?;
+        let host_evidence = HOST_EVIDENCE_METHODS.contains(&method);
+        if !snapshot.modules.contains_key(method) {
+            return Err(EngineError::UnknownMethod(printable(method)));
+        }
+        let mut context = json!({ "trust_domain": self.trust_domain });
+        if let Some(spki) = key_spki {
+            context["key_sha256"] = crate::util::sha256_hex(spki).into();
+        }
+        // Host-gathered evidence never answers a challenge.
+        let challenge = if host_evidence {
+            None
+        } else {
+            crate::attest::challenge::challenge_id(evidence)
+        };
+        if let Some(id) = challenge {
+            let challenge = self
+                .challenges
+                .take(&id, method, crate::util::now_unix())
+                .map_err(|e| EngineError::AttestationFailed(e.to_string()))?;
+            context["challenge"] = challenge;
+        }
+        let attestation = self
+            .attestors
+            .attest_in(
+                &snapshot.modules,
+                method,
+                evidence,
+                self.trust.snapshot(),
+                &context,
+            )
+            .map_err(|e| match e {
+                AttestError::UnknownMethod(m) => EngineError::UnknownMethod(m),
+                AttestError::NoTrustSource(m) => EngineError::NoTrustSource(m),
+                AttestError::Malformed(_) | AttestError::Rejected(_) => {
+                    EngineError::AttestationFailed(e.to_string())
+                }
+                other => {
+                    tracing::warn!(method, error = %other, "attestor failed");
+                    EngineError::Attestor(other)
+                }
+            })?;
+        if let Some(once) = &attestation.single_use {
+            self.spend(method, once)?;
+        }
+        Ok(attestation)
+    }
+
+    /// Spends single-use evidence. The memory answers repeats cheaply; the
+    /// store makes the spend survive a restart. Both must agree it is the
+    /// first use. Blocking (called from the blocking pool).
+    fn spend(&self, method: &str, once: &crate::model::SingleUse) -> Result<(), EngineError> {
+        let now = crate::util::now_unix();
+        self.replay
+            .first_use(method, &once.id, once.until, now)
+            .map_err(|e| EngineError::AttestationFailed(e.to_string()))?;
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| EngineError::Internal("single-use evidence needs the runtime"))?;
+        let key = format!("{method}\u{0}{}", once.id);
+        if !handle.block_on(self.store.spend(&key, once.until, now))? {
+            return Err(EngineError::AttestationFailed(
+                "this evidence was already used".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a policy's SPIFFE ID and lifetime against the server's limits;
+    /// returns the ID and the lifetime after the operator's hard cap.
+    pub fn check_identity(
+        &self,
+        spiffe_id: Option<String>,
+        ttl: Option<u64>,
+    ) -> Result<(SpiffeId, u64), EngineError> {
+        let invalid = EngineError::InvalidDecision;
+        let spiffe_id = spiffe_id.ok_or_else(|| invalid("allow without spiffe_id".into()))?;
+        let spiffe_id = SpiffeId::parse(&spiffe_id).map_err(|e| invalid(format!("spiffe_id: {e}")))?;
+        if spiffe_id.trust_domain() != self.trust_domain {
+            return Err(invalid(format!(
+                "spiffe_id `{spiffe_id}` is outside the trust domain {}",
+                self.trust_domain
+            )));
+        }
+        if spiffe_id.path().is_empty() {
+            return Err(invalid(format!(
+                "spiffe_id `{spiffe_id}` names the trust domain, not a workload"
+            )));
+        }
+        let ttl = ttl.ok_or_else(|| invalid("allow without ttl_seconds".into()))?;
+        if ttl < self.limits.min_ttl_seconds {
+            return Err(invalid(format!("ttl_seconds {ttl} is below the minimum")));
+        }
+        // The operator's hard cap holds whatever the policy says.
+        Ok((spiffe_id, ttl.min(self.limits.max_ttl_seconds)))
+    }
+
+    /// A requested lifetime below the server's minimum is a bad request.
+    fn check_requested_ttl(&self, ttl: Option<u64>) -> Result<(), EngineError> {
+        match ttl {
+            Some(t) if t < self.limits.min_ttl_seconds => Err(EngineError::BadRequest(format!(
+                "ttl_seconds must be at least {}",
+                self.limits.min_ttl_seconds
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The sign stage for X.509-SVIDs. Blocking.
+    fn sign_x509(&self, template: &Template) -> Result<IssuedCertificate, EngineError> {
+        self.signer.sign_x509_svid(template).map_err(|e| {
+            tracing::error!(error = %e, "signer failed");
+            EngineError::Signer(e)
+        })
+    }
+
+    /// The chain a leaf is delivered with: the leaf, then intermediates.
+    fn chain_pem(&self, leaf_pem: &str) -> String {
+        format!("{leaf_pem}{}", self.signer.intermediates_pem())
+    }
+
+    /// A signed certificate as the requester receives it: the leaf, its
+    /// chain and the trust anchors.
+    fn delivered(&self, cert: IssuedCertificate) -> crate::model::IssuedCert {
+        crate::model::IssuedCert {
+            chain_pem: self.chain_pem(&cert.pem),
+            certificate_pem: cert.pem,
+            bundle_pem: self.signer.bundle_pem().to_owned(),
+            serial: cert.serial,
+            not_after: crate::util::rfc3339(cert.not_after),
+            jwt_svid: None,
+        }
+    }
+
+    /// Appends an audit event; a failure is logged, never hidden from the
+    /// operator, but does not change an answer already decided.
+    pub async fn audit(&self, event: AuditEvent) {
+        let kind = event.kind.clone();
+        if let Err(e) = self.store.audit(event).await {
+            tracing::error!(error = %e, %kind, "could not write audit event");
+        }
+    }
+
+    /// Audits a refusal. Every flow calls this on every error, and surfaces
+    /// call it for requests refused before they reach a flow (malformed or
+    /// oversized bodies), so each refusal is recorded exactly once.
+    pub async fn audit_refusal(&self, refusal: Refusal, error: &EngineError) {
+        let mut detail = json!({
+            "surface": refusal.surface.as_str(),
+            "operation": refusal.operation,
+            "status": error.status(),
+            "problem": error.slug(),
+            "detail": error.detail(),
+        });
+        if let Some(m) = refusal.method {
+            detail["method"] = m.into();
+        }
+        if let Some(s) = refusal.selectors {
+            detail["selectors"] = s.into();
+        }
+        if let Some(r) = error.reasons() {
+            detail["reasons"] = r.into();
+        }
+        let event = AuditEvent::new(refusal.surface.refusal_kind(), refusal.actor, detail);
+        self.audit(event).await;
+    }
+
+    /// Audits `result`'s error, if any, and passes it on.
+    async fn audited<T>(&self, refusal: Refusal, result: Result<T, EngineError>) -> Result<T, EngineError> {
+        if let Err(e) = &result {
+            self.audit_refusal(refusal, e).await;
+        }
+        result
+    }
+}
+
+/// Refuses a method whose evidence only the host gathers on a surface
+/// where the caller supplies the evidence. Flows call this before any
+/// other work (delegation, attestation, policy), so a caller claiming to be
+/// a local process is refused the same way everywhere.
+fn check_method(surface: Surface, method: &str) -> Result<(), EngineError> {
+    if HOST_EVIDENCE_METHODS.contains(&method) && !surface.gathers_host_evidence() {
+        return Err(EngineError::HostEvidenceOnly(printable(method)));
+    }
+    Ok(())
+}
+
+/// At most 64 printable characters of a caller-supplied name.
+pub fn printable(s: &str) -> String {
+    s.chars().take(64).filter(|c| !c.is_control()).collect()
+}
+
+/// Reasons, or one that says none was given.
+fn reasons_or_default(reasons: Vec<String>) -> Vec<String> {
+    if reasons.is_empty() {
+        vec!["no reason given".to_owned()]
+    } else {
+        reasons
+    }
+}
+
+#[cfg(test)]
+mod tests;

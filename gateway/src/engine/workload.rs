@@ -1,0 +1,328 @@
+//! The Workload API flow. The caller is attested from evidence the host
+//! gathered from the kernel (the only place the engine accepts host
+//! evidence), its selectors are matched against registration entries, each
+//! matching entry passes `castellan.workload_api`, and SVIDs are minted,
+//! recorded in the inventory and audited before they are handed out.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::{Engine, EngineError, Refusal, Surface};
+use crate::model::policy::{EntryDoc, INPUT_VERSION, WorkloadInput};
+use crate::model::{Actor, Attestation, AuditEvent, AuditKind, CertificateRecord, Entry, Source};
+use crate::signer::{JwtAlg, JwtSvidClaims, Template};
+use crate::spiffe_id::SpiffeId;
+use crate::store::Effects;
+use crate::util::{now_unix, rfc3339, sha256_hex};
+
+/// The method whose module reads host evidence.
+const HOST_METHOD: &str = "unix";
+
+/// Evidence about a Workload API caller, gathered by the host from the
+/// kernel (peer credentials, `/proc`). Only the Workload API adapter makes
+/// one; nothing a caller sends becomes host evidence.
+#[derive(Debug, Clone)]
+pub struct HostEvidence {
+    json: String,
+}
+
+impl HostEvidence {
+    /// Evidence as the `unix` module reads it (`pid`, `uid`, `gid`, and
+    /// what the host learnt of the process).
+    pub fn from_kernel(evidence: serde_json::Value) -> Self {
+        Self {
+            json: evidence.to_string(),
+        }
+    }
+}
+
+/// An X.509-SVID minted for a Workload API caller, with its new key.
+#[derive(Debug, Clone)]
+pub struct WorkloadSvid {
+    pub entry: Arc<Entry>,
+    /// DER of the leaf.
+    pub certificate_der: Vec<u8>,
+    /// PKCS#8 DER of the key (the Workload API is the one surface that
+    /// hands out a private key: the standard asks it to).
+    pub key_der: Vec<u8>,
+    pub not_after: i64,
+}
+
+/// A JWT-SVID minted for a Workload API caller.
+#[derive(Debug, Clone)]
+pub struct WorkloadJwt {
+    pub entry: Arc<Entry>,
+    pub token: String,
+}
+
+impl Engine {
+    /// Attests a Workload API caller from host evidence. A refusal is
+    /// audited as `workload_api.refused`.
+    pub async fn workload_caller(
+        self: &Arc<Self>,
+        operation: &'static str,
+        evidence: HostEvidence,
+    ) -> Result<Attestation, EngineError> {
+        let refusal = Refusal::new(
+            Surface::WorkloadApi,
+            operation,
+            Actor::Evidence(HOST_METHOD.into()),
+        )
+        .method(HOST_METHOD);
+        let result = async {
+            let _admitted = self.admit().await?;
+            let engine = self.clone();
+            self.blocking(move || {
+                let snapshot = engine.policies.snapshot();
+                engine.attest(Surface::WorkloadApi, &snapshot, HOST_METHOD, &evidence.json, None)
+            })
+            .await
+        }
+        .await;
+        self.audited(refusal, result).await
+    }
+
+    /// The entries the caller matches and the policy allows, in entry
+    /// order. Each decision is logged when decision logs are on. An entry
+    /// whose decision fails is withheld (fail closed), not an error.
+    pub async fn workload_entitled(
+        self: &Arc<Self>,
+        attestation: &Attestation,
+    ) -> Result<Vec<Arc<Entry>>, EngineError> {
+        let candidates = self.entries.matching(&attestation.selectors);
+        if candidates.is_empty() {
+            return Ok(candidates);
+        }
+        let _admitted = self.admit().await?;
+        let (engine, attestation) = (self.clone(), attestation.clone());
+        self.blocking(move || {
+            let snapshot = engine.policies.snapshot();
+            let mut allowed = Vec::new();
+            for entry in candidates {
+                let input = WorkloadInput {
+                    version: INPUT_VERSION,
+                    trust_domain: &engine.trust_domain,
+                    attestation: &attestation,
+                    entry: EntryDoc {
+                        id: &entry.id,
+                        spiffe_id: &entry.spiffe_id,
+                        selectors: &entry.selectors,
+                    },
+                };
+                match snapshot.decide_workload(&input) {
+                    Ok(d) if d.allow => allowed.push(entry),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, entry = %entry.id, "workload_api policy failed; SVID withheld")
+                    }
+                }
+            }
+            Ok(allowed)
+        })
+        .await
+    }
+
+    /// Entitled entries, or `not-registered` (audited) when there are none.
+    pub async fn workload_entitled_or_refused(
+        self: &Arc<Self>,
+        operation: &'static str,
+        attestation: &Attestation,
+    ) -> Result<Vec<Arc<Entry>>, EngineError> {
+        let result = match self.workload_entitled(attestation).await {
+            Ok(e) if e.is_empty() => Err(EngineError::NotRegistered),
+            other => other,
+        };
+        self.audited(caller_refusal(operation, attestation), result).await
+    }
+
+    /// Audits a Workload API refusal for an attested caller.
+    pub async fn workload_refused(
+        &self,
+        operation: &'static str,
+        attestation: &Attestation,
+        error: &EngineError,
+    ) {
+        self.audit_refusal(caller_refusal(operation, attestation), error)
+            .await;
+    }
+
+    /// Mints an X.509-SVID with a fresh key for each entry, records them in
+    /// the inventory with the caller's selectors, and audits them, all
+    /// durably before they are returned.
+    pub async fn workload_x509(
+        self: &Arc<Self>,
+        attestation: &Attestation,
+        entries: &[Arc<Entry>],
+    ) -> Result<Vec<WorkloadSvid>, EngineError> {
+        let result = self.workload_x509_inner(attestation, entries).await;
+        self.audited(caller_refusal("fetch_x509_svid", attestation), result)
+            .await
+    }
+
+    async fn workload_x509_inner(
+        self: &Arc<Self>,
+        attestation: &Attestation,
+        entries: &[Arc<Entry>],
+    ) -> Result<Vec<WorkloadSvid>, EngineError> {
+        let _admitted = self.admit().await?;
+        let (engine, list) = (self.clone(), entries.to_vec());
+        let minted = self
+            .blocking(move || {
+                let mut out = Vec::with_capacity(list.len());
+                for entry in list {
+                    out.push(engine.mint_workload_svid(entry)?);
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut effects = Effects::default();
+        for (svid, cert) in &minted {
+            let record = CertificateRecord {
+                serial: cert.serial.clone(),
+                spiffe_id: svid.entry.spiffe_id.clone(),
+                not_before: rfc3339(cert.not_before),
+                not_after: rfc3339(cert.not_after),
+                source: Source::WorkloadApi,
+                method: attestation.method.clone(),
+                subject: attestation.subject.clone(),
+                public_key_sha256: cert.spki_sha256.clone(),
+                issued_at: rfc3339(time::OffsetDateTime::now_utc()),
+                selectors: attestation.selectors.clone(),
+            };
+            effects.audit.push(AuditEvent::new(
+                AuditKind::WorkloadX509Issued,
+                Actor::workload(&attestation.method, &attestation.subject),
+                json!({
+                    "surface": Surface::WorkloadApi.as_str(),
+                    "entry_id": svid.entry.id,
+                    "serial": record.serial,
+                    "spiffe_id": record.spiffe_id,
+                    "selectors": attestation.selectors,
+                    "not_after": record.not_after,
+                }),
+            ));
+            effects.certificates.push(record);
+        }
+        self.store.record(effects).await?;
+        Ok(minted.into_iter().map(|(svid, _)| svid).collect())
+    }
+
+    /// One X.509-SVID and its key. Blocking.
+    fn mint_workload_svid(&self, entry: Arc<Entry>) -> Result<(WorkloadSvid, MintedCert), EngineError> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| EngineError::Signer(crate::signer::SignerError::Sign(e)))?;
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        let template = Template {
+            spiffe_id: SpiffeId::parse(&entry.spiffe_id)
+                .map_err(|_| EngineError::Corrupt("entry spiffe_id"))?,
+            public_key_der: spki.clone(),
+            ttl: time::Duration::seconds(entry.x509_svid_ttl as i64),
+            dns_names: entry.dns_names.clone(),
+            extensions: vec![],
+        };
+        let cert = self.sign_x509(&template)?;
+        let minted = MintedCert {
+            serial: cert.serial.clone(),
+            not_before: cert.not_before,
+            not_after: cert.not_after,
+            spki_sha256: sha256_hex(&spki),
+        };
+        let svid = WorkloadSvid {
+            entry,
+            certificate_der: cert.der,
+            key_der: key.serialize_der(),
+            not_after: cert.not_after.unix_timestamp(),
+        };
+        Ok((svid, minted))
+    }
+
+    /// Mints a JWT-SVID for each entry and audience set with `alg`, and
+    /// audits them durably before they are returned.
+    pub async fn workload_jwt(
+        self: &Arc<Self>,
+        attestation: &Attestation,
+        entries: Vec<Arc<Entry>>,
+        audience: Vec<String>,
+        alg: JwtAlg,
+    ) -> Result<Vec<WorkloadJwt>, EngineError> {
+        let result = self.workload_jwt_inner(attestation, entries, audience, alg).await;
+        self.audited(caller_refusal("fetch_jwt_svid", attestation), result)
+            .await
+    }
+
+    async fn workload_jwt_inner(
+        self: &Arc<Self>,
+        attestation: &Attestation,
+        entries: Vec<Arc<Entry>>,
+        audience: Vec<String>,
+        alg: JwtAlg,
+    ) -> Result<Vec<WorkloadJwt>, EngineError> {
+        let _admitted = self.admit().await?;
+        let engine = self.clone();
+        let aud = audience.clone();
+        // RSA signing takes milliseconds: keep it off the async workers.
+        let (minted, iat) = self
+            .blocking(move || {
+                let now = now_unix();
+                let mut out = Vec::with_capacity(entries.len());
+                for entry in entries {
+                    let claims = JwtSvidClaims {
+                        sub: SpiffeId::parse(&entry.spiffe_id)
+                            .map_err(|_| EngineError::Corrupt("entry spiffe_id"))?,
+                        aud: aud.clone(),
+                        iat: now,
+                        exp: now + entry.jwt_svid_ttl as i64,
+                        iss: None,
+                        jti: None,
+                        agent: None,
+                    };
+                    let token = engine
+                        .signer
+                        .sign_jwt_svid(&claims, alg)
+                        .map_err(EngineError::Signer)?;
+                    out.push(WorkloadJwt { entry, token });
+                }
+                Ok((out, now))
+            })
+            .await?;
+        let effects = Effects {
+            audit: vec![AuditEvent::new(
+                AuditKind::WorkloadJwtIssued,
+                Actor::workload(&attestation.method, &attestation.subject),
+                json!({
+                    "surface": Surface::WorkloadApi.as_str(),
+                    "spiffe_ids": minted.iter().map(|m| m.entry.spiffe_id.clone()).collect::<Vec<_>>(),
+                    "audience": audience,
+                    "iat": iat,
+                    "selectors": attestation.selectors,
+                }),
+            )],
+            ..Effects::default()
+        };
+        self.store.record(effects).await?;
+        Ok(minted)
+    }
+}
+
+/// What the inventory needs of a minted certificate.
+struct MintedCert {
+    serial: String,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+    spki_sha256: String,
+}
+
+/// How a refusal of an attested Workload API caller is recorded: who the
+/// kernel says it is and its selectors, so an operator can see why it got
+/// no identity.
+fn caller_refusal(operation: &'static str, attestation: &Attestation) -> Refusal {
+    let mut r = Refusal::new(
+        Surface::WorkloadApi,
+        operation,
+        Actor::workload(&attestation.method, &attestation.subject),
+    )
+    .method(&attestation.method);
+    r.selectors = Some(attestation.selectors.clone());
+    r
+}

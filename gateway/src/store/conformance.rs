@@ -1,0 +1,452 @@
+//! The store conformance suite: the same cases against every backend, so a
+//! backend that passes keeps every guarantee the flows rely on (durable
+//! writes, one chain, serialised transitions, single use, the cascade).
+//! Add a backend by adding a line to `backends!` at the bottom.
+
+#![cfg(test)]
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::{Effects, Store, StoreError};
+use crate::model::{
+    Actor, AgentToken, AuditEvent, AuditKind, CertificateRecord, Entry, IdempotentResponse, Notification,
+    Request, Requester, RevocationFilter, Rule, Source, State, TokenRecord, TrustSource,
+};
+use crate::util::now_unix;
+
+fn event(n: u64) -> AuditEvent {
+    AuditEvent::new(AuditKind::IssuanceIssued, Actor::Castellan, json!({ "n": n }))
+}
+
+fn cert(serial: &str) -> CertificateRecord {
+    CertificateRecord {
+        serial: serial.into(),
+        spiffe_id: "spiffe://example.org/a".into(),
+        not_before: "2026-01-01T00:00:00Z".into(),
+        not_after: "2026-01-01T01:00:00Z".into(),
+        source: Source::AttestedIssuance,
+        method: "k8s_sat".into(),
+        subject: "ns/a/sa/b".into(),
+        public_key_sha256: "00".into(),
+        issued_at: "2026-01-01T00:00:00Z".into(),
+        selectors: vec!["k8s_sat:ns:a".into()],
+    }
+}
+
+fn request(id: &str, created_at: &str) -> Request {
+    Request {
+        id: id.into(),
+        state: State::Pending,
+        requester: Requester {
+            id: "user:alice".into(),
+            name: "alice".into(),
+            kind: "token".into(),
+        },
+        spiffe_id: "spiffe://example.org/db".into(),
+        dns_names: vec![],
+        ttl_seconds: 300,
+        justification: "incident".into(),
+        ticket: None,
+        emergency: false,
+        post_review: false,
+        public_key: "AAAA".into(),
+        binding: "sha256:00".into(),
+        rule: Rule {
+            required_approvals: 1,
+            approver_groups: vec!["sre".into()],
+            approver_principals: vec![],
+            deny_threshold: 1,
+        },
+        votes: vec![],
+        created_at: created_at.into(),
+        expires_at: now_unix() + 900,
+        decided_at: None,
+        issued: None,
+        policy_revision: "r1".into(),
+        attestation: None,
+        agent: None,
+    }
+}
+
+fn agent_token(jti: &str, parent: Option<&str>, exp: i64) -> AgentToken {
+    AgentToken {
+        jti: jti.into(),
+        agent_id: format!("agent-{jti}"),
+        spiffe_id: "spiffe://example.org/agent".into(),
+        parent_jti: parent.map(str::to_owned),
+        task_id: Some("task-1".into()),
+        scopes: vec!["read".into()],
+        audience: vec!["api".into()],
+        iat: now_unix(),
+        exp,
+        chain: vec![],
+        revoked_at: None,
+    }
+}
+
+/// Records `n` certificates, each with its audit event.
+pub(super) async fn record_some(store: &Store, n: u64) {
+    for i in 0..n {
+        store
+            .record_issuance(cert(&format!("{i:04x}")), event(i))
+            .await
+            .unwrap();
+    }
+}
+
+pub(super) async fn certificates_page_in_issuance_order(store: Store) {
+    record_some(&store, 50).await;
+    assert_eq!(store.count_certificates().await.unwrap(), 50);
+    let first = store.list_certificates(20, None).await.unwrap();
+    assert_eq!(first.items.len(), 20);
+    assert_eq!(first.items[0].serial, "0000");
+    let cursor = first.next_cursor.unwrap();
+    let second = store.list_certificates(40, Some(&cursor)).await.unwrap();
+    assert_eq!(second.items.len(), 30);
+    assert_eq!(second.items[0].serial, "0014");
+    assert!(second.next_cursor.is_none());
+    assert!(matches!(
+        store.list_certificates(10, Some("not-a-cursor")).await,
+        Err(StoreError::Cursor)
+    ));
+}
+
+pub(super) async fn concurrent_writers_share_one_chain(store: Store) {
+    let store = Arc::new(store);
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                s.record_issuance(cert(&format!("{i:02x}")), event(i)).await
+            } else {
+                s.audit(event(i)).await
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(store.verify_audit_chain().await.unwrap(), 40);
+    let page = store.list_audit(100, None).await.unwrap();
+    let seqs: Vec<u64> = page.items.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+    assert_eq!(store.count_certificates().await.unwrap(), 20);
+}
+
+pub(super) async fn a_failed_transaction_writes_nothing(store: Store) {
+    record_some(&store, 1).await;
+    let failed = store
+        .transact(|t| {
+            t.put_certificate(99, &cert("ff"))?;
+            Err::<(), _>(StoreError::Backend("refused on purpose".into()))
+        })
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(store.count_certificates().await.unwrap(), 1);
+    assert_eq!(store.verify_audit_chain().await.unwrap(), 1);
+}
+
+pub(super) async fn request_updates_are_serialised_and_refusals_write_nothing(store: Store) {
+    store
+        .create_request(request("r1", "2026-01-01T00:00:00Z"), Effects::default())
+        .await
+        .unwrap();
+    // Twenty racing transitions out of `pending`: exactly one wins.
+    let store = Arc::new(store);
+    let mut tasks = Vec::new();
+    for i in 0..20u64 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            s.update_request("r1", move |r: &mut Request| {
+                if r.state != State::Pending {
+                    return Err("not pending");
+                }
+                r.state = State::Approved;
+                Ok(Effects {
+                    audit: vec![event(i)],
+                    ..Effects::default()
+                })
+            })
+            .await
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Some(Ok(r)) => {
+                assert_eq!(r.state, State::Approved);
+                wins += 1;
+            }
+            Some(Err(refused)) => assert_eq!(refused, "not pending"),
+            None => panic!("the request exists"),
+        }
+    }
+    assert_eq!(wins, 1);
+    // One audit event: the refused updates wrote nothing.
+    assert_eq!(store.verify_audit_chain().await.unwrap(), 1);
+    let missing = store
+        .update_request("nope", |_: &mut Request| Ok::<_, ()>(Effects::default()))
+        .await
+        .unwrap();
+    assert!(missing.is_none());
+}
+
+pub(super) async fn the_pending_index_follows_states(store: Store) {
+    for (id, at) in [("b", "2026-01-02T00:00:00Z"), ("a", "2026-01-01T00:00:00Z")] {
+        store
+            .create_request(request(id, at), Effects::default())
+            .await
+            .unwrap();
+    }
+    let pending: Vec<String> = store
+        .list_requests(Some(State::Pending))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(pending, ["a", "b"], "oldest first");
+    store
+        .update_request("a", |r: &mut Request| {
+            r.state = State::Denied;
+            Ok::<_, ()>(Effects::default())
+        })
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let pending = store.list_requests(Some(State::Pending)).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].id, "b");
+    assert_eq!(store.list_requests(None).await.unwrap().len(), 2);
+    assert_eq!(store.list_requests(Some(State::Denied)).await.unwrap()[0].id, "a");
+    assert_eq!(
+        store.get_request("a").await.unwrap().unwrap().state,
+        State::Denied
+    );
+}
+
+pub(super) async fn the_outbox_queues_in_order_with_the_change(store: Store) {
+    let notify = |e: &str| Notification {
+        event: e.into(),
+        payload: json!({ "event": e }),
+    };
+    store
+        .create_request(
+            request("r1", "2026-01-01T00:00:00Z"),
+            Effects {
+                notify: vec![notify("ephemeral.created"), notify("ephemeral.decided")],
+                ..Effects::default()
+            },
+        )
+        .await
+        .unwrap();
+    let items = store.outbox(10).await.unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!((items[0].seq, items[1].seq), (1, 2));
+    assert_eq!(items[0].notification.event, "ephemeral.created");
+    let mut first = items[0].clone();
+    first.done.push("hook".into());
+    store.outbox_update(1, Some(first.clone())).await.unwrap();
+    store.outbox_update(2, None).await.unwrap();
+    assert_eq!(store.outbox(10).await.unwrap(), vec![first]);
+}
+
+pub(super) async fn revocation_cascades_to_descendants(store: Store) {
+    let exp = now_unix() + 600;
+    let tokens = [
+        agent_token("p", None, exp),
+        agent_token("c", Some("p"), exp),
+        agent_token("g", Some("c"), exp),
+        agent_token("expired", Some("c"), now_unix() - 1),
+        agent_token("other", None, exp),
+    ];
+    for t in tokens {
+        store.put_agent_token(t, Effects::default()).await.unwrap();
+    }
+    let revoked = store
+        .revoke(
+            RevocationFilter {
+                jti: Some("p".into()),
+                ..Default::default()
+            },
+            Actor::User("admin".into()),
+        )
+        .await
+        .unwrap();
+    let mut jtis: Vec<&str> = revoked.iter().map(|r| r.jti.as_str()).collect();
+    jtis.sort();
+    assert_eq!(jtis, ["c", "g", "p"], "expired tokens get no feed entry");
+    for jti in ["p", "c", "g", "expired"] {
+        assert!(
+            store
+                .agent_token(jti)
+                .await
+                .unwrap()
+                .unwrap()
+                .revoked_at
+                .is_some(),
+            "{jti}"
+        );
+    }
+    assert!(
+        store
+            .agent_token("other")
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_none()
+    );
+    let feed = store.revocations(2, None).await.unwrap();
+    assert_eq!(feed.items.len(), 2);
+    let rest = store.revocations(10, feed.next_cursor.as_deref()).await.unwrap();
+    assert_eq!(rest.items.len(), 1);
+    assert_eq!(rest.items[0].seq, 3);
+    // Revoking again changes nothing and audits nothing.
+    let again = store
+        .revoke(
+            RevocationFilter {
+                agent_id: Some("agent-p".into()),
+                ..Default::default()
+            },
+            Actor::User("admin".into()),
+        )
+        .await
+        .unwrap();
+    assert!(again.is_empty());
+    let audit = store.list_audit(10, None).await.unwrap().items;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].event.kind, AuditKind::BrokerRevoked);
+    assert_eq!(audit[0].event.actor.to_string(), "user:admin");
+}
+
+pub(super) async fn evidence_is_spent_once_while_it_matters(store: Store) {
+    assert!(store.spend("k8s\0jti-1", 1_000, 500).await.unwrap());
+    assert!(!store.spend("k8s\0jti-1", 1_000, 600).await.unwrap());
+    // Once it stopped mattering it may be spent again (it is expired anyway).
+    assert!(store.spend("k8s\0jti-1", 3_000, 2_000).await.unwrap());
+    assert!(store.spend("k8s\0jti-2", 100, 50).await.unwrap());
+    store.spent_purge(1_500).await.unwrap();
+    assert!(!store.spend("k8s\0jti-1", 3_000, 2_500).await.unwrap());
+    assert!(store.spend("k8s\0jti-2", 100, 60).await.unwrap(), "purged");
+}
+
+pub(super) async fn idempotent_responses_are_kept_a_while(store: Store) {
+    let saved = |created_at| IdempotentResponse {
+        body_sha256: "h".into(),
+        status: 201,
+        body: "{}".into(),
+        content_type: "application/json".into(),
+        created_at,
+    };
+    store.idempotency_put("old", saved(100)).await.unwrap();
+    store.idempotency_put("new", saved(10_000)).await.unwrap();
+    store.idempotency_purge(5_000).await.unwrap();
+    assert!(store.idempotency_get("old").await.unwrap().is_none());
+    assert_eq!(store.idempotency_get("new").await.unwrap(), Some(saved(10_000)));
+}
+
+pub(super) async fn resources_are_stored_with_their_audit(store: Store) {
+    let source = TrustSource {
+        id: "ts-1".into(),
+        name: "cluster".into(),
+        method: "k8s_sat".into(),
+        issuer: "https://k8s".into(),
+        audiences: vec!["castellan".into()],
+        jwks: json!({"keys": []}),
+        certificates: None,
+        settings: None,
+        jwks_url: None,
+        jwks_refresh_seconds: None,
+        previous: None,
+        revoked_at: None,
+        origin: "api".into(),
+        created_at: "2026-01-01T00:00:00Z".into(),
+    };
+    store.put_trust_source(source, event(1)).await.unwrap();
+    assert_eq!(store.trust_sources().await.unwrap()[0].name, "cluster");
+    assert!(store.delete_trust_source("ts-1", event(2)).await.unwrap());
+    assert!(!store.delete_trust_source("ts-1", event(3)).await.unwrap());
+    assert!(store.trust_sources().await.unwrap().is_empty());
+
+    let token = TokenRecord {
+        id: "t1".into(),
+        name: "alice".into(),
+        role: crate::model::Role::Approver,
+        groups: vec!["sre".into()],
+        created_at: "2026-01-01T00:00:00Z".into(),
+        token_sha256: "ab".repeat(32),
+    };
+    store.put_token(token.clone(), event(4)).await.unwrap();
+    assert_eq!(store.tokens().await.unwrap(), vec![token]);
+
+    let entry = |id: &str, at: &str| Entry {
+        id: id.into(),
+        spiffe_id: "spiffe://example.org/w".into(),
+        selectors: vec!["unix:uid:0".into()],
+        x509_svid_ttl: 3600,
+        jwt_svid_ttl: 300,
+        dns_names: vec![],
+        hint: String::new(),
+        federates_with: vec![],
+        created_at: at.into(),
+    };
+    store
+        .put_entry(entry("e2", "2026-01-02T00:00:00Z"), event(5))
+        .await
+        .unwrap();
+    store
+        .put_entry(entry("e1", "2026-01-01T00:00:00Z"), event(6))
+        .await
+        .unwrap();
+    let ids: Vec<String> = store.entries().await.unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, ["e1", "e2"]);
+    assert!(store.delete_entry("e1", event(7)).await.unwrap());
+    assert_eq!(store.entries().await.unwrap().len(), 1);
+    // Every change above, including the no-op delete, was audited once.
+    assert_eq!(store.verify_audit_chain().await.unwrap(), 7);
+}
+
+/// Generates one test per case for one backend.
+macro_rules! conformance {
+    ($backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+
+            conformance!(@cases $make;
+                certificates_page_in_issuance_order,
+                concurrent_writers_share_one_chain,
+                a_failed_transaction_writes_nothing,
+                request_updates_are_serialised_and_refusals_write_nothing,
+                the_pending_index_follows_states,
+                the_outbox_queues_in_order_with_the_change,
+                revocation_cascades_to_descendants,
+                evidence_is_spent_once_while_it_matters,
+                idempotent_responses_are_kept_a_while,
+                resources_are_stored_with_their_audit,
+            );
+        }
+    };
+    (@cases $make:expr; $($case:ident,)*) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                let (_dir, store) = $make;
+                super::$case(store).await;
+            }
+        )*
+    };
+}
+
+fn redb_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::redb(&dir.path().join("castellan.redb")).unwrap();
+    (dir, store)
+}
+
+conformance!(redb, redb_store());
+conformance!(memory, ((), Store::memory()));
