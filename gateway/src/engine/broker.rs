@@ -247,7 +247,6 @@ impl Engine {
                 "the delegation chain is deeper than {HARD_MAX_DEPTH}"
             )));
         }
-        let _admitted = self.admit().await?;
         let decided = {
             let engine = self.clone();
             self.blocking(move || engine.broker_decide(surface, &req, jkt, csr_spki, delegation, depth))

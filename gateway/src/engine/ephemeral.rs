@@ -167,7 +167,6 @@ impl Engine {
         }
         let justification = check_new(&new)?;
         self.check_requested_ttl(new.ttl_seconds)?;
-        let _admitted = self.admit().await?;
         let decided = {
             let (engine, new, justification) = (self.clone(), new.clone(), justification.clone());
             self.blocking(move || engine.ephemeral_decide(caller, &new, justification))
@@ -441,9 +440,6 @@ impl Engine {
         reason: &str,
         binding: &str,
     ) -> Result<Request, EngineError> {
-        // The vote that completes a quorum signs: it is admitted like any
-        // other request that does CPU work.
-        let _admitted = self.admit().await?;
         let outcome = Arc::new(Mutex::new(VoteOutcome::Repeat));
         let (v, o, reason_s, binding_s) = (
             voter.clone(),

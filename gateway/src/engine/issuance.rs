@@ -60,7 +60,6 @@ impl Engine {
 
     async fn issue_attested_inner(self: &Arc<Self>, req: AttestedRequest) -> Result<Issued, EngineError> {
         super::check_method(Surface::AttestedIssuance, &req.method)?;
-        let _admitted = self.admit().await?;
         let signed = {
             let engine = self.clone();
             self.blocking(move || engine.attest_decide_sign(&req)).await?

@@ -211,11 +211,15 @@ impl Engine {
         self.admission.admit().await
     }
 
-    /// Runs CPU work (attest, decide, sign) on the blocking pool.
+    /// Runs a request's CPU stages (attest, decide, sign) on the blocking
+    /// pool under an admission permit. The permit covers CPU work only: a
+    /// request waiting for its record to become durable holds none, so many
+    /// share one group commit while the CPU stays bounded.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
     ) -> Result<T, EngineError> {
+        let _admitted = self.admit().await?;
         tokio::task::spawn_blocking(f).await.map_err(EngineError::Task)?
     }
 

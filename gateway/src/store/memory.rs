@@ -68,8 +68,8 @@ impl Txn for Data {
         Ok(())
     }
 
-    fn audit_head(&mut self) -> Result<Option<AuditRecord>, StoreError> {
-        Ok(self.audit.values().next_back().cloned())
+    fn audit_head(&mut self) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self.audit.values().next_back().map(|r| (r.seq, r.hash.clone())))
     }
 
     fn put_audit(&mut self, record: &AuditRecord) -> Result<(), StoreError> {

@@ -97,8 +97,8 @@ pub trait Txn {
     fn last_certificate_seq(&mut self) -> Result<u64, StoreError>;
     fn put_certificate(&mut self, seq: u64, cert: &CertificateRecord) -> Result<(), StoreError>;
 
-    /// The newest audit record, if any.
-    fn audit_head(&mut self) -> Result<Option<AuditRecord>, StoreError>;
+    /// The sequence number and hash of the newest audit record, if any.
+    fn audit_head(&mut self) -> Result<Option<(u64, String)>, StoreError>;
     fn put_audit(&mut self, record: &AuditRecord) -> Result<(), StoreError>;
 
     fn put_trust_source(&mut self, source: &TrustSource) -> Result<(), StoreError>;

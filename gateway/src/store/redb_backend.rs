@@ -32,6 +32,10 @@ const REVOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revocatio
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 /// Single-use evidence already spent: key -> Unix seconds until it matters.
 const SPENT: TableDefinition<&str, i64> = TableDefinition::new("spent_evidence");
+/// The audit chain's head, `<seq> <hash>`, kept beside the log so that an
+/// append reads a few bytes rather than decoding the last record.
+const AUDIT_HEAD: TableDefinition<&str, &str> = TableDefinition::new("audit_head");
+const HEAD_KEY: &str = "head";
 
 /// Most units of work folded into one transaction.
 const MAX_GROUP: usize = 512;
@@ -78,6 +82,7 @@ impl RedbBackend {
             txn.open_table(ENTRIES).map_err(backend)?;
             txn.open_table(SPENT).map_err(backend)?;
             txn.open_table(REVOCATIONS).map_err(backend)?;
+            txn.open_table(AUDIT_HEAD).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         let db = Arc::new(db);
@@ -163,6 +168,7 @@ struct Tables<'txn> {
     entries: redb::Table<'txn, &'static str, &'static [u8]>,
     revocations: redb::Table<'txn, u64, &'static [u8]>,
     spent: redb::Table<'txn, &'static str, i64>,
+    audit_head: redb::Table<'txn, &'static str, &'static str>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -180,6 +186,7 @@ impl<'txn> Tables<'txn> {
             entries: txn.open_table(ENTRIES).map_err(backend)?,
             revocations: txn.open_table(REVOCATIONS).map_err(backend)?,
             spent: txn.open_table(SPENT).map_err(backend)?,
+            audit_head: txn.open_table(AUDIT_HEAD).map_err(backend)?,
         })
     }
 
@@ -208,16 +215,30 @@ impl Txn for Tables<'_> {
         Ok(())
     }
 
-    fn audit_head(&mut self) -> Result<Option<AuditRecord>, StoreError> {
-        match self.audit.last().map_err(backend)? {
-            Some((_, v)) => Ok(Some(decode("audit record", v.value())?)),
-            None => Ok(None),
+    fn audit_head(&mut self) -> Result<Option<(u64, String)>, StoreError> {
+        let cached = self.audit_head.get(HEAD_KEY).map_err(backend)?.and_then(|v| {
+            let (seq, hash) = v.value().split_once(' ')?;
+            Some((seq.parse().ok()?, hash.to_owned()))
+        });
+        let last_seq = last_key(&self.audit)?;
+        match cached {
+            Some((seq, hash)) if seq == last_seq => Ok(Some((seq, hash))),
+            // A database written before the head was kept: read the record.
+            _ => match self.audit.last().map_err(backend)? {
+                Some((_, v)) => {
+                    let record: AuditRecord = decode("audit record", v.value())?;
+                    Ok(Some((record.seq, record.hash)))
+                }
+                None => Ok(None),
+            },
         }
     }
 
     fn put_audit(&mut self, record: &AuditRecord) -> Result<(), StoreError> {
         let bytes = encode("audit record", record)?;
         self.audit.insert(record.seq, bytes.as_slice()).map_err(backend)?;
+        let head = format!("{} {}", record.seq, record.hash);
+        self.audit_head.insert(HEAD_KEY, head.as_str()).map_err(backend)?;
         Ok(())
     }
 

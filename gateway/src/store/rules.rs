@@ -13,7 +13,7 @@ use crate::util::rfc3339;
 /// entry breaks every hash after it.
 pub(super) fn append_audit(t: &mut dyn Txn, event: AuditEvent) -> Result<AuditRecord, StoreError> {
     let (seq, prev_hash) = match t.audit_head()? {
-        Some(head) => (head.seq + 1, head.hash),
+        Some((seq, hash)) => (seq + 1, hash),
         None => (1, genesis_hash()),
     };
     let mut record = AuditRecord {
