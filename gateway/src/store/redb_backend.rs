@@ -530,7 +530,22 @@ impl Backend for RedbBackend {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::store::Store;
+
+    #[tokio::test]
+    async fn a_store_without_a_kept_head_continues_its_chain_from_the_last_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(RedbBackend::open(&dir.path().join("s.redb")).unwrap());
+        let store = Store::new(backend.clone());
+        crate::store::conformance::record_some(&store, 2).await;
+        // As a database written before the head was kept beside the log.
+        let txn = backend.db.begin_write().unwrap();
+        txn.open_table(AUDIT_HEAD).unwrap().remove(HEAD_KEY).unwrap();
+        txn.commit().unwrap();
+        crate::store::conformance::record_some(&store, 1).await;
+        assert_eq!(store.verify_audit_chain().await.unwrap(), 3);
+    }
 
     #[tokio::test]
     async fn the_store_survives_a_reopen_and_its_chain_continues() {
