@@ -31,8 +31,8 @@ pub enum EngineError {
     #[error("{0}")]
     NoTrustSource(String),
     /// The evidence did not prove anything.
-    #[error("attestation failed: {0}")]
-    AttestationFailed(String),
+    #[error("attestation failed")]
+    AttestationFailed(#[source] AttestationFailure),
     /// Policy said no.
     #[error("policy denied the request: {}", .0.join("; "))]
     PolicyDenied(Vec<String>),
@@ -78,6 +78,24 @@ pub enum EngineError {
     /// Data the engine stored earlier no longer decodes.
     #[error("stored {0} is invalid")]
     Corrupt(&'static str),
+}
+
+/// Why evidence was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttestationFailure {
+    /// The module refused the evidence (signature, audience, expiry…).
+    #[error(transparent)]
+    Evidence(crate::attest::AttestError),
+    /// The evidence answers no challenge this server has open.
+    #[error(transparent)]
+    Challenge(#[from] crate::attest::challenge::ChallengeError),
+    /// Single-use evidence seen before (in memory).
+    #[error(transparent)]
+    Replay(#[from] crate::attest::replay::ReplayError),
+    /// Single-use evidence spent before (recorded in the store).
+    #[error("this evidence was already used")]
+    Spent,
 }
 
 impl From<crate::store::StoreError> for EngineError {
@@ -153,15 +171,19 @@ impl EngineError {
     pub fn detail(&self) -> String {
         use std::error::Error as _;
         let mut text = self.to_string();
-        // Internal failures name their cause so an operator can act on it.
-        if self.status() == 500 {
+        // Refused evidence and internal failures name their cause, so the
+        // caller (or operator) can act on it. Store failures do not: their
+        // causes are the server's business.
+        if self.status() == 500 || matches!(self, EngineError::AttestationFailed(_)) {
             let mut source = self.source();
             while let Some(s) = source {
                 text.push_str(": ");
                 text.push_str(&s.to_string());
                 source = s.source();
             }
-            text.push_str("; nothing was issued");
+            if self.status() == 500 {
+                text.push_str("; nothing was issued");
+            }
         }
         text
     }

@@ -42,7 +42,7 @@ use tokio::sync::Notify;
 
 pub use admission::{Admission, Admitted};
 pub use csr::{VerifiedCsr, verify_csr};
-pub use errors::EngineError;
+pub use errors::{AttestationFailure, EngineError};
 
 use crate::attest::challenge::Challenges;
 use crate::attest::replay::ReplayCache;
@@ -256,7 +256,7 @@ impl Engine {
             let challenge = self
                 .challenges
                 .take(&id, method, crate::util::now_unix())
-                .map_err(|e| EngineError::AttestationFailed(e.to_string()))?;
+                .map_err(|e| EngineError::AttestationFailed(e.into()))?;
             context["challenge"] = challenge;
         }
         let attestation = self
@@ -272,7 +272,7 @@ impl Engine {
                 AttestError::UnknownMethod(m) => EngineError::UnknownMethod(m),
                 AttestError::NoTrustSource(m) => EngineError::NoTrustSource(m),
                 AttestError::Malformed(_) | AttestError::Rejected(_) => {
-                    EngineError::AttestationFailed(e.to_string())
+                    EngineError::AttestationFailed(AttestationFailure::Evidence(e))
                 }
                 other => {
                     tracing::warn!(method, error = %other, "attestor failed");
@@ -292,14 +292,12 @@ impl Engine {
         let now = crate::util::now_unix();
         self.replay
             .first_use(method, &once.id, once.until, now)
-            .map_err(|e| EngineError::AttestationFailed(e.to_string()))?;
+            .map_err(|e| EngineError::AttestationFailed(e.into()))?;
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|_| EngineError::Internal("single-use evidence needs the runtime"))?;
         let key = format!("{method}\u{0}{}", once.id);
         if !handle.block_on(self.store.spend(&key, once.until, now))? {
-            return Err(EngineError::AttestationFailed(
-                "this evidence was already used".into(),
-            ));
+            return Err(EngineError::AttestationFailed(AttestationFailure::Spent));
         }
         Ok(())
     }

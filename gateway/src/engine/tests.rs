@@ -467,7 +467,7 @@ async fn a_join_token_is_audited_and_attests_once() {
     let issued = w.engine.issue_attested(ask()).await.unwrap();
     assert_eq!(issued.spiffe_id, "spiffe://example.org/host/db-7");
     let again = w.engine.issue_attested(ask()).await.unwrap_err();
-    assert!(again.to_string().contains("already used"), "{again}");
+    assert!(again.detail().contains("already used"), "{}", again.detail());
     let kinds = audit_kinds(&w.engine).await;
     assert_eq!(
         kinds,

@@ -60,9 +60,7 @@ fn status(e: EngineError) -> Status {
         EngineError::AttestationFailed(_)
         | EngineError::HostEvidenceOnly(_)
         | EngineError::UnknownMethod(_)
-        | EngineError::NoTrustSource(_) => {
-            Status::permission_denied(format!("caller attestation failed: {e}"))
-        }
+        | EngineError::NoTrustSource(_) => Status::permission_denied(format!("caller {}", e.detail())),
         EngineError::Overloaded | EngineError::Store(_) => Status::unavailable(e.detail()),
         other => Status::internal(other.detail()),
     }
