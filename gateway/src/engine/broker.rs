@@ -212,12 +212,15 @@ impl Engine {
         surface: Surface,
         req: AgentRequest,
     ) -> Result<Outcome, EngineError> {
-        let actor = match &req.agent_id {
-            Some(id) => Actor::Agent(super::printable(id)),
-            None => Actor::Evidence(super::printable(&req.method)),
-        };
-        let refusal = Refusal::new(surface, "agent-identity", actor).method(&req.method);
+        let (method, agent_id) = (req.method.clone(), req.agent_id.clone());
         let result = self.agent_identity_inner(surface, req).await;
+        let refusal = || {
+            let actor = match &agent_id {
+                Some(id) => Actor::Agent(super::printable(id)),
+                None => Actor::Evidence(super::printable(&method)),
+            };
+            Refusal::new(surface, "agent-identity", actor).method(&method)
+        };
         self.audited(refusal, result).await
     }
 

@@ -149,11 +149,15 @@ impl Engine {
             (None, Some(c)) => Actor::from(c),
             (None, None) => Actor::Anonymous,
         };
-        let mut refusal = Refusal::new(Surface::Ephemeral, "create", actor);
-        if let Some((m, _)) = &new.evidence {
-            refusal = refusal.method(m);
-        }
+        let method = new.evidence.as_ref().map(|(m, _)| m.clone());
         let result = self.ephemeral_create_inner(caller, new).await;
+        let refusal = || {
+            let r = Refusal::new(Surface::Ephemeral, "create", actor);
+            match &method {
+                Some(m) => r.method(m),
+                None => r,
+            }
+        };
         self.audited(refusal, result).await
     }
 
@@ -425,7 +429,7 @@ impl Engine {
         reason: &str,
         binding: &str,
     ) -> Result<Request, EngineError> {
-        let refusal = Refusal::new(Surface::Ephemeral, "vote", Actor::from(voter));
+        let refusal = || Refusal::new(Surface::Ephemeral, "vote", Actor::from(voter));
         let result = self
             .ephemeral_vote_inner(voter, id, decision, reason, binding)
             .await;
@@ -641,7 +645,7 @@ impl Engine {
     /// Cancels a pending request for its requester. A refusal is audited
     /// as `ephemeral.refused`.
     pub async fn ephemeral_cancel(&self, who: &Principal, id: &str) -> Result<Request, EngineError> {
-        let refusal = Refusal::new(Surface::Ephemeral, "cancel", Actor::from(who));
+        let refusal = || Refusal::new(Surface::Ephemeral, "cancel", Actor::from(who));
         let result = self.ephemeral_cancel_inner(who, id).await;
         self.audited(refusal, result).await
     }

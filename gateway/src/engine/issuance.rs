@@ -48,13 +48,16 @@ impl Engine {
     /// Runs the whole pipeline for one attested issuance. A refusal is
     /// audited as `issuance.refused`.
     pub async fn issue_attested(self: &Arc<Self>, req: AttestedRequest) -> Result<Issued, EngineError> {
-        let refusal = Refusal::new(
-            Surface::AttestedIssuance,
-            "issue",
-            Actor::Evidence(super::printable(&req.method)),
-        )
-        .method(&req.method);
+        let method = req.method.clone();
         let result = self.issue_attested_inner(req).await;
+        let refusal = || {
+            Refusal::new(
+                Surface::AttestedIssuance,
+                "issue",
+                Actor::Evidence(super::printable(&method)),
+            )
+            .method(&method)
+        };
         self.audited(refusal, result).await
     }
 

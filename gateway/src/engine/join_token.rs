@@ -55,7 +55,7 @@ impl super::Engine {
         ttl_seconds: u64,
     ) -> Result<JoinToken, super::EngineError> {
         use crate::model::{Actor, AuditEvent, AuditKind};
-        let refusal = super::Refusal::new(super::Surface::JoinToken, "create", Actor::from(admin));
+        let refusal = || super::Refusal::new(super::Surface::JoinToken, "create", Actor::from(admin));
         let result = async {
             let valid = !name.is_empty()
                 && name.len() <= 128

@@ -401,10 +401,15 @@ impl Engine {
         self.audit(event).await;
     }
 
-    /// Audits `result`'s error, if any, and passes it on.
-    async fn audited<T>(&self, refusal: Refusal, result: Result<T, EngineError>) -> Result<T, EngineError> {
+    /// Audits `result`'s error, if any, and passes it on. The refusal
+    /// record is built only on error: a request that succeeds pays nothing.
+    async fn audited<T>(
+        &self,
+        refusal: impl FnOnce() -> Refusal,
+        result: Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
         if let Err(e) = &result {
-            self.audit_refusal(refusal, e).await;
+            self.audit_refusal(refusal(), e).await;
         }
         result
     }

@@ -64,12 +64,14 @@ impl Engine {
         operation: &'static str,
         evidence: HostEvidence,
     ) -> Result<Attestation, EngineError> {
-        let refusal = Refusal::new(
-            Surface::WorkloadApi,
-            operation,
-            Actor::Evidence(HOST_METHOD.into()),
-        )
-        .method(HOST_METHOD);
+        let refusal = || {
+            Refusal::new(
+                Surface::WorkloadApi,
+                operation,
+                Actor::Evidence(HOST_METHOD.into()),
+            )
+            .method(HOST_METHOD)
+        };
         let result = async {
             let engine = self.clone();
             self.blocking(move || {
@@ -131,7 +133,8 @@ impl Engine {
             Ok(e) if e.is_empty() => Err(EngineError::NotRegistered),
             other => other,
         };
-        self.audited(caller_refusal(operation, attestation), result).await
+        self.audited(|| caller_refusal(operation, attestation), result)
+            .await
     }
 
     /// Audits a Workload API refusal for an attested caller.
@@ -154,7 +157,7 @@ impl Engine {
         entries: &[Arc<Entry>],
     ) -> Result<Vec<WorkloadSvid>, EngineError> {
         let result = self.workload_x509_inner(attestation, entries).await;
-        self.audited(caller_refusal("fetch_x509_svid", attestation), result)
+        self.audited(|| caller_refusal("fetch_x509_svid", attestation), result)
             .await
     }
 
@@ -244,7 +247,7 @@ impl Engine {
         alg: JwtAlg,
     ) -> Result<Vec<WorkloadJwt>, EngineError> {
         let result = self.workload_jwt_inner(attestation, entries, audience, alg).await;
-        self.audited(caller_refusal("fetch_jwt_svid", attestation), result)
+        self.audited(|| caller_refusal("fetch_jwt_svid", attestation), result)
             .await
     }
 

@@ -161,3 +161,19 @@ impl From<EngineError> for Problem {
         p
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overload_is_a_503_with_retry_after_and_host_evidence_a_422() {
+        let resp = Problem::from(EngineError::Overloaded).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/problem+json");
+        let p = Problem::from(EngineError::HostEvidenceOnly("unix".into()));
+        assert_eq!((p.status, p.slug()), (422, "unknown-method"));
+        assert!(p.detail.contains("only available on the Workload API"));
+    }
+}
