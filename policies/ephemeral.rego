@@ -5,10 +5,19 @@ package castellan.ephemeral
 import rego.v1
 
 
-# A person or CI principal (API token) gets a user identity; a workload gets
-# the identity its attestation proves, never one it names itself.
-identity := sprintf("spiffe://%s/user/%s", [input.trust_domain, input.requester.name]) if {
+# A person or CI principal (an API token, or an OIDC login linked to one)
+# gets a user identity; an OIDC login linked to no token gets one in its
+# issuer's namespace, which can never equal a token holder's; a workload
+# gets the identity its attestation proves, never one it names itself.
+identity := sprintf("spiffe://%s/user/%s", [input.trust_domain, substring(input.requester.id, 5, -1)]) if {
 	input.requester.kind != "evidence"
+	startswith(input.requester.id, "user:")
+}
+
+identity := sprintf("spiffe://%s/oidc/%s/%s", [input.trust_domain, parts[1], concat(":", array.slice(parts, 2, count(parts)))]) if {
+	input.requester.kind == "oidc"
+	parts := split(input.requester.id, ":")
+	parts[0] == "oidc"
 }
 
 identity := sprintf("spiffe://%s/ns/%s/sa/%s", [

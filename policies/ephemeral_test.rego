@@ -46,3 +46,21 @@ test_a_workload_gets_its_attested_identity if {
 	d := data.castellan.ephemeral.decision with input as i
 	d.spiffe_id == "spiffe://example.org/ns/ci/sa/deployer"
 }
+
+test_an_unlinked_oidc_login_gets_its_issuers_namespace if {
+	i := object.union(person("x"), {"requester": {
+		"kind": "oidc", "id": "oidc:corp:bob", "name": "bob",
+		"role": "approver", "groups": [],
+	}})
+	d := data.castellan.ephemeral.decision with input as i
+	d.spiffe_id == "spiffe://example.org/oidc/corp/bob"
+}
+
+test_an_oidc_login_linked_to_a_token_is_that_person if {
+	i := object.union(person("x"), {"requester": {
+		"kind": "oidc", "id": "user:bob", "name": "bob",
+		"role": "approver", "groups": [],
+	}})
+	d := data.castellan.ephemeral.decision with input as i
+	d.spiffe_id == "spiffe://example.org/user/bob"
+}

@@ -415,6 +415,9 @@ impl Signer for InProcessSigner {
             .map_err(|e: rcgen::Error| SignerError::Template(e.to_string()))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         for dns in &t.dns_names {
+            if !crate::util::valid_dns_name(dns) {
+                return Err(SignerError::Template(format!("`{dns}` is not a valid DNS name")));
+            }
             let name = dns
                 .clone()
                 .try_into()

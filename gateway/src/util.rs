@@ -18,6 +18,25 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
+/// A DNS name a certificate may carry: at most 253 characters of labels of
+/// 1 to 63 letters, digits and inner hyphens (RFC 1123). No wildcards.
+pub fn valid_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// RFC 3339 of Unix seconds (the epoch if out of range).
+pub fn rfc3339_unix(t: i64) -> String {
+    rfc3339(OffsetDateTime::from_unix_timestamp(t).unwrap_or(OffsetDateTime::UNIX_EPOCH))
+}
+
 /// Writes a file readable by its owner only (keys, tokens). The file is
 /// created with mode 0600 from the start, so there is no window in which
 /// another user could open it.

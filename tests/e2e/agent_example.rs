@@ -23,7 +23,8 @@ fn serve_castellan(tmp: &std::path::Path, cluster: &Cluster, idp: &Cluster) -> S
         format!(
             "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = {{ enabled = false }}\n[issuance]\nmin_ttl_seconds = 1\n\
              [[trust_sources]]\nname = \"agents\"\nmethod = \"k8s_sat\"\nissuer = \"{}\"\naudiences = [\"castellan\"]\njwks_file = \"k8s.json\"\n\
-             [[oidc_issuers]]\nname = \"corp\"\nissuer = \"https://idp.example.com\"\naudiences = [\"castellan\"]\njwks_file = \"idp.json\"\n",
+             [[oidc_issuers]]\nname = \"corp\"\nissuer = \"https://idp.example.com\"\naudiences = [\"castellan\"]\n\
+             delegation_audiences = [\"castellan-delegation\"]\njwks_file = \"idp.json\"\n",
             cluster.issuer
         ),
     )
@@ -46,7 +47,10 @@ fn the_example_tool_server_checks_token_proof_scope_and_chain() {
 
     // The agent acts for Alice.
     let now = support::now();
-    let alice = idp.sign(&json!({"iss": "https://idp.example.com", "aud": "castellan", "email": "alice@example.com", "iat": now, "exp": now + 600}));
+    let alice = idp.sign(
+        &json!({"iss": "https://idp.example.com", "aud": "castellan-delegation", "sub": "alice-7f3a",
+        "email": "alice@example.com", "email_verified": true, "iat": now, "exp": now + 600}),
+    );
     let sa_token = cluster.token("agents", "triage-bot");
     let config = AgentConfig {
         castellan_url: castellan.base.clone(),
@@ -64,7 +68,10 @@ fn the_example_tool_server_checks_token_proof_scope_and_chain() {
         castellan_example_agent::call_tool(&agent, "GET", &format!("{tool}/tickets")).unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["agent"], "spiffe://example.org/agent/triage-bot");
-    assert_eq!(body["on_behalf_of"], "alice@example.com");
+    assert_eq!(
+        body["on_behalf_of"], "alice-7f3a",
+        "the person's `sub` at their issuer"
+    );
 
     // Scope not granted: the tool refuses.
     let (status, body) =

@@ -7,12 +7,14 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
-use support::{Cluster, Resp, Server, csr};
+use support::{AgentKey, Cluster, Resp, Server, csr, jwt_claims};
 
 const BROKER: &str = "/api/v1/broker/agent-identities";
 
@@ -20,6 +22,8 @@ struct World {
     server: Server,
     cluster: Cluster,
     idp: Cluster,
+    /// The keys agents asked with, by thumbprint, to prove them later.
+    keys: RefCell<HashMap<String, AgentKey>>,
     _tmp: tempfile::TempDir,
 }
 
@@ -52,6 +56,7 @@ jwks_file = "k8s.json"
 name = "corp"
 issuer = "https://idp.example.com"
 audiences = ["castellan"]
+delegation_audiences = ["castellan-delegation"]
 jwks_file = "idp.json"
 "#,
             cluster.issuer
@@ -63,34 +68,60 @@ jwks_file = "idp.json"
         server,
         cluster,
         idp,
+        keys: RefCell::default(),
         _tmp: tmp,
     }
 }
 
 impl World {
+    /// A person's ID token for delegating to an agent.
     fn person(&self, email: &str) -> String {
         let now = support::now();
         self.idp.sign(&json!({
-            "iss": "https://idp.example.com", "aud": "castellan", "sub": format!("sub-{email}"),
-            "email": email, "iat": now, "exp": now + 600,
+            "iss": "https://idp.example.com", "aud": "castellan-delegation", "sub": format!("sub-{email}"),
+            "email": email, "email_verified": true, "iat": now, "exp": now + 600,
         }))
     }
 
+    /// Asks the broker as `agent`, with a fresh key unless `extra` names
+    /// one, for the tools and for this Castellan (so the identity can
+    /// delegate). Delegating with a parent's token proves the parent's key.
     fn ask(&self, agent: &str, scopes: &[&str], extra: Value) -> Resp {
         let mut body = json!({
             "agent_id": agent, "method": "k8s_sat", "evidence": self.cluster.token("agents", agent),
-            "scopes": scopes, "audience": ["https://tools.example.com"],
+            "scopes": scopes, "audience": ["https://tools.example.com", self.server.base],
         });
+        if extra.get("public_key_jwk").is_none() {
+            let key = AgentKey::new();
+            body["public_key_jwk"] = key.jwk.clone();
+            self.keys.borrow_mut().insert(key.jkt(), key);
+        }
         for (k, v) in extra.as_object().unwrap() {
             body[k] = v.clone();
         }
-        self.server.post(BROKER, &body, None)
+        let mut proof = None;
+        if let Some(parent) = body.pointer("/delegation/subject_token").and_then(Value::as_str) {
+            let c = jwt_claims(parent);
+            if c["iss"] == self.server.base.as_str()
+                && let Some(key) = c["cnf"]["jkt"].as_str().and_then(|j| {
+                    self.keys
+                        .borrow()
+                        .get(j)
+                        .map(|k| k.proof(&self.server.url(BROKER), Some(parent)))
+                })
+            {
+                proof = Some(key);
+            }
+        }
+        match proof {
+            Some(p) => self.server.post_with(BROKER, &body, None, &[("dpop", &p)]),
+            None => self.server.post(BROKER, &body, None),
+        }
     }
 }
 
 fn claims(jwt: &str) -> Value {
-    let payload = jwt.split('.').nth(1).unwrap();
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+    jwt_claims(jwt)
 }
 
 /// Verifies a JWT-SVID offline the way a relying party would: discovery, then
@@ -140,7 +171,7 @@ fn an_attested_agent_gets_a_scoped_key_bound_jwt_svid() {
     );
     let c = verify_offline(&w.server, r.body["jwt_svid"].as_str().unwrap());
     assert_eq!(c["sub"], "spiffe://example.org/agent/triage-bot");
-    assert_eq!(c["aud"], json!(["https://tools.example.com"]));
+    assert_eq!(c["aud"], json!(["https://tools.example.com", w.server.base]));
     assert_eq!(c["scope"], "tickets:read");
     assert_eq!(c["task"]["id"], "T-42");
     assert!(c["jti"].as_str().is_some() && c["iat"].as_i64().is_some());
@@ -224,12 +255,12 @@ fn delegation_chains_name_the_person_and_parents_and_attenuate() {
     assert_eq!(parent.status, 201, "{}", parent.body);
     assert_eq!(
         parent.body["delegation_chain"],
-        json!([{"kind": "person", "sub": "alice@example.com", "iss": "https://idp.example.com"}])
+        json!([{"kind": "person", "sub": "sub-alice@example.com", "iss": "https://idp.example.com"}])
     );
     let parent_jwt = parent.body["jwt_svid"].as_str().unwrap().to_owned();
     assert_eq!(
         claims(&parent_jwt)["act"],
-        json!({"sub": "alice@example.com", "iss": "https://idp.example.com"})
+        json!({"sub": "sub-alice@example.com", "iss": "https://idp.example.com"})
     );
 
     // The child asks for more than the parent holds and longer than it lives.
@@ -249,9 +280,11 @@ fn delegation_chains_name_the_person_and_parents_and_attenuate() {
         c["exp"].as_i64().unwrap() <= claims(&parent_jwt)["exp"].as_i64().unwrap(),
         "never outlives the parent"
     );
+    // RFC 8693 §4.1: the current actor (the parent agent) outermost, the
+    // person it acted for nested inside.
     assert_eq!(
         c["act"],
-        json!({"sub": "alice@example.com", "iss": "https://idp.example.com", "act": {"sub": "spiffe://example.org/agent/planner"}})
+        json!({"sub": "spiffe://example.org/agent/planner", "act": {"sub": "sub-alice@example.com", "iss": "https://idp.example.com"}})
     );
 }
 
@@ -386,10 +419,8 @@ fn revocation_cascades_to_descendants_for_introspection_and_the_feed() {
     assert_eq!(live.body["active"], true, "{}", live.body);
     assert_eq!(live.body["sub"], "spiffe://example.org/agent/worker");
     assert_eq!(live.body["scope"], "tickets:read");
-    assert_eq!(
-        live.body["act"]["act"]["sub"],
-        "spiffe://example.org/agent/planner"
-    );
+    assert_eq!(live.body["act"]["sub"], "spiffe://example.org/agent/planner");
+    assert_eq!(live.body["act"]["act"]["sub"], "sub-alice@example.com");
     assert_eq!(
         w.server
             .post_form("/oauth2/introspect", &[("token", "x")], None)
@@ -462,8 +493,23 @@ fn scopes_that_need_approval_escalate_and_issue_after_it() {
         &json!({"decision": "approve", "binding": r.body["binding"]}),
         Some(&sre),
     );
-    assert_eq!(vote.body["state"], "issued", "{}", vote.body);
-    let jwt = vote.body["jwt_svid"].as_str().unwrap();
+    assert_eq!(vote.body["state"], "approved", "{}", vote.body);
+    assert!(
+        vote.body.get("jwt_svid").is_none(),
+        "the approver never sees the token"
+    );
+    // The agent collects it with a proof of the key it asked with.
+    let path = format!("/api/v1/ephemeral/{id}/collect");
+    let keys = w.keys.borrow();
+    let key = keys.values().next().unwrap();
+    let collected = w.server.post_with(
+        &path,
+        &json!({}),
+        None,
+        &[("dpop", &key.proof(&w.server.url(&path), None))],
+    );
+    assert_eq!(collected.status, 201, "{}", collected.body);
+    let jwt = collected.body["jwt_svid"].as_str().unwrap();
     let c = verify_offline(&w.server, jwt);
     assert_eq!(c["scope"], "payments:write tickets:read");
     assert_eq!(c["sub"], "spiffe://example.org/agent/pay-bot");
@@ -494,9 +540,14 @@ fn rfc_8693_token_exchange_and_discovery() {
             ("scope", "tickets:read docs:read".to_owned()),
         ]
     };
+    // RFC 9449 at the token endpoint: the proof's key is the one the token
+    // is bound to.
+    let key = AgentKey::new();
+    let url = w.server.url("/oauth2/token");
     let post = |f: &[(&str, String)]| {
         let pairs: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        w.server.post_form("/oauth2/token", &pairs, None)
+        w.server
+            .post_form_with("/oauth2/token", &pairs, None, &[("dpop", &key.proof(&url, None))])
     };
     let r = post(&form(&alice, &w.cluster.token("agents", "mcp-client")));
     assert_eq!(r.status, 200, "{}", r.body);
@@ -504,12 +555,13 @@ fn rfc_8693_token_exchange_and_discovery() {
         r.body["issued_token_type"],
         "urn:ietf:params:oauth:token-type:jwt"
     );
-    assert_eq!(r.body["token_type"], "Bearer");
+    assert_eq!(r.body["token_type"], "DPoP");
     assert_eq!(r.body["scope"], "docs:read tickets:read");
     assert!(r.body["expires_in"].as_u64().unwrap() <= 900);
     let c = verify_offline(&w.server, r.body["access_token"].as_str().unwrap());
     assert_eq!(c["sub"], "spiffe://example.org/agent/mcp-client");
-    assert_eq!(c["act"]["sub"], "alice@example.com");
+    assert_eq!(c["cnf"]["jkt"], key.jkt());
+    assert_eq!(c["act"]["sub"], "sub-alice@example.com");
 
     // RFC 6749 error shapes for standard clients.
     let mut bad = form(&alice, "not-a-jwt");

@@ -734,5 +734,9 @@ fn approvers_can_sign_in_with_an_oidc_id_token() {
         &binding,
     );
     assert_eq!(done.body["state"], "issued", "{}", done.body);
-    assert_eq!(done.body["approvals"][1]["approver"], "user:carol@example.com");
+    // An OIDC login linked to no API token is its own person, per issuer.
+    assert_eq!(
+        done.body["approvals"][1]["approver"],
+        "oidc:corp:sub-carol@example.com"
+    );
 }

@@ -177,6 +177,29 @@ impl Server {
         self.paged("/api/v1/audit")
     }
 
+    /// The audit log as one JSON text.
+    pub fn audit_text(&self) -> String {
+        Value::Array(self.audit()).to_string()
+    }
+
+    /// Whether any file under the data directory holds `needle` (to show a
+    /// secret was never written).
+    pub fn store_bytes_contain(&self, needle: &[u8]) -> bool {
+        fn walk(dir: &Path, needle: &[u8]) -> bool {
+            std::fs::read_dir(dir).unwrap().any(|e| {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk(&p, needle)
+                } else {
+                    let bytes = std::fs::read(&p).unwrap_or_default();
+                    p.file_name().is_some_and(|n| n != "admin.token")
+                        && bytes.windows(needle.len()).any(|w| w == needle)
+                }
+            })
+        }
+        walk(&self.dir, needle)
+    }
+
     fn paged(&self, path: &str) -> Vec<Value> {
         let mut out = Vec::new();
         let mut cursor: Option<String> = None;
@@ -217,9 +240,23 @@ impl Server {
 
     /// POSTs a form (application/x-www-form-urlencoded).
     pub fn post_form(&self, path: &str, form: &[(&str, &str)], token: Option<&str>) -> Resp {
+        self.post_form_with(path, form, token, &[])
+    }
+
+    /// POSTs a form with extra headers.
+    pub fn post_form_with(
+        &self,
+        path: &str,
+        form: &[(&str, &str)],
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
         let mut req = self.agent.post(self.url(path));
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         Resp::from(req.send_form(form.iter().copied()).expect("request sent"))
     }
@@ -420,6 +457,55 @@ impl Cluster {
     pub fn token(&self, ns: &str, sa: &str) -> String {
         self.sign(&self.claims(ns, sa))
     }
+}
+
+/// A key an agent holds: its public JWK, RFC 7638 thumbprint and DPoP
+/// proofs (RFC 9449) signed with it.
+pub struct AgentKey {
+    pub key: KeyPair,
+    pub jwk: Value,
+}
+
+impl AgentKey {
+    pub fn new() -> Self {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = key.public_key_raw();
+        let jwk = json!({"kty": "EC", "crv": "P-256",
+            "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..65])});
+        Self { key, jwk }
+    }
+
+    /// The thumbprint a token bound to this key carries in `cnf.jkt`.
+    pub fn jkt(&self) -> String {
+        let canonical = format!(
+            r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+            self.jwk["x"].as_str().unwrap(),
+            self.jwk["y"].as_str().unwrap()
+        );
+        URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes()).as_ref())
+    }
+
+    /// A DPoP proof for `POST url`, with the hash of `token` if given.
+    pub fn proof(&self, url: &str, token: Option<&str>) -> String {
+        let mut claims =
+            json!({"jti": uuid::Uuid::new_v4().to_string(), "htm": "POST", "htu": url, "iat": now()});
+        if let Some(t) = token {
+            claims["ath"] = URL_SAFE_NO_PAD
+                .encode(ring::digest::digest(&ring::digest::SHA256, t.as_bytes()).as_ref())
+                .into();
+        }
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.typ = Some("dpop+jwt".into());
+        header.jwk = Some(serde_json::from_value(self.jwk.clone()).unwrap());
+        let signing = jsonwebtoken::EncodingKey::from_ec_pem(self.key.serialize_pem().as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, &claims, &signing).unwrap()
+    }
+}
+
+/// The claims of a JWT, unverified.
+pub fn jwt_claims(jwt: &str) -> Value {
+    let payload = jwt.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
 }
 
 pub fn now() -> i64 {

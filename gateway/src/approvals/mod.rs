@@ -43,6 +43,9 @@ pub enum ApprovalError {
     NotRequester,
 }
 
+/// How long an agent has to collect an approved identity.
+pub const COLLECT_WINDOW_SECONDS: i64 = 600;
+
 /// What a successful vote did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VoteOutcome {
@@ -110,17 +113,25 @@ impl Request {
         self.rule
             .approver_principals
             .iter()
-            .any(|p| *p == principal.id || *p == principal.name)
+            .any(|p| principal.answers_to(p))
             || principal
                 .groups
                 .iter()
                 .any(|g| self.rule.approver_groups.contains(g))
     }
 
-    /// Moves a pending request past its deadline to `expired`. Returns
+    /// Whether `who` is the requester or anyone the request speaks for (its
+    /// delegation chain): self-approval, by any of the person's names.
+    pub fn is_own(&self, who: &Principal) -> bool {
+        who.is_any_of(std::slice::from_ref(&self.requester.id)) || who.is_any_of(&self.requester.persons)
+    }
+
+    /// Moves a request past its deadline to `expired`: a pending one, or an
+    /// approved agent request its agent did not collect in time. Returns
     /// whether it changed.
     pub fn expire_if_due(&mut self, now: i64) -> bool {
-        if self.state == State::Pending && now >= self.expires_at {
+        let waiting = self.state == State::Pending || (self.state == State::Approved && self.agent.is_some());
+        if waiting && now >= self.expires_at {
             self.state = State::Expired;
             self.decided_at = Some(crate::util::rfc3339(time::OffsetDateTime::now_utc()));
             return true;
@@ -143,7 +154,7 @@ impl Request {
         if self.state != State::Pending {
             return Err(ApprovalError::NotPending(self.state.as_str()));
         }
-        if voter.id == self.requester.id || voter.name == self.requester.name {
+        if self.is_own(voter) {
             return Err(ApprovalError::SelfApproval);
         }
         if !self.is_eligible(voter) {
@@ -152,11 +163,16 @@ impl Request {
         if binding != self.binding {
             return Err(ApprovalError::BindingMismatch);
         }
-        if self.votes.iter().any(|v| v.approver == voter.id) {
+        if self
+            .votes
+            .iter()
+            .any(|v| voter.is_any_of(std::slice::from_ref(&v.approver)) || voter.is_any_of(&v.persons))
+        {
             return Ok(VoteOutcome::Repeat);
         }
         self.votes.push(Vote {
             approver: voter.id.clone(),
+            persons: voter.persons.clone(),
             decision,
             reason: reason.chars().take(1024).collect(),
             at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
@@ -169,6 +185,10 @@ impl Request {
         }
         if count(VoteDecision::Approve) >= self.rule.required_approvals.max(1) {
             self.state = State::Approved;
+            if self.agent.is_some() {
+                // The agent collects its identity with a proof of its key.
+                self.expires_at = now + COLLECT_WINDOW_SECONDS;
+            }
             self.decided_at = Some(crate::util::rfc3339(time::OffsetDateTime::now_utc()));
             return Ok(VoteOutcome::Approved);
         }
@@ -218,9 +238,7 @@ impl Request {
             "approver_groups": self.rule.approver_groups,
             "approvals": self.votes,
             "created_at": self.created_at,
-            "expires_at": crate::util::rfc3339(
-                time::OffsetDateTime::from_unix_timestamp(self.expires_at).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
-            ),
+            "expires_at": crate::util::rfc3339_unix(self.expires_at),
             "decided_at": self.decided_at,
         });
         if let (Some(obj), Some(g)) = (v.as_object_mut(), &self.agent) {

@@ -8,6 +8,7 @@ fn principal(name: &str, role: Role, groups: &[&str]) -> Principal {
         role,
         groups: groups.iter().map(|g| (*g).to_owned()).collect(),
         kind: crate::model::PrincipalKind::Token,
+        persons: Vec::new(),
     }
 }
 
@@ -20,6 +21,7 @@ fn request(required: u32) -> Request {
             id: "user:alice".into(),
             name: "alice".into(),
             kind: "token".into(),
+            persons: Vec::new(),
         },
         spiffe_id: "spiffe://example.org/user/alice".into(),
         dns_names: vec![],
@@ -141,6 +143,7 @@ fn the_extension_is_a_der_utf8string_of_json() {
     let mut r = request(1);
     r.votes.push(Vote {
         approver: "user:bob".into(),
+        persons: Vec::new(),
         decision: VoteDecision::Approve,
         reason: String::new(),
         at: "t".into(),
@@ -151,4 +154,93 @@ fn the_extension_is_a_der_utf8string_of_json() {
     let v: Value = serde_json::from_str(s.as_str().unwrap()).unwrap();
     assert_eq!(v["approvers"], json!(["user:bob"]));
     assert_eq!(v["binding"], r.binding.as_str());
+}
+
+/// One person through an API token and a linked OIDC login.
+fn linked(name: &str, groups: &[&str]) -> (Principal, Principal) {
+    let token = Principal {
+        persons: vec!["oidc:corp:sub-1".into()],
+        ..principal(name, Role::Approver, groups)
+    };
+    let login = Principal {
+        kind: crate::model::PrincipalKind::Oidc,
+        ..token.clone()
+    };
+    (token, login)
+}
+
+#[test]
+fn a_person_counts_once_through_a_token_and_a_linked_login() {
+    let mut r = request(2);
+    let b = r.binding.clone();
+    let (token, login) = linked("bob", &["sre"]);
+    assert_eq!(
+        r.vote(&token, VoteDecision::Approve, "", &b, 10),
+        Ok(VoteOutcome::Recorded)
+    );
+    assert_eq!(
+        r.vote(&login, VoteDecision::Approve, "", &b, 10),
+        Ok(VoteOutcome::Repeat)
+    );
+    // A login voted first, then was linked: the token still counts once.
+    let mut r = request(2);
+    let unlinked = Principal {
+        id: "oidc:corp:sub-1".into(),
+        name: "bob@example.com".into(),
+        kind: crate::model::PrincipalKind::Oidc,
+        ..principal("x", Role::Approver, &["sre"])
+    };
+    assert_eq!(
+        r.vote(&unlinked, VoteDecision::Approve, "", &b, 10),
+        Ok(VoteOutcome::Recorded)
+    );
+    assert_eq!(
+        r.vote(&token, VoteDecision::Approve, "", &b, 10),
+        Ok(VoteOutcome::Repeat)
+    );
+    assert_eq!(r.state, State::Pending);
+}
+
+#[test]
+fn self_approval_sees_through_links_and_delegation_chains() {
+    let b = request(1).binding;
+    // The requester's linked login.
+    let mut r = request(1);
+    r.requester.persons = vec!["oidc:corp:sub-1".into()];
+    let (_, login) = linked("alice", &["sre"]);
+    assert_eq!(
+        r.vote(&login, VoteDecision::Approve, "", &b, 10),
+        Err(ApprovalError::SelfApproval)
+    );
+    // A token linked to the identity of a person in the delegation chain.
+    let mut r = request(1);
+    r.requester = Requester {
+        id: "workload:k8s_sat:prod/agent".into(),
+        name: "prod/agent".into(),
+        kind: "evidence".into(),
+        persons: vec!["oidc:corp:sub-1".into()],
+    };
+    let (token, _) = linked("bob", &["sre"]);
+    assert_eq!(
+        r.vote(&token, VoteDecision::Approve, "", &b, 10),
+        Err(ApprovalError::SelfApproval)
+    );
+    assert!(r.is_own(&token));
+}
+
+#[test]
+fn an_unlinked_login_never_answers_to_a_token_name() {
+    let mut r = request(1);
+    r.rule.approver_groups.clear();
+    r.rule.approver_principals = vec!["bob".into()];
+    let impostor = Principal {
+        id: "oidc:corp:bob".into(),
+        name: "bob".into(),
+        kind: crate::model::PrincipalKind::Oidc,
+        ..principal("x", Role::Approver, &[])
+    };
+    assert!(!r.is_eligible(&impostor));
+    assert!(r.is_eligible(&principal("bob", Role::Approver, &[])));
+    r.rule.approver_principals = vec!["oidc:corp:bob".into()];
+    assert!(r.is_eligible(&impostor));
 }

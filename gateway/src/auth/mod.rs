@@ -11,8 +11,8 @@ use crate::util::write_private_file;
 
 mod oidc;
 
-pub use crate::model::{Principal, PrincipalKind, Role, TokenRecord};
-pub use oidc::{OidcIssuerConfig, OidcIssuers};
+pub use crate::model::{OidcLink, Principal, PrincipalKind, Role, TokenRecord};
+pub use oidc::{OidcIdentity, OidcIssuerConfig, OidcIssuers, Purpose};
 
 /// Prefix that makes Castellan tokens recognisable to secret scanners.
 const TOKEN_PREFIX: &str = "cst_";
@@ -82,17 +82,54 @@ impl Authenticator {
         self.tokens.store(std::sync::Arc::new(map));
     }
 
-    /// Whether a token name is taken (names identify people: unique).
+    /// Whether a live token already has this name (names identify people:
+    /// unique among live tokens).
     pub fn name_taken(&self, name: &str) -> bool {
-        name == "admin" || self.tokens.load().values().any(|r| r.name == name)
+        let now = crate::util::now_unix();
+        name == "admin"
+            || self
+                .tokens
+                .load()
+                .values()
+                .any(|r| r.name == name && r.is_live(now))
     }
 
-    /// Adds a stored token.
+    /// The name of the live token linked to this OIDC identity, if any.
+    pub fn linked_to(&self, issuer: &str, subject: &str) -> Option<String> {
+        let now = crate::util::now_unix();
+        self.tokens
+            .load()
+            .values()
+            .find(|r| {
+                r.is_live(now)
+                    && r.oidc
+                        .as_ref()
+                        .is_some_and(|l| l.issuer == issuer && l.subject == subject)
+            })
+            .map(|r| r.name.clone())
+    }
+
+    /// Whether `name` is a configured OIDC issuer.
+    pub fn has_oidc_issuer(&self, name: &str) -> bool {
+        self.oidc.has_issuer(name)
+    }
+
+    /// Adds or replaces a stored token (a revoked one stops authenticating
+    /// at once).
     pub fn add_token(&self, record: TokenRecord) {
         let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = self.tokens.load().as_ref().clone();
         next.insert(record.token_sha256.clone(), std::sync::Arc::new(record));
         self.tokens.store(std::sync::Arc::new(next));
+    }
+
+    /// The person behind an OIDC identity: the API token linked to it, or
+    /// the identity's own namespace.
+    pub fn person_of(&self, identity: &OidcIdentity) -> (String, Vec<String>) {
+        match self.linked_to(&identity.issuer_name, &identity.subject) {
+            Some(token) => (format!("user:{token}"), vec![identity.person()]),
+            None => (identity.person(), Vec::new()),
+        }
     }
 
     /// The caller behind an `Authorization: Bearer …` header, if any.
@@ -106,6 +143,7 @@ impl Authenticator {
                 role: Role::Admin,
                 groups: Vec::new(),
                 kind: PrincipalKind::Admin,
+                persons: Vec::new(),
             });
         }
         // The map is keyed by hash: a lookup reveals nothing a hash does not.
@@ -114,20 +152,36 @@ impl Authenticator {
             if self.oidc.is_empty() || token.starts_with(TOKEN_PREFIX) || token.split('.').count() != 3 {
                 return None;
             }
-            return match self.oidc.authenticate(token, crate::util::now_unix()) {
-                Ok(p) => Some(p),
+            return match self.oidc.verify(token, Purpose::Login, crate::util::now_unix()) {
+                Ok(identity) => {
+                    let (id, persons) = self.person_of(&identity);
+                    let name = id.strip_prefix("user:").unwrap_or(&identity.name).to_owned();
+                    Some(Principal {
+                        id,
+                        name,
+                        role: Role::Approver,
+                        groups: identity.groups,
+                        kind: PrincipalKind::Oidc,
+                        persons,
+                    })
+                }
                 Err(why) => {
                     tracing::info!(%why, "OIDC ID token refused");
                     None
                 }
             };
         };
+        if !record.is_live(crate::util::now_unix()) {
+            return None;
+        }
+        let (id, persons) = record.person();
         Some(Principal {
-            id: format!("user:{}", record.name),
+            id,
             name: record.name.clone(),
             role: record.role,
             groups: record.groups.clone(),
             kind: PrincipalKind::Token,
+            persons,
         })
     }
 
@@ -147,11 +201,26 @@ pub fn new_api_token(name: &str, role: Role, groups: Vec<String>) -> (String, To
         groups,
         created_at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
         token_sha256: hex::encode(digest(&token)),
+        oidc: None,
+        expires_at: None,
+        revoked_at: None,
     };
     (token, record)
 }
 
-/// Valid token and group names: what can safely sit in a principal id.
+/// Valid API token names: a person's name becomes a SPIFFE ID path segment
+/// (`spiffe://<td>/user/<name>`), so only its characters are allowed
+/// (letters, digits, `-`, `_`, `.`; not `.` or `..`).
+pub fn valid_token_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Valid group and display names: what can safely sit in a log line.
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64

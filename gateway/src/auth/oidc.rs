@@ -3,6 +3,13 @@
 //! against the issuer's JWKS with the same key sets trust sources use; then
 //! issuer, audience and lifetime. Such a principal has the approver role
 //! and the groups its token names.
+//!
+//! An ID token serves one purpose, told apart by its audience: a *login*
+//! (`audiences`) authenticates an approver; a *delegation*
+//! (`delegation_audiences`) is handed to an agent to act for the person.
+//! The two lists may not overlap unless the operator sets
+//! `delegation_tokens_log_in = true`, so a token given to an agent cannot
+//! vote.
 
 use std::path::PathBuf;
 
@@ -11,7 +18,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Principal, Role, valid_name};
+use super::valid_name;
 use crate::trust::KeySet;
 
 /// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
@@ -25,15 +32,25 @@ pub struct OidcIssuerConfig {
     pub name: String,
     /// The `iss` its ID tokens carry.
     pub issuer: String,
-    /// Accepted `aud` values (the client id Castellan is registered as).
+    /// `aud` values accepted for approver logins (the client id Castellan
+    /// is registered as).
     pub audiences: Vec<String>,
+    /// `aud` values accepted when a person delegates to an agent. Empty:
+    /// this issuer's tokens cannot delegate.
+    #[serde(default)]
+    pub delegation_audiences: Vec<String>,
+    /// Lets one audience serve both purposes, so that an agent holding a
+    /// delegation token can also log in as its person. Default: false.
+    #[serde(default)]
+    pub delegation_tokens_log_in: bool,
     /// The issuer's public keys, inline.
     #[serde(default)]
     pub jwks: Option<Value>,
     /// Or a file holding them.
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
-    /// Claim with the person's name. Default: `email`.
+    /// Claim with the person's display name. Default: `email`, used only
+    /// when `email_verified` is true; otherwise `sub`.
     #[serde(default = "default_name_claim")]
     pub name_claim: String,
     /// Claim with the person's groups. Default: `groups`.
@@ -76,6 +93,16 @@ pub enum OidcConfigError {
         #[source]
         source: serde_json::Error,
     },
+    /// Two entries share a name.
+    #[error("oidc issuer `{name}` is configured twice")]
+    Duplicate { name: String },
+    /// One audience would serve logins and delegation.
+    #[error(
+        "oidc issuer `{name}`: audience `{audience}` is in both `audiences` and `delegation_audiences`, \
+         so an agent holding a person's delegation token could vote as that person; use distinct \
+         audiences, or set `delegation_tokens_log_in = true` to accept that"
+    )]
+    SharedAudience { name: String, audience: String },
     /// The JWKS holds keys Castellan will not use.
     #[error("oidc issuer `{name}`")]
     Keys {
@@ -83,6 +110,37 @@ pub enum OidcConfigError {
         #[source]
         source: crate::trust::TrustError,
     },
+}
+
+/// What an ID token is presented for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// An approver signing in.
+    Login,
+    /// A person delegating to an agent.
+    Delegation,
+}
+
+/// A person an ID token verified.
+#[derive(Debug, Clone)]
+pub struct OidcIdentity {
+    /// The `[[oidc_issuers]]` entry's name.
+    pub issuer_name: String,
+    /// The token's `iss`.
+    pub iss: String,
+    /// The token's `sub`.
+    pub subject: String,
+    /// The display name: the name claim (an email only when verified), or
+    /// `sub`.
+    pub name: String,
+    pub groups: Vec<String>,
+}
+
+impl OidcIdentity {
+    /// The person id of this identity when no API token is linked to it.
+    pub fn person(&self) -> String {
+        crate::model::oidc_person(&self.issuer_name, &self.subject)
+    }
 }
 
 /// The configured issuers.
@@ -101,6 +159,23 @@ impl OidcIssuers {
                 return Err(OidcConfigError::Missing {
                     name: name(),
                     missing: "issuer and audiences are",
+                });
+            }
+            if !valid_name(&c.name) || c.name.contains(':') {
+                return Err(OidcConfigError::Missing {
+                    name: name(),
+                    missing: "a name of letters, digits, `-`, `_` or `.` is",
+                });
+            }
+            if configs.iter().filter(|o| o.name == c.name).count() > 1 {
+                return Err(OidcConfigError::Duplicate { name: name() });
+            }
+            if !c.delegation_tokens_log_in
+                && let Some(shared) = c.audiences.iter().find(|a| c.delegation_audiences.contains(a))
+            {
+                return Err(OidcConfigError::SharedAudience {
+                    name: name(),
+                    audience: shared.clone(),
                 });
             }
             let jwks = match (&c.jwks, &c.jwks_file) {
@@ -136,9 +211,22 @@ impl OidcIssuers {
         self.issuers.is_empty()
     }
 
-    /// The person behind a compact ID token, or why not. The error text is
-    /// safe to log; it never contains the token.
-    pub fn authenticate(&self, token: &str, now: i64) -> Result<Principal, String> {
+    /// The name of the entry whose `issuer` is `iss` (the one `verify` uses).
+    pub fn name_of(&self, iss: &str) -> Option<&str> {
+        self.issuers
+            .iter()
+            .find(|i| i.config.issuer == iss)
+            .map(|i| i.config.name.as_str())
+    }
+
+    /// The `[[oidc_issuers]]` names, for validating token links.
+    pub fn has_issuer(&self, name: &str) -> bool {
+        self.issuers.iter().any(|i| i.config.name == name)
+    }
+
+    /// The person behind a compact ID token presented for `purpose`, or
+    /// why not. The error text is safe to log; it never contains the token.
+    pub fn verify(&self, token: &str, purpose: Purpose, now: i64) -> Result<OidcIdentity, String> {
         let payload = token.split('.').nth(1).ok_or("not a JWT")?;
         let unverified: Value = URL_SAFE_NO_PAD
             .decode(payload)
@@ -156,16 +244,23 @@ impl OidcIssuers {
         if claims.get("iss").and_then(Value::as_str) != Some(issuer.config.issuer.as_str()) {
             return Err("issuer mismatch".into());
         }
+        let accepted = match purpose {
+            Purpose::Login => &issuer.config.audiences,
+            Purpose::Delegation => &issuer.config.delegation_audiences,
+        };
         let aud_ok = match claims.get("aud") {
-            Some(Value::String(a)) => issuer.config.audiences.contains(a),
+            Some(Value::String(a)) => accepted.contains(a),
             Some(Value::Array(a)) => a
                 .iter()
                 .filter_map(Value::as_str)
-                .any(|a| issuer.config.audiences.iter().any(|x| x == a)),
+                .any(|a| accepted.iter().any(|x| x == a)),
             _ => false,
         };
         if !aud_ok {
-            return Err("audience not accepted".into());
+            return Err(match purpose {
+                Purpose::Login => "audience not accepted for approver logins".into(),
+                Purpose::Delegation => "audience not accepted for delegation".into(),
+            });
         }
         let time = |k: &str| claims.get(k).and_then(Value::as_i64);
         let exp = time("exp").ok_or("no `exp`")?;
@@ -177,13 +272,20 @@ impl OidcIssuers {
         {
             return Err("token not valid yet".into());
         }
-        let name = claims
+        let subject = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .filter(|s| valid_subject(s))
+            .ok_or("no usable `sub`")?
+            .to_owned();
+        let verified_email = matches!(claims.get("email_verified"), Some(Value::Bool(true)))
+            || claims.get("email_verified").and_then(Value::as_str) == Some("true");
+        let claimed = claims
             .get(&issuer.config.name_claim)
-            .or_else(|| claims.get("sub"))
             .and_then(Value::as_str)
             .filter(|n| valid_name(n))
-            .ok_or("no usable name claim")?
-            .to_owned();
+            .filter(|_| issuer.config.name_claim != "email" || verified_email);
+        let name = claimed.unwrap_or(&subject).to_owned();
         let groups = claims
             .get(&issuer.config.groups_claim)
             .and_then(Value::as_array)
@@ -195,12 +297,18 @@ impl OidcIssuers {
                     .collect()
             })
             .unwrap_or_default();
-        Ok(Principal {
-            id: format!("user:{name}"),
+        Ok(OidcIdentity {
+            issuer_name: issuer.config.name.clone(),
+            iss: iss.to_owned(),
+            subject,
             name,
-            role: Role::Approver,
             groups,
-            kind: crate::model::PrincipalKind::Oidc,
         })
     }
+}
+
+/// A `sub` Castellan keeps: 1 to 255 bytes (OIDC Core §2) of printable
+/// ASCII, so it is safe in logs and person ids.
+fn valid_subject(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic())
 }

@@ -5,6 +5,7 @@
 //! attenuation after it, whatever the policy returned.
 
 mod attenuate;
+pub mod dpop;
 
 use serde_json::{Value, json};
 
@@ -33,9 +34,12 @@ pub fn public_jwk_thumbprint(jwk: &Value) -> Result<String, String> {
     Ok(jwk_thumbprint(jwk))
 }
 
-/// The RFC 8693 `act` claim: the person outermost, then parent agents nested.
+/// The RFC 8693 `act` claim (§4.1): the current actor outermost (the
+/// parent agent that delegated, or the person when no agent did), each
+/// prior actor nested inside the one after it, the person innermost.
+/// `chain` is oldest first.
 pub fn act_claim(chain: &[Link]) -> Option<ActClaim> {
-    chain.iter().rev().fold(None, |inner, link| {
+    chain.iter().fold(None, |inner, link| {
         Some(ActClaim {
             sub: link.sub.clone(),
             iss: link.iss.clone(),

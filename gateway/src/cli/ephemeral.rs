@@ -1,5 +1,5 @@
-//! `castellan token …` and `castellan ephemeral …`: the requester's and the
-//! approver's side of just-in-time issuance, over the HTTP API.
+//! `castellan ephemeral …`: the requester's and the approver's side of
+//! just-in-time issuance, over the HTTP API.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,30 +12,6 @@ use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use super::{ClientArgs, problem_line};
-
-#[derive(Subcommand)]
-pub(super) enum TokenCommand {
-    /// Create an API token (admin); the token is printed once.
-    Create(TokenCreate),
-}
-
-#[derive(Args)]
-pub(super) struct TokenCreate {
-    #[command(flatten)]
-    client: ClientArgs,
-    /// Unique name of the person or CI principal.
-    #[arg(long)]
-    name: String,
-    /// admin, approver or requester.
-    #[arg(long)]
-    role: String,
-    /// Group membership, repeatable (e.g. --group sre).
-    #[arg(long = "group")]
-    groups: Vec<String>,
-    /// Print the whole answer as JSON.
-    #[arg(long)]
-    json: bool,
-}
 
 #[derive(Subcommand)]
 pub(super) enum EphemeralCommand {
@@ -140,7 +116,7 @@ pub(super) struct Wait {
     json: bool,
 }
 
-async fn call(
+pub(super) async fn call(
     client: &ClientArgs,
     method: Method,
     path: &str,
@@ -237,29 +213,6 @@ fn write_issued(r: &Value, out_dir: &Path, key_pem: Option<&str>) -> anyhow::Res
         r["not_after"].as_str().unwrap_or("-")
     );
     Ok(())
-}
-
-pub(super) async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
-    let TokenCommand::Create(t) = cmd;
-    let (_, v) = call(
-        &t.client,
-        Method::POST,
-        "/api/v1/tokens",
-        Some(json!({ "name": t.name, "role": t.role, "groups": t.groups })),
-    )
-    .await?;
-    if t.json {
-        println!("{v}");
-    } else {
-        eprintln!(
-            "created token `{}` (role {}, groups [{}]); it is shown only once:",
-            t.name,
-            t.role,
-            t.groups.join(", ")
-        );
-        println!("{}", v["token"].as_str().unwrap_or_default());
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 pub(super) async fn ephemeral(cmd: EphemeralCommand) -> anyhow::Result<ExitCode> {

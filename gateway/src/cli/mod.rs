@@ -14,6 +14,7 @@ mod load;
 mod serve;
 mod svid;
 mod svid_helper;
+mod token;
 #[cfg(feature = "tpm")]
 mod tpm;
 
@@ -56,7 +57,7 @@ enum Command {
     Bundle(bundle::BundleCommand),
     /// Manage API tokens (admin).
     #[command(subcommand)]
-    Token(ephemeral::TokenCommand),
+    Token(token::TokenCommand),
     /// Just-in-time, approval-gated certificates.
     #[command(subcommand)]
     Ephemeral(ephemeral::EphemeralCommand),
@@ -151,7 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Svid(svid::SvidCommand::Issue(args)) => svid::svid_issue(args).await,
         Command::Bench(cmd) => load::run(cmd).await,
         Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
-        Command::Token(cmd) => ephemeral::token(cmd).await,
+        Command::Token(cmd) => token::run(cmd).await,
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Attestor(cmd) => attestor::run(cmd),
         Command::Entry(cmd) => entry::run(cmd).await,

@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 
 use super::{Engine, EngineError, Refusal, Surface, reasons_or_default, verify_csr};
 use crate::approvals::IssuedCert;
-use crate::auth::OidcIssuers;
+use crate::auth::{OidcIssuers, Purpose};
+use crate::broker::dpop::{self, Proof};
 use crate::broker::{Bounds, HARD_MAX_DEPTH, act_claim, attenuate, public_jwk_thumbprint};
 use crate::model::policy::{BrokerAsk, BrokerInput, DelegationDoc, INPUT_VERSION, ParentDoc};
 use crate::model::{
@@ -29,6 +30,16 @@ use crate::signer::{AgentClaims, Confirmation, JwtAlg, JwtSvidClaims, TaskClaim,
 use crate::store::{Effects, Store};
 use crate::trust::KeySet;
 use crate::util::{now_unix, rfc3339, sha256_hex};
+
+/// The `iss` of a JWT, before anything is verified (to pick a verifier).
+fn unverified_issuer(token: &str) -> Option<String> {
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|c| c.get("iss").and_then(Value::as_str).map(str::to_owned))
+}
 
 /// A request for an agent identity, as parsed by a surface.
 #[derive(Debug, Clone, Default)]
@@ -44,9 +55,16 @@ pub struct AgentRequest {
     pub csr: Option<String>,
     pub subject_token: Option<String>,
     pub task: Option<Task>,
+    /// The request's `DPoP` header: proves the parent's key when delegating
+    /// with a parent agent's token; on token exchange, the key the new
+    /// token is bound to.
+    pub dpop: Option<String>,
+    /// The path the request was sent to (the proof's `htu`).
+    pub endpoint: &'static str,
 }
 
-/// What the agent gets.
+/// What the agent gets. Its JWT-SVID is a secret: it is returned to the
+/// agent once and never stored.
 #[derive(Debug, Clone, Serialize)]
 pub struct Granted {
     pub spiffe_id: String,
@@ -165,20 +183,48 @@ impl Engine {
 
     /// Verifies a delegation's subject token: a person's ID token from a
     /// configured OIDC issuer, or a parent agent's Castellan JWT-SVID.
-    async fn verify_delegation(&self, token: &str) -> Result<Delegation, EngineError> {
+    async fn verify_delegation(&self, token: &str, proof: Option<&Proof>) -> Result<Delegation, EngineError> {
         let refuse = EngineError::Delegation;
-        let iss = token
-            .split('.')
-            .nth(1)
-            .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|c| c.get("iss").and_then(Value::as_str).map(str::to_owned))
+        let iss = unverified_issuer(token)
             .ok_or_else(|| refuse("subject_token is not a JWT with an `iss`".into()))?;
         if iss == self.issuer() {
-            let (_, parent) = self
+            let (claims, parent) = self
                 .verify_own(token)
                 .await
                 .map_err(|m| refuse(format!("parent agent token: {m}")))?;
+            // A parent token is a key-bound credential meant for this
+            // Castellan: whoever delegates with it proves they hold its key.
+            let audience_ok = match claims.get("aud") {
+                Some(Value::String(a)) => *a == iss,
+                Some(Value::Array(a)) => a.iter().any(|a| a.as_str() == Some(iss.as_str())),
+                _ => false,
+            };
+            if !audience_ok {
+                return Err(refuse(format!(
+                    "parent agent token: its audience does not include this Castellan ({iss}); \
+                     ask for the parent's identity with that audience to delegate with it"
+                )));
+            }
+            let jkt = claims
+                .pointer("/cnf/jkt")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    refuse("parent agent token: a bearer token (no `cnf`) cannot delegate".into())
+                })?;
+            match proof {
+                Some(p) if p.jkt == jkt => {}
+                Some(_) => {
+                    return Err(refuse(
+                        "parent agent token: the DPoP proof is not signed by the key the token is bound to"
+                            .into(),
+                    ));
+                }
+                None => {
+                    return Err(refuse(
+                        "parent agent token: send a DPoP proof (RFC 9449) signed by its key in the `DPoP` header".into(),
+                    ));
+                }
+            }
             let mut chain = parent.chain.clone();
             chain.push(Link {
                 kind: "agent".into(),
@@ -193,16 +239,51 @@ impl Engine {
         let person = self
             .delegations
             .oidc
-            .authenticate(token, now_unix())
+            .verify(token, Purpose::Delegation, now_unix())
             .map_err(|m| refuse(format!("person's ID token: {m}")))?;
         Ok(Delegation {
             chain: vec![Link {
                 kind: "person".into(),
-                sub: person.name,
+                sub: person.subject,
                 iss: Some(iss),
             }],
             parent: None,
         })
+    }
+
+    /// Verifies a request's DPoP proof for `endpoint`, and that its `jti`
+    /// is new. `token` is the token the proof accompanies (its `ath`).
+    pub(super) fn check_dpop(
+        &self,
+        proof: &str,
+        endpoint: &str,
+        token: Option<&str>,
+    ) -> Result<Proof, EngineError> {
+        let now = now_unix();
+        let url = format!("{}{endpoint}", self.issuer());
+        let expected = dpop::Expected {
+            method: "POST",
+            url: &url,
+            token,
+        };
+        let proof = dpop::verify(proof, expected, now).map_err(EngineError::Dpop)?;
+        self.replay
+            .first_use("dpop", &proof.jti, proof.iat + dpop::MAX_AGE_SECONDS, now)
+            .map_err(|_| EngineError::Dpop("the DPoP proof was already used (`jti`)".into()))?;
+        Ok(proof)
+    }
+
+    /// The person ids of everyone a delegation chain names (`oidc:<issuer>:<sub>`):
+    /// none of them may vote on the request.
+    pub(super) fn chain_persons(&self, chain: &[Link]) -> Vec<String> {
+        chain
+            .iter()
+            .filter(|l| l.kind == "person")
+            .filter_map(|l| {
+                let name = self.delegations.oidc.name_of(l.iss.as_deref()?)?;
+                Some(crate::model::oidc_person(name, &l.sub))
+            })
+            .collect()
     }
 
     /// Runs the broker flow for one request from `surface` (the broker
@@ -232,16 +313,27 @@ impl Engine {
         super::check_method(surface, &req.method)?;
         check_agent_request(&req)?;
         self.check_requested_ttl(req.ttl_seconds)?;
-        let jkt = match &req.public_key_jwk {
+        // A proof over this request accompanies a parent agent's token (and
+        // carries its hash), or, on token exchange, names the key to bind.
+        let parent_token = req
+            .subject_token
+            .as_deref()
+            .filter(|t| unverified_issuer(t).as_deref() == Some(self.issuer().as_str()));
+        let proof = match &req.dpop {
+            Some(p) => Some(self.check_dpop(p, req.endpoint, parent_token)?),
             None => None,
-            Some(jwk) => Some(public_jwk_thumbprint(jwk).map_err(EngineError::BadRequest)?),
+        };
+        let jkt = match (&req.public_key_jwk, &proof) {
+            (Some(jwk), _) => Some(public_jwk_thumbprint(jwk).map_err(EngineError::BadRequest)?),
+            (None, Some(p)) if surface == Surface::TokenExchange => Some(p.jkt.clone()),
+            (None, _) => None,
         };
         let csr_spki = match &req.csr {
             None => None,
             Some(pem) => Some(verify_csr(pem)?.spki_der),
         };
         let delegation = match &req.subject_token {
-            Some(t) => self.verify_delegation(t).await?,
+            Some(t) => self.verify_delegation(t, proof.as_ref()).await?,
             None => Delegation::default(),
         };
         let depth = delegation.chain.iter().filter(|l| l.kind == "agent").count();
@@ -284,7 +376,11 @@ impl Engine {
             certificates: cert.into_iter().collect(),
             ..Effects::default()
         };
-        self.store.put_agent_token(token, effects).await?;
+        if let Some(jti) = self.store.put_agent_token(token, effects).await? {
+            return Err(EngineError::Delegation(format!(
+                "token {jti} in the delegation chain was revoked"
+            )));
+        }
         Ok(Outcome::Issued(Box::new(granted)))
     }
 
@@ -337,6 +433,11 @@ impl Engine {
         })?;
         if decision.outcome == EphemeralOutcome::Deny {
             return Err(EngineError::PolicyDenied(reasons_or_default(decision.reasons)));
+        }
+        // A JWT-SVID is bound to a key the agent holds unless policy says
+        // bearer is fine; an escalated one is delivered only to that key.
+        if jkt.is_none() && (!decision.bearer || decision.outcome == EphemeralOutcome::Approve) {
+            return Err(EngineError::KeyRequired);
         }
         let (spiffe_id, policy_ttl) =
             self.check_identity(decision.spiffe_id.clone(), decision.ttl_seconds)?;
@@ -578,6 +679,5 @@ pub(super) fn granted_as_issued(g: &Granted) -> IssuedCert {
         bundle_pem: g.bundle_pem.clone().unwrap_or_default(),
         serial: String::new(),
         not_after: g.expires_at.clone(),
-        jwt_svid: g.jwt_svid.clone(),
     }
 }

@@ -107,6 +107,12 @@ fn check_new(new: &NewRequest) -> Result<String, EngineError> {
             "`ticket` is longer than 256 characters".into(),
         ));
     }
+    if let Some(bad) = new.dns_names.iter().find(|d| !crate::util::valid_dns_name(d)) {
+        return Err(EngineError::BadRequest(format!(
+            "`dns_names`: `{}` is not a DNS name (letters, digits and hyphens in dot-separated labels; no wildcards)",
+            super::printable(bad)
+        )));
+    }
     Ok(justification)
 }
 
@@ -185,6 +191,28 @@ impl Engine {
         } = decided;
         if decision.outcome == EphemeralOutcome::Deny {
             return Err(EngineError::PolicyDenied(reasons_or_default(decision.reasons)));
+        }
+        // A name that cannot be part of an identity is refused as the
+        // request's fault, not the policy's.
+        if let Some(id) = &decision.spiffe_id
+            && crate::spiffe_id::SpiffeId::parse(id).is_err()
+        {
+            return Err(EngineError::InvalidIdentity(format!(
+                "`{}` is not a valid SPIFFE ID: the requester's name `{}` cannot be part of one \
+                 (only letters, digits, `-`, `_` and `.`); an OIDC login can be linked to an API token with such a name",
+                super::printable(id),
+                super::printable(&requester.name)
+            )));
+        }
+        if let Some(bad) = decision
+            .dns_names
+            .iter()
+            .find(|d| !crate::util::valid_dns_name(d))
+        {
+            return Err(EngineError::InvalidIdentity(format!(
+                "`{}` is not a valid DNS name",
+                super::printable(bad)
+            )));
         }
         let (spiffe_id, mut ttl) = self.check_identity(decision.spiffe_id.clone(), decision.ttl_seconds)?;
         let issue_now = match (new.emergency, decision.outcome) {
@@ -294,6 +322,7 @@ impl Engine {
                     id: Actor::workload(&a.method, &a.subject).to_string(),
                     name: a.subject.clone(),
                     kind: "evidence".into(),
+                    persons: Vec::new(),
                 };
                 (requester, "requester".to_owned(), Vec::new(), Some(a))
             }
@@ -302,6 +331,7 @@ impl Engine {
                     id: c.id.clone(),
                     name: c.name.clone(),
                     kind: c.kind.as_str().into(),
+                    persons: c.persons.clone(),
                 },
                 c.role.as_str().to_owned(),
                 c.groups.clone(),
@@ -546,6 +576,8 @@ impl Engine {
                 id: Actor::workload(&attestation.method, &attestation.subject).to_string(),
                 name: attestation.subject.clone(),
                 kind: "evidence".into(),
+                // Everyone the agent acts for: none of them may approve.
+                persons: self.chain_persons(&grant.chain),
             },
             spiffe_id: grant.spiffe_id.clone(),
             dns_names: vec![],
@@ -569,30 +601,85 @@ impl Engine {
         self.record_pending(request, AuditKind::BrokerEscalated).await
     }
 
-    /// Mints an approved agent identity (JWT-SVID, and X.509-SVID if asked).
-    async fn issue_approved_agent(
+    /// Delivers an approved agent identity to the agent that asked for it:
+    /// the one holding the key it asked with, shown by a DPoP proof over
+    /// this request (`proof`). Mints the JWT-SVID (and X.509-SVID if asked)
+    /// and moves the request to `issued` in one transaction that re-checks
+    /// the delegation lineage's revocation. The token is never stored. A
+    /// refusal is audited as `broker.refused`.
+    pub async fn agent_collect(
         self: &Arc<Self>,
-        request: Request,
-        grant: AgentGrant,
-    ) -> Result<Request, EngineError> {
+        id: &str,
+        proof: Option<&str>,
+    ) -> Result<super::broker::Granted, EngineError> {
+        let refusal = || Refusal::new(Surface::Broker, "collect", Actor::Anonymous);
+        let result = self.agent_collect_inner(id, proof).await;
+        self.audited(refusal, result).await
+    }
+
+    async fn agent_collect_inner(
+        self: &Arc<Self>,
+        id: &str,
+        proof: Option<&str>,
+    ) -> Result<super::broker::Granted, EngineError> {
+        let mut request = self
+            .ephemeral_get(id)
+            .await?
+            .filter(|r| r.agent.is_some())
+            .ok_or(EngineError::Approval(ApprovalError::NotFound))?;
+        let proof = proof.ok_or_else(|| {
+            EngineError::Dpop("send a DPoP proof (RFC 9449) signed by the key the request asked with".into())
+        })?;
+        let proof = self.check_dpop(proof, &format!("/api/v1/ephemeral/{id}/collect"), None)?;
+        let grant = request
+            .agent
+            .clone()
+            .ok_or(EngineError::Internal("agent request"))?;
+        if grant.jkt.as_deref() != Some(proof.jkt.as_str()) {
+            return Err(EngineError::Dpop(
+                "the DPoP proof is not signed by the key the request asked with".into(),
+            ));
+        }
+        if request.expire_if_due(now_unix()) {
+            self.expire(id).await;
+            return Err(ApprovalError::Expired.into());
+        }
+        if request.state != State::Approved {
+            return Err(ApprovalError::NotPending(request.state.as_str()).into());
+        }
         let (engine, g) = (self.clone(), grant.clone());
         let (granted, token, cert) = self.blocking(move || engine.mint_agent(&g)).await?;
         let issued = super::broker::granted_as_issued(&granted);
         let approvers = request.approvers();
-        self.record_issued(&request.id, issued, move |r| {
-            let mut audit = super::broker::issued_event(&grant, &token, &[]);
-            if let Some(d) = audit.detail.as_object_mut() {
-                d.insert("request_id".into(), json!(r.id));
-                d.insert("approvers".into(), json!(approvers));
-            }
-            Effects {
-                audit: vec![audit],
-                certificates: cert.into_iter().collect(),
-                agent_tokens: vec![token],
-                ..Effects::default()
-            }
-        })
-        .await
+        let updated = self
+            .store
+            .update_request_in_lineage(id, move |r: &mut Request, revoked| {
+                if let Some(jti) = revoked {
+                    return Err(EngineError::Delegation(format!(
+                        "token {jti} in the delegation chain was revoked"
+                    )));
+                }
+                if r.state != State::Approved {
+                    return Err(ApprovalError::NotPending(r.state.as_str()).into());
+                }
+                r.state = State::Issued;
+                r.issued = Some(issued);
+                let mut audit = super::broker::issued_event(&grant, &token, &[]);
+                if let Some(d) = audit.detail.as_object_mut() {
+                    d.insert("request_id".into(), json!(r.id));
+                    d.insert("approvers".into(), json!(approvers));
+                }
+                Ok(Effects {
+                    audit: vec![audit],
+                    notify: vec![notification("ephemeral.issued", r)],
+                    certificates: cert.into_iter().collect(),
+                    agent_tokens: vec![token],
+                })
+            })
+            .await?
+            .unwrap_or(Err(EngineError::Approval(ApprovalError::NotFound)))?;
+        self.wake(&updated.id);
+        Ok(granted)
     }
 
     /// Moves an `approved` request to `issued` with what was minted for it,
@@ -621,10 +708,11 @@ impl Engine {
 
     /// Signs an `approved` request and moves it to `issued`. Only the caller
     /// whose vote made it `approved` (or recovery) gets here, and the store
-    /// refuses the move unless the request is still `approved`.
+    /// refuses the move unless the request is still `approved`. An agent
+    /// request stays `approved` until its agent collects it.
     async fn issue_approved(self: &Arc<Self>, request: Request) -> Result<Request, EngineError> {
-        if let Some(grant) = request.agent.clone() {
-            return self.issue_approved_agent(request, grant).await;
+        if request.agent.is_some() {
+            return Ok(request);
         }
         let (cert, record) = self.sign_request(&request).await?;
         let approvers = request.approvers();
@@ -749,8 +837,8 @@ impl Engine {
             .into_iter()
             .filter(|r| {
                 who.role == crate::auth::Role::Admin
-                    || r.requester.id == who.id
-                    || (r.state == State::Pending && r.is_eligible(who) && r.requester.name != who.name)
+                    || who.is_any_of(std::slice::from_ref(&r.requester.id))
+                    || (r.state == State::Pending && r.is_eligible(who) && !r.is_own(who))
             })
             .collect())
     }
@@ -760,7 +848,7 @@ impl Engine {
     /// approval and signing.
     pub async fn run_housekeeping(self: Arc<Self>) {
         if let Ok(approved) = self.store.list_requests(Some(State::Approved)).await {
-            for r in approved {
+            for r in approved.into_iter().filter(|r| r.agent.is_none()) {
                 let id = r.id.clone();
                 match self.issue_approved(r).await {
                     Ok(_) => tracing::info!(request_id = %id, "issued a request left approved"),
@@ -787,12 +875,16 @@ impl Engine {
             {
                 tracing::warn!(error = %e, "could not purge expired single-use evidence");
             }
-            let Ok(pending) = self.store.list_requests(Some(State::Pending)).await else {
-                continue;
-            };
             let now = now_unix();
-            for r in pending.into_iter().filter(|r| now >= r.expires_at) {
-                self.expire(&r.id).await;
+            for state in [State::Pending, State::Approved] {
+                let Ok(open) = self.store.list_requests(Some(state)).await else {
+                    continue;
+                };
+                for mut r in open {
+                    if r.expire_if_due(now) {
+                        self.expire(&r.id).await;
+                    }
+                }
             }
         }
     }

@@ -42,6 +42,19 @@ pub enum EngineError {
     /// A delegation token did not verify, is revoked, expired, or too deep.
     #[error("delegation refused: {0}")]
     Delegation(String),
+    /// A DPoP proof is missing, does not verify, or was used before.
+    #[error("{0}")]
+    Dpop(String),
+    /// A JWT-SVID would be a bearer token: no key was given to bind it to
+    /// and policy does not allow bearer tokens (or the request needs
+    /// approval, whose result is delivered only to the key's holder).
+    #[error(
+        "send `public_key_jwk` (or, on token exchange, a DPoP proof): identities are bound to a key the agent holds"
+    )]
+    KeyRequired,
+    /// A name the request carries cannot become a valid identity.
+    #[error("{0}")]
+    InvalidIdentity(String),
     /// The approval rules refused a vote, a cancellation or a lookup.
     #[error(transparent)]
     Approval(#[from] ApprovalError),
@@ -118,6 +131,9 @@ impl EngineError {
             EngineError::PolicyDenied(_) => "policy-denied",
             EngineError::NotRegistered => "not-registered",
             EngineError::Delegation(_) => "delegation-refused",
+            EngineError::Dpop(_) => "invalid-dpop-proof",
+            EngineError::KeyRequired => "key-required",
+            EngineError::InvalidIdentity(_) => "invalid-identity",
             EngineError::Approval(a) => match a {
                 ApprovalError::NotFound => "not-found",
                 ApprovalError::Expired => "request-expired",
@@ -144,12 +160,13 @@ impl EngineError {
     /// The HTTP status of the problem (gRPC surfaces map it to a code).
     pub fn status(&self) -> u16 {
         match self {
-            EngineError::BadRequest(_) | EngineError::BadCsr(_) => 400,
+            EngineError::BadRequest(_) | EngineError::BadCsr(_) | EngineError::KeyRequired => 400,
             EngineError::TooLarge { .. } => 413,
             EngineError::UnknownMethod(_)
             | EngineError::HostEvidenceOnly(_)
-            | EngineError::NoTrustSource(_) => 422,
-            EngineError::Unauthenticated => 401,
+            | EngineError::NoTrustSource(_)
+            | EngineError::InvalidIdentity(_) => 422,
+            EngineError::Unauthenticated | EngineError::Dpop(_) => 401,
             EngineError::AttestationFailed(_)
             | EngineError::PolicyDenied(_)
             | EngineError::NotRegistered

@@ -364,7 +364,6 @@ impl Engine {
             bundle_pem: self.signer.bundle_pem().to_owned(),
             serial: cert.serial,
             not_after: crate::util::rfc3339(cert.not_after),
-            jwt_svid: None,
         }
     }
 

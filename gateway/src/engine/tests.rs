@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::broker::{AgentRequest, Outcome};
 use super::ephemeral::{Created, NewRequest};
@@ -77,6 +77,7 @@ fn person(name: &str, role: Role, groups: &[&str]) -> Principal {
         role,
         groups: groups.iter().map(|g| (*g).to_owned()).collect(),
         kind: PrincipalKind::Token,
+        persons: Vec::new(),
     }
 }
 
@@ -375,13 +376,41 @@ async fn an_ephemeral_request_waits_for_its_quorum_and_is_minted_once() {
     );
 }
 
-fn agent_request(token: String, scopes: &[&str]) -> AgentRequest {
+/// The key an agent holds, and DPoP proofs (RFC 9449) signed with it.
+struct AgentKey {
+    key: rcgen::KeyPair,
+    jwk: Value,
+}
+
+impl AgentKey {
+    fn new() -> Self {
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = key.public_key_raw();
+        let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65])});
+        Self { key, jwk }
+    }
+
+    fn prove(&self, url: &str) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.typ = Some("dpop+jwt".into());
+        header.jwk = Some(serde_json::from_value(self.jwk.clone()).unwrap());
+        let claims = json!({"jti": uuid::Uuid::new_v4().to_string(), "htm": "POST", "htu": url,
+            "iat": crate::util::now_unix()});
+        let signing = jsonwebtoken::EncodingKey::from_ec_pem(self.key.serialize_pem().as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, &claims, &signing).unwrap()
+    }
+}
+
+fn agent_request(token: String, scopes: &[&str], key: &AgentKey) -> AgentRequest {
     AgentRequest {
         agent_id: Some("planner".into()),
         method: "k8s_sat".into(),
         evidence: token,
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         audience: vec!["tickets".into()],
+        public_key_jwk: Some(key.jwk.clone()),
         ..AgentRequest::default()
     }
 }
@@ -390,11 +419,12 @@ fn agent_request(token: String, scopes: &[&str]) -> AgentRequest {
 async fn broker_identities_are_minted_or_escalated_then_minted_on_approval() {
     let w = world().await;
     let token = w.cluster.mint_token("agents", "planner", None, 300).unwrap();
+    let key = AgentKey::new();
     let Outcome::Issued(granted) = w
         .engine
         .agent_identity(
             Surface::Broker,
-            agent_request(token.clone(), &["tickets:read", "nope"]),
+            agent_request(token.clone(), &["tickets:read", "nope"], &key),
         )
         .await
         .unwrap()
@@ -412,7 +442,10 @@ async fn broker_identities_are_minted_or_escalated_then_minted_on_approval() {
 
     let Outcome::Pending(request) = w
         .engine
-        .agent_identity(Surface::TokenExchange, agent_request(token, &["payments:write"]))
+        .agent_identity(
+            Surface::TokenExchange,
+            agent_request(token, &["payments:write"], &key),
+        )
         .await
         .unwrap()
     else {
@@ -424,8 +457,37 @@ async fn broker_identities_are_minted_or_escalated_then_minted_on_approval() {
         .ephemeral_vote(&sre, &request.id, VoteDecision::Approve, "ok", &request.binding)
         .await
         .unwrap();
-    assert_eq!(issued.state, State::Issued);
-    assert!(issued.issued.unwrap().jwt_svid.is_some());
+    // Approved, the identity waits for the agent holding the key.
+    assert_eq!(issued.state, State::Approved);
+    let path = format!("/api/v1/ephemeral/{}/collect", request.id);
+    let url = format!("{}{path}", w.engine.issuer());
+    let stranger = AgentKey::new();
+    assert!(matches!(
+        w.engine
+            .agent_collect(&request.id, Some(&stranger.prove(&url)))
+            .await,
+        Err(EngineError::Dpop(_))
+    ));
+    let collected = w
+        .engine
+        .agent_collect(&request.id, Some(&key.prove(&url)))
+        .await
+        .unwrap();
+    assert!(collected.jwt_svid.is_some());
+    let stored = w.engine.ephemeral_get(&request.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, State::Issued);
+    assert!(
+        !serde_json::to_string(&stored)
+            .unwrap()
+            .contains(collected.jwt_svid.as_deref().unwrap()),
+        "the JWT-SVID is never stored"
+    );
+    assert!(matches!(
+        w.engine.agent_collect(&request.id, Some(&key.prove(&url))).await,
+        Err(EngineError::Approval(
+            crate::approvals::ApprovalError::NotPending("issued")
+        ))
+    ));
     let kinds = audit_kinds(&w.engine).await;
     assert_eq!(kinds.iter().filter(|k| **k == AuditKind::BrokerIssued).count(), 2);
     assert!(kinds.contains(&AuditKind::BrokerEscalated));

@@ -10,7 +10,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{AppState, PageParams, Problem, parse_page, read_json};
-use crate::auth::Role;
+use axum::extract::Path;
+
+use crate::auth::{OidcLink, Role, TokenRecord};
 use crate::model::{Actor, AuditEvent, AuditKind};
 
 #[derive(Deserialize)]
@@ -20,7 +22,16 @@ struct TokenBody {
     role: Role,
     #[serde(default)]
     groups: Vec<String>,
+    /// The holder's OIDC identity: a login through it is the same person.
+    #[serde(default)]
+    oidc: Option<OidcLink>,
+    /// Seconds until the token stops authenticating.
+    #[serde(default)]
+    expires_in: Option<u64>,
 }
+
+/// The longest `expires_in` accepted: ten years.
+const MAX_TOKEN_LIFE: u64 = 10 * 365 * 86_400;
 
 /// `POST /api/v1/tokens` (admin): a token shown once, stored hashed.
 pub(super) async fn create_token(
@@ -38,27 +49,64 @@ pub(super) async fn create_token(
             m,
         )
     };
-    const NAME_RULE: &str = "must be 1-64 letters, digits, `-`, `_`, `.` or `@`";
-    if !crate::auth::valid_name(&body.name) {
-        return Err(invalid(format!("`name` {NAME_RULE}")));
+    if !crate::auth::valid_token_name(&body.name) {
+        return Err(invalid(
+            "`name` must be 1-64 letters, digits, `-`, `_` or `.`: it becomes part of the \
+             person's SPIFFE ID (spiffe://<trust domain>/user/<name>)"
+                .into(),
+        ));
     }
     if let Some(g) = body.groups.iter().find(|g| !crate::auth::valid_name(g)) {
-        return Err(invalid(format!("group `{}` {NAME_RULE}", super::printable(g))));
+        return Err(invalid(format!(
+            "group `{}` must be 1-64 letters, digits, `-`, `_`, `.` or `@`",
+            super::printable(g)
+        )));
     }
+    if let Some(link) = &body.oidc {
+        if !state.auth.has_oidc_issuer(&link.issuer) {
+            return Err(invalid(format!(
+                "`oidc.issuer` `{}` is not the name of a configured [[oidc_issuers]] entry",
+                super::printable(&link.issuer)
+            )));
+        }
+        if link.subject.is_empty()
+            || link.subject.len() > 255
+            || !link.subject.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                "`oidc.subject` must be the person's `sub`: 1-255 printable ASCII characters".into(),
+            ));
+        }
+        if let Some(other) = state.auth.linked_to(&link.issuer, &link.subject) {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "oidc-identity-linked",
+                "OIDC identity already linked",
+                format!("that OIDC identity is linked to the live token `{other}`; one person, one name"),
+            ));
+        }
+    }
+    let expires_at = match body.expires_in {
+        None => None,
+        Some(s) if (1..=MAX_TOKEN_LIFE).contains(&s) => Some(crate::util::now_unix() + s as i64),
+        Some(_) => {
+            return Err(invalid(format!(
+                "`expires_in` must be 1-{MAX_TOKEN_LIFE} seconds"
+            )));
+        }
+    };
     if state.auth.name_taken(&body.name) {
         return Err(Problem::new(
             StatusCode::CONFLICT,
             "token-name-taken",
             "Token name taken",
-            format!("a token named `{}` exists; names identify people", body.name),
+            format!("a live token named `{}` exists; names identify people", body.name),
         ));
     }
-    let (token, record) = crate::auth::new_api_token(&body.name, body.role, body.groups);
-    let event = AuditEvent::new(
-        AuditKind::TokenCreated,
-        Actor::from(&admin),
-        json!({ "id": record.id, "name": record.name, "role": record.role, "groups": record.groups }),
-    );
+    let (token, mut record) = crate::auth::new_api_token(&body.name, body.role, body.groups);
+    record.oidc = body.oidc;
+    record.expires_at = expires_at;
+    let event = AuditEvent::new(AuditKind::TokenCreated, Actor::from(&admin), record.view());
     state
         .engine
         .store
@@ -66,11 +114,63 @@ pub(super) async fn create_token(
         .await
         .map_err(|e| AppState::unavailable("the token could not be stored", e))?;
     state.auth.add_token(record.clone());
-    let body = json!({
-        "id": record.id, "name": record.name, "role": record.role, "groups": record.groups,
-        "created_at": record.created_at, "token": token,
-    });
-    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+    let mut body = record.view();
+    body["token"] = token.into();
+    Ok(super::secret_response(StatusCode::CREATED, body))
+}
+
+/// `GET /api/v1/tokens` (admin): every token's record, never a secret or
+/// its hash.
+pub(super) async fn list_tokens(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    state.require_admin(&headers, "tokens.list").await?;
+    let mut records = state
+        .engine
+        .store
+        .tokens()
+        .await
+        .map_err(|e| AppState::unavailable("the tokens could not be read", e))?;
+    records.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.name.cmp(&b.name)));
+    let items: Vec<_> = records.iter().map(TokenRecord::view).collect();
+    Ok(axum::Json(json!({ "items": items })).into_response())
+}
+
+/// `DELETE /api/v1/tokens/{id}` (admin): revokes a token; it stops
+/// authenticating at once.
+pub(super) async fn revoke_token(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let admin = state.require_admin(&headers, "tokens.revoke").await?;
+    let records = state
+        .engine
+        .store
+        .tokens()
+        .await
+        .map_err(|e| AppState::unavailable("the tokens could not be read", e))?;
+    let Some(mut record) = records.into_iter().find(|r| r.id == id) else {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "token-not-found",
+            "No such token",
+            "no API token has that id",
+        ));
+    };
+    if record.revoked_at.is_none() {
+        record.revoked_at = Some(crate::util::rfc3339(time::OffsetDateTime::now_utc()));
+        let event = AuditEvent::new(AuditKind::TokenRevoked, Actor::from(&admin), record.view());
+        state
+            .engine
+            .store
+            .put_token(record.clone(), event)
+            .await
+            .map_err(|e| AppState::unavailable("the revocation could not be stored", e))?;
+        state.auth.add_token(record.clone());
+    }
+    Ok(axum::Json(record.view()).into_response())
 }
 
 /// `GET /api/v1/certificates` (admin): the inventory, in issuance order.
@@ -151,7 +251,7 @@ pub(super) async fn create_join_token(
                 e.into()
             }
         })?;
-    Ok((StatusCode::CREATED, axum::Json(token)).into_response())
+    Ok(super::secret_response(StatusCode::CREATED, token))
 }
 
 /// `GET /.well-known/spiffe-bundle`: this trust domain's SPIFFE bundle, for

@@ -47,7 +47,8 @@ pub(super) async fn agent_identities(
     State(state): State<AppState>,
     req: Request<Body>,
 ) -> Result<Response, Problem> {
-    let body: AgentBody = match read_json(req.into_body(), state.max_body_bytes).await {
+    let (parts, body) = req.into_parts();
+    let body: AgentBody = match read_json(body, state.max_body_bytes).await {
         Ok(b) => b,
         Err(e) => {
             let refusal = Refusal::new(Surface::Broker, "agent-identity", Actor::Anonymous);
@@ -66,13 +67,26 @@ pub(super) async fn agent_identities(
         csr: body.csr,
         subject_token: body.delegation.map(|d| d.subject_token),
         task: body.task,
+        dpop: dpop_header(&parts.headers),
+        endpoint: "/api/v1/broker/agent-identities",
     };
     Ok(
         match state.engine.agent_identity(Surface::Broker, request).await? {
-            Outcome::Issued(g) => (StatusCode::CREATED, axum::Json(g)).into_response(),
+            Outcome::Issued(g) => super::secret_response(StatusCode::CREATED, g),
             Outcome::Pending(r) => (StatusCode::ACCEPTED, axum::Json(r.view())).into_response(),
         },
     )
+}
+
+/// The `DPoP` header (RFC 9449), if exactly one was sent.
+pub(super) fn dpop_header(headers: &HeaderMap) -> Option<String> {
+    let mut all = headers.get_all("dpop").iter();
+    match (all.next(), all.next()) {
+        (Some(v), None) => v.to_str().ok().map(str::to_owned),
+        // Two proofs prove nothing; an unreadable one is no proof.
+        (Some(_), Some(_)) => Some(String::new()),
+        _ => None,
+    }
 }
 
 /// `POST /api/v1/broker/revocations` (admin): by `agent_id`, `task_id` or `jti`.
@@ -197,6 +211,7 @@ const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 /// method is `actor_token_method`, default `k8s_sat`); the `subject_token`
 /// is who it acts for (a person's ID token, or a parent agent's JWT-SVID).
 pub(super) async fn token(State(state): State<AppState>, req: Request<Body>) -> Response {
+    let dpop = dpop_header(req.headers());
     let form = match read_form(req, state.max_body_bytes).await {
         Ok(f) => f,
         Err(r) => return r.into_response(),
@@ -286,6 +301,8 @@ pub(super) async fn token(State(state): State<AppState>, req: Request<Body>) -> 
             csr: None,
             subject_token: Some(subject_token),
             task: None,
+            dpop: dpop.clone(),
+            endpoint: "/oauth2/token",
         })
     })();
     let request = match result {
@@ -297,12 +314,15 @@ pub(super) async fn token(State(state): State<AppState>, req: Request<Body>) -> 
             return e.into_response();
         }
     };
+    // Bound to the proof's key (RFC 9449 §5), or a bearer token where policy
+    // allows one.
+    let token_type = if request.dpop.is_some() { "DPoP" } else { "Bearer" };
     match state.engine.agent_identity(Surface::TokenExchange, request).await {
         Ok(Outcome::Issued(g)) => {
             let mut resp = axum::Json(json!({
                 "access_token": g.jwt_svid,
                 "issued_token_type": JWT_TYPE,
-                "token_type": "Bearer",
+                "token_type": token_type,
                 "expires_in": g.expires_in,
                 "scope": g.scopes.join(" "),
             }))

@@ -177,3 +177,15 @@ pub(super) async fn cancel(
     let request = state.engine.ephemeral_cancel(&who, &id).await?;
     Ok(axum::Json(request.view()).into_response())
 }
+
+/// `POST /api/v1/ephemeral/{id}/collect` (the agent, with a `DPoP` proof of
+/// the key it asked with): an approved agent identity, delivered once.
+pub(super) async fn collect(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let proof = super::broker::dpop_header(&headers);
+    let granted = state.engine.agent_collect(&id, proof.as_deref()).await?;
+    Ok(super::secret_response(StatusCode::CREATED, granted))
+}

@@ -2,6 +2,11 @@
 //! the original response; the same key with another body is refused (422).
 //! Keys are scoped by the caller's credentials, kept 24 hours, and a request
 //! still in flight under a key makes a second one wait its turn (409).
+//!
+//! A response that holds a secret (an API or join token, a JWT-SVID: every
+//! such response says `Cache-Control: no-store`) is never stored: only the
+//! ids it named are, and a replay is refused with `idempotency-secret`,
+//! naming them, so the caller can revoke what it lost and ask again.
 
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
@@ -86,6 +91,20 @@ pub(super) async fn layer(State(state): State<AppState>, req: Request<Body>, nex
                 )
                 .into_response();
             }
+            if saved.secret {
+                return Problem::new(
+                    StatusCode::CONFLICT,
+                    "idempotency-secret",
+                    "Response not replayable",
+                    format!(
+                        "the first response to this Idempotency-Key held a secret, which Castellan never stores; \
+                         it created {}: if that response was lost, revoke what it created and send a new request \
+                         with a new key",
+                        saved.body
+                    ),
+                )
+                .into_response();
+            }
             let mut resp = (
                 StatusCode::from_u16(saved.status).unwrap_or(StatusCode::OK),
                 saved.body,
@@ -123,10 +142,21 @@ pub(super) async fn layer(State(state): State<AppState>, req: Request<Body>, nex
     let Ok(body) = axum::body::to_bytes(body, 4 << 20).await else {
         return Problem::internal("the response could not be buffered").into_response();
     };
+    let secret = parts
+        .headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("no-store")));
+    let kept = if secret {
+        created_ids(&body)
+    } else {
+        String::from_utf8_lossy(&body).into_owned()
+    };
     let saved = IdempotentResponse {
         body_sha256,
         status: parts.status.as_u16(),
-        body: String::from_utf8_lossy(&body).into_owned(),
+        body: kept,
+        secret,
         content_type: parts
             .headers
             .get(header::CONTENT_TYPE)
@@ -139,4 +169,18 @@ pub(super) async fn layer(State(state): State<AppState>, req: Request<Body>, nex
         tracing::warn!(error = %e, "could not remember an idempotent response");
     }
     Response::from_parts(parts, Body::from(body))
+}
+
+/// What a secret-bearing response created, by its non-secret ids.
+fn created_ids(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let ids: Vec<String> = ["id", "request_id", "jti", "name", "spiffe_id"]
+        .iter()
+        .filter_map(|k| v.get(*k).and_then(|x| x.as_str()).map(|x| format!("{k} `{x}`")))
+        .collect();
+    if ids.is_empty() {
+        "a credential".into()
+    } else {
+        ids.join(", ")
+    }
 }

@@ -69,7 +69,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/trust-sources/{id}/revoke", post(trust_sources::revoke))
         .route("/api/v1/certificates", get(admin::list_certificates))
         .route("/api/v1/audit", get(admin::list_audit))
-        .route("/api/v1/tokens", post(admin::create_token))
+        .route(
+            "/api/v1/tokens",
+            post(admin::create_token).get(admin::list_tokens),
+        )
+        .route("/api/v1/tokens/{id}", delete(admin::revoke_token))
         .route("/api/v1/join-tokens", post(admin::create_join_token))
         .route("/api/v1/federation", get(admin::federation_status))
         .route("/.well-known/spiffe-bundle", get(admin::spiffe_bundle))
@@ -77,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/ephemeral/{id}", get(ephemeral::get))
         .route("/api/v1/ephemeral/{id}/approvals", post(ephemeral::vote))
         .route("/api/v1/ephemeral/{id}/cancel", post(ephemeral::cancel))
+        .route("/api/v1/ephemeral/{id}/collect", post(ephemeral::collect))
         .route("/api/v1/broker/agent-identities", post(broker::agent_identities))
         .route(
             "/api/v1/broker/revocations",
@@ -196,6 +201,17 @@ struct PageQuery {
 type PageParams = Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>;
 
 /// The limit (1 to 1000, default 100) and cursor of a paged list.
+/// A response that holds a secret (a token, a JWT-SVID): never cached, and
+/// never stored for an idempotent replay.
+pub(super) fn secret_response(status: StatusCode, body: impl serde::Serialize) -> Response {
+    (
+        status,
+        [(axum::http::header::CACHE_CONTROL, "no-store")],
+        axum::Json(body),
+    )
+        .into_response()
+}
+
 fn parse_page(q: PageParams) -> Result<(usize, Option<String>), Problem> {
     let Query(q) = q.map_err(|e| Problem::malformed(format!("invalid query: {e}")))?;
     let limit = match q.limit {

@@ -85,6 +85,8 @@ audit_kinds! {
     JoinTokenRefused => "join_token.refused",
     /// An API token was created.
     TokenCreated => "token.created",
+    /// An API token was revoked.
+    TokenRevoked => "token.revoked",
     /// Authentication or authorisation failed.
     AuthRefused => "auth.refused",
     /// A trust source was created.
@@ -213,8 +215,10 @@ impl<'de> Deserialize<'de> for Actor {
 }
 
 impl From<&super::Principal> for Actor {
+    /// The person: `user:<name>` or, for an unlinked OIDC login,
+    /// `oidc:<issuer>:<sub>`.
     fn from(p: &super::Principal) -> Self {
-        Actor::User(p.name.clone())
+        Actor::parse(&p.id)
     }
 }
 

@@ -66,6 +66,10 @@ pub struct BrokerDecision {
     pub ttl_seconds: Option<u64>,
     #[serde(default)]
     pub approval: Option<ApprovalRule>,
+    /// Lets a JWT-SVID be minted without a key to bind it to (a bearer
+    /// token). Default false: without a key the request is refused.
+    #[serde(default)]
+    pub bearer: bool,
 }
 
 /// What the ephemeral policy decided.

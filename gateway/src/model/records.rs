@@ -82,7 +82,12 @@ pub struct OutboxItem {
 pub struct IdempotentResponse {
     pub body_sha256: String,
     pub status: u16,
+    /// The response body; for one that held a secret, only the ids it named.
     pub body: String,
     pub content_type: String,
     pub created_at: i64,
+    /// The response held a secret (`Cache-Control: no-store`): it is never
+    /// stored, so a replay is refused instead.
+    #[serde(default)]
+    pub secret: bool,
 }

@@ -58,12 +58,22 @@ pub struct Requester {
     pub name: String,
     /// `token`, `oidc` or `evidence`.
     pub kind: String,
+    /// Every other person this request speaks for: the requester's other
+    /// identifiers and everyone in its delegation chain. None of them may
+    /// vote on it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub persons: Vec<String>,
 }
 
 /// One approver's vote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vote {
+    /// The voter's person id.
     pub approver: String,
+    /// The voter's other identifiers when it voted: a vote through either
+    /// counts once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub persons: Vec<String>,
     pub decision: VoteDecision,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
@@ -110,9 +120,6 @@ pub struct IssuedCert {
     pub bundle_pem: String,
     pub serial: String,
     pub not_after: String,
-    /// The agent JWT-SVID, for broker requests that went through approval.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jwt_svid: Option<String>,
 }
 
 /// An ephemeral request as stored.

@@ -43,6 +43,7 @@ fn request(id: &str, created_at: &str) -> Request {
             id: "user:alice".into(),
             name: "alice".into(),
             kind: "token".into(),
+            persons: Vec::new(),
         },
         spiffe_id: "spiffe://example.org/db".into(),
         dns_names: vec![],
@@ -342,6 +343,7 @@ pub(super) async fn idempotent_responses_are_kept_a_while(store: Store) {
         body: "{}".into(),
         content_type: "application/json".into(),
         created_at,
+        secret: false,
     };
     store.idempotency_put("old", saved(100)).await.unwrap();
     store.idempotency_put("new", saved(10_000)).await.unwrap();
@@ -380,6 +382,12 @@ pub(super) async fn resources_are_stored_with_their_audit(store: Store) {
         groups: vec!["sre".into()],
         created_at: "2026-01-01T00:00:00Z".into(),
         token_sha256: "ab".repeat(32),
+        oidc: Some(crate::model::OidcLink {
+            issuer: "corp".into(),
+            subject: "sub-1".into(),
+        }),
+        expires_at: Some(2_000_000_000),
+        revoked_at: None,
     };
     store.put_token(token.clone(), event(4)).await.unwrap();
     assert_eq!(store.tokens().await.unwrap(), vec![token]);

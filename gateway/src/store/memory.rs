@@ -95,14 +95,18 @@ impl Txn for Data {
         Ok(self.requests.get(id).cloned())
     }
 
-    fn put_request(&mut self, request: &Request, pending: bool) -> Result<(), StoreError> {
+    fn put_request(&mut self, request: &Request, open: bool) -> Result<(), StoreError> {
         self.requests.insert(request.id.clone(), request.clone());
-        if pending {
+        if open {
             self.pending.insert(request.id.clone());
         } else {
             self.pending.remove(&request.id);
         }
         Ok(())
+    }
+
+    fn open_request_ids(&mut self) -> Result<Vec<String>, StoreError> {
+        Ok(self.pending.iter().cloned().collect())
     }
 
     fn last_outbox_seq(&mut self) -> Result<u64, StoreError> {
@@ -223,9 +227,9 @@ impl Backend for MemoryBackend {
         Ok(self.with(|d| d.requests.get(id).cloned()))
     }
 
-    async fn requests(&self, pending_only: bool) -> Result<Vec<Request>, StoreError> {
+    async fn requests(&self, open_only: bool) -> Result<Vec<Request>, StoreError> {
         Ok(self.with(|d| {
-            if pending_only {
+            if open_only {
                 d.pending
                     .iter()
                     .filter_map(|id| d.requests.get(id).cloned())

@@ -107,8 +107,11 @@ pub trait Txn {
     fn put_token(&mut self, record: &TokenRecord) -> Result<(), StoreError>;
 
     fn request(&mut self, id: &str) -> Result<Option<Request>, StoreError>;
-    /// Stores a request; `pending` keeps it in (or out of) the pending index.
-    fn put_request(&mut self, request: &Request, pending: bool) -> Result<(), StoreError>;
+    /// Stores a request; `open` keeps it in (or out of) the index of open
+    /// (pending or approved) requests.
+    fn put_request(&mut self, request: &Request, open: bool) -> Result<(), StoreError>;
+    /// The ids of open requests.
+    fn open_request_ids(&mut self) -> Result<Vec<String>, StoreError>;
 
     fn last_outbox_seq(&mut self) -> Result<u64, StoreError>;
     fn put_outbox(&mut self, item: &OutboxItem) -> Result<(), StoreError>;
@@ -156,7 +159,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     async fn request(&self, id: &str) -> Result<Option<Request>, StoreError>;
     /// Every request, or only those in the pending index.
-    async fn requests(&self, pending_only: bool) -> Result<Vec<Request>, StoreError>;
+    /// All requests, or only the open (pending or approved) ones.
+    async fn requests(&self, open_only: bool) -> Result<Vec<Request>, StoreError>;
     /// The oldest `limit` outbox items.
     async fn outbox(&self, limit: usize) -> Result<Vec<OutboxItem>, StoreError>;
     async fn idempotent(&self, key: &str) -> Result<Option<IdempotentResponse>, StoreError>;
@@ -346,7 +350,8 @@ impl Store {
     /// Requests, optionally only in one state, oldest first. Pending ones
     /// come from the pending index rather than a scan.
     pub async fn list_requests(&self, state: Option<State>) -> Result<Vec<Request>, StoreError> {
-        let mut all = self.backend.requests(state == Some(State::Pending)).await?;
+        let open = matches!(state, Some(State::Pending | State::Approved));
+        let mut all = self.backend.requests(open).await?;
         if let Some(state) = state {
             all.retain(|r| r.state == state);
         }
@@ -362,12 +367,25 @@ impl Store {
         id: &str,
         update: impl FnOnce(&mut Request) -> Result<Effects, E> + Send + 'static,
     ) -> Result<Option<Result<Request, E>>, StoreError> {
+        self.update_request_in_lineage(id, move |r, _| update(r)).await
+    }
+
+    /// Like [`Store::update_request`], and tells `update`, read in the same
+    /// transaction, the first revoked token in the delegation lineage of the
+    /// request's agent grant (its parent, the parent's parent, ...), if any.
+    pub async fn update_request_in_lineage<E: Send + 'static>(
+        &self,
+        id: &str,
+        update: impl FnOnce(&mut Request, Option<String>) -> Result<Effects, E> + Send + 'static,
+    ) -> Result<Option<Result<Request, E>>, StoreError> {
         let id = id.to_owned();
         self.transact(move |t| {
             let Some(mut request) = t.request(&id)? else {
                 return Ok(None);
             };
-            match update(&mut request) {
+            let parent = request.agent.as_ref().and_then(|g| g.parent_jti.clone());
+            let revoked = rules::lineage_revoked(t, parent.as_deref())?;
+            match update(&mut request, revoked) {
                 Err(refused) => Ok(Some(Err(refused))),
                 Ok(effects) => {
                     rules::put_request(t, &request)?;
@@ -448,11 +466,21 @@ impl Store {
         self.transact(move |t| t.purge_spent(now)).await
     }
 
-    /// Records an issued agent token and its effects in one transaction.
-    pub async fn put_agent_token(&self, token: AgentToken, effects: Effects) -> Result<(), StoreError> {
+    /// Records an issued agent token and its effects in one transaction,
+    /// unless a token in its delegation lineage is revoked by then: returns
+    /// that token's id and writes nothing.
+    pub async fn put_agent_token(
+        &self,
+        token: AgentToken,
+        effects: Effects,
+    ) -> Result<Option<String>, StoreError> {
         self.transact(move |t| {
+            if let Some(revoked) = rules::lineage_revoked(t, token.parent_jti.as_deref())? {
+                return Ok(Some(revoked));
+            }
             t.put_agent_token(&token)?;
-            rules::apply_effects(t, effects)
+            rules::apply_effects(t, effects)?;
+            Ok(None)
         })
         .await
     }
@@ -472,13 +500,15 @@ impl Store {
     ) -> Result<Vec<Revocation>, StoreError> {
         self.transact(move |t| {
             let revoked = rules::revoke_cascade(t, &filter, crate::util::now_unix())?;
-            if !revoked.is_empty() {
+            let cancelled = rules::cancel_revoked_requests(t, &filter)?;
+            if !revoked.is_empty() || !cancelled.is_empty() {
                 let event = AuditEvent::new(
                     AuditKind::BrokerRevoked,
                     actor,
                     json!({
                         "filter": filter,
                         "jtis": revoked.iter().map(|r| r.jti.clone()).collect::<Vec<_>>(),
+                        "cancelled_requests": cancelled,
                     }),
                 );
                 rules::append_audit(t, event)?;

@@ -23,7 +23,8 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const TRUST_SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("trust_sources");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_tokens");
 const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("ephemeral_requests");
-/// The pending index the shared layer keeps in step with request states.
+/// The index of open (pending or approved) requests the shared layer keeps
+/// in step with request states. The table keeps its first name.
 const PENDING: TableDefinition<&str, ()> = TableDefinition::new("ephemeral_pending");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const AGENT_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("agent_tokens");
@@ -269,17 +270,26 @@ impl Txn for Tables<'_> {
         }
     }
 
-    fn put_request(&mut self, request: &Request, pending: bool) -> Result<(), StoreError> {
+    fn put_request(&mut self, request: &Request, open: bool) -> Result<(), StoreError> {
         let bytes = encode("request", request)?;
         self.requests
             .insert(request.id.as_str(), bytes.as_slice())
             .map_err(backend)?;
-        if pending {
+        if open {
             self.pending.insert(request.id.as_str(), ()).map_err(backend)?;
         } else {
             self.pending.remove(request.id.as_str()).map_err(backend)?;
         }
         Ok(())
+    }
+
+    fn open_request_ids(&mut self) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for row in self.pending.iter().map_err(backend)? {
+            let (id, _) = row.map_err(backend)?;
+            out.push(id.value().to_owned());
+        }
+        Ok(out)
     }
 
     fn last_outbox_seq(&mut self) -> Result<u64, StoreError> {
@@ -481,8 +491,8 @@ impl Backend for RedbBackend {
         self.read(move |db| get_value(db, REQUESTS, &id, "request")).await
     }
 
-    async fn requests(&self, pending_only: bool) -> Result<Vec<Request>, StoreError> {
-        if !pending_only {
+    async fn requests(&self, open_only: bool) -> Result<Vec<Request>, StoreError> {
+        if !open_only {
             return self.read(|db| all_values(db, REQUESTS, "request")).await;
         }
         self.read(|db| {

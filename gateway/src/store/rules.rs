@@ -67,7 +67,60 @@ pub(super) fn apply_effects(t: &mut dyn Txn, effects: Effects) -> Result<(), Sto
 
 /// Stores a request and keeps the pending index in step with its state.
 pub(super) fn put_request(t: &mut dyn Txn, request: &Request) -> Result<(), StoreError> {
-    t.put_request(request, request.state == State::Pending)
+    t.put_request(request, matches!(request.state, State::Pending | State::Approved))
+}
+
+/// The longest lineage walked; deeper is a corrupted store.
+const MAX_LINEAGE: usize = 64;
+
+/// The first revoked token from `parent_jti` up its delegation lineage, if
+/// any. A parent the registry does not know counts as revoked.
+pub(super) fn lineage_revoked(
+    t: &mut dyn Txn,
+    parent_jti: Option<&str>,
+) -> Result<Option<String>, StoreError> {
+    let mut next = parent_jti.map(str::to_owned);
+    let mut steps = 0;
+    while let Some(jti) = next {
+        steps += 1;
+        match t.agent_token(&jti)? {
+            Some(token) if token.revoked_at.is_none() && steps <= MAX_LINEAGE => next = token.parent_jti,
+            _ => return Ok(Some(jti)),
+        }
+    }
+    Ok(None)
+}
+
+/// Cancels open agent requests a revocation touches: those for the revoked
+/// agent or task, and those delegating from a revoked token (directly or
+/// up the lineage). Returns their ids.
+pub(super) fn cancel_revoked_requests(
+    t: &mut dyn Txn,
+    filter: &RevocationFilter,
+) -> Result<Vec<String>, StoreError> {
+    let mut cancelled = Vec::new();
+    for id in t.open_request_ids()? {
+        let Some(mut request) = t.request(&id)? else {
+            continue;
+        };
+        let Some(grant) = &request.agent else {
+            continue;
+        };
+        let named = filter.agent_id.as_ref().is_some_and(|a| *a == grant.agent_id)
+            || filter
+                .task_id
+                .as_ref()
+                .is_some_and(|task| grant.task.as_ref().is_some_and(|g| g.id == *task));
+        let parent = grant.parent_jti.clone();
+        if !named && lineage_revoked(t, parent.as_deref())?.is_none() {
+            continue;
+        }
+        request.state = State::Cancelled;
+        request.decided_at = Some(rfc3339(time::OffsetDateTime::now_utc()));
+        put_request(t, &request)?;
+        cancelled.push(id);
+    }
+    Ok(cancelled)
 }
 
 /// Spends single-use evidence: true the first time, false while an earlier

@@ -169,8 +169,35 @@ impl KeySet {
     }
 
     /// Verifies a compact JWS and returns its decoded header and payload.
-    /// The error text is safe to show the caller.
+    /// The header's `kid` picks the key. The error text is safe to show the
+    /// caller.
     pub fn verify_compact(&self, compact: &str) -> Result<(Value, String), String> {
+        self.verify_with(compact, |header| {
+            let kid = header
+                .get("kid")
+                .and_then(Value::as_str)
+                .ok_or("header has no `kid`")?;
+            self.keys
+                .iter()
+                .find(|k| k.kid == kid)
+                .ok_or_else(|| format!("no key with kid `{}` in the trust source", printable(kid)))
+        })
+    }
+
+    /// Verifies a compact JWS with the set's only key, whatever the header's
+    /// `kid` (a DPoP proof carries its key in the header and no `kid`).
+    pub fn verify_compact_single(&self, compact: &str) -> Result<(Value, String), String> {
+        self.verify_with(compact, |_| match self.keys.as_slice() {
+            [key] => Ok(key),
+            _ => Err("exactly one key is needed".to_owned()),
+        })
+    }
+
+    fn verify_with<'k>(
+        &'k self,
+        compact: &str,
+        pick: impl FnOnce(&Value) -> Result<&'k Key, String>,
+    ) -> Result<(Value, String), String> {
         let mut parts = compact.split('.');
         let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
@@ -191,15 +218,7 @@ impl KeySet {
         if header.get("crit").is_some() {
             return Err("`crit` header parameters are not supported".into());
         }
-        let kid = header
-            .get("kid")
-            .and_then(Value::as_str)
-            .ok_or("header has no `kid`")?;
-        let key = self
-            .keys
-            .iter()
-            .find(|k| k.kid == kid)
-            .ok_or_else(|| format!("no key with kid `{}` in the trust source", printable(kid)))?;
+        let key = pick(&header)?;
         if alg_family(alg) != Some(key.family) || key.alg.is_some_and(|a| a != alg) {
             return Err(format!("algorithm {alg_name} does not fit key `{}`", key.kid));
         }

@@ -119,52 +119,50 @@ impl Agent {
             .post(&url)
             .send_json(&body)
             .map_err(|e| Error::Http(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let v: Value = resp
-            .into_body()
-            .read_json()
+        answer(resp)
+    }
+
+    /// Collects an identity that needed approval, once it is approved: the
+    /// request's id came with [`Error::Pending`]. Proves this agent holds
+    /// the key it asked with; the identity is delivered once.
+    pub fn collect(&self, request_id: &str) -> Result<Identity, Error> {
+        let url = format!(
+            "{}/api/v1/ephemeral/{request_id}/collect",
+            self.config.castellan_url.trim_end_matches('/')
+        );
+        let proof = self.proof("POST", &url, None)?;
+        let resp = self
+            .http
+            .post(&url)
+            .header("dpop", &proof)
+            .send_empty()
             .map_err(|e| Error::Http(e.to_string()))?;
-        match status {
-            201 => Ok(Identity {
-                spiffe_id: v["spiffe_id"].as_str().unwrap_or_default().to_owned(),
-                jwt_svid: v["jwt_svid"].as_str().unwrap_or_default().to_owned(),
-                scopes: v["scopes"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
-                    .unwrap_or_default(),
-                expires_at: now() + v["expires_in"].as_i64().unwrap_or(0),
-                delegation_chain: v["delegation_chain"].clone(),
-            }),
-            202 => Err(Error::Pending(
-                v["request_id"].as_str().unwrap_or_default().to_owned(),
-            )),
-            _ => Err(Error::Refused {
-                status,
-                problem: v["type"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .rsplit(':')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned(),
-                detail: v["detail"].as_str().unwrap_or_default().to_owned(),
-            }),
-        }
+        let identity = answer(resp)?;
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity.clone());
+        Ok(identity)
     }
 
     /// A DPoP proof (RFC 9449) for one request with `token`.
     pub fn dpop_proof(&self, method: &str, url: &str, token: &str) -> Result<String, Error> {
+        self.proof(method, url, Some(token))
+    }
+
+    /// A DPoP proof for one request, with the hash of the token it
+    /// accompanies, if any.
+    fn proof(&self, method: &str, url: &str, token: Option<&str>) -> Result<String, Error> {
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
         header.typ = Some("dpop+jwt".into());
         header.jwk =
             Some(serde_json::from_value(self.jwk.clone()).map_err(|e| Error::Crypto(e.to_string()))?);
-        let claims = json!({
+        let mut claims = json!({
             "jti": uuid::Uuid::new_v4().to_string(),
             "htm": method.to_ascii_uppercase(),
             "htu": url,
             "iat": now(),
-            "ath": token_hash(token),
         });
+        if let Some(token) = token {
+            claims["ath"] = token_hash(token).into();
+        }
         jsonwebtoken::encode(&header, &claims, &self.signing).map_err(|e| Error::Crypto(e.to_string()))
     }
 
@@ -187,5 +185,40 @@ impl Agent {
     #[doc(hidden)]
     pub fn key_pair(&self) -> &rcgen::KeyPair {
         &self.key
+    }
+}
+
+/// An identity from a `201`, `Pending` from a `202`, or the refusal.
+fn answer(resp: ureq::http::Response<ureq::Body>) -> Result<Identity, Error> {
+    let status = resp.status().as_u16();
+    let v: Value = resp
+        .into_body()
+        .read_json()
+        .map_err(|e| Error::Http(e.to_string()))?;
+    match status {
+        201 => Ok(Identity {
+            spiffe_id: v["spiffe_id"].as_str().unwrap_or_default().to_owned(),
+            jwt_svid: v["jwt_svid"].as_str().unwrap_or_default().to_owned(),
+            scopes: v["scopes"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default(),
+            expires_at: now() + v["expires_in"].as_i64().unwrap_or(0),
+            delegation_chain: v["delegation_chain"].clone(),
+        }),
+        202 => Err(Error::Pending(
+            v["request_id"].as_str().unwrap_or_default().to_owned(),
+        )),
+        _ => Err(Error::Refused {
+            status,
+            problem: v["type"]
+                .as_str()
+                .unwrap_or_default()
+                .rsplit(':')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            detail: v["detail"].as_str().unwrap_or_default().to_owned(),
+        }),
     }
 }

@@ -49,8 +49,20 @@ impl Verified {
         }
     }
 
-    /// The person at the root of the delegation chain, if any.
+    /// The person at the root of the delegation chain, if any: the
+    /// innermost actor (RFC 8693 §4.1 nests prior actors inside the current
+    /// one), as its issuer's `sub`.
     pub fn on_behalf_of(&self) -> Option<&str> {
+        let mut actor = self.act.as_ref()?;
+        while let Some(prior) = actor.get("act").filter(|a| a.is_object()) {
+            actor = prior;
+        }
+        actor["sub"].as_str()
+    }
+
+    /// The current actor: the party that delegated this token (the parent
+    /// agent, or the person when no agent did).
+    pub fn current_actor(&self) -> Option<&str> {
         self.act.as_ref().and_then(|a| a["sub"].as_str())
     }
 }
