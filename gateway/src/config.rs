@@ -151,6 +151,10 @@ pub struct BundlesConfig {
     /// Bundle files or directories to load at start and reload when they
     /// change (checked every two seconds).
     pub sources: Vec<BundleSource>,
+    /// Attestation methods a pushed or watched bundle may replace although
+    /// Castellan (or another bundle) serves them, e.g. `["k8s_sat"]`.
+    /// Default: none; a bundle may only add new methods.
+    pub replaceable_methods: Vec<String>,
 }
 
 /// A bundle signing key.
@@ -178,6 +182,7 @@ impl Default for BundlesConfig {
             verification: "required".into(),
             keys: Vec::new(),
             sources: Vec::new(),
+            replaceable_methods: Vec::new(),
         }
     }
 }

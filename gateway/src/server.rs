@@ -112,7 +112,7 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     let (bundles, policies) =
         castellan::bundle::Bundles::start(attestors.clone(), "default", initial, logger)
             .map_err(|e| anyhow::anyhow!("policy bundle: {e}"))?;
-    let bundles = Arc::new(bundles);
+    let bundles = Arc::new(bundles.with_replaceable_methods(config.bundles.replaceable_methods.clone()));
     let signing_keys = castellan::bundle::load_keys(&config)?;
     // A source whose method no module serves stays inert until a bundle
     // brings one; it is not an error (bundles may be pushed after start).

@@ -691,3 +691,116 @@ fn a_watched_bundle_source_loads_at_start_and_reloads_on_change() {
     }));
     assert_eq!(revision(), "w2");
 }
+
+/// A bundle of `files` under `roots`, built unsigned for a server that
+/// accepts unsigned bundles.
+fn bundle_of(tmp: &Path, name: &str, roots: &[&str], files: &[(&str, &[u8])], attestors: Value) -> Vec<u8> {
+    let dir = tmp.join(name);
+    for (path, bytes) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+    set_manifest(&dir, json!({"revision": format!("{name}-1"), "roots": roots, "attestors": attestors}));
+    build_signed(&dir, None)
+}
+
+/// Review item 3: root confinement uses the package the Rego parser reads
+/// and covers data too; a bundle replaces a method Castellan serves only if
+/// the operator allows that method. Every refusal leaves the old bundles
+/// serving.
+#[test]
+fn bundles_stay_inside_their_roots_and_their_methods() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new("https://k8s.confine.example");
+    std::fs::write(tmp.path().join("k8s.json"), cluster.jwks().to_string()).unwrap();
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = {{ enabled = false }}\n\
+             [bundles]\nverification = \"off\"\nreplaceable_methods = [\"x509pop\"]\n\
+             [[trust_sources]]\nname = \"c\"\nmethod = \"k8s_sat\"\nissuer = \"{}\"\naudiences = [\"castellan\"]\njwks_file = \"k8s.json\"\n",
+            cluster.issuer
+        ),
+    )
+    .unwrap();
+    let server = Server::serve(&config, &tmp.path().join("data"));
+    let before = revision(&server);
+    let still_serving = || {
+        assert_eq!(revision(&server), before, "the old bundles keep serving");
+        issue(&server, &cluster, "kube-system").assert_problem(403, "policy-denied");
+    };
+
+    // A tab after `package`, and a raw string holding a decoy package line:
+    // the parser reads `castellan.issuance`, outside the root `acme`.
+    let decoy = "package\tcastellan.issuance\n\nimport rego.v1\n\nnote := `\npackage acme\n`\n\n\
+                 decision := {\"allow\": true, \"spiffe_id\": \"spiffe://example.org/pwned\", \"ttl_seconds\": 600}\n";
+    let r = server.put_admin(
+        "/api/v1/bundles/acme",
+        bundle_of(tmp.path(), "acme", &["acme"], &[("evil.rego", decoy.as_bytes())], json!([])),
+    );
+    r.assert_problem(422, "bundle-invalid");
+    assert!(r.body["detail"].as_str().unwrap().contains("castellan.issuance"), "{}", r.body);
+    still_serving();
+
+    // Data outside the roots.
+    let data = json!({"castellan": {"issuance": {"denied_namespaces": []}}}).to_string();
+    let r = server.put_admin(
+        "/api/v1/bundles/acme",
+        bundle_of(
+            tmp.path(),
+            "acme-data",
+            &["acme"],
+            &[("acme.rego", b"package acme\nx := 1\n"), ("data.json", data.as_bytes())],
+            json!([]),
+        ),
+    );
+    r.assert_problem(422, "bundle-invalid");
+    assert!(r.body["detail"].as_str().unwrap().contains("outside the bundle's roots"), "{}", r.body);
+    still_serving();
+
+    // A module for a built-in method.
+    let takeover = json!([{"method": "k8s_sat", "path": "attestors/mod.wasm", "capabilities": ["crypto", "clock"]}]);
+    let r = server.put_admin(
+        "/api/v1/bundles/mods",
+        bundle_of(
+            tmp.path(),
+            "mods",
+            &["mods"],
+            &[("mods.rego", b"package mods\nx := 1\n"), ("attestors/mod.wasm", K8S_SAT)],
+            takeover,
+        ),
+    );
+    r.assert_problem(409, "bundle-conflict");
+    assert!(r.body["detail"].as_str().unwrap().contains("replaceable_methods"), "{}", r.body);
+    still_serving();
+
+    // One the operator lists may be replaced.
+    let r = server.put_admin(
+        "/api/v1/bundles/pop",
+        bundle_of(
+            tmp.path(),
+            "pop",
+            &["pop"],
+            &[("pop.rego", b"package pop\nx := 1\n"), ("attestors/mod.wasm", K8S_SAT)],
+            json!([{"method": "x509pop", "path": "attestors/mod.wasm", "capabilities": ["crypto", "clock"]}]),
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // A new method is fine; two bundles never serve one.
+    let ci = |name: &str| {
+        bundle_of(
+            tmp.path(),
+            name,
+            &[name],
+            &[(&format!("{name}.rego"), format!("package {name}\nx := 1\n").as_bytes()), ("attestors/mod.wasm", CI_JOB)],
+            json!([{"method": "ci_job", "path": "attestors/mod.wasm", "capabilities": ["crypto", "clock"]}]),
+        )
+    };
+    assert_eq!(server.put_admin("/api/v1/bundles/ci1", ci("ci1")).status, 200);
+    let r = server.put_admin("/api/v1/bundles/ci2", ci("ci2"));
+    r.assert_problem(409, "bundle-conflict");
+    assert!(r.body["detail"].as_str().unwrap().contains("ci1"), "{}", r.body);
+}

@@ -35,6 +35,9 @@ struct Named {
     manifest: Manifest,
     signed: bool,
     activated_at: String,
+    /// The bundle the operator started the server with: it may replace
+    /// built-in methods.
+    initial: bool,
 }
 
 /// The named bundles behind the active snapshot.
@@ -42,6 +45,8 @@ pub struct Bundles {
     attestors: Arc<Attestors>,
     policies: Arc<Policies>,
     named: Mutex<BTreeMap<String, Named>>,
+    /// Methods other bundles may replace (`[bundles] replaceable_methods`).
+    replaceable: Vec<String>,
 }
 
 impl Bundles {
@@ -62,18 +67,27 @@ impl Bundles {
                 manifest,
                 signed: false,
                 activated_at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
+                initial: true,
             },
         );
-        let snapshot = build(&attestors, &named)?;
+        let snapshot = build(&attestors, &named, &[])?;
         let policies = Arc::new(Policies::with_logger(snapshot, logger));
         Ok((
             Self {
                 attestors,
                 policies: policies.clone(),
                 named: Mutex::new(named),
+                replaceable: Vec::new(),
             },
             policies,
         ))
+    }
+
+    /// Lets later bundles replace these methods (built in, or served by the
+    /// initial bundle).
+    pub fn with_replaceable_methods(mut self, methods: Vec<String>) -> Self {
+        self.replaceable = methods;
+        self
     }
 
     /// Adds or replaces the bundle `name` and activates the result.
@@ -110,6 +124,7 @@ impl Bundles {
                         manifest: v.manifest.clone(),
                         signed: v.signed,
                         activated_at: v.activated_at.clone(),
+                        initial: v.initial,
                     },
                 )
             })
@@ -121,9 +136,10 @@ impl Bundles {
                 manifest,
                 signed,
                 activated_at: crate::util::rfc3339(time::OffsetDateTime::now_utc()),
+                initial: false,
             },
         );
-        let snapshot = build(&self.attestors, &next)?;
+        let snapshot = build(&self.attestors, &next, &self.replaceable)?;
         let info = snapshot.bundles.iter().find(|b| b.name == name).cloned();
         self.policies.activate(snapshot);
         *named = next;
@@ -136,10 +152,13 @@ impl Bundles {
     }
 }
 
-/// Compiles the named bundles into one snapshot.
+/// Compiles the named bundles into one snapshot. A bundle other than the
+/// initial one may replace a method already served only if `replaceable`
+/// names it.
 fn build(
     attestors: &Attestors,
     named: &BTreeMap<String, Named>,
+    replaceable: &[String],
 ) -> Result<crate::policy::Loaded, ActivationError> {
     let mut files = BundleFiles {
         manifest: None,
@@ -171,6 +190,7 @@ fn build(
             {
                 doc = serde_json::json!({ seg: doc });
             }
+            check_data_roots(&doc, &n.manifest.roots, path)?;
             merge(&mut data, doc, path)?;
         }
         let mut methods = Vec::new();
@@ -178,6 +198,13 @@ fn build(
             if let Some(prev) = owner.get(&entry.method) {
                 return Err(ActivationError::Conflict(format!(
                     "method `{}` is served by bundles `{prev}` and `{name}`",
+                    entry.method
+                )));
+            }
+            if !n.initial && modules.contains_key(&entry.method) && !replaceable.contains(&entry.method) {
+                return Err(ActivationError::Conflict(format!(
+                    "bundle `{name}` would replace method `{}`, which Castellan already serves; \
+                     a bundle may replace a method only if `[bundles] replaceable_methods` lists it",
                     entry.method
                 )));
             }
@@ -211,20 +238,18 @@ fn build(
     Ok(crate::policy::compile(&files, modules, infos)?)
 }
 
-/// A Rego file's package must sit under one of its bundle's roots.
+/// A Rego file's package must sit under one of its bundle's roots. The
+/// package is the one the Rego parser reads, never a guess from the text.
 fn check_package_root(text: &str, roots: &[String], path: &str) -> Result<(), BundleError> {
+    let mut parser = regorus::Engine::new();
+    let package = parser
+        .add_policy(path.to_owned(), text.to_owned())
+        .map_err(|e| BundleError::Manifest(format!("{path}: {e}")))?;
     if roots.is_empty() {
         return Ok(());
     }
-    let package = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("package "))
-        .map(|p| p.trim().replace('.', "/"))
-        .ok_or_else(|| BundleError::Manifest(format!("{path} has no package")))?;
-    if roots
-        .iter()
-        .any(|r| package == *r || package.starts_with(&format!("{r}/")))
-    {
+    let package = package.strip_prefix("data.").unwrap_or(&package).replace('.', "/");
+    if under_roots(&package, roots) {
         Ok(())
     } else {
         Err(BundleError::Manifest(format!(
@@ -232,6 +257,38 @@ fn check_package_root(text: &str, roots: &[String], path: &str) -> Result<(), Bu
             package.replace('/', ".")
         )))
     }
+}
+
+/// Whether a `/`-separated path is one of `roots` or below one.
+fn under_roots(path: &str, roots: &[String]) -> bool {
+    roots
+        .iter()
+        .any(|r| path == r || path.starts_with(&format!("{r}/")))
+}
+
+/// Every value a data document sets must sit under one of the bundle's
+/// roots: objects above a root are walked, anything else is refused.
+fn check_data_roots(doc: &Value, roots: &[String], path: &str) -> Result<(), BundleError> {
+    fn walk(at: &str, v: &Value, roots: &[String], path: &str) -> Result<(), BundleError> {
+        if !at.is_empty() && under_roots(at, roots) {
+            return Ok(());
+        }
+        let above_a_root = at.is_empty() || roots.iter().any(|r| r.starts_with(&format!("{at}/")));
+        match v {
+            Value::Object(o) if above_a_root => o.iter().try_for_each(|(k, child)| {
+                let next = if at.is_empty() { k.clone() } else { format!("{at}/{k}") };
+                walk(&next, child, roots, path)
+            }),
+            _ => Err(BundleError::Manifest(format!(
+                "{path}: data at `{}` is outside the bundle's roots",
+                at.replace('/', ".")
+            ))),
+        }
+    }
+    if roots.is_empty() {
+        return Ok(());
+    }
+    walk("", doc, roots, path)
 }
 
 /// Deep-merges `add` into `into`; two bundles setting the same leaf conflict.
