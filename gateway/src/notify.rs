@@ -34,6 +34,13 @@ pub enum WebhookConfigError {
         #[source]
         source: crate::client::ClientError,
     },
+    /// Its roots could not be loaded.
+    #[error("webhook `{name}` ca_file")]
+    Tls {
+        name: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
     /// Plain HTTP to anything but loopback.
     #[error("webhook `{0}`: plain http:// is only allowed to a loopback address")]
     PlainHttp(String),
@@ -117,12 +124,24 @@ impl Dispatcher {
     pub fn new(store: Store, configs: &[WebhookConfig]) -> Result<Self, WebhookConfigError> {
         let mut hooks = Vec::new();
         for c in configs {
-            let (endpoint, path) = Endpoint::parse_url(&c.url, c.ca_file.as_deref()).map_err(|source| {
-                WebhookConfigError::Url {
+            // https:// trusts the public web roots, plus `ca_file` if given.
+            let tls = if c.url.starts_with("https://") {
+                Some(
+                    crate::tls::web_client_config(c.ca_file.as_deref()).map_err(|source| {
+                        WebhookConfigError::Tls {
+                            name: c.name.clone(),
+                            source,
+                        }
+                    })?,
+                )
+            } else {
+                None
+            };
+            let (endpoint, path) =
+                Endpoint::parse_url_with(&c.url, tls).map_err(|source| WebhookConfigError::Url {
                     name: c.name.clone(),
                     source,
-                }
-            })?;
+                })?;
             if c.url.starts_with("http://") {
                 let host = c
                     .url

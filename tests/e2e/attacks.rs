@@ -597,3 +597,25 @@ fn names_that_cannot_be_identities_are_refused_where_they_enter() {
         )
         .assert_problem(400, "malformed-request");
 }
+
+/// Review item 15: on a wildcard address without `public_url`, `serve`
+/// would announce `https://localhost:8443` as `iss` and `jwks_uri`; it
+/// refuses to start, naming the key.
+#[test]
+fn serve_on_every_interface_needs_a_public_url() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(&config, "data_dir = \"data\"\n[http]\naddr = \"0.0.0.0:0\"\n").unwrap();
+    let out = castellan()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("public_url"), "{stderr}");
+    assert!(
+        !tmp.path().join("data").exists(),
+        "refused before anything was created"
+    );
+}

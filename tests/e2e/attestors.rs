@@ -1049,3 +1049,48 @@ fn a_jwks_url_is_fetched_and_refreshed() {
     std::thread::sleep(std::time::Duration::from_secs(12));
     assert_eq!(issue(&server, "github_oidc", &github_token(&b)).status, 201);
 }
+
+/// Review item 12: a JWT without `jti` is single-use by its signed content,
+/// not its signature. ECDSA's `(r, n−s)` verifies the same content and is
+/// refused as a replay.
+#[test]
+fn a_malleated_ecdsa_signature_is_the_same_token() {
+    let m = &METHODS[0];
+    let tmp = tempfile::tempdir().unwrap();
+    let policies = support::policies_with(tmp.path(), "policies", m.allow);
+    let server = Server::dev_in(
+        &tmp.path().join("data"),
+        &["--policies", policies.to_str().unwrap()],
+    );
+    let issuer = Cluster::new(m.issuer);
+    register(&server, m, &issuer);
+    let mut claims = github_claims(now());
+    claims.as_object_mut().unwrap().remove("jti");
+    let token = issuer.sign(&claims);
+    assert_eq!(issue(&server, m.method, &token).status, 201);
+
+    // The twin signature: s' = n − s over P-256's group order.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (content, sig) = token.rsplit_once('.').unwrap();
+    let sig = b64.decode(sig).unwrap();
+    let n = rsa::BigUint::parse_bytes(
+        b"FFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551",
+        16,
+    )
+    .unwrap();
+    let s = rsa::BigUint::from_bytes_be(&sig[32..]);
+    let twin_s = (&n - &s).to_bytes_be();
+    let mut twin = sig[..32].to_vec();
+    twin.extend(std::iter::repeat_n(0u8, 32 - twin_s.len()));
+    twin.extend(twin_s);
+    let twin = format!("{content}.{}", b64.encode(twin));
+    assert_ne!(twin, token);
+    let r = issue(&server, m.method, &twin);
+    r.assert_problem(403, "attestation-failed");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("already used"),
+        "{}",
+        r.body
+    );
+}

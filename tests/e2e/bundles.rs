@@ -701,7 +701,10 @@ fn bundle_of(tmp: &Path, name: &str, roots: &[&str], files: &[(&str, &[u8])], at
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, bytes).unwrap();
     }
-    set_manifest(&dir, json!({"revision": format!("{name}-1"), "roots": roots, "attestors": attestors}));
+    set_manifest(
+        &dir,
+        json!({"revision": format!("{name}-1"), "roots": roots, "attestors": attestors}),
+    );
     build_signed(&dir, None)
 }
 
@@ -738,10 +741,20 @@ fn bundles_stay_inside_their_roots_and_their_methods() {
                  decision := {\"allow\": true, \"spiffe_id\": \"spiffe://example.org/pwned\", \"ttl_seconds\": 600}\n";
     let r = server.put_admin(
         "/api/v1/bundles/acme",
-        bundle_of(tmp.path(), "acme", &["acme"], &[("evil.rego", decoy.as_bytes())], json!([])),
+        bundle_of(
+            tmp.path(),
+            "acme",
+            &["acme"],
+            &[("evil.rego", decoy.as_bytes())],
+            json!([]),
+        ),
     );
     r.assert_problem(422, "bundle-invalid");
-    assert!(r.body["detail"].as_str().unwrap().contains("castellan.issuance"), "{}", r.body);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("castellan.issuance"),
+        "{}",
+        r.body
+    );
     still_serving();
 
     // Data outside the roots.
@@ -752,28 +765,46 @@ fn bundles_stay_inside_their_roots_and_their_methods() {
             tmp.path(),
             "acme-data",
             &["acme"],
-            &[("acme.rego", b"package acme\nx := 1\n"), ("data.json", data.as_bytes())],
+            &[
+                ("acme.rego", b"package acme\nx := 1\n"),
+                ("data.json", data.as_bytes()),
+            ],
             json!([]),
         ),
     );
     r.assert_problem(422, "bundle-invalid");
-    assert!(r.body["detail"].as_str().unwrap().contains("outside the bundle's roots"), "{}", r.body);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("outside the bundle's roots"),
+        "{}",
+        r.body
+    );
     still_serving();
 
     // A module for a built-in method.
-    let takeover = json!([{"method": "k8s_sat", "path": "attestors/mod.wasm", "capabilities": ["crypto", "clock"]}]);
+    let takeover =
+        json!([{"method": "k8s_sat", "path": "attestors/mod.wasm", "capabilities": ["crypto", "clock"]}]);
     let r = server.put_admin(
         "/api/v1/bundles/mods",
         bundle_of(
             tmp.path(),
             "mods",
             &["mods"],
-            &[("mods.rego", b"package mods\nx := 1\n"), ("attestors/mod.wasm", K8S_SAT)],
+            &[
+                ("mods.rego", b"package mods\nx := 1\n"),
+                ("attestors/mod.wasm", K8S_SAT),
+            ],
             takeover,
         ),
     );
     r.assert_problem(409, "bundle-conflict");
-    assert!(r.body["detail"].as_str().unwrap().contains("replaceable_methods"), "{}", r.body);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("replaceable_methods"),
+        "{}",
+        r.body
+    );
     still_serving();
 
     // One the operator lists may be replaced.
@@ -783,7 +814,10 @@ fn bundles_stay_inside_their_roots_and_their_methods() {
             tmp.path(),
             "pop",
             &["pop"],
-            &[("pop.rego", b"package pop\nx := 1\n"), ("attestors/mod.wasm", K8S_SAT)],
+            &[
+                ("pop.rego", b"package pop\nx := 1\n"),
+                ("attestors/mod.wasm", K8S_SAT),
+            ],
             json!([{"method": "x509pop", "path": "attestors/mod.wasm", "capabilities": ["crypto", "clock"]}]),
         ),
     );
@@ -795,7 +829,13 @@ fn bundles_stay_inside_their_roots_and_their_methods() {
             tmp.path(),
             name,
             &[name],
-            &[(&format!("{name}.rego"), format!("package {name}\nx := 1\n").as_bytes()), ("attestors/mod.wasm", CI_JOB)],
+            &[
+                (
+                    &format!("{name}.rego"),
+                    format!("package {name}\nx := 1\n").as_bytes(),
+                ),
+                ("attestors/mod.wasm", CI_JOB),
+            ],
             json!([{"method": "ci_job", "path": "attestors/mod.wasm", "capabilities": ["crypto", "clock"]}]),
         )
     };

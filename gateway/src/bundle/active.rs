@@ -248,7 +248,10 @@ fn check_package_root(text: &str, roots: &[String], path: &str) -> Result<(), Bu
     if roots.is_empty() {
         return Ok(());
     }
-    let package = package.strip_prefix("data.").unwrap_or(&package).replace('.', "/");
+    let package = package
+        .strip_prefix("data.")
+        .unwrap_or(&package)
+        .replace('.', "/");
     if under_roots(&package, roots) {
         Ok(())
     } else {
@@ -276,7 +279,11 @@ fn check_data_roots(doc: &Value, roots: &[String], path: &str) -> Result<(), Bun
         let above_a_root = at.is_empty() || roots.iter().any(|r| r.starts_with(&format!("{at}/")));
         match v {
             Value::Object(o) if above_a_root => o.iter().try_for_each(|(k, child)| {
-                let next = if at.is_empty() { k.clone() } else { format!("{at}/{k}") };
+                let next = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}/{k}")
+                };
                 walk(&next, child, roots, path)
             }),
             _ => Err(BundleError::Manifest(format!(

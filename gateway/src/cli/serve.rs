@@ -227,6 +227,16 @@ fn dev_token(t: DevTokenK8s) -> anyhow::Result<ExitCode> {
 
 pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
+    // On every interface, the server cannot know the URL its clients use,
+    // and JWT-SVIDs and discovery must name it (`iss`, `jwks_uri`).
+    if config.http.addr.ip().is_unspecified() && config.public_url.is_none() {
+        anyhow::bail!(
+            "http.addr {} listens on every interface, so Castellan cannot tell the URL clients reach it at; \
+             set `public_url` in the config (or CASTELLAN_PUBLIC_URL), e.g. public_url = \"https://castellan.example.com:{}\"",
+            config.http.addr,
+            config.http.addr.port()
+        );
+    }
     let app = server::build(config, Vec::new()).await?;
     let (listener, local) = server::bind(app.config.http.addr).await?;
     // Bound before anything says "listening": a client may connect at once.

@@ -6,7 +6,7 @@
 //! policy, whatever it returned; escalations wait in the approval flow and
 //! are minted by it.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -103,7 +103,9 @@ struct Delegation {
 pub(super) struct Delegations {
     oidc: Arc<OidcIssuers>,
     own_keys: KeySet,
-    revoked: ArcSwap<HashSet<String>>,
+    /// Revoked token ids and their expiry: forgotten once expired, when no
+    /// verifier would accept the token anyway.
+    revoked: ArcSwap<HashMap<String, i64>>,
 }
 
 impl Delegations {
@@ -115,7 +117,7 @@ impl Delegations {
     ) -> Result<Self, EngineError> {
         let own_keys =
             KeySet::from_jwks(jwks).map_err(|_| EngineError::Internal("own JWT keys do not load"))?;
-        let mut revoked = HashSet::new();
+        let mut revoked = HashMap::new();
         let mut cursor = None;
         loop {
             let page = store.revocations(1000, cursor.as_deref()).await?;
@@ -123,7 +125,7 @@ impl Delegations {
                 page.items
                     .into_iter()
                     .filter(|r| r.exp > now_unix())
-                    .map(|r| r.jti),
+                    .map(|r| (r.jti, r.exp)),
             );
             match page.next_cursor {
                 Some(c) => cursor = Some(c),
@@ -150,7 +152,7 @@ struct Decided {
 impl Engine {
     /// Whether an agent token id is revoked.
     pub fn is_revoked(&self, jti: &str) -> bool {
-        self.delegations.revoked.load().contains(jti)
+        self.delegations.revoked.load().contains_key(jti)
     }
 
     /// Verifies one of Castellan's own agent JWT-SVIDs: signature, issuer,
@@ -607,9 +609,22 @@ impl Engine {
     ) -> Result<Vec<Revocation>, EngineError> {
         let revoked = self.store.revoke(filter, actor).await?;
         let mut next = self.delegations.revoked.load().as_ref().clone();
-        next.extend(revoked.iter().map(|r| r.jti.clone()));
+        next.extend(revoked.iter().map(|r| (r.jti.clone(), r.exp)));
         self.delegations.revoked.store(Arc::new(next));
         Ok(revoked)
+    }
+
+    /// Forgets revoked token ids that have expired.
+    pub(super) fn forget_expired_revocations(&self, now: i64) {
+        let current = self.delegations.revoked.load();
+        if current.values().any(|exp| *exp <= now) {
+            let kept = current
+                .iter()
+                .filter(|(_, exp)| **exp > now)
+                .map(|(j, e)| (j.clone(), *e))
+                .collect();
+            self.delegations.revoked.store(Arc::new(kept));
+        }
     }
 
     /// RFC 7662 introspection of a Castellan agent token.

@@ -876,6 +876,14 @@ impl Engine {
                 tracing::warn!(error = %e, "could not purge expired single-use evidence");
             }
             let now = now_unix();
+            // In-memory state shrinks with what it tracks.
+            if ticks % 60 == 3 {
+                self.forget_expired_revocations(now);
+                self.watchers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|_, n| Arc::strong_count(n) > 1);
+            }
             for state in [State::Pending, State::Approved] {
                 let Ok(open) = self.store.list_requests(Some(state)).await else {
                     continue;

@@ -184,8 +184,10 @@ pub mod host {
     pub struct VerifiedJws {
         pub header: Value,
         pub claims: Map<String, Value>,
-        /// The signature segment (base64url), unique to this token.
+        /// The signature segment (base64url).
         pub signature: String,
+        /// Lowercase hex SHA-256 of the signed content (`header.payload`).
+        pub content_sha256: String,
         /// Set by [`JwtTrustSources::verify_bound`] when an audience bound
         /// the token to the key the request certifies.
         pub key_bound: bool,
@@ -236,14 +238,13 @@ pub mod host {
         }
 
         /// What identifies this token for replay protection: its `jti` when
-        /// it has one, else its signature (unique to the token).
+        /// it has one, else a hash of its signed content. Never the
+        /// signature: an ECDSA signature `(r, s)` has a twin `(r, n−s)` that
+        /// verifies the same content, and would be a second "new" token.
         pub fn replay_id(&self) -> String {
             match self.claims.get("jti").and_then(Value::as_str) {
                 Some(jti) if !jti.is_empty() && jti.len() <= 200 => format!("jti:{jti}"),
-                _ => {
-                    let sig: String = self.signature.chars().take(86).collect();
-                    format!("sig:{sig}")
-                }
+                _ => format!("content:{}", self.content_sha256),
             }
         }
     }
@@ -260,10 +261,16 @@ pub mod host {
             _ => return Err(Error::malformed("payload is not a JSON object")),
         };
         let signature = compact.rsplit('.').next().unwrap_or_default().to_owned();
+        let signed = compact.rsplit_once('.').map_or(compact, |(content, _)| content);
+        let content_sha256 = <sha2::Sha256 as sha2::Digest>::digest(signed.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         Ok(VerifiedJws {
             header,
             claims,
             signature,
+            content_sha256,
             key_bound: false,
         })
     }
