@@ -141,7 +141,7 @@ fn register(server: &Server, spiffe_id: &str, exe: &Path) {
         "/api/v1/entries",
         &json!({
             "spiffe_id": spiffe_id,
-            "selectors": [format!("unix:path:{}", exe.display())],
+            "selectors": [format!("unix:path:{}", exe.display()), format!("unix:uid:{}", support::my_uid())],
             "x509_svid_ttl": 3600,
         }),
     );

@@ -6,6 +6,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+use std::time::Duration;
+
 use serde_json::json;
 use spiffe::WorkloadApiClient;
 use support::{Server, my_uid};
@@ -505,4 +507,80 @@ fn a_caller_whose_uid_matches_no_entry_gets_permission_denied() {
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
     let san = cert.subject_alternative_name().unwrap().unwrap();
     assert!(format!("{:?}", san.value).contains("spiffe://example.org/workload/nobody"));
+}
+
+/// Connects to the Workload API, then forks: the child relays one TCP
+/// connection to the socket its parent connected; the parent waits for the
+/// server to accept, then execs `sleep`. A client speaking through the
+/// relay asks as the connecting process, which now runs another program.
+const EXEC_AFTER_CONNECT: &str = r#"
+import os, socket, sys, time, selectors
+path, port_file = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+s.set_inheritable(True)
+lst = socket.socket()
+lst.bind(("127.0.0.1", 0))
+lst.listen(1)
+if os.fork() == 0:
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(lst.getsockname()[1]))
+    os.rename(port_file + ".tmp", port_file)
+    c, _ = lst.accept()
+    sel = selectors.DefaultSelector()
+    sel.register(c, selectors.EVENT_READ, s)
+    sel.register(s, selectors.EVENT_READ, c)
+    while True:
+        for key, _ in sel.select(timeout=20):
+            data = key.fileobj.recv(65536)
+            if not data:
+                os._exit(0)
+            key.data.sendall(data)
+lst.close()
+time.sleep(0.5)
+os.execv("/bin/sleep", ["sleep", "20"])
+"#;
+
+/// Review item 9: a process connects, then execs a program that has an
+/// identity, while a child holding the socket asks for it. The process
+/// that asks must be the one that connected.
+#[tokio::test]
+async fn exec_after_connect_gets_no_identity() {
+    let server = Server::dev();
+    let sleep = std::fs::canonicalize("/bin/sleep").unwrap();
+    entry(
+        &server,
+        "spiffe://example.org/privileged",
+        &format!("unix:path:{}", sleep.display()),
+        "",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let port_file = tmp.path().join("port");
+    let mut attacker = std::process::Command::new("python3")
+        .args(["-c", EXEC_AFTER_CONNECT])
+        .arg(server.dir.join("workload.sock"))
+        .arg(&port_file)
+        .spawn()
+        .unwrap();
+    assert!(support::eventually(Duration::from_secs(10), || port_file.exists()));
+    // Past the parent's exec.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let port = std::fs::read_to_string(&port_file).unwrap();
+    let c = WorkloadApiClient::connect_to(format!("tcp:127.0.0.1:{}", port.trim()))
+        .await
+        .unwrap();
+    let err = match c.fetch_x509_svid().await {
+        Ok(svid) => panic!("the exec'd program's identity was issued: {}", svid.spiffe_id()),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("not the one that connected"), "{err}");
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    assert!(
+        server
+            .audit()
+            .iter()
+            .any(|e| e["kind"] == "workload_api.refused"
+                && e.to_string().contains("not the one that connected"))
+    );
 }

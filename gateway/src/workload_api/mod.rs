@@ -31,6 +31,8 @@ use crate::model::{Attestation, Entry};
 use crate::spiffe_id::SpiffeId;
 use crate::util::now_unix;
 
+mod peer;
+
 /// The header every Workload API call must carry.
 const SECURITY_HEADER: &str = "workload.spiffe.io";
 
@@ -80,8 +82,9 @@ fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
 #[derive(Default)]
 struct ExeHashes(std::sync::Mutex<HashMap<FileVersion, String>>);
 
-/// Device, inode, size, mtime seconds and nanoseconds.
-type FileVersion = (u64, u64, u64, i64, i64);
+/// Device, inode, size, mtime and ctime (seconds and nanoseconds): a file
+/// rewritten in place keeps its inode, and a reset mtime still moves ctime.
+type FileVersion = (u64, u64, u64, i64, i64, i64, i64);
 
 impl ExeHashes {
     fn of(&self, pid: i32) -> Option<String> {
@@ -91,7 +94,15 @@ impl ExeHashes {
         let path = format!("/proc/{pid}/exe");
         let mut file = std::fs::File::open(&path).ok()?;
         let m = file.metadata().ok()?;
-        let key = (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
+        let key = (
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        );
         if let Some(h) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Some(h.clone());
         }
@@ -161,9 +172,12 @@ impl WorkloadApi {
 
     /// Serves on a bound socket until the process ends.
     pub async fn serve(self, listener: tokio::net::UnixListener) -> Result<(), tonic::transport::Error> {
+        use tokio_stream::StreamExt as _;
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+            .map(|conn| conn.map(peer::Peer::accept));
         tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(self))
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .serve_with_incoming(incoming)
             .await
     }
 
@@ -182,18 +196,42 @@ impl WorkloadApi {
 
     /// Attests the caller from the socket's peer credentials.
     async fn attest<T>(&self, operation: &'static str, req: &Request<T>) -> Result<Attestation, Status> {
-        let info = req
+        let peer = req
             .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
+            .get::<peer::PeerInfo>()
+            .cloned()
+            .ok_or_else(|| Status::permission_denied("the caller's credentials are unknown"))?;
+        let info = peer
+            .uds
+            .peer_cred
             .ok_or_else(|| Status::permission_denied("the caller's credentials are unknown"))?;
         let hashes = self.config.exe_sha256.then(|| self.exe_hashes.clone());
-        // Reading /proc and hashing an executable is blocking file work.
+        // Reading /proc and hashing an executable is blocking file work. The
+        // process must be the one that connected, before and after.
         let evidence = tokio::task::spawn_blocking(move || {
-            unix_evidence(info.pid(), info.uid(), info.gid(), hashes.as_deref())
+            let pid = info.pid()?;
+            if !peer.still_connected_process(pid) {
+                return None;
+            }
+            let evidence = unix_evidence(Some(pid), info.uid(), info.gid(), hashes.as_deref());
+            peer.still_connected_process(pid).then_some(evidence)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
+        let Some(evidence) = evidence else {
+            let refused = EngineError::Forbidden(
+                "the calling process is not the one that connected (it exec'd another program or exited); \
+                 connect again"
+                    .into(),
+            );
+            let refusal = crate::engine::Refusal::new(
+                crate::engine::Surface::WorkloadApi,
+                operation,
+                crate::model::Actor::Evidence("unix".into()),
+            );
+            self.engine.audit_refusal(refusal, &refused).await;
+            return Err(Status::permission_denied(refused.detail()));
+        };
         self.engine
             .workload_caller(operation, HostEvidence::from_kernel(evidence))
             .await
