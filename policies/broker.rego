@@ -4,6 +4,7 @@
 # lifetime by the parent's, whatever this returns.
 package castellan.broker
 
+import data.castellan.sources
 import rego.v1
 
 
@@ -52,7 +53,10 @@ needs_approval if {
 
 base := {
 	"agent_id": agent_id,
-	"spiffe_id": sprintf("spiffe://%s/agent/%s", [input.trust_domain, agent_id]),
+	"spiffe_id": sprintf("spiffe://%s/%s", [
+		input.trust_domain,
+		sources.path(claims.trust_source, sprintf("agent/%s", [agent_id])),
+	]),
 	"scopes": data.castellan.broker.allowed_scopes,
 	"ttl_seconds": data.castellan.broker.max_ttl_seconds,
 }

@@ -6,7 +6,7 @@ import rego.v1
 agent(ns, sa, scopes) := {
 	"version": 1,
 	"trust_domain": "example.org",
-	"attestation": {"method": "k8s_sat", "subject": sprintf("ns/%s/sa/%s", [ns, sa]), "selectors": [], "claims": {"namespace": ns, "service_account": sa}},
+	"attestation": {"method": "k8s_sat", "subject": sprintf("ns/%s/sa/%s", [ns, sa]), "selectors": [], "claims": {"namespace": ns, "service_account": sa, "trust_source": "dev-cluster"}},
 	"request": {"agent_id": sa, "scopes": scopes, "audience": ["tools"], "ttl_seconds": null, "task": null},
 	"delegation": {"chain": [], "depth": 0, "parent": null},
 }

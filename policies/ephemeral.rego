@@ -2,6 +2,7 @@
 # Input and decision documents (version 1) are described in policies/README.md.
 package castellan.ephemeral
 
+import data.castellan.sources
 import rego.v1
 
 
@@ -20,10 +21,12 @@ identity := sprintf("spiffe://%s/oidc/%s/%s", [input.trust_domain, parts[1], con
 	parts[0] == "oidc"
 }
 
-identity := sprintf("spiffe://%s/ns/%s/sa/%s", [
+identity := sprintf("spiffe://%s/%s", [
 	input.trust_domain,
-	input.attestation.claims.namespace,
-	input.attestation.claims.service_account,
+	sources.path(input.attestation.claims.trust_source, sprintf("ns/%s/sa/%s", [
+		input.attestation.claims.namespace,
+		input.attestation.claims.service_account,
+	])),
 ]) if {
 	input.requester.kind == "evidence"
 	input.attestation.method == "k8s_sat"

@@ -41,7 +41,7 @@ test_break_glass_is_off_by_default if {
 test_a_workload_gets_its_attested_identity if {
 	i := object.union(person("x"), {
 		"requester": {"kind": "evidence", "id": "workload:k8s_sat:ns/ci/sa/deployer", "name": "ns/ci/sa/deployer", "role": "requester", "groups": []},
-		"attestation": {"method": "k8s_sat", "subject": "ns/ci/sa/deployer", "selectors": [], "claims": {"namespace": "ci", "service_account": "deployer"}},
+		"attestation": {"method": "k8s_sat", "subject": "ns/ci/sa/deployer", "selectors": [], "claims": {"namespace": "ci", "service_account": "deployer", "trust_source": "dev-cluster"}},
 	})
 	d := data.castellan.ephemeral.decision with input as i
 	d.spiffe_id == "spiffe://example.org/ns/ci/sa/deployer"

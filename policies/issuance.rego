@@ -2,6 +2,7 @@
 # Input and decision documents (version 1) are described in policies/README.md.
 package castellan.issuance
 
+import data.castellan.sources
 import rego.v1
 
 
@@ -27,7 +28,8 @@ supported_methods contains "k8s_sat"
 identity[method] := id if {
 	method := "k8s_sat"
 	input.attestation.method == method
-	id := sprintf("spiffe://%s/ns/%s/sa/%s", [input.trust_domain, namespace, service_account])
+	rest := sprintf("ns/%s/sa/%s", [namespace, service_account])
+	id := sprintf("spiffe://%s/%s", [input.trust_domain, sources.path(input.attestation.claims.trust_source, rest)])
 }
 
 spiffe_id := identity[input.attestation.method]

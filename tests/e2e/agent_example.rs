@@ -67,7 +67,7 @@ fn the_example_tool_server_checks_token_proof_scope_and_chain() {
     let (status, body) =
         castellan_example_agent::call_tool(&agent, "GET", &format!("{tool}/tickets")).unwrap();
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["agent"], "spiffe://example.org/agent/triage-bot");
+    assert_eq!(body["agent"], "spiffe://example.org/agents/agent/triage-bot");
     assert_eq!(
         body["on_behalf_of"], "alice-7f3a",
         "the person's `sub` at their issuer"

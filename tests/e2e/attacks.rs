@@ -619,3 +619,38 @@ fn serve_on_every_interface_needs_a_public_url() {
         "refused before anything was created"
     );
 }
+
+/// Review item 10: two clusters with the common issuer
+/// `https://kubernetes.default.svc` each keep working (the source whose keys
+/// verify is the source), and the second, less trusted one cannot mint the
+/// first one's identities for the same namespace.
+#[test]
+fn clusters_sharing_an_issuer_keep_their_own_identities() {
+    let server = Server::dev();
+    let prod = Cluster::new("https://kubernetes.default.svc");
+    let staging = Cluster::new("https://kubernetes.default.svc");
+    server.add_trust_source("prod", &prod);
+    server.add_trust_source("staging", &staging);
+    let issue = |cluster: &Cluster| {
+        let (_, c) = csr();
+        server.post(
+            "/api/v1/workloads/attested-issuance",
+            &support::issuance_body(&cluster.token("payments", "api"), &c, None),
+            None,
+        )
+    };
+    let p = issue(&prod);
+    assert_eq!(p.status, 201, "{}", p.body);
+    assert_eq!(
+        p.body["spiffe_id"],
+        "spiffe://example.org/prod/ns/payments/sa/api"
+    );
+    let s = issue(&staging);
+    assert_eq!(s.status, 201, "{}", s.body);
+    assert_eq!(
+        s.body["spiffe_id"],
+        "spiffe://example.org/staging/ns/payments/sa/api"
+    );
+    // A third cluster's key, same issuer and kid: no source verifies it.
+    issue(&Cluster::new("https://kubernetes.default.svc")).assert_problem(403, "attestation-failed");
+}

@@ -163,14 +163,17 @@ fn an_attested_agent_gets_a_scoped_key_bound_jwt_svid() {
         json!({"ttl_seconds": 3600, "public_key_jwk": jwk, "task": {"id": "T-42", "purpose": "triage the queue"}}),
     );
     assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/agent/triage-bot");
+    assert_eq!(
+        r.body["spiffe_id"],
+        "spiffe://example.org/agents-cluster/agent/triage-bot"
+    );
     assert_eq!(
         r.body["scopes"],
         json!(["tickets:read"]),
         "attenuated to what policy allows"
     );
     let c = verify_offline(&w.server, r.body["jwt_svid"].as_str().unwrap());
-    assert_eq!(c["sub"], "spiffe://example.org/agent/triage-bot");
+    assert_eq!(c["sub"], "spiffe://example.org/agents-cluster/agent/triage-bot");
     assert_eq!(c["aud"], json!(["https://tools.example.com", w.server.base]));
     assert_eq!(c["scope"], "tickets:read");
     assert_eq!(c["task"]["id"], "T-42");
@@ -202,7 +205,7 @@ fn an_attested_agent_gets_a_scoped_key_bound_jwt_svid() {
     let svid = spiffe::X509Svid::parse_from_der(&chain, &key.serialize_der()).unwrap();
     assert_eq!(
         svid.spiffe_id().to_string(),
-        "spiffe://example.org/agent/triage-bot"
+        "spiffe://example.org/agents-cluster/agent/triage-bot"
     );
 }
 
@@ -284,7 +287,7 @@ fn delegation_chains_name_the_person_and_parents_and_attenuate() {
     // person it acted for nested inside.
     assert_eq!(
         c["act"],
-        json!({"sub": "spiffe://example.org/agent/planner", "act": {"sub": "sub-alice@example.com", "iss": "https://idp.example.com"}})
+        json!({"sub": "spiffe://example.org/agents-cluster/agent/planner", "act": {"sub": "sub-alice@example.com", "iss": "https://idp.example.com"}})
     );
 }
 
@@ -417,9 +420,15 @@ fn revocation_cascades_to_descendants_for_introspection_and_the_feed() {
 
     let live = introspect(&child["jwt_svid"]);
     assert_eq!(live.body["active"], true, "{}", live.body);
-    assert_eq!(live.body["sub"], "spiffe://example.org/agent/worker");
+    assert_eq!(
+        live.body["sub"],
+        "spiffe://example.org/agents-cluster/agent/worker"
+    );
     assert_eq!(live.body["scope"], "tickets:read");
-    assert_eq!(live.body["act"]["sub"], "spiffe://example.org/agent/planner");
+    assert_eq!(
+        live.body["act"]["sub"],
+        "spiffe://example.org/agents-cluster/agent/planner"
+    );
     assert_eq!(live.body["act"]["act"]["sub"], "sub-alice@example.com");
     assert_eq!(
         w.server
@@ -512,7 +521,7 @@ fn scopes_that_need_approval_escalate_and_issue_after_it() {
     let jwt = collected.body["jwt_svid"].as_str().unwrap();
     let c = verify_offline(&w.server, jwt);
     assert_eq!(c["scope"], "payments:write tickets:read");
-    assert_eq!(c["sub"], "spiffe://example.org/agent/pay-bot");
+    assert_eq!(c["sub"], "spiffe://example.org/agents-cluster/agent/pay-bot");
     assert_eq!(c["task"]["purpose"], "refund order 77");
 }
 
@@ -559,7 +568,7 @@ fn rfc_8693_token_exchange_and_discovery() {
     assert_eq!(r.body["scope"], "docs:read tickets:read");
     assert!(r.body["expires_in"].as_u64().unwrap() <= 900);
     let c = verify_offline(&w.server, r.body["access_token"].as_str().unwrap());
-    assert_eq!(c["sub"], "spiffe://example.org/agent/mcp-client");
+    assert_eq!(c["sub"], "spiffe://example.org/agents-cluster/agent/mcp-client");
     assert_eq!(c["cnf"]["jkt"], key.jkt());
     assert_eq!(c["act"]["sub"], "sub-alice@example.com");
 

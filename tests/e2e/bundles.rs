@@ -294,14 +294,12 @@ fn a_hot_swap_under_load_loses_nothing_and_mixes_nothing() {
         bundle_dir(tmp.path(), tag, |d| {
             set_manifest(d, json!({"revision": tag, "roots": ["castellan"]}));
             let rego = std::fs::read_to_string(d.join("issuance.rego")).unwrap();
-            let rego = rego.replace(
-                "\"spiffe://%s/ns/%s/sa/%s\"",
-                &format!("\"spiffe://%s/{tag}/%s/%s\""),
-            );
+            let rego = rego.replace("\"ns/%s/sa/%s\"", &format!("\"{tag}/%s/%s\""));
             std::fs::write(d.join("issuance.rego"), rego).unwrap();
             let mut data: Value =
                 serde_json::from_str(&std::fs::read_to_string(d.join("data.json")).unwrap()).unwrap();
             data["castellan"]["issuance"]["default_ttl_seconds"] = ttl.into();
+            data["castellan"]["source_prefixes"]["c"] = "".into();
             std::fs::write(d.join("data.json"), data.to_string()).unwrap();
         });
         build_signed(&tmp.path().join(tag), Some(&private))

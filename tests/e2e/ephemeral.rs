@@ -418,7 +418,7 @@ fn a_workload_can_ask_with_evidence_for_its_own_identity() {
     });
     let r = server.post(EPHEMERAL, &body, None);
     assert_eq!(r.status, 202, "{}", r.body);
-    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/ns/ci/sa/deployer");
+    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/jit/ns/ci/sa/deployer");
     assert_eq!(r.body["requester"]["kind"], "evidence");
     assert_eq!(r.body["attestation"]["subject"], "ns/ci/sa/deployer");
     assert_eq!(r.body["attestation"]["method"], "k8s_sat");

@@ -25,7 +25,7 @@ fn happy_path_issues_a_valid_bound_x509_svid() {
     let r = server.post(ISSUE, &issuance_body(&token, &csr_pem, Some(600)), None);
     assert_eq!(r.status, 201, "{}", r.body);
     let b = &r.body;
-    assert_eq!(b["spiffe_id"], "spiffe://example.org/ns/payments/sa/api");
+    assert_eq!(b["spiffe_id"], "spiffe://example.org/prod/ns/payments/sa/api");
     assert_eq!(b["attestation"]["method"], "k8s_sat");
     assert_eq!(b["attestation"]["subject"], "ns/payments/sa/api");
     let selectors: Vec<&str> = b["attestation"]["selectors"]
@@ -52,7 +52,7 @@ fn happy_path_issues_a_valid_bound_x509_svid() {
         .expect("spiffe crate accepts the SVID");
     assert_eq!(
         svid.spiffe_id().to_string(),
-        "spiffe://example.org/ns/payments/sa/api"
+        "spiffe://example.org/prod/ns/payments/sa/api"
     );
 
     // Certificate fields, as the X.509-SVID standard asks.
@@ -756,7 +756,7 @@ fn rsa_signed_tokens_verify_and_legacy_tokens_are_accepted() {
     let (_, c) = csr();
     let r = server.post(ISSUE, &issuance_body(&cluster.sign(&legacy), &c, None), None);
     assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/ns/old/sa/app");
+    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/legacy/ns/old/sa/app");
     assert_eq!(
         r.body["attestation"]["selectors"],
         json!(["k8s:ns:old", "k8s:sa:app"])

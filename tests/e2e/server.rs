@@ -163,7 +163,7 @@ fn certificate_inventory_pages_with_a_cursor() {
     assert!(p2.body["next_cursor"].is_null());
     assert_eq!(
         p2.body["items"][2]["spiffe_id"],
-        "spiffe://example.org/ns/ns/sa/sa4"
+        "spiffe://example.org/pages/ns/ns/sa/sa4"
     );
     server
         .get_admin("/api/v1/certificates?limit=0")
@@ -223,7 +223,7 @@ jwks_file = "jwks.json"
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "spiffe://serve.example/ns/billing/sa/worker"
+        "spiffe://serve.example/serve-cluster/ns/billing/sa/worker"
     );
 
     // Without the CA the TLS handshake fails: the server is not anonymous.

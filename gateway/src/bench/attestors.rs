@@ -484,7 +484,7 @@ async fn measure(conn: &mut Conn, opts: &Options, methods: &[&'static str]) -> a
         let measured = super::run_paced(
             &opts.endpoint,
             path,
-            Arc::new(bodies),
+            Arc::new(super::calls(bodies)),
             0,
             opts.requests,
             opts.concurrency,

@@ -105,7 +105,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let source = register_source(&mut admin, &opts.admin_token, "bench").await?;
     let total = opts.requests + opts.warmup;
     eprintln!("generating {total} tokens and CSRs…");
-    let bodies = Arc::new(generate_bodies(&source.key, &source.kid, &source.issuer, total)?);
+    let bodies = Arc::new(calls(generate_bodies(
+        &source.key,
+        &source.kid,
+        &source.issuer,
+        total,
+    )?));
     let path = "/api/v1/workloads/attested-issuance";
     let warm = opts.concurrency.min(opts.warmup.max(1));
     drop(run_paced(&opts.endpoint, path, bodies.clone(), 0, opts.warmup, warm, None).await?);
@@ -279,17 +284,32 @@ pub async fn run_broker(opts: BrokerOptions) -> anyhow::Result<Report> {
     let source = register_source(&mut admin, &opts.admin_token, "bench-broker").await?;
     let (key, kid, issuer) = (&source.key, &source.kid, &source.issuer);
 
+    // Delegating with a parent's token proves the parent's key (a DPoP
+    // proof per request, made ahead) and needs this Castellan, as discovery
+    // names it, in the parent's audience.
+    let path = "/api/v1/broker/agent-identities";
+    let (_, discovery) = admin
+        .send(Method::GET, "/.well-known/openid-configuration", None, None)
+        .await?;
+    let castellan = serde_json::from_slice::<serde_json::Value>(&discovery)?["issuer"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let parent_key = AgentKey::new()?;
+    let child_key = AgentKey::new()?;
+
     // The parent agent, once.
     let token =
         |sa: &str| mint_projected_token(key, kid, issuer, "castellan-bench", "agents", sa, None, 3600);
     let parent_body = json!({
         "agent_id": "bench-parent", "method": "k8s_sat", "evidence": token("bench-parent")?,
-        "scopes": ["tickets:read", "docs:read"], "audience": ["https://tools.bench"],
+        "scopes": ["tickets:read", "docs:read"], "audience": ["https://tools.bench", castellan],
+        "public_key_jwk": parent_key.jwk,
     });
     let (status, resp) = admin
         .send(
             Method::POST,
-            "/api/v1/broker/agent-identities",
+            path,
             None,
             Some(Bytes::from(parent_body.to_string())),
         )
@@ -306,18 +326,22 @@ pub async fn run_broker(opts: BrokerOptions) -> anyhow::Result<Report> {
 
     let total = opts.requests + 200;
     eprintln!("generating {total} agent requests…");
+    let url = format!("{castellan}{path}");
     let mut bodies = Vec::with_capacity(total);
     for i in 0..total {
         let sa = format!("bench-child-{}", i % 64);
         let b = json!({
             "agent_id": sa, "method": "k8s_sat", "evidence": token(&sa)?,
             "scopes": ["tickets:read"], "audience": ["https://tools.bench"],
+            "public_key_jwk": child_key.jwk,
             "delegation": {"subject_token": parent_jwt},
         });
-        bodies.push(Bytes::from(b.to_string()));
+        bodies.push(Call {
+            body: Bytes::from(b.to_string()),
+            dpop: Some(parent_key.proof(&url, &parent_jwt)?),
+        });
     }
     let bodies = Arc::new(bodies);
-    let path = "/api/v1/broker/agent-identities";
     drop(
         run_paced(
             &opts.endpoint,
@@ -373,13 +397,57 @@ fn summarise(requests: usize, latencies: Vec<Duration>, statuses: &[u16], elapse
     }
 }
 
+/// One request of a run: its body and, for agents delegating with a
+/// parent's token, the DPoP proof of the parent's key.
+pub(crate) struct Call {
+    pub body: Bytes,
+    pub dpop: Option<String>,
+}
+
+/// Calls with bodies only.
+pub(crate) fn calls(bodies: Vec<Bytes>) -> Vec<Call> {
+    bodies.into_iter().map(|body| Call { body, dpop: None }).collect()
+}
+
+/// A P-256 key an agent holds, and the DPoP proofs (RFC 9449) it signs.
+struct AgentKey {
+    signing: jsonwebtoken::EncodingKey,
+    jwk: serde_json::Value,
+}
+
+impl AgentKey {
+    fn new() -> anyhow::Result<Self> {
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let raw = key.public_key_raw();
+        let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65])});
+        let signing = jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes())?;
+        Ok(Self { signing, jwk })
+    }
+
+    /// A proof for `POST url` accompanying `token`.
+    fn proof(&self, url: &str, token: &str) -> anyhow::Result<String> {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.typ = Some("dpop+jwt".into());
+        header.jwk = Some(serde_json::from_value(self.jwk.clone())?);
+        let ath =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(token.as_bytes()));
+        let claims = json!({"jti": uuid::Uuid::new_v4().to_string(), "htm": "POST", "htu": url,
+            "iat": castellan::util::now_unix(), "ath": ath});
+        Ok(jsonwebtoken::encode(&header, &claims, &self.signing)?)
+    }
+}
+
 /// Sends `bodies[start..end]`; with a rate, request i is due at
 /// `t0 + (i - start) / rate` and its latency counts from then, so a server
 /// that falls behind is charged for the queueing it causes.
 async fn run_paced(
     endpoint: &Endpoint,
     path: &'static str,
-    bodies: Arc<Vec<Bytes>>,
+    bodies: Arc<Vec<Call>>,
     start: usize,
     end: usize,
     concurrency: usize,
@@ -403,8 +471,10 @@ async fn run_paced(
                     None => Instant::now(),
                 };
                 tokio::time::sleep_until(due.into()).await;
+                let call = &bodies[i];
+                let headers: Vec<(&str, String)> = call.dpop.iter().map(|p| ("dpop", p.clone())).collect();
                 let (status, _) = conn
-                    .send(Method::POST, path, None, Some(bodies[i].clone()))
+                    .send_with(Method::POST, path, None, &headers, Some(call.body.clone()))
                     .await
                     .context("request failed")?;
                 lat.push(due.elapsed());

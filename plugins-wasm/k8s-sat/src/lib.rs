@@ -42,7 +42,7 @@ pub struct Config {
 }
 
 /// One cluster whose tokens are trusted.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct TrustSource {
     pub name: String,
     pub issuer: String,
@@ -79,7 +79,7 @@ pub fn attest_token(
     config: &Config,
     context: &Context,
     now: i64,
-    verify: impl FnOnce(&str, &str) -> Result<String, String>,
+    verify: impl Fn(&str, &str) -> Result<String, String>,
 ) -> Result<Attestation, AttestError> {
     let token = token.trim();
     if token.is_empty() {
@@ -103,19 +103,33 @@ pub fn attest_token(
         .get("iss")
         .and_then(Value::as_str)
         .ok_or_else(|| AttestError::Rejected("token has no `iss` claim".into()))?;
-    let source = config
+    // Two clusters may share an issuer (`https://kubernetes.default.svc`):
+    // every source with this issuer is tried, and the one whose keys verify
+    // the signature is the source.
+    let mut candidates = config
         .trust_sources
         .iter()
-        .find(|s| s.issuer == issuer)
-        .ok_or_else(|| {
-            AttestError::Rejected(format!(
-                "issuer `{}` is not trusted for k8s_sat",
-                printable(issuer)
-            ))
-        })?;
-
-    let payload =
-        verify(&source.key_set, token).map_err(|e| AttestError::Rejected(format!("signature: {e}")))?;
+        .filter(|s| s.issuer == issuer)
+        .peekable();
+    if candidates.peek().is_none() {
+        return Err(AttestError::Rejected(format!(
+            "issuer `{}` is not trusted for k8s_sat",
+            printable(issuer)
+        )));
+    }
+    let mut refusal = String::new();
+    let mut verified = None;
+    for candidate in candidates {
+        match verify(&candidate.key_set, token) {
+            Ok(payload) => {
+                verified = Some((candidate, payload));
+                break;
+            }
+            Err(e) if refusal.is_empty() => refusal = e,
+            Err(_) => {}
+        }
+    }
+    let (source, payload) = verified.ok_or_else(|| AttestError::Rejected(format!("signature: {refusal}")))?;
     let claims: Map<String, Value> = serde_json::from_str::<Value>(&payload)
         .ok()
         .and_then(|v| match v {

@@ -248,3 +248,34 @@ fn pod_name_and_uid_are_bounded_like_other_names() {
     p["kubernetes.io"]["pod"]["uid"] = "x".repeat(100).into();
     assert!(rejected(run(p)).contains("pod uid"));
 }
+
+#[test]
+fn two_clusters_sharing_an_issuer_are_told_apart_by_their_keys() {
+    let mut config = config();
+    let mut staging = config.trust_sources[0].clone();
+    staging.name = "staging".into();
+    staging.key_set = "ks-staging".into();
+    config.trust_sources.insert(0, staging);
+    let payload = projected();
+    let t = token(&payload);
+    // Only prod's keys verify this token: prod is the source, although
+    // staging is configured first with the same issuer.
+    let a = attest_token(&t, &config, &Context::default(), NOW, |ks, _| {
+        if ks == "ks-prod" {
+            Ok(payload.to_string())
+        } else {
+            Err("signature does not verify".into())
+        }
+    })
+    .unwrap();
+    assert!(
+        a.claims_json.contains(r#""trust_source":"prod""#),
+        "{}",
+        a.claims_json
+    );
+    // Keys of neither: refused with the first source's reason.
+    let r = attest_token(&t, &config, &Context::default(), NOW, |_, _| {
+        Err("no key with kid `k1`".into())
+    });
+    assert!(rejected(r).contains("no key with kid"));
+}

@@ -533,12 +533,26 @@ impl JwtTrustSources {
         if self.trust_sources.is_empty() {
             return Err(Error::NoTrustSource("no trust source is configured".into()));
         }
-        let source = self
-            .trust_sources
-            .iter()
-            .find(|s| s.issuer == iss)
-            .ok_or_else(|| Error::rejected("issuer is not trusted"))?;
-        let jwt = host::verify_jws(&source.key_set, token.trim())?;
+        // Several sources may share an issuer: the one whose keys verify the
+        // signature is the source.
+        let mut first_refusal = None;
+        let mut verified = None;
+        for candidate in self.trust_sources.iter().filter(|s| s.issuer == iss) {
+            match host::verify_jws(&candidate.key_set, token.trim()) {
+                Ok(jwt) => {
+                    verified = Some((candidate, jwt));
+                    break;
+                }
+                Err(e) => {
+                    first_refusal.get_or_insert(e);
+                }
+            }
+        }
+        let (source, jwt) = match (verified, first_refusal) {
+            (Some(v), _) => v,
+            (None, Some(e)) => return Err(e),
+            (None, None) => return Err(Error::rejected("issuer is not trusted")),
+        };
         if jwt.claims.get("iss").and_then(Value::as_str) != Some(source.issuer.as_str()) {
             return Err(Error::rejected("issuer does not match the trust source"));
         }
