@@ -53,6 +53,9 @@ pub enum ClientError {
     /// The HTTP exchange failed.
     #[error("HTTP")]
     Http(#[from] hyper::Error),
+    /// The response body is larger than the caller accepts.
+    #[error("the response body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
     /// The request could not be built (a header value that is not valid).
     #[error("invalid request")]
     Request(#[from] hyper::http::Error),
@@ -246,6 +249,33 @@ impl Conn {
         let resp = self.sender.send_request(req).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// GETs `path`, reading at most `limit` bytes of the answer: a larger
+    /// one is refused while it arrives, never buffered whole.
+    pub async fn get_limited(
+        &mut self,
+        path: &str,
+        limit: usize,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header("host", &self.authority)
+            .body(Full::new(Bytes::new()))?;
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req).await?;
+        let status = resp.status();
+        let limited = http_body_util::Limited::new(resp.into_body(), limit);
+        let bytes = limited
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(h) => ClientError::Http(*h),
+                Err(_) => ClientError::TooLarge { limit },
+            })?
+            .to_bytes();
         Ok((status, bytes))
     }
 }

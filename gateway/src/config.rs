@@ -198,6 +198,16 @@ pub struct HttpConfig {
     /// TLS settings. TLS is on unless `enabled = false`, which is only
     /// accepted on a loopback address.
     pub tls: TlsConfig,
+    /// Connections open at once, at most; beyond it new ones are closed at
+    /// once. Default: 4096.
+    pub max_connections: usize,
+    /// Connections one client (IPv4 address, or IPv6 /64) may hold open at
+    /// once. Default: 512.
+    pub max_connections_per_client: usize,
+    /// Seconds a connection may take to send a request's headers (HTTP/1)
+    /// or to finish its TLS handshake. Default: 10. (A request body must
+    /// arrive within 10 s of its headers.)
+    pub header_read_timeout_seconds: u64,
 }
 
 /// TLS for the HTTP API.
@@ -267,6 +277,9 @@ impl Default for HttpConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 8443)),
             max_body_bytes: 64 * 1024,
             tls: TlsConfig::default(),
+            max_connections: 4096,
+            max_connections_per_client: 512,
+            header_read_timeout_seconds: 10,
         }
     }
 }

@@ -496,7 +496,7 @@ impl Federation {
             .map_err(|e| err(crate::util::error_chain(&e)))?;
         let fetch = async {
             let mut conn = endpoint.connect().await?;
-            conn.send(hyper::Method::GET, &path, None, None).await
+            conn.get_limited(&path, MAX_BUNDLE_BYTES).await
         };
         let (status, body) = tokio::time::timeout(FETCH_TIMEOUT, fetch)
             .await

@@ -13,6 +13,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 use castellan::attest::Attestors;
+use castellan::attest::challenge::Client;
 use castellan::auth::Authenticator;
 use castellan::bundle::BundleKeys;
 use castellan::ca;
@@ -143,11 +144,9 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     if let Some(url) = &config.public_url {
         let _ = engine.public_url.set(url.trim_end_matches('/').to_owned());
     }
-    let dispatcher = if config.webhooks.is_empty() {
-        None
-    } else {
-        Some(castellan::notify::Dispatcher::new(store, &config.webhooks)?)
-    };
+    // Always running: with no webhooks it drains the outbox, which would
+    // otherwise grow with every notification.
+    let dispatcher = Some(castellan::notify::Dispatcher::new(store, &config.webhooks)?);
     Ok(App {
         engine,
         auth,
@@ -275,7 +274,7 @@ pub async fn serve(
             app.config.bundles.sources.clone(),
         ));
     }
-    let service = TowerToHyperService::new(router(state));
+    let app_router = router(state);
     tokio::spawn(app.engine.clone().run_housekeeping());
     app.federation.start();
     tokio::spawn(castellan::trust::refresh_jwks_urls(app.engine.trust.clone()));
@@ -293,6 +292,11 @@ pub async fn serve(
         tokio::spawn(d.run());
     }
     let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
+    let slots = Slots::new(
+        app.config.http.max_connections,
+        app.config.http.max_connections_per_client,
+    );
+    let header_timeout = std::time::Duration::from_secs(app.config.http.header_read_timeout_seconds.max(1));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let (stream, peer) = tokio::select! {
@@ -308,18 +312,51 @@ pub async fn serve(
             _ = terminate.recv() => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
+        // A cap on connections overall and per client: a flood of idle or
+        // half-sent connections cannot take every slot.
+        let Some(slot) = slots.admit(peer.ip()) else {
+            tracing::debug!(%peer, "connection refused: at the connection limit");
+            drop(stream);
+            continue;
+        };
+        // Handlers see who connected (per-client limits).
+        let client = castellan::http::ClientAddr(peer.ip());
+        let service = TowerToHyperService::new(
+            tower::ServiceBuilder::new()
+                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(client);
+                    req
+                })
+                .service(app_router.clone()),
+        );
         let acceptor = acceptor.clone();
+        let handshake_timeout = header_timeout;
         tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let _slot = slot;
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_concurrent_streams(256)
+                .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
             let result = match acceptor {
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(tls) => builder.serve_connection(TokioIo::new(tls), service).await,
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => builder.serve_connection(TokioIo::new(tls), service).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
                     }
-                },
+                }
                 None => builder.serve_connection(TokioIo::new(stream), service).await,
             };
             if let Err(e) = result {
@@ -329,4 +366,56 @@ pub async fn serve(
     }
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// Open connections, overall and per client (IPv4 address or IPv6 /64).
+#[derive(Clone)]
+struct Slots {
+    inner: Arc<std::sync::Mutex<(usize, std::collections::HashMap<Client, usize>)>>,
+    max: usize,
+    per_client: usize,
+}
+
+/// One open connection's slot, given back when it closes.
+struct Slot {
+    slots: Slots,
+    client: Client,
+}
+
+impl Slots {
+    fn new(max: usize, per_client: usize) -> Self {
+        Self {
+            inner: Arc::default(),
+            max: max.max(1),
+            per_client: per_client.max(1),
+        }
+    }
+
+    fn admit(&self, ip: std::net::IpAddr) -> Option<Slot> {
+        let client = Client::from(ip);
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let held = inner.1.get(&client).copied().unwrap_or(0);
+        if inner.0 >= self.max || held >= self.per_client {
+            return None;
+        }
+        inner.0 += 1;
+        inner.1.insert(client, held + 1);
+        Some(Slot {
+            slots: self.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut inner = self.slots.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.0 -= 1;
+        if let Some(n) = inner.1.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                inner.1.remove(&self.client);
+            }
+        }
+    }
 }

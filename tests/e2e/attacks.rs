@@ -654,3 +654,99 @@ fn clusters_sharing_an_issuer_keep_their_own_identities() {
     // A third cluster's key, same issuer and kid: no source verifies it.
     issue(&Cluster::new("https://kubernetes.default.svc")).assert_problem(403, "attestation-failed");
 }
+
+/// Review item 6: floods are bounded. Half-sent requests are closed after
+/// the header timeout and connections past the cap are closed at once; a
+/// client cannot take the whole challenge table; a flood of refusals is
+/// counted, not written one by one; and a legitimate client is served
+/// throughout.
+#[test]
+fn floods_are_bounded_and_a_legitimate_client_is_served() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(
+        &config,
+        "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = { enabled = false }\n\
+         max_connections = 64\nmax_connections_per_client = 64\nheader_read_timeout_seconds = 1\n",
+    )
+    .unwrap();
+    let server = Server::serve(&config, &tmp.path().join("data"));
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let healthy = || server.get("/healthz", None).status == 200;
+
+    // 40 connections that send half a request and stop.
+    let mut slow: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            c.write_all(b"POST /api/v1/attestation/challenges HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            c
+        })
+        .collect();
+    assert!(healthy(), "served while the slow connections hang");
+    // The header timeout closes them.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    for c in &mut slow {
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = c.read(&mut buf).unwrap_or(0);
+        let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+    drop(slow);
+    // Past the cap, a connection is closed at once; within it, served.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let held: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut extra = std::net::TcpStream::connect(&addr).unwrap();
+    extra
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut buf = [0u8; 64];
+    assert_eq!(extra.read(&mut buf).unwrap_or(0), 0, "closed without an answer");
+    drop(held);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(healthy());
+
+    // One client cannot take the challenge table.
+    let ask = json!({"method": "x509pop"});
+    let mut limited = None;
+    for i in 0..300 {
+        let r = server.post("/api/v1/attestation/challenges", &ask, None);
+        if r.status != 201 {
+            limited = Some((i, r));
+            break;
+        }
+    }
+    let (at, r) = limited.expect("the per-client limit applies");
+    r.assert_problem(429, "too-many-challenges");
+    assert_eq!(at, 256);
+
+    // 500 refusals: a burst is written, the rest counted in a summary.
+    let body = support::issuance_body("not-a-token", &csr().1, None);
+    for _ in 0..500 {
+        server.post("/api/v1/workloads/attested-issuance", &body, None);
+    }
+    assert!(healthy());
+    assert!(support::eventually(std::time::Duration::from_secs(15), || {
+        server
+            .audit()
+            .iter()
+            .any(|e| e["kind"] == "audit.refusals_suppressed")
+    }));
+    let audit = server.audit();
+    let written = audit.iter().filter(|e| e["kind"] == "issuance.refused").count();
+    assert!(written < 200, "{written} refusal records for 500 refusals");
+    let suppressed: u64 = audit
+        .iter()
+        .filter(|e| e["kind"] == "audit.refusals_suppressed")
+        .flat_map(|e| e["detail"]["refusals"].as_array().unwrap().clone())
+        .map(|c| c["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(written as u64 + suppressed, 500, "every refusal is accounted for");
+}

@@ -16,6 +16,11 @@ use serde_json::{Value, json};
 pub const CHALLENGE_TTL_SECONDS: i64 = 300;
 /// Challenges pending at once, at most: beyond it new ones are refused.
 const MAX_PENDING: usize = 16_384;
+/// Challenges one client (an IPv4 address, or an IPv6 /64) may have pending
+/// at once, so that no client can take the whole table.
+pub const MAX_PER_CLIENT: usize = 256;
+/// Expired challenges are swept at most this often.
+const SWEEP_SECONDS: i64 = 5;
 
 /// Why a challenge could not be issued or taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +29,9 @@ pub enum ChallengeError {
     /// Too many challenges are pending.
     #[error("too many challenges are pending; try again shortly")]
     Full,
+    /// This client has too many challenges pending.
+    #[error("this client has {MAX_PER_CLIENT} challenges pending; answer or let some expire first")]
+    ClientLimit,
     /// The id names no live challenge (never issued, used, or expired).
     #[error("unknown, used or expired challenge")]
     Unknown,
@@ -34,15 +42,69 @@ pub enum ChallengeError {
 
 struct Pending {
     method: String,
+    client: Option<Client>,
     expires_at: i64,
     /// What the module sees under `context.challenge`.
     context: Value,
 }
 
-/// Pending challenges by id.
+/// Who asked: an IPv4 address, or the /64 of an IPv6 one (a host usually
+/// holds a whole /64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Client(u128);
+
+impl From<std::net::IpAddr> for Client {
+    fn from(ip: std::net::IpAddr) -> Self {
+        match ip {
+            std::net::IpAddr::V4(v4) => Client(u128::from(u32::from(v4))),
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Client(u128::from(u32::from(v4))),
+                None => Client((u128::from(v6) >> 64) | (1 << 127)),
+            },
+        }
+    }
+}
+
+/// Pending challenges by id, with counts per client and a sweep of the
+/// expired ones every few seconds.
 #[derive(Default)]
 pub struct Challenges {
-    pending: Mutex<HashMap<String, Pending>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    pending: HashMap<String, Pending>,
+    per_client: HashMap<Client, usize>,
+    next_sweep: i64,
+}
+
+impl Inner {
+    fn forget(&mut self, p: &Pending) {
+        if let Some(c) = p.client
+            && let Some(n) = self.per_client.get_mut(&c)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_client.remove(&c);
+            }
+        }
+    }
+
+    fn sweep(&mut self, now: i64) {
+        let expired: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.expires_at < now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            if let Some(p) = self.pending.remove(&id) {
+                self.forget(&p);
+            }
+        }
+        self.next_sweep = now + SWEEP_SECONDS;
+    }
 }
 
 /// A challenge as the client receives it.
@@ -63,6 +125,7 @@ impl Challenges {
     pub fn issue(
         &self,
         method: &str,
+        client: Option<Client>,
         private: serde_json::Map<String, Value>,
         public: serde_json::Map<String, Value>,
         now: i64,
@@ -74,17 +137,24 @@ impl Challenges {
         for (k, v) in private {
             context[k] = v;
         }
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if pending.len() >= MAX_PENDING {
-            pending.retain(|_, p| p.expires_at >= now);
-            if pending.len() >= MAX_PENDING {
-                return Err(ChallengeError::Full);
-            }
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if now >= inner.next_sweep || inner.pending.len() >= MAX_PENDING {
+            inner.sweep(now);
         }
-        pending.insert(
+        if client.is_some_and(|c| inner.per_client.get(&c).is_some_and(|n| *n >= MAX_PER_CLIENT)) {
+            return Err(ChallengeError::ClientLimit);
+        }
+        if inner.pending.len() >= MAX_PENDING {
+            return Err(ChallengeError::Full);
+        }
+        if let Some(c) = client {
+            *inner.per_client.entry(c).or_default() += 1;
+        }
+        inner.pending.insert(
             id.clone(),
             Pending {
                 method: method.to_owned(),
+                client,
                 expires_at,
                 context,
             },
@@ -99,8 +169,9 @@ impl Challenges {
 
     /// Takes the challenge `id` for `method`: it can never be taken again.
     pub fn take(&self, id: &str, method: &str, now: i64) -> Result<Value, ChallengeError> {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let p = pending.remove(id).ok_or(ChallengeError::Unknown)?;
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let p = inner.pending.remove(id).ok_or(ChallengeError::Unknown)?;
+        inner.forget(&p);
         if p.expires_at < now {
             return Err(ChallengeError::Unknown);
         }
@@ -128,7 +199,7 @@ mod tests {
     fn a_challenge_is_taken_once_for_its_method_before_it_expires() {
         let c = Challenges::default();
         let empty = serde_json::Map::new;
-        let a = c.issue("x509pop", empty(), empty(), 100).unwrap();
+        let a = c.issue("x509pop", None, empty(), empty(), 100).unwrap();
         assert_eq!(
             c.take(&a.challenge_id, "tpm", 101),
             Err(ChallengeError::WrongMethod)
@@ -138,19 +209,44 @@ mod tests {
             c.take(&a.challenge_id, "x509pop", 101),
             Err(ChallengeError::Unknown)
         );
-        let b = c.issue("x509pop", empty(), empty(), 100).unwrap();
+        let b = c.issue("x509pop", None, empty(), empty(), 100).unwrap();
         let ctx = c.take(&b.challenge_id, "x509pop", 150).unwrap();
         assert_eq!(ctx["nonce"], b.nonce.as_str());
         assert_eq!(
             c.take(&b.challenge_id, "x509pop", 150),
             Err(ChallengeError::Unknown)
         );
-        let late = c.issue("x509pop", empty(), empty(), 100).unwrap();
+        let late = c.issue("x509pop", None, empty(), empty(), 100).unwrap();
         assert_eq!(
             c.take(&late.challenge_id, "x509pop", 100 + CHALLENGE_TTL_SECONDS + 1),
             Err(ChallengeError::Unknown)
         );
         assert_eq!(challenge_id(r#"{"challenge_id": "x"}"#).as_deref(), Some("x"));
         assert_eq!(challenge_id("eyJ.a.b"), None);
+    }
+
+    #[test]
+    fn one_client_cannot_take_the_table() {
+        let c = Challenges::default();
+        let empty = serde_json::Map::new;
+        let flooder = Client::from(std::net::IpAddr::from([203, 0, 113, 7]));
+        let same_64 = |last: u16| Client::from(std::net::IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, last]));
+        for _ in 0..MAX_PER_CLIENT {
+            c.issue("x509pop", Some(flooder), empty(), empty(), 100).unwrap();
+        }
+        assert_eq!(
+            c.issue("x509pop", Some(flooder), empty(), empty(), 100).err(),
+            Some(ChallengeError::ClientLimit)
+        );
+        // Another client is served; an IPv6 host's whole /64 is one client.
+        let other = c
+            .issue("x509pop", Some(same_64(1)), empty(), empty(), 100)
+            .unwrap();
+        assert_eq!(same_64(1), same_64(2));
+        // Answering, or expiry, frees the client's slots.
+        c.take(&other.challenge_id, "x509pop", 101).unwrap();
+        let later = 100 + CHALLENGE_TTL_SECONDS + SWEEP_SECONDS + 1;
+        c.issue("x509pop", Some(flooder), empty(), empty(), later)
+            .unwrap();
     }
 }

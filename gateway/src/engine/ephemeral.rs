@@ -116,6 +116,9 @@ fn check_new(new: &NewRequest) -> Result<String, EngineError> {
     Ok(justification)
 }
 
+/// How long a decided request is kept after its deadline.
+pub const REQUEST_RETENTION_SECONDS: i64 = 30 * 86_400;
+
 impl Engine {
     /// Applies one transition to a stored request (see
     /// [`crate::store::Store::update_request`]).
@@ -869,6 +872,16 @@ impl Engine {
             {
                 tracing::warn!(error = %e, "could not purge old idempotency keys");
             }
+            // Expired agent tokens and revocations, and decided requests a
+            // month past their deadline, are forgotten hourly.
+            if ticks % 3600 == 4
+                && let Err(e) = self
+                    .store
+                    .purge_expired(now_unix(), REQUEST_RETENTION_SECONDS)
+                    .await
+            {
+                tracing::warn!(error = %e, "could not purge expired records");
+            }
             // Spent single-use evidence only matters until it expires.
             if ticks % 3600 == 2
                 && let Err(e) = self.store.spent_purge(now_unix()).await
@@ -876,6 +889,9 @@ impl Engine {
                 tracing::warn!(error = %e, "could not purge expired single-use evidence");
             }
             let now = now_unix();
+            if ticks.is_multiple_of(super::refusals::SUMMARY_SECONDS) {
+                self.summarise_suppressed_refusals().await;
+            }
             // In-memory state shrinks with what it tracks.
             if ticks % 60 == 3 {
                 self.forget_expired_revocations(now);

@@ -32,6 +32,7 @@ pub mod ephemeral;
 mod errors;
 pub mod issuance;
 pub mod join_token;
+mod refusals;
 pub mod workload;
 
 use std::collections::HashMap;
@@ -167,6 +168,8 @@ pub struct Engine {
     admission: Admission,
     /// Single-use evidence already seen (the store keeps it across restarts).
     replay: ReplayCache,
+    /// How many refusals are written to the audit log one by one.
+    refusals: refusals::RefusalBudget,
     /// Delegation verification and the revoked-token set.
     delegations: broker::Delegations,
     /// Waiters per ephemeral request id, woken on every transition.
@@ -193,6 +196,7 @@ impl Engine {
             challenges: Challenges::default(),
             admission: Admission::new(parts.max_in_flight, max_waiting),
             replay: ReplayCache::default(),
+            refusals: refusals::RefusalBudget::default(),
             delegations,
             watchers: Mutex::new(HashMap::new()),
         }))
@@ -397,7 +401,33 @@ impl Engine {
             detail["reasons"] = r.into();
         }
         let event = AuditEvent::new(refusal.surface.refusal_kind(), refusal.actor, detail);
-        self.audit(event).await;
+        self.audit_refused(event, error.slug()).await;
+    }
+
+    /// Writes a refusal record within the refusal budget; past it, the
+    /// refusal is counted for the next `audit.refusals_suppressed` summary.
+    pub async fn audit_refused(&self, event: AuditEvent, problem: &str) {
+        if self.refusals.admit(event.kind.as_str(), problem) {
+            self.audit(event).await;
+        } else {
+            tracing::debug!(kind = %event.kind.as_str(), problem, "refusal counted, not written (refusal budget)");
+        }
+    }
+
+    /// Writes the summary of refusals suppressed since the last one.
+    pub(super) async fn summarise_suppressed_refusals(&self) {
+        if let Some((since, counts)) = self.refusals.take_summary() {
+            let counts: Vec<serde_json::Value> = counts
+                .into_iter()
+                .map(|((kind, problem), n)| json!({"kind": kind, "problem": problem, "count": n}))
+                .collect();
+            let event = AuditEvent::new(
+                AuditKind::RefusalsSuppressed,
+                Actor::Castellan,
+                json!({ "since": since, "refusals": counts }),
+            );
+            self.audit(event).await;
+        }
     }
 
     /// Audits `result`'s error, if any, and passes it on. The refusal

@@ -57,9 +57,9 @@ pub(super) async fn layer(State(state): State<AppState>, req: Request<Body>, nex
             .into_response();
     };
     let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, state.max_body_bytes).await {
+    let bytes = match super::read_body(body, state.max_body_bytes).await {
         Ok(b) => b,
-        Err(_) => return Problem::too_large(state.max_body_bytes).into_response(),
+        Err(e) => return Problem::from(e).into_response(),
     };
     // Scope: the credentials (hashed) and the route, so callers cannot
     // collide with or replay one another's keys.

@@ -64,7 +64,12 @@ struct ChallengeAsk {
 /// `POST /api/v1/attestation/challenges`: a fresh nonce for a
 /// challenge-based method. No authentication: the challenge proves nothing
 /// by itself, and the evidence that answers it is verified in full.
-pub(super) async fn create_challenge(State(state): State<AppState>, body: Body) -> Result<Response, Problem> {
+pub(super) async fn create_challenge(
+    State(state): State<AppState>,
+    client: Option<axum::Extension<super::ClientAddr>>,
+    body: Body,
+) -> Result<Response, Problem> {
+    let client = client.map(|axum::Extension(c)| crate::attest::challenge::Client::from(c.0));
     let issued = async {
         let ask: ChallengeAsk = read_json(body, state.max_body_bytes).await?;
         if !CHALLENGE_METHODS.contains(&ask.method.as_str()) {
@@ -86,8 +91,16 @@ pub(super) async fn create_challenge(State(state): State<AppState>, body: Body) 
         state
             .engine
             .challenges
-            .issue(&ask.method, private, public, crate::util::now_unix())
-            .map_err(|e| Problem::unavailable(e.to_string()))
+            .issue(&ask.method, client, private, public, crate::util::now_unix())
+            .map_err(|e| match e {
+                crate::attest::challenge::ChallengeError::ClientLimit => Problem::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too-many-challenges",
+                    "Too many pending challenges",
+                    e.to_string(),
+                ),
+                other => Problem::unavailable(other.to_string()),
+            })
     }
     .await?;
     Ok((StatusCode::CREATED, axum::Json(issued)).into_response())

@@ -113,7 +113,19 @@ pub fn router(state: AppState) -> Router {
 
 /// Reads a JSON body of at most `limit` bytes.
 async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, EngineError> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let bytes = read_body(body, limit).await?;
+    serde_json::from_slice(&bytes).map_err(|e| EngineError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+/// How long a request may take to send its body once its headers arrived.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A request body, at most `limit` bytes, arriving within the body timeout.
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, EngineError> {
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| EngineError::BadRequest("the request body did not arrive in time".into()))?;
+    read.map_err(|e| {
         // `to_bytes` reports the limit through the error's source chain.
         let mut source: Option<&dyn std::error::Error> = Some(&e);
         while let Some(s) = source {
@@ -123,8 +135,7 @@ async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, E
             source = s.source();
         }
         EngineError::BadRequest("the request body could not be read".into())
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| EngineError::BadRequest(format!("invalid JSON body: {e}")))
+    })
 }
 
 impl AppState {
@@ -145,12 +156,12 @@ impl AppState {
             return Ok(p);
         }
         let present = headers.contains_key(header::AUTHORIZATION);
-        self.audit(
+        let event = AuditEvent::new(
             AuditKind::AuthRefused,
             Actor::Anonymous,
             json!({ "endpoint": what, "token_present": present }),
-        )
-        .await;
+        );
+        self.engine.audit_refused(event, "unauthorized").await;
         Err(Problem::unauthorized())
     }
 
@@ -160,12 +171,12 @@ impl AppState {
         if p.role == Role::Admin {
             return Ok(p);
         }
-        self.audit(
+        let event = AuditEvent::new(
             AuditKind::AuthRefused,
             Actor::from(&p),
             json!({ "endpoint": what, "reason": "not an admin" }),
-        )
-        .await;
+        );
+        self.engine.audit_refused(event, "forbidden").await;
         Err(Problem::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -201,6 +212,10 @@ struct PageQuery {
 type PageParams = Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>;
 
 /// The limit (1 to 1000, default 100) and cursor of a paged list.
+/// The address a request's connection came from.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
 /// A response that holds a secret (a token, a JWT-SVID): never cached, and
 /// never stored for an idempotent replay.
 pub(super) fn secret_response(status: StatusCode, body: impl serde::Serialize) -> Response {

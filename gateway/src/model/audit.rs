@@ -89,6 +89,8 @@ audit_kinds! {
     TokenRevoked => "token.revoked",
     /// Authentication or authorisation failed.
     AuthRefused => "auth.refused",
+    /// Refusals past the refusal budget, counted rather than written.
+    RefusalsSuppressed => "audit.refusals_suppressed",
     /// A trust source was created.
     TrustSourceCreated => "trust_source.created",
     /// A trust source was deleted.

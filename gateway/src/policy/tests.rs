@@ -8,7 +8,7 @@ fn attestation(ns: &str) -> Attestation {
         method: "k8s_sat".into(),
         subject: format!("ns/{ns}/sa/api"),
         selectors: vec![format!("k8s:ns:{ns}"), "k8s:sa:api".into()],
-        claims: serde_json::json!({"namespace": ns, "service_account": "api"}),
+        claims: serde_json::json!({"namespace": ns, "service_account": "api", "trust_source": "dev-cluster"}),
         single_use: None,
     }
 }

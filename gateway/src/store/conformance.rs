@@ -420,6 +420,56 @@ pub(super) async fn resources_are_stored_with_their_audit(store: Store) {
 }
 
 /// Generates one test per case for one backend.
+pub(super) async fn expired_records_are_purged_and_lineage_checked(store: Store) {
+    let now = now_unix();
+    for t in [
+        agent_token("old", None, now - 10),
+        agent_token("live", None, now + 600),
+        agent_token("child", Some("live"), now + 600),
+    ] {
+        assert_eq!(store.put_agent_token(t, Effects::default()).await.unwrap(), None);
+    }
+    // A child whose parent is revoked, or unknown, is not recorded.
+    let revoke = |jti: &str| RevocationFilter {
+        jti: Some(jti.into()),
+        ..Default::default()
+    };
+    store.revoke(revoke("child"), Actor::Castellan).await.unwrap();
+    let orphan = agent_token("grandchild", Some("child"), now + 600);
+    assert_eq!(
+        store.put_agent_token(orphan, Effects::default()).await.unwrap(),
+        Some("child".into())
+    );
+    assert!(store.agent_token("grandchild").await.unwrap().is_none());
+    let unknown = agent_token("stray", Some("nobody"), now + 600);
+    assert_eq!(
+        store.put_agent_token(unknown, Effects::default()).await.unwrap(),
+        Some("nobody".into())
+    );
+
+    store.purge_expired(now, 30 * 86_400).await.unwrap();
+    assert!(
+        store.agent_token("old").await.unwrap().is_none(),
+        "expired: forgotten"
+    );
+    assert!(store.agent_token("live").await.unwrap().is_some());
+    // The cascade still finds the children of what is kept.
+    let revoked = store.revoke(revoke("live"), Actor::Castellan).await.unwrap();
+    assert_eq!(
+        revoked.iter().map(|r| r.jti.as_str()).collect::<Vec<_>>(),
+        ["live"]
+    );
+    assert!(
+        store
+            .agent_token("child")
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_some()
+    );
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -436,6 +486,7 @@ macro_rules! conformance {
                 evidence_is_spent_once_while_it_matters,
                 idempotent_responses_are_kept_a_while,
                 resources_are_stored_with_their_audit,
+                expired_records_are_purged_and_lineage_checked,
             );
         }
     };

@@ -191,6 +191,22 @@ impl Txn for Data {
         self.spent.retain(|_, until| *until >= now);
         Ok(())
     }
+
+    fn purge_agent_tokens(&mut self, before: i64) -> Result<(), StoreError> {
+        self.agent_tokens.retain(|_, t| t.exp >= before);
+        Ok(())
+    }
+
+    fn purge_requests(&mut self, before: i64) -> Result<(), StoreError> {
+        self.requests
+            .retain(|_, r| !r.state.is_terminal() || r.expires_at >= before);
+        Ok(())
+    }
+
+    fn purge_revocations(&mut self, before: i64) -> Result<(), StoreError> {
+        self.revocations.retain(|_, r| r.exp >= before);
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]

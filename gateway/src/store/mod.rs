@@ -139,6 +139,12 @@ pub trait Txn {
     fn put_spent(&mut self, key: &str, until: i64) -> Result<(), StoreError>;
     /// Forgets marks that stopped mattering before `now`.
     fn purge_spent(&mut self, now: i64) -> Result<(), StoreError>;
+    /// Forgets agent tokens that expired before `before`.
+    fn purge_agent_tokens(&mut self, before: i64) -> Result<(), StoreError>;
+    /// Forgets decided requests whose deadline passed before `before`.
+    fn purge_requests(&mut self, before: i64) -> Result<(), StoreError>;
+    /// Forgets revocations of tokens that expired before `before`.
+    fn purge_revocations(&mut self, before: i64) -> Result<(), StoreError>;
 }
 
 /// Storage, and nothing else. Implementations: [`RedbBackend`] (the
@@ -459,6 +465,18 @@ impl Store {
     pub async fn spend(&self, key: &str, until: i64, now: i64) -> Result<bool, StoreError> {
         let key = key.to_owned();
         self.transact(move |t| rules::spend(t, &key, until, now)).await
+    }
+
+    /// Retention: forgets what no longer matters. Agent tokens and their
+    /// revocations once the token expired (relying parties refuse it then);
+    /// decided requests `request_retention` seconds after their deadline.
+    pub async fn purge_expired(&self, now: i64, request_retention: i64) -> Result<(), StoreError> {
+        self.transact(move |t| {
+            t.purge_agent_tokens(now)?;
+            t.purge_revocations(now)?;
+            t.purge_requests(now - request_retention)
+        })
+        .await
     }
 
     /// Forgets spent evidence that stopped mattering before `now`.

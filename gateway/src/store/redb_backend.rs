@@ -36,6 +36,8 @@ const SPENT: TableDefinition<&str, i64> = TableDefinition::new("spent_evidence")
 /// The audit chain's head, `<seq> <hash>`, kept beside the log so that an
 /// append reads a few bytes rather than decoding the last record.
 const AUDIT_HEAD: TableDefinition<&str, &str> = TableDefinition::new("audit_head");
+/// The revocation cascade's index: `<parent jti>\0<child jti>`.
+const AGENT_CHILDREN: TableDefinition<&str, ()> = TableDefinition::new("agent_token_children");
 const HEAD_KEY: &str = "head";
 
 /// Most units of work folded into one transaction.
@@ -84,6 +86,20 @@ impl RedbBackend {
             txn.open_table(SPENT).map_err(backend)?;
             txn.open_table(REVOCATIONS).map_err(backend)?;
             txn.open_table(AUDIT_HEAD).map_err(backend)?;
+            // A store written before the children index had it: build it.
+            let mut children = txn.open_table(AGENT_CHILDREN).map_err(backend)?;
+            if children.is_empty().map_err(backend)? {
+                let tokens = txn.open_table(AGENT_TOKENS).map_err(backend)?;
+                for row in tokens.iter().map_err(backend)? {
+                    let (_, v) = row.map_err(backend)?;
+                    let token: AgentToken = decode("agent token", v.value())?;
+                    if let Some(parent) = &token.parent_jti {
+                        children
+                            .insert(child_key(parent, &token.jti).as_str(), ())
+                            .map_err(backend)?;
+                    }
+                }
+            }
         }
         txn.commit().map_err(backend)?;
         let db = Arc::new(db);
@@ -170,6 +186,7 @@ struct Tables<'txn> {
     revocations: redb::Table<'txn, u64, &'static [u8]>,
     spent: redb::Table<'txn, &'static str, i64>,
     audit_head: redb::Table<'txn, &'static str, &'static str>,
+    children: redb::Table<'txn, &'static str, ()>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -188,6 +205,7 @@ impl<'txn> Tables<'txn> {
             revocations: txn.open_table(REVOCATIONS).map_err(backend)?,
             spent: txn.open_table(SPENT).map_err(backend)?,
             audit_head: txn.open_table(AUDIT_HEAD).map_err(backend)?,
+            children: txn.open_table(AGENT_CHILDREN).map_err(backend)?,
         })
     }
 
@@ -199,6 +217,11 @@ impl<'txn> Tables<'txn> {
         }
         Ok(out)
     }
+}
+
+/// The children index key of `child` under `parent`.
+fn child_key(parent: &str, child: &str) -> String {
+    format!("{parent}\0{child}")
 }
 
 fn last_key<V: redb::Value + 'static>(t: &redb::Table<'_, u64, V>) -> Result<u64, StoreError> {
@@ -335,6 +358,11 @@ impl Txn for Tables<'_> {
         self.agent_tokens
             .insert(token.jti.as_str(), bytes.as_slice())
             .map_err(backend)?;
+        if let Some(parent) = &token.parent_jti {
+            self.children
+                .insert(child_key(parent, &token.jti).as_str(), ())
+                .map_err(backend)?;
+        }
         Ok(())
     }
 
@@ -350,11 +378,19 @@ impl Txn for Tables<'_> {
     }
 
     fn agent_token_children(&mut self, parent_jti: &str) -> Result<Vec<AgentToken>, StoreError> {
-        Ok(self
-            .all_agent_tokens()?
-            .into_iter()
-            .filter(|t| t.parent_jti.as_deref() == Some(parent_jti))
-            .collect())
+        let (from, to) = (format!("{parent_jti}\0"), format!("{parent_jti}\u{1}"));
+        let mut jtis = Vec::new();
+        for row in self.children.range(from.as_str()..to.as_str()).map_err(backend)? {
+            let (k, _) = row.map_err(backend)?;
+            if let Some((_, child)) = k.value().split_once('\0') {
+                jtis.push(child.to_owned());
+            }
+        }
+        let mut out = Vec::new();
+        for jti in jtis {
+            out.extend(self.agent_token(&jti)?);
+        }
+        Ok(out)
     }
 
     fn last_revocation_seq(&mut self) -> Result<u64, StoreError> {
@@ -392,6 +428,37 @@ impl Txn for Tables<'_> {
 
     fn purge_spent(&mut self, now: i64) -> Result<(), StoreError> {
         self.spent.retain(|_, until| until >= now).map_err(backend)
+    }
+
+    fn purge_agent_tokens(&mut self, before: i64) -> Result<(), StoreError> {
+        let keep = |v: &[u8]| decode::<AgentToken>("agent token", v).map_or(true, |t| t.exp >= before);
+        self.agent_tokens.retain(|_, v| keep(v)).map_err(backend)?;
+        let mut gone = Vec::new();
+        for row in self.children.iter().map_err(backend)? {
+            let (k, _) = row.map_err(backend)?;
+            let key = k.value().to_owned();
+            if let Some((_, child)) = key.split_once('\0')
+                && self.agent_tokens.get(child).map_err(backend)?.is_none()
+            {
+                gone.push(key);
+            }
+        }
+        for key in gone {
+            self.children.remove(key.as_str()).map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    fn purge_requests(&mut self, before: i64) -> Result<(), StoreError> {
+        let keep = |v: &[u8]| {
+            decode::<Request>("request", v).map_or(true, |r| !r.state.is_terminal() || r.expires_at >= before)
+        };
+        self.requests.retain(|_, v| keep(v)).map_err(backend)
+    }
+
+    fn purge_revocations(&mut self, before: i64) -> Result<(), StoreError> {
+        let keep = |v: &[u8]| decode::<Revocation>("revocation", v).map_or(true, |r| r.exp >= before);
+        self.revocations.retain(|_, v| keep(v)).map_err(backend)
     }
 }
 

@@ -248,7 +248,7 @@ pub async fn fetch_jwks(url: &str) -> Result<Value, TrustError> {
         .map_err(|e| err(crate::util::error_chain(&e)))?;
     let fetch = async {
         let mut conn = endpoint.connect().await?;
-        conn.send(hyper::Method::GET, &path, None, None).await
+        conn.get_limited(&path, 1 << 20).await
     };
     let (status, body) = tokio::time::timeout(std::time::Duration::from_secs(10), fetch)
         .await
