@@ -750,3 +750,46 @@ fn floods_are_bounded_and_a_legitimate_client_is_served() {
         .sum();
     assert_eq!(written as u64 + suppressed, 500, "every refusal is accounted for");
 }
+
+/// Review item 16: an `https://` webhook needs no `ca_file` (the public web
+/// roots are built in; `ca_file` adds roots). And item 6: refused requests
+/// leave no idempotency record behind, so a flood of new keys stores nothing.
+#[test]
+fn https_webhooks_start_without_ca_file_and_refusals_store_no_idempotency() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("hook.secret"), "a-webhook-secret-of-length").unwrap();
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(
+        &config,
+        "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = { enabled = false }\n\
+         [[webhooks]]\nname = \"ops\"\nurl = \"https://hooks.example.com/castellan\"\nsecret_file = \"hook.secret\"\n",
+    )
+    .unwrap();
+    let server = Server::serve(&config, &tmp.path().join("data"));
+    assert_eq!(server.get("/healthz", None).status, 200);
+
+    let body = support::issuance_body("not-a-token", &csr().1, None);
+    let key = [("idempotency-key", "k-1")];
+    let first = server.post_with("/api/v1/workloads/attested-issuance", &body, None, &key);
+    first.assert_problem(422, "no-trust-source");
+    // Not remembered: the same key with another body is not "reused".
+    let other = support::issuance_body("still-not-a-token", &csr().1, None);
+    server
+        .post_with("/api/v1/workloads/attested-issuance", &other, None, &key)
+        .assert_problem(422, "no-trust-source");
+    // A challenge is never replayed: two asks, two nonces.
+    let ask = json!({"method": "x509pop"});
+    let a = server.post_with(
+        "/api/v1/attestation/challenges",
+        &ask,
+        None,
+        &[("idempotency-key", "c")],
+    );
+    let b = server.post_with(
+        "/api/v1/attestation/challenges",
+        &ask,
+        None,
+        &[("idempotency-key", "c")],
+    );
+    assert_ne!(a.body["nonce"], b.body["nonce"]);
+}

@@ -3,6 +3,9 @@
 //! Keys are scoped by the caller's credentials, kept 24 hours, and a request
 //! still in flight under a key makes a second one wait its turn (409).
 //!
+//! Only successful responses are remembered (a refusal changed nothing and
+//! simply runs again), and never a challenge's.
+//!
 //! A response that holds a secret (an API or join token, a JWT-SVID: every
 //! such response says `Cache-Control: no-store`) is never stored: only the
 //! ids it named are, and a replay is refused with `idempotency-secret`,
@@ -42,7 +45,9 @@ impl Drop for Claim {
 }
 
 pub(super) async fn layer(State(state): State<AppState>, req: Request<Body>, next: Next) -> Response {
-    if req.method() != Method::POST {
+    // A challenge is a fresh nonce by definition: a replay would defeat it,
+    // and anyone may ask for one, so nothing is remembered for it.
+    if req.method() != Method::POST || req.uri().path() == "/api/v1/attestation/challenges" {
         return next.run(req).await;
     }
     let Some(key) = req
@@ -134,8 +139,10 @@ pub(super) async fn layer(State(state): State<AppState>, req: Request<Body>, nex
         Claim(scope.clone())
     };
     let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
-    // Server errors are not remembered: a retry should get another chance.
-    if resp.status().is_server_error() {
+    // Only what changed something is remembered: a refusal or a server error
+    // changed nothing, so a retry simply runs again. (Otherwise a flood of
+    // refused requests, each with a new key, would fill the table.)
+    if !resp.status().is_success() {
         return resp;
     }
     let (parts, body) = resp.into_parts();
