@@ -77,6 +77,11 @@ pub struct Conn {
 }
 
 impl Endpoint {
+    /// `host:port`.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
     /// Parses `http://host:port` or `https://host:port`. For https the CA
     /// file is required: Castellan's server certificate comes from its own CA.
     pub fn parse(url: &str, ca_file: Option<&Path>) -> Result<Self, ClientError> {
@@ -171,13 +176,36 @@ impl Endpoint {
 
     /// Opens a connection.
     pub async fn connect(&self) -> Result<Conn, ClientError> {
+        self.connect_from(None).await
+    }
+
+    /// Connects from a given local address (a load tool telling its clients
+    /// apart on loopback: 127.0.0.2 is another client than 127.0.0.1).
+    pub async fn connect_from(&self, local: Option<std::net::IpAddr>) -> Result<Conn, ClientError> {
         let connect_error = |source| ClientError::Connect {
             authority: self.authority.clone(),
             source,
         };
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(connect_error)?;
+        let tcp = match local {
+            None => TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(connect_error)?,
+            Some(ip) => {
+                let remote = tokio::net::lookup_host((self.host.as_str(), self.port))
+                    .await
+                    .map_err(connect_error)?
+                    .next()
+                    .ok_or_else(|| connect_error(std::io::Error::other("no address")))?;
+                let socket = if ip.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()
+                } else {
+                    tokio::net::TcpSocket::new_v6()
+                }
+                .map_err(connect_error)?;
+                socket.bind((ip, 0).into()).map_err(connect_error)?;
+                socket.connect(remote).await.map_err(connect_error)?
+            }
+        };
         tcp.set_nodelay(true).map_err(connect_error)?;
         let sender =
             match &self.tls {

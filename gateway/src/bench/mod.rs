@@ -4,6 +4,8 @@
 //! a chosen concurrency over keep-alive connections, and prints issuances/s
 //! and latency percentiles. It measures; it asserts nothing.
 
+mod flood;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -46,6 +48,8 @@ impl Report {
         self.issued as f64 / self.elapsed.as_secs_f64()
     }
 }
+
+pub use flood::{FloodOptions, run_flood};
 
 /// A trust source the load tool registers for itself, and removes after.
 struct BenchSource {

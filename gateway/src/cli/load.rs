@@ -24,6 +24,30 @@ pub(super) enum BenchCommand {
     /// Many open Workload API streams: server memory per stream, time to push
     /// a rotation to all of them, then FetchJWTSVID per second.
     WorkloadApi(BenchWorkloadApi),
+    /// A legitimate client's issuances and challenges, alone and during each
+    /// flood (challenges, half-sent requests, refusals with new idempotency keys).
+    Flood(BenchFlood),
+}
+
+#[derive(Args)]
+pub(super) struct BenchFlood {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// File holding the admin API token.
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Seconds each phase lasts.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Attacking tasks.
+    #[arg(long, default_value_t = 64)]
+    attackers: usize,
+    /// The attackers' local address (another loopback address than the client's).
+    #[arg(long, default_value = "127.0.0.1")]
+    attacker_ip: std::net::IpAddr,
+    /// The legitimate client's local address.
+    #[arg(long, default_value = "127.0.0.2")]
+    client_ip: std::net::IpAddr,
 }
 
 #[derive(Args)]
@@ -141,7 +165,50 @@ pub(super) async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Broker(args) => bench_broker(args).await,
         BenchCommand::WorkloadApi(args) => bench_workload_api(args).await,
         BenchCommand::Attestors(args) => bench_attestors(args).await,
+        BenchCommand::Flood(args) => bench_flood(args).await,
     }
+}
+
+async fn bench_flood(args: BenchFlood) -> anyhow::Result<ExitCode> {
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("{}", args.token_file.display()))?
+        .trim()
+        .to_owned();
+    let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
+    let phases = crate::bench::run_flood(crate::bench::FloodOptions {
+        endpoint,
+        admin_token: token,
+        seconds: args.seconds,
+        attackers: args.attackers,
+        attacker_ip: args.attacker_ip,
+        client_ip: args.client_ip,
+    })
+    .await?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "{:<36}  {:>9}  {:>8}  {:>6}  {:>10}  {:>8}  {:>8}",
+        "phase", "attacks", "issued", "failed", "challenges", "p50 ms", "p99 ms"
+    );
+    for p in &phases {
+        println!(
+            "{:<36}  {:>9}  {:>8}  {:>6}  {:>10}  {:>8.2}  {:>8.2}",
+            p.name,
+            p.attacks,
+            p.issued,
+            p.failed,
+            format!("{}/{}", p.challenges_ok, p.challenges_ok + p.challenges_failed),
+            ms(p.p50),
+            ms(p.p99)
+        );
+    }
+    let served = phases
+        .iter()
+        .all(|p| p.issued > 0 && p.failed == 0 && p.challenges_failed == 0);
+    Ok(if served {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn bench(args: BenchIssuance) -> anyhow::Result<ExitCode> {
