@@ -218,18 +218,17 @@ async fn attack(
             let mut held = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 held.retain(|s: &tokio::net::TcpStream| s.peer_addr().is_ok());
-                if held.len() < 8 {
-                    if let Ok(socket) = tokio::net::TcpSocket::new_v4()
-                        && socket.bind((ip, 0).into()).is_ok()
-                        && let Ok(remote) = addr.parse::<std::net::SocketAddr>()
-                        && let Ok(mut s) = socket.connect(remote).await
-                    {
-                        let _ = s
-                            .write_all(b"POST /api/v1/ephemeral HTTP/1.1\r\nHost: x\r\n")
-                            .await;
-                        attacks.fetch_add(1, Ordering::Relaxed);
-                        held.push(s);
-                    }
+                if held.len() < 8
+                    && let Ok(socket) = tokio::net::TcpSocket::new_v4()
+                    && socket.bind((ip, 0).into()).is_ok()
+                    && let Ok(remote) = addr.parse::<std::net::SocketAddr>()
+                    && let Ok(mut s) = socket.connect(remote).await
+                {
+                    let _ = s
+                        .write_all(b"POST /api/v1/ephemeral HTTP/1.1\r\nHost: x\r\n")
+                        .await;
+                    attacks.fetch_add(1, Ordering::Relaxed);
+                    held.push(s);
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
