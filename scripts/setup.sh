@@ -27,3 +27,22 @@ if ! tpm_ready; then
     "${sudo[@]}" apt-get install -y --no-install-recommends "${tpm_packages[@]}"
   fi
 fi
+
+# Python with a real gRPC C-core client (grpcio) for the Workload API tests:
+# stock clients built on C-core (py-spiffe, C++, Ruby) are tested with it.
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="$root/target/grpc-venv"
+if ! "$venv/bin/python" -c "import grpc" 2>/dev/null; then
+  if ! python3 -m venv --help >/dev/null 2>&1; then
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
+    export DEBIAN_FRONTEND=noninteractive
+    if ! "${sudo[@]}" apt-get install -y --no-install-recommends python3 python3-venv; then
+      "${sudo[@]}" apt-get update
+      "${sudo[@]}" apt-get install -y --no-install-recommends python3 python3-venv
+    fi
+  fi
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "grpcio==1.85.*"
+fi

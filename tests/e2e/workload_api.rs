@@ -584,3 +584,52 @@ async fn exec_after_connect_gets_no_identity() {
                 && e.to_string().contains("not the one that connected"))
     );
 }
+
+/// A stock gRPC C-core client (Python's grpcio, as py-spiffe uses it, with
+/// default options): it sends the socket's path as `:authority`.
+const GRPCIO_CLIENT: &str = r#"
+import sys, grpc
+target = sys.argv[1]
+channel = grpc.insecure_channel(target)
+meta = [("workload.spiffe.io", "true")]
+x509 = channel.unary_stream("/SpiffeWorkloadAPI/FetchX509SVID",
+    request_serializer=lambda m: m, response_deserializer=lambda b: b)
+for response in x509(b"", metadata=meta, timeout=20):
+    print("x509", len(response))
+    break
+# JWTSVIDRequest{audience: ["relying-party"]}
+jwt = channel.unary_unary("/SpiffeWorkloadAPI/FetchJWTSVID",
+    request_serializer=lambda m: m, response_deserializer=lambda b: b)
+print("jwt", len(jwt(b"\x0a\x0drelying-party", metadata=meta, timeout=20)))
+"#;
+
+/// Issue 14: clients on gRPC C-core send the socket path as `:authority`
+/// (grpcio percent-encodes it); they get their SVIDs unchanged.
+#[test]
+fn a_grpc_c_core_client_works_unchanged() {
+    let server = Server::dev();
+    entry(
+        &server,
+        "spiffe://example.org/python",
+        &format!("unix:uid:{}", my_uid()),
+        "",
+    );
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/grpc-venv/bin/python");
+    let socket = server.dir.join("workload.sock");
+    for target in [
+        format!("unix:{}", socket.display()),
+        format!("unix://{}", socket.display()),
+    ] {
+        let out = std::process::Command::new(&python)
+            .args(["-c", GRPCIO_CLIENT, &target])
+            .output()
+            .expect("scripts/setup.sh installs grpcio in target/grpc-venv");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{target}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("x509 ") && stdout.contains("jwt "), "{stdout}");
+    }
+}
