@@ -51,7 +51,7 @@ pub enum SignerError {
 }
 
 /// The algorithms JWT-SVIDs are signed with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum JwtAlg {
     /// ECDSA P-256 with SHA-256: the default, and what agent identities and
     /// join tokens use.

@@ -633,3 +633,37 @@ fn a_grpc_c_core_client_works_unchanged() {
         assert!(stdout.contains("x509 ") && stdout.contains("jwt "), "{stdout}");
     }
 }
+
+/// Issue 14: SVIDs are cached per identity and served identically to every
+/// caller entitled to them, as a SPIRE agent does: reconnecting callers get
+/// the same key, and a JWT-SVID is reused per audience until half its life.
+#[tokio::test]
+async fn svids_are_shared_per_identity_until_half_life() {
+    let server = Server::dev();
+    entry(
+        &server,
+        "spiffe://example.org/shared",
+        &format!("unix:uid:{}", my_uid()),
+        "",
+    );
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        let c = client(&server).await;
+        let svid = c.fetch_x509_svid().await.unwrap();
+        keys.push(svid.private_key().as_ref().to_vec());
+    }
+    assert!(keys.windows(2).all(|w| w[0] == w[1]), "one key for the identity");
+    let issued = server
+        .audit()
+        .iter()
+        .filter(|e| e["kind"] == "workload_api.x509_issued")
+        .count();
+    assert_eq!(issued, 1, "minted once for three callers");
+
+    let c = client(&server).await;
+    let a = c.fetch_jwt_svid(&["relying-party"], None).await.unwrap();
+    let b = c.fetch_jwt_svid(&["relying-party"], None).await.unwrap();
+    let other = c.fetch_jwt_svid(&["someone-else"], None).await.unwrap();
+    assert_eq!(a.token(), b.token(), "reused for the same audience");
+    assert_ne!(a.token(), other.token());
+}

@@ -895,6 +895,8 @@ impl Engine {
             // In-memory state shrinks with what it tracks.
             if ticks % 60 == 3 {
                 self.forget_expired_revocations(now);
+                let entries = self.entries.clone();
+                self.svids.prune(&|id| entries.get(id).is_some(), now);
                 self.watchers
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

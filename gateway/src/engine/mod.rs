@@ -170,6 +170,8 @@ pub struct Engine {
     replay: ReplayCache,
     /// How many refusals are written to the audit log one by one.
     refusals: refusals::RefusalBudget,
+    /// Workload API SVIDs shared by the callers of one entry.
+    svids: workload::SvidCache,
     /// Delegation verification and the revoked-token set.
     delegations: broker::Delegations,
     /// Waiters per ephemeral request id, woken on every transition.
@@ -197,6 +199,7 @@ impl Engine {
             admission: Admission::new(parts.max_in_flight, max_waiting),
             replay: ReplayCache::default(),
             refusals: refusals::RefusalBudget::default(),
+            svids: workload::SvidCache::default(),
             delegations,
             watchers: Mutex::new(HashMap::new()),
         }))

@@ -4,7 +4,8 @@
 //! matching entry passes `castellan.workload_api`, and SVIDs are minted,
 //! recorded in the inventory and audited before they are handed out.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 
@@ -47,6 +48,79 @@ pub struct WorkloadSvid {
     /// hands out a private key: the standard asks it to).
     pub key_der: Vec<u8>,
     pub not_after: i64,
+    /// When it is renewed: half way through its life.
+    pub rotate_at: i64,
+}
+
+/// SVIDs shared by every caller entitled to the same entry, as a SPIRE agent
+/// shares them: an X.509-SVID (key included) per entry until half its life,
+/// or until the entry or the signing authority changes; a JWT-SVID per
+/// (entry, audience, algorithm) until half its life. A thousand callers
+/// reconnecting cost one signature per identity, and a caller sees new
+/// material only when it really rotates.
+#[derive(Default)]
+pub(super) struct SvidCache {
+    x509: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<CachedX509>>>>>,
+    jwt: Mutex<HashMap<JwtKey, CachedJwt>>,
+}
+
+/// (entry id, sorted audience, algorithm).
+type JwtKey = (String, Vec<String>, JwtAlg);
+
+/// JWT-SVIDs cached at once, at most: callers choose audiences freely.
+const MAX_CACHED_JWTS: usize = 16_384;
+
+struct CachedX509 {
+    entry: Entry,
+    authority: String,
+    svid: WorkloadSvid,
+}
+
+struct CachedJwt {
+    entry: Entry,
+    authority: String,
+    token: String,
+    rotate_at: i64,
+}
+
+impl SvidCache {
+    fn x509_slot(&self, entry_id: &str) -> Arc<tokio::sync::Mutex<Option<CachedX509>>> {
+        let mut slots = self.x509.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(entry_id.to_owned()).or_default().clone()
+    }
+
+    fn jwt(&self, key: &JwtKey, entry: &Entry, authority: &str, now: i64) -> Option<String> {
+        let cache = self.jwt.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(key)
+            .filter(|c| c.entry == *entry && c.authority == authority && now < c.rotate_at)
+            .map(|c| c.token.clone())
+    }
+
+    fn put_jwt(&self, key: JwtKey, cached: CachedJwt) {
+        let mut cache = self.jwt.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_CACHED_JWTS {
+            let now = now_unix();
+            cache.retain(|_, c| now < c.rotate_at);
+            if cache.len() >= MAX_CACHED_JWTS {
+                cache.clear();
+            }
+        }
+        cache.insert(key, cached);
+    }
+
+    /// Forgets what belongs to entries that no longer exist, and expired
+    /// JWT-SVIDs.
+    pub(super) fn prune(&self, live: &dyn Fn(&str) -> bool, now: i64) {
+        self.x509
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| live(id));
+        self.jwt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(id, _, _), c| live(id) && now < c.rotate_at);
+    }
 }
 
 /// A JWT-SVID minted for a Workload API caller.
@@ -166,18 +240,23 @@ impl Engine {
         attestation: &Attestation,
         entries: &[Arc<Entry>],
     ) -> Result<Vec<WorkloadSvid>, EngineError> {
-        let (engine, list) = (self.clone(), entries.to_vec());
-        let minted = self
-            .blocking(move || {
-                let mut out = Vec::with_capacity(list.len());
-                for entry in list {
-                    out.push(engine.mint_workload_svid(entry)?);
-                }
-                Ok(out)
-            })
-            .await?;
-        let mut effects = Effects::default();
-        for (svid, cert) in &minted {
+        let authority = self.authority_fingerprint();
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            // One mint per entry at a time: callers arriving together wait
+            // for it and share the result.
+            let slot = self.svids.x509_slot(&entry.id);
+            let mut cached = slot.lock().await;
+            if let Some(c) = cached.as_ref()
+                && c.entry == **entry
+                && c.authority == authority
+                && now_unix() < c.svid.rotate_at
+            {
+                out.push(c.svid.clone());
+                continue;
+            }
+            let (engine, e) = (self.clone(), entry.clone());
+            let (svid, cert) = self.blocking(move || engine.mint_workload_svid(e)).await?;
             let record = CertificateRecord {
                 serial: cert.serial.clone(),
                 spiffe_id: svid.entry.spiffe_id.clone(),
@@ -190,7 +269,7 @@ impl Engine {
                 issued_at: rfc3339(time::OffsetDateTime::now_utc()),
                 selectors: attestation.selectors.clone(),
             };
-            effects.audit.push(AuditEvent::new(
+            let event = AuditEvent::new(
                 AuditKind::WorkloadX509Issued,
                 Actor::workload(&attestation.method, &attestation.subject),
                 json!({
@@ -201,11 +280,30 @@ impl Engine {
                     "selectors": attestation.selectors,
                     "not_after": record.not_after,
                 }),
-            ));
-            effects.certificates.push(record);
+            );
+            self.store
+                .record(Effects {
+                    audit: vec![event],
+                    certificates: vec![record],
+                    ..Effects::default()
+                })
+                .await?;
+            *cached = Some(CachedX509 {
+                entry: entry.as_ref().clone(),
+                authority: authority.clone(),
+                svid: svid.clone(),
+            });
+            out.push(svid);
         }
-        self.store.record(effects).await?;
-        Ok(minted.into_iter().map(|(svid, _)| svid).collect())
+        Ok(out)
+    }
+
+    /// What identifies the current signing authorities: a cached SVID from
+    /// other ones is stale.
+    fn authority_fingerprint(&self) -> String {
+        let mut both = self.signer.bundle_pem().as_bytes().to_vec();
+        both.extend_from_slice(self.signer.intermediates_pem().as_bytes());
+        sha256_hex(&both)
     }
 
     /// One X.509-SVID and its key. Blocking.
@@ -228,11 +326,13 @@ impl Engine {
             not_after: cert.not_after,
             spki_sha256: sha256_hex(&spki),
         };
+        let (from, until) = (cert.not_before.unix_timestamp(), cert.not_after.unix_timestamp());
         let svid = WorkloadSvid {
             entry,
             certificate_der: cert.der,
             key_der: key.serialize_der(),
-            not_after: cert.not_after.unix_timestamp(),
+            not_after: until,
+            rotate_at: from + (until - from) / 2,
         };
         Ok((svid, minted))
     }
@@ -258,14 +358,30 @@ impl Engine {
         audience: Vec<String>,
         alg: JwtAlg,
     ) -> Result<Vec<WorkloadJwt>, EngineError> {
+        let authority = self.authority_fingerprint();
+        let mut sorted = audience.clone();
+        sorted.sort();
+        sorted.dedup();
+        let now = now_unix();
+        let key = |e: &Entry| (e.id.clone(), sorted.clone(), alg);
+        let (mut out, mut missing) = (Vec::new(), Vec::new());
+        for entry in entries {
+            match self.svids.jwt(&key(&entry), &entry, &authority, now) {
+                Some(token) => out.push(WorkloadJwt { entry, token }),
+                None => missing.push(entry),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
         let engine = self.clone();
         let aud = audience.clone();
         // RSA signing takes milliseconds: keep it off the async workers.
         let (minted, iat) = self
             .blocking(move || {
                 let now = now_unix();
-                let mut out = Vec::with_capacity(entries.len());
-                for entry in entries {
+                let mut out = Vec::with_capacity(missing.len());
+                for entry in missing {
                     let claims = JwtSvidClaims {
                         sub: SpiffeId::parse(&entry.spiffe_id)
                             .map_err(|_| EngineError::Corrupt("entry spiffe_id"))?,
@@ -300,7 +416,19 @@ impl Engine {
             ..Effects::default()
         };
         self.store.record(effects).await?;
-        Ok(minted)
+        for m in &minted {
+            self.svids.put_jwt(
+                key(&m.entry),
+                CachedJwt {
+                    entry: m.entry.as_ref().clone(),
+                    authority: authority.clone(),
+                    token: m.token.clone(),
+                    rotate_at: iat + (m.entry.jwt_svid_ttl as i64) / 2,
+                },
+            );
+        }
+        out.extend(minted);
+        Ok(out)
     }
 }
 

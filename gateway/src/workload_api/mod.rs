@@ -295,14 +295,14 @@ impl WorkloadApi {
         map
     }
 
-    /// Mints an X.509-SVID with a fresh key for each entry, through the
-    /// engine (which records and audits them).
+    /// The X.509-SVIDs of these entries, through the engine: shared by every
+    /// caller of an entry, minted (recorded and audited) only when due.
     async fn mint(&self, attestation: &Attestation, entries: &[Arc<Entry>]) -> Result<Minted, EngineError> {
         let minted = self.engine.workload_x509(attestation, entries).await?;
         let bundle = self.bundle_der();
         let intermediates = pem_to_der(self.engine.signer.intermediates_pem());
         let mut hints = std::collections::HashSet::new();
-        let mut soonest = i64::MAX;
+        let mut rotate = i64::MAX;
         let mut svids = Vec::with_capacity(minted.len());
         for m in minted {
             // Hints are unique within a response: the first entry keeps it.
@@ -311,7 +311,7 @@ impl WorkloadApi {
             } else {
                 String::new()
             };
-            soonest = soonest.min(m.not_after);
+            rotate = rotate.min(m.rotate_at);
             let mut chain = m.certificate_der;
             chain.extend_from_slice(&intermediates);
             svids.push(X509svid {
@@ -322,11 +322,13 @@ impl WorkloadApi {
                 hint,
             });
         }
-        let half = ((soonest - now_unix()).max(2) / 2) as u64;
+        // Wake when the first of them is due for renewal (the shared cache
+        // renews at half-life); at least a second from now.
+        let wait = (rotate - now_unix()).max(1) as u64;
         Ok(Minted {
             entries: entries.iter().map(|e| e.as_ref().clone()).collect(),
             svids,
-            rotate_at: tokio::time::Instant::now() + Duration::from_secs(half),
+            rotate_at: tokio::time::Instant::now() + Duration::from_secs(wait),
         })
     }
 
@@ -362,11 +364,17 @@ impl WorkloadApi {
                 }
             };
             let current: Vec<Entry> = entries.iter().map(|e| e.as_ref().clone()).collect();
-            let stale = minted
+            let mut stale = minted
                 .as_ref()
                 .is_none_or(|m| m.entries != current || tokio::time::Instant::now() >= m.rotate_at);
             if stale {
                 match self.mint(&attestation, &entries).await {
+                    // The same SVIDs again (another caller already renewed
+                    // them, or nothing was due): nothing new to send.
+                    Ok(m) if minted.as_ref().is_some_and(|old| old.svids == m.svids) => {
+                        stale = false;
+                        minted = Some(m);
+                    }
                     Ok(m) => minted = Some(m),
                     Err(EngineError::Overloaded) => {
                         tokio::time::sleep(OVERLOAD_RETRY).await;
