@@ -506,6 +506,13 @@ async fn broker_identities_are_minted_or_escalated_then_minted_on_approval() {
         .unwrap();
     assert_eq!(revoked.len(), 1);
     assert_eq!(w.engine.introspect(&jwt).await["active"], false);
+    assert!(w.engine.is_revoked(&granted.jti));
+    // The in-memory set forgets a revoked token once it has expired (the
+    // registry keeps refusing it until its record is purged).
+    w.engine
+        .forget_expired_revocations(crate::util::now_unix() + 86_400);
+    assert!(!w.engine.is_revoked(&granted.jti));
+    assert_eq!(w.engine.introspect(&jwt).await["active"], false);
 }
 
 #[tokio::test]
