@@ -667,3 +667,38 @@ async fn svids_are_shared_per_identity_until_half_life() {
     assert_eq!(a.token(), b.token(), "reused for the same audience");
     assert_ne!(a.token(), other.token());
 }
+
+/// Issue 14: an `X509Source` (which reconnects after its first sync) and any
+/// other caller of the same entry see one SVID: no spurious rotation.
+#[tokio::test]
+async fn an_x509_source_and_other_callers_see_one_svid() {
+    let server = Server::dev();
+    entry(
+        &server,
+        "spiffe://example.org/steady",
+        &format!("unix:uid:{}", my_uid()),
+        "",
+    );
+    let source = spiffe::X509Source::builder()
+        .endpoint(format!("unix:{}", server.dir.join("workload.sock").display()))
+        .build()
+        .await
+        .unwrap();
+    let leaf = |s: &spiffe::X509Svid| s.leaf().as_bytes().to_vec();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let first = leaf(&source.svid().unwrap());
+    let other = client(&server).await.fetch_x509_svid().await.unwrap();
+    assert_eq!(
+        leaf(&other),
+        first,
+        "another caller of the entry gets the same SVID"
+    );
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            leaf(&source.svid().unwrap()),
+            first,
+            "no rotation before half-life"
+        );
+    }
+}
