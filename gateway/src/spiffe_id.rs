@@ -37,6 +37,17 @@ impl serde::Serialize for SpiffeId {
     }
 }
 
+/// Whether `seg` may be one segment of a SPIFFE ID's path: letters,
+/// digits, `.`, `-` and `_`, and neither empty, `.` nor `..`.
+pub fn valid_path_segment(seg: &str) -> bool {
+    !seg.is_empty()
+        && seg != "."
+        && seg != ".."
+        && seg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
 impl SpiffeId {
     /// Parses and validates a SPIFFE ID.
     pub fn parse(s: &str) -> Result<Self, SpiffeIdError> {
@@ -49,15 +60,8 @@ impl SpiffeId {
             None => (rest, ""),
         };
         validate_trust_domain(td)?;
-        if !path.is_empty() {
-            for seg in path[1..].split('/') {
-                let ok_chars = seg
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-                if seg.is_empty() || seg == "." || seg == ".." || !ok_chars {
-                    return Err(SpiffeIdError::Path);
-                }
-            }
+        if !path.is_empty() && !path[1..].split('/').all(valid_path_segment) {
+            return Err(SpiffeIdError::Path);
         }
         Ok(Self {
             trust_domain: td.to_owned(),

@@ -212,12 +212,7 @@ pub fn new_api_token(name: &str, role: Role, groups: Vec<String>) -> (String, To
 /// (`spiffe://<td>/user/<name>`), so only its characters are allowed
 /// (letters, digits, `-`, `_`, `.`; not `.` or `..`).
 pub fn valid_token_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    s.len() <= 64 && crate::spiffe_id::valid_path_segment(s)
 }
 
 /// Valid group and display names: what can safely sit in a log line.

@@ -556,9 +556,7 @@ impl Engine {
             chain_pem: cert.as_ref().map(|c| c.chain_pem.clone()),
             bundle_pem: cert.as_ref().map(|c| c.bundle_pem.clone()),
             scopes: grant.scopes.clone(),
-            expires_at: rfc3339(
-                time::OffsetDateTime::from_unix_timestamp(exp).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
-            ),
+            expires_at: crate::util::rfc3339_unix(exp),
             expires_in: ttl as u64,
             delegation_chain: grant.chain.clone(),
             jti,

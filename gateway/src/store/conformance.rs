@@ -447,7 +447,25 @@ pub(super) async fn expired_records_are_purged_and_lineage_checked(store: Store)
         Some("nobody".into())
     );
 
+    // A decided request past the retention, one within it, a pending one.
+    for (id, state, deadline) in [
+        ("decided-long-ago", State::Denied, now - 31 * 86_400),
+        ("decided-lately", State::Issued, now - 86_400),
+        ("waiting", State::Pending, now - 31 * 86_400),
+    ] {
+        let mut r = request(id, "2026-01-01T00:00:00Z");
+        r.state = state;
+        r.expires_at = deadline;
+        store.create_request(r, Effects::default()).await.unwrap();
+    }
+
     store.purge_expired(now, 30 * 86_400).await.unwrap();
+    assert!(store.get_request("decided-long-ago").await.unwrap().is_none());
+    assert!(store.get_request("decided-lately").await.unwrap().is_some());
+    assert!(
+        store.get_request("waiting").await.unwrap().is_some(),
+        "open requests stay"
+    );
     assert!(
         store.agent_token("old").await.unwrap().is_none(),
         "expired: forgotten"

@@ -32,6 +32,11 @@ pub enum TrustError {
     /// The JWKS is unusable; the text says which key and why.
     #[error("jwks: {0}")]
     Jwks(String),
+    /// The name cannot be part of a SPIFFE ID.
+    #[error(
+        "name `{0}` must be 1-64 letters, digits, `-`, `_` or `.`: it prefixes the identities the source proves"
+    )]
+    Name(String),
     /// Another trust source already has this name.
     #[error("a trust source named `{0}` already exists")]
     Duplicate(String),

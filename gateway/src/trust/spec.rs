@@ -112,6 +112,11 @@ impl TrustSourceSpec {
         if self.name.trim().is_empty() {
             return Err(TrustError::Missing("name"));
         }
+        // By default a source's name prefixes the identities it proves
+        // (data.castellan.source_prefixes), so it must be a path segment.
+        if self.name.len() > 64 || !crate::spiffe_id::valid_path_segment(&self.name) {
+            return Err(TrustError::Name(self.name.chars().take(64).collect()));
+        }
         // Bundles can bring new methods: only the name's shape is checked
         // here; the server checks that a module serves it.
         let valid = !self.method.is_empty()
