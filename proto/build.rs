@@ -1,15 +1,25 @@
-//! Generates the Workload API server code with a vendored `protoc`, so the
-//! build needs nothing installed beyond cargo.
+//! Generates the Workload API and SDS code with a vendored `protoc` (and its
+//! well-known types), so the build needs nothing installed beyond cargo.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a build script reports failure by panicking
 
 fn main() {
     let protoc = protoc_bin_vendored::protoc_bin_path().expect("vendored protoc");
     // SAFETY-free: build scripts are single-threaded; the variable is read by the builder below.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    println!("cargo:rerun-if-changed=workload.proto");
+    let well_known = protoc_bin_vendored::include_path().expect("vendored well-known types");
+    for dir in ["workload.proto", "envoy", "google"] {
+        println!("cargo:rerun-if-changed={dir}");
+    }
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&["workload.proto"], &["."])
-        .expect("compile workload.proto");
+        .compile_protos(
+            &[
+                "workload.proto",
+                "envoy/service/secret/v3/sds.proto",
+                "envoy/extensions/transport_sockets/tls/v3/secret.proto",
+            ],
+            &[".", well_known.to_str().expect("a UTF-8 path")],
+        )
+        .expect("compile the protos");
 }

@@ -29,10 +29,11 @@ if ! tpm_ready; then
 fi
 
 # Python with a real gRPC C-core client (grpcio) for the Workload API tests:
-# stock clients built on C-core (py-spiffe, C++, Ruby) are tested with it.
+# stock clients built on C-core (py-spiffe, C++, Ruby) are tested with it, and
+# with xds-protos (code generated from Envoy's official protos) as an SDS client.
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$root/target/grpc-venv"
-if ! "$venv/bin/python" -c "import grpc" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import grpc, yaml, envoy.service.secret.v3.sds_pb2_grpc" 2>/dev/null; then
   if ! python3 -m venv --help >/dev/null 2>&1; then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
@@ -42,7 +43,9 @@ if ! "$venv/bin/python" -c "import grpc" 2>/dev/null; then
       "${sudo[@]}" apt-get install -y --no-install-recommends python3 python3-venv
     fi
   fi
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "grpcio==1.85.*"
+  if [ ! -x "$venv/bin/pip" ]; then
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "grpcio==1.85.*" "xds-protos==1.85.*" "PyYAML==6.*"
 fi

@@ -104,6 +104,38 @@ pub struct WorkloadApiConfig {
     pub exe_sha256: bool,
     /// Signature algorithm of JWT-SVIDs: `ES256` or `RS256`. Default: `ES256`.
     pub jwt_svid_algorithm: String,
+    /// Envoy's Secret Discovery Service on the same socket.
+    pub sds: SdsConfig,
+}
+
+/// Names of the SDS secrets that stand for something else, as a SPIRE
+/// agent's `sds` block has them. Any other name is a SPIFFE ID (a TLS
+/// certificate) or a trust domain ID (a validation context).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SdsConfig {
+    /// The caller's first SVID. Default: `default`.
+    pub default_svid_name: String,
+    /// The validation context of Castellan's own trust domain. Default: `ROOTCA`.
+    pub default_bundle_name: String,
+    /// One validation context for every trust domain the caller may trust
+    /// (SPIFFE validation only). Default: `ALL`.
+    pub default_all_bundles_name: String,
+    /// Send plain `trusted_ca` validation contexts rather than Envoy's SPIFFE
+    /// certificate validator. A caller may override it with the node metadata
+    /// key `disable_spiffe_cert_validation`. Default: false.
+    pub disable_spiffe_cert_validation: bool,
+}
+
+impl Default for SdsConfig {
+    fn default() -> Self {
+        Self {
+            default_svid_name: "default".into(),
+            default_bundle_name: "ROOTCA".into(),
+            default_all_bundles_name: "ALL".into(),
+            disable_spiffe_cert_validation: false,
+        }
+    }
 }
 
 impl WorkloadApiConfig {
@@ -122,6 +154,7 @@ impl Default for WorkloadApiConfig {
             socket: None,
             exe_sha256: false,
             jwt_svid_algorithm: "ES256".into(),
+            sds: SdsConfig::default(),
         }
     }
 }
@@ -500,6 +533,28 @@ impl Config {
                     self.workload_api.jwt_svid_algorithm
                 ),
             });
+        }
+        let sds = &self.workload_api.sds;
+        let sds_names = [
+            ("workload_api.sds.default_svid_name", &sds.default_svid_name),
+            ("workload_api.sds.default_bundle_name", &sds.default_bundle_name),
+            (
+                "workload_api.sds.default_all_bundles_name",
+                &sds.default_all_bundles_name,
+            ),
+        ];
+        for (i, (key, name)) in sds_names.iter().enumerate() {
+            if name.is_empty()
+                || name.starts_with("spiffe://")
+                || sds_names[..i].iter().any(|(_, n)| n == name)
+            {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!(
+                        "`{name}` must be non-empty, distinct from the other SDS names and not a SPIFFE ID"
+                    ),
+                });
+            }
         }
         if !(1..=86_400).contains(&self.federation.refresh_hint_seconds) {
             return Err(ConfigError::Invalid {

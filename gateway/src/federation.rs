@@ -209,6 +209,11 @@ impl TrustBundle {
         })
     }
 
+    /// The X.509 authorities, DER, one by one.
+    pub fn x509_authorities(&self) -> impl Iterator<Item = &[u8]> {
+        self.x509_authorities.iter().map(Vec::as_slice)
+    }
+
     /// The X.509 authorities concatenated, as the Workload API carries them.
     pub fn x509_der(&self) -> Vec<u8> {
         self.x509_authorities.concat()

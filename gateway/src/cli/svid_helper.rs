@@ -17,7 +17,6 @@ use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use base64::Engine as _;
 use clap::Args;
 use clap::builder::NonEmptyStringValueParser;
 use nix::sys::signal::Signal;
@@ -29,7 +28,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, sleep_until};
 use tokio_stream::{Stream, StreamExt as _};
 
-use castellan::util::rfc3339;
+use castellan::util::{pem_block, rfc3339};
 
 /// Certificates, bundles and JWKS: public material.
 const PUBLIC_MODE: u32 = 0o644;
@@ -346,21 +345,6 @@ fn parse_signal(raw: &str) -> Result<Signal, String> {
 
 fn parse_spiffe_id(raw: &str) -> Result<SpiffeId, String> {
     SpiffeId::new(raw).map_err(|e| format!("{raw:?} is not a SPIFFE ID: {e}"))
-}
-
-/// One PEM block, 64 base64 characters a line (RFC 7468).
-fn pem_block(label: &str, der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    let mut rest = b64.as_str();
-    while !rest.is_empty() {
-        let (line, tail) = rest.split_at(rest.len().min(64));
-        out.push_str(line);
-        out.push('\n');
-        rest = tail;
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 /// The SVID `wanted`, or the default (first) one.

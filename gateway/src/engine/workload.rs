@@ -326,13 +326,16 @@ impl Engine {
             not_after: cert.not_after,
             spki_sha256: sha256_hex(&spki),
         };
-        let (from, until) = (cert.not_before.unix_timestamp(), cert.not_after.unix_timestamp());
+        // Half of the life it was issued for: NotBefore is backdated for
+        // clock skew, and counting from it would make a short-lived SVID due
+        // for renewal as soon as it is minted.
+        let (issued, until) = (now_unix(), cert.not_after.unix_timestamp());
         let svid = WorkloadSvid {
             entry,
             certificate_der: cert.der,
             key_der: key.serialize_der(),
             not_after: until,
-            rotate_at: from + (until - from) / 2,
+            rotate_at: issued + (until - issued) / 2,
         };
         Ok((svid, minted))
     }

@@ -32,6 +32,7 @@ use crate::spiffe_id::SpiffeId;
 use crate::util::now_unix;
 
 mod peer;
+mod sds;
 
 /// The header every Workload API call must carry.
 const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -53,6 +54,18 @@ pub struct WorkloadApi {
     exe_hashes: Arc<ExeHashes>,
     /// Federated trust domains still waiting for their first refresh.
     starting: watch::Receiver<usize>,
+}
+
+/// What a stream does with an engine error: a busy server is no reason to
+/// end it, so it waits and tells the caller to try again (false); any other
+/// error is sent and ends it (true).
+async fn stream_ends<T>(e: EngineError, tx: &mpsc::Sender<Result<T, Status>>) -> bool {
+    if matches!(e, EngineError::Overloaded) {
+        tokio::time::sleep(OVERLOAD_RETRY).await;
+        return false;
+    }
+    let _ = tx.send(Err(status(e))).await;
+    true
 }
 
 /// The gRPC status for an engine refusal.
@@ -175,17 +188,24 @@ impl WorkloadApi {
         use tokio_stream::StreamExt as _;
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
             .map(|conn| conn.map(peer::Peer::accept));
+        let sds = sds::Sds::new(self.clone()).into_service();
         tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(self))
+            .add_service(sds)
             .serve_with_incoming(incoming)
             .await
     }
 
-    /// Every call starts here: the header, then readiness. Until each
-    /// federated trust domain has had its first refresh, answers would lack
-    /// bundles the workload is owed, so the caller is told to retry.
+    /// Every call starts here: the header, then readiness.
     fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
         check_header(req)?;
+        self.ready()
+    }
+
+    /// Until each federated trust domain has had its first refresh,
+    /// answers would lack bundles the workload is owed, so the caller is
+    /// told to retry.
+    fn ready(&self) -> Result<(), Status> {
         if *self.starting.borrow() > 0 {
             return Err(Status::unavailable(
                 "Castellan is starting (federated bundles are loading); retry shortly",
@@ -353,14 +373,11 @@ impl WorkloadApi {
                     return;
                 }
                 Ok(e) => e,
-                // A busy server is no reason to end a stream: try again.
-                Err(EngineError::Overloaded) => {
-                    tokio::time::sleep(OVERLOAD_RETRY).await;
-                    continue;
-                }
                 Err(e) => {
-                    let _ = tx.send(Err(status(e))).await;
-                    return;
+                    if stream_ends(e, &tx).await {
+                        return;
+                    }
+                    continue;
                 }
             };
             let current: Vec<Entry> = entries.iter().map(|e| e.as_ref().clone()).collect();
@@ -376,13 +393,11 @@ impl WorkloadApi {
                         minted = Some(m);
                     }
                     Ok(m) => minted = Some(m),
-                    Err(EngineError::Overloaded) => {
-                        tokio::time::sleep(OVERLOAD_RETRY).await;
-                        continue;
-                    }
                     Err(e) => {
-                        let _ = tx.send(Err(status(e))).await;
-                        return;
+                        if stream_ends(e, &tx).await {
+                            return;
+                        }
+                        continue;
                     }
                 }
             }
@@ -432,14 +447,11 @@ impl WorkloadApi {
                 .await
             {
                 Ok(entries) => render(&self, &entries),
-                Err(EngineError::Overloaded) => {
-                    tokio::time::sleep(OVERLOAD_RETRY).await;
-                    continue;
-                }
                 Err(e) => {
-                    let s = status(e);
-                    let _ = tx.send(Err(s)).await;
-                    return;
+                    if stream_ends(e, &tx).await {
+                        return;
+                    }
+                    continue;
                 }
             };
             if sent.as_ref() != Some(&bundles) {
