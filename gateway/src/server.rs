@@ -245,6 +245,8 @@ pub async fn serve(
     tls: Option<rustls::ServerConfig>,
     workload: tokio::net::UnixListener,
 ) -> anyhow::Result<()> {
+    // One socket per Workload API client and per HTTP connection.
+    castellan::util::raise_fd_limit();
     // Without a configured public URL, JWT-SVIDs and discovery name the
     // address actually bound.
     if let Ok(local) = listener.local_addr() {

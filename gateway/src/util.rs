@@ -86,6 +86,19 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Re
     written
 }
 
+/// Raises this process's open-file limit to its hard limit, as a server that
+/// keeps one socket per Workload API client needs (Go's runtime does the
+/// same). Best effort: the limit stays as it was if the kernel says no.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::debug!(error = %e, "the open-file limit could not be raised");
+    }
+}
+
 /// Random bytes from the operating system's CSPRNG.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     use rand::RngCore;

@@ -1,10 +1,13 @@
 //! `castellan bench workload-api`: many concurrent Workload API streams
-//! against a live server. It opens one connection and one `FetchX509SVID`
-//! stream per simulated workload, reads the server's resident memory before
-//! and after (the server's pid comes from the socket's peer credentials),
-//! then adds an entry every stream matches and times how long the server
-//! takes to push the resulting rotation to all of them. Finally it drives
-//! `FetchJWTSVID` at a fixed concurrency. It measures; it asserts nothing.
+//! against a live server. It registers K entries that every stream matches,
+//! opens N connections with one `FetchX509SVID` stream each, reads the
+//! server's resident memory before and after (the server's pid comes from
+//! the socket's peer credentials), then adds an entry every stream matches
+//! and times how long the server takes to push the resulting change to all
+//! of them. The signatures the server made for the streams are counted in
+//! its inventory: SVIDs are shared per identity, so K (then one more), not
+//! N. Finally it drives `FetchJWTSVID` at a fixed concurrency. It measures;
+//! it asserts nothing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +30,8 @@ pub struct Options {
     pub endpoint: Endpoint,
     pub admin_token: String,
     pub streams: usize,
+    /// Entries every stream matches.
+    pub entries: usize,
     pub jwt_concurrency: usize,
     pub jwt_requests: usize,
 }
@@ -35,6 +40,11 @@ pub struct Options {
 #[derive(Debug)]
 pub struct Report {
     pub streams: usize,
+    pub entries: usize,
+    /// X.509-SVIDs the server signed while the streams opened.
+    pub signed_open: usize,
+    /// X.509-SVIDs the server signed for the change pushed to every stream.
+    pub signed_push: usize,
     /// Until every stream held its first SVID.
     pub open_elapsed: Duration,
     pub rss_before_kib: u64,
@@ -118,6 +128,33 @@ async fn create_entry(
         .to_owned())
 }
 
+/// X.509-SVIDs in the server's inventory whose SPIFFE ID starts with `prefix`.
+async fn signed(admin: &mut castellan::client::Conn, token: &str, prefix: &str) -> anyhow::Result<usize> {
+    let (mut count, mut cursor) = (0, None::<String>);
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/certificates?limit=1000&cursor={c}"),
+            None => "/api/v1/certificates?limit=1000".to_owned(),
+        };
+        let (status, body) = admin.send(Method::GET, &path, Some(token), None).await?;
+        anyhow::ensure!(status.is_success(), "listing certificates: {status}");
+        let page: serde_json::Value = serde_json::from_slice(&body)?;
+        count += page["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter(|c| c["spiffe_id"].as_str().is_some_and(|id| id.starts_with(prefix)))
+                    .count()
+            })
+            .unwrap_or(0);
+        match page["next_cursor"].as_str() {
+            Some(c) if !c.is_empty() => cursor = Some(c.to_owned()),
+            _ => return Ok(count),
+        }
+    }
+}
+
 /// Runs the benchmark against a live server.
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let mut admin = opts.endpoint.connect().await?;
@@ -127,15 +164,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .as_str()
         .unwrap_or("example.org")
         .to_owned();
+    castellan::util::raise_fd_limit();
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    let mut entries = vec![
-        create_entry(
-            &mut admin,
-            &opts.admin_token,
-            &format!("spiffe://{td}/bench/{tag}/a"),
-        )
-        .await?,
-    ];
+    let prefix = format!("spiffe://{td}/bench/{tag}/");
+    let mut entries = Vec::new();
+    for k in 0..opts.entries.max(1) {
+        entries.push(create_entry(&mut admin, &opts.admin_token, &format!("{prefix}{k}")).await?);
+    }
 
     let (_, pid) = connect(&opts.socket).await?;
     let rss_before_kib = rss_kib(pid);
@@ -172,17 +207,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     // Let allocations settle before reading the server's memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after_kib = rss_kib(pid);
+    // The server closes idle connections: a fresh one after the long wait.
+    admin = opts.endpoint.connect().await?;
+    let signed_open = signed(&mut admin, &opts.admin_token, &prefix).await?;
 
-    // A second entry for the same caller: every stream re-mints and pushes.
+    // One more entry for the same caller: every stream gets a new SVID.
     let changed = Instant::now();
-    entries.push(
-        create_entry(
-            &mut admin,
-            &opts.admin_token,
-            &format!("spiffe://{td}/bench/{tag}/b"),
-        )
-        .await?,
-    );
+    entries.push(create_entry(&mut admin, &opts.admin_token, &format!("{prefix}new")).await?);
     let mut pushed = vec![None; opts.streams];
     let mut have = 0;
     while have < opts.streams {
@@ -200,8 +231,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     for t in tasks {
         t.abort();
     }
+    admin = opts.endpoint.connect().await?;
+    let signed_push = signed(&mut admin, &opts.admin_token, &prefix).await? - signed_open;
 
     let jwt = run_jwt(&opts).await?;
+    admin = opts.endpoint.connect().await?;
     for id in entries {
         let _ = admin
             .send(
@@ -214,6 +248,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     }
     Ok(Report {
         streams: opts.streams,
+        entries: opts.entries.max(1),
+        signed_open,
+        signed_push,
         open_elapsed,
         rss_before_kib,
         rss_after_kib,

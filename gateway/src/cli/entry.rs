@@ -113,6 +113,9 @@ fn show(e: &Value) {
     for d in e["dns_names"].as_array().into_iter().flatten() {
         println!("DNS name         : {}", d.as_str().unwrap_or("-"));
     }
+    for td in e["federates_with"].as_array().into_iter().flatten() {
+        println!("FederatesWith    : {}", td.as_str().unwrap_or("-"));
+    }
     if let Some(h) = e["hint"].as_str().filter(|h| !h.is_empty()) {
         println!("Hint             : {h}");
     }

@@ -93,6 +93,10 @@ pub(super) struct BenchWorkloadApi {
     /// Concurrent FetchX509SVID streams, one connection each.
     #[arg(long, default_value_t = 1000)]
     streams: usize,
+    /// Registration entries every stream matches (each stream gets one
+    /// X.509-SVID per entry).
+    #[arg(long, default_value_t = 10)]
+    entries: usize,
     /// FetchJWTSVID calls in flight at once.
     #[arg(long, default_value_t = 32)]
     jwt_concurrency: usize,
@@ -312,22 +316,30 @@ async fn bench_attestors(args: BenchAttestors) -> anyhow::Result<ExitCode> {
 async fn bench_workload_api(args: BenchWorkloadApi) -> anyhow::Result<ExitCode> {
     let token = read_token_file(&args.token_file)?;
     anyhow::ensure!(
-        args.streams >= 1 && args.jwt_concurrency >= 1 && args.jwt_requests >= 1,
-        "--streams, --jwt-concurrency and --jwt-requests must be at least 1"
+        args.streams >= 1 && args.entries >= 1 && args.jwt_concurrency >= 1 && args.jwt_requests >= 1,
+        "--streams, --entries, --jwt-concurrency and --jwt-requests must be at least 1"
     );
     let r = crate::bench::workload_api::run(crate::bench::workload_api::Options {
         socket: args.socket,
         endpoint: Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?,
         admin_token: token,
         streams: args.streams,
+        entries: args.entries,
         jwt_concurrency: args.jwt_concurrency,
         jwt_requests: args.jwt_requests,
     })
     .await?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     let grown = r.rss_after_kib.saturating_sub(r.rss_before_kib);
-    println!("workload API: {} concurrent FetchX509SVID streams", r.streams);
+    println!(
+        "workload API: {} concurrent FetchX509SVID streams matching {} entries",
+        r.streams, r.entries
+    );
     println!("  all open in  {:.0} ms", ms(r.open_elapsed));
+    println!(
+        "  signatures   {} for the {} streams to open, {} for the change pushed to all",
+        r.signed_open, r.streams, r.signed_push
+    );
     println!(
         "  server RSS   {} KiB -> {} KiB: {:.1} KiB per open stream",
         r.rss_before_kib,
@@ -335,7 +347,7 @@ async fn bench_workload_api(args: BenchWorkloadApi) -> anyhow::Result<ExitCode> 
         grown as f64 / r.streams as f64
     );
     println!(
-        "  rotation     pushed to all in {:.0} ms (p50 {:.0} ms)",
+        "  new entry    pushed to all in {:.0} ms (p50 {:.0} ms)",
         ms(r.push_all),
         ms(r.push_p50)
     );

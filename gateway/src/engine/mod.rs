@@ -172,6 +172,7 @@ pub struct Engine {
     refusals: refusals::RefusalBudget,
     /// Workload API SVIDs shared by the callers of one entry.
     svids: workload::SvidCache,
+    decisions: workload::WorkloadDecisions,
     /// Delegation verification and the revoked-token set.
     delegations: broker::Delegations,
     /// Waiters per ephemeral request id, woken on every transition.
@@ -200,6 +201,7 @@ impl Engine {
             replay: ReplayCache::default(),
             refusals: refusals::RefusalBudget::default(),
             svids: workload::SvidCache::default(),
+            decisions: workload::WorkloadDecisions::default(),
             delegations,
             watchers: Mutex::new(HashMap::new()),
         }))

@@ -123,6 +123,73 @@ impl SvidCache {
     }
 }
 
+/// Workload API policy decisions, kept while the policy snapshot they were
+/// made with is active: by (digest of the caller's attestation, entry as
+/// the policy sees it).
+#[derive(Default)]
+pub(super) struct WorkloadDecisions(Mutex<Decisions>);
+
+#[derive(Default)]
+struct Decisions {
+    snapshot: Option<Arc<crate::policy::Loaded>>,
+    allow: HashMap<(String, String), bool>,
+}
+
+/// Decisions kept at once, at most.
+const MAX_CACHED_DECISIONS: usize = 65_536;
+
+/// An entry as the workload policy sees it.
+fn entry_key(entry: &Entry) -> String {
+    format!(
+        "{}\n{}\n{}",
+        entry.id,
+        entry.spiffe_id,
+        entry.selectors.join("\n")
+    )
+}
+
+/// The entries whose decision is to allow, in order.
+fn allowed_of(candidates: Vec<Arc<Entry>>, decisions: &[Option<bool>]) -> Vec<Arc<Entry>> {
+    candidates
+        .into_iter()
+        .zip(decisions)
+        .filter_map(|(e, d)| (*d == Some(true)).then_some(e))
+        .collect()
+}
+
+impl WorkloadDecisions {
+    /// The known decision for each candidate; forgets everything when the
+    /// policy snapshot has changed (the kept `Arc` makes the comparison
+    /// exact: a snapshot's address cannot be reused while it is held).
+    fn lookup(
+        &self,
+        snapshot: &Arc<crate::policy::Loaded>,
+        caller: &str,
+        candidates: &[Arc<Entry>],
+    ) -> Vec<Option<bool>> {
+        let mut d = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !d.snapshot.as_ref().is_some_and(|s| Arc::ptr_eq(s, snapshot)) {
+            d.snapshot = Some(snapshot.clone());
+            d.allow.clear();
+        }
+        candidates
+            .iter()
+            .map(|e| d.allow.get(&(caller.to_owned(), entry_key(e))).copied())
+            .collect()
+    }
+
+    fn remember(&self, snapshot: &Arc<crate::policy::Loaded>, caller: &str, entry: &Entry, allow: bool) {
+        let mut d = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !d.snapshot.as_ref().is_some_and(|s| Arc::ptr_eq(s, snapshot)) {
+            return;
+        }
+        if d.allow.len() >= MAX_CACHED_DECISIONS {
+            d.allow.clear();
+        }
+        d.allow.insert((caller.to_owned(), entry_key(entry)), allow);
+    }
+}
+
 /// A JWT-SVID minted for a Workload API caller.
 #[derive(Debug, Clone)]
 pub struct WorkloadJwt {
@@ -161,6 +228,9 @@ impl Engine {
     /// The entries the caller matches and the policy allows, in entry
     /// order. Each decision is logged when decision logs are on. An entry
     /// whose decision fails is withheld (fail closed), not an error.
+    /// Decisions are remembered per (caller attestation, entry, policy
+    /// snapshot), so a change pushed to thousands of streams evaluates only
+    /// what changed.
     pub async fn workload_entitled(
         self: &Arc<Self>,
         attestation: &Attestation,
@@ -169,11 +239,19 @@ impl Engine {
         if candidates.is_empty() {
             return Ok(candidates);
         }
+        let snapshot = self.policies.snapshot();
+        let caller = sha256_hex(&serde_json::to_vec(attestation).unwrap_or_default());
+        let known = self.decisions.lookup(&snapshot, &caller, &candidates);
+        if known.iter().all(Option::is_some) {
+            return Ok(allowed_of(candidates, &known));
+        }
         let (engine, attestation) = (self.clone(), attestation.clone());
         self.blocking(move || {
-            let snapshot = engine.policies.snapshot();
-            let mut allowed = Vec::new();
-            for entry in candidates {
+            let mut decided = known;
+            for (entry, decision) in candidates.iter().zip(decided.iter_mut()) {
+                if decision.is_some() {
+                    continue;
+                }
                 let input = WorkloadInput {
                     version: INPUT_VERSION,
                     trust_domain: &engine.trust_domain,
@@ -185,14 +263,16 @@ impl Engine {
                     },
                 };
                 match snapshot.decide_workload(&input) {
-                    Ok(d) if d.allow => allowed.push(entry),
-                    Ok(_) => {}
+                    Ok(d) => {
+                        *decision = Some(d.allow);
+                        engine.decisions.remember(&snapshot, &caller, entry, d.allow);
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, entry = %entry.id, "workload_api policy failed; SVID withheld")
                     }
                 }
             }
-            Ok(allowed)
+            Ok(allowed_of(candidates, &decided))
         })
         .await
     }
