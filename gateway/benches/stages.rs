@@ -72,7 +72,7 @@ fn main() {
         snapshot.decide_issuance(&input).unwrap();
     });
 
-    let ca = castellan::ca::load_or_create(&dir.path().join("ca"), "example.org").unwrap();
+    let ca = castellan::ca::load_or_create(&dir.path().join("ca"), "example.org", false).unwrap();
     let signer = InProcessSigner::new(&ca, "example.org").unwrap();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())

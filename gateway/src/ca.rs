@@ -1,6 +1,10 @@
-//! The certificate authority's material on disk: a root and an intermediate
-//! CA (ECDSA P-256), generated on first start and reused afterwards. Only the
-//! signer loads the keys; nothing else in the server reads these files.
+//! The certificate authority's material on disk (ECDSA P-256), generated on
+//! first start and reused afterwards. By default the root signs SVIDs
+//! itself, as a SPIRE server's self-signed authority does, so an SVID's
+//! chain is the leaf alone and the bundle holds its issuer. With
+//! `[ca] intermediate = true` an intermediate CA under the root signs, and
+//! chains carry it. Only the signer loads the keys; nothing else in the
+//! server reads these files.
 
 use std::path::{Path, PathBuf};
 
@@ -39,7 +43,9 @@ pub enum CaError {
     Generate(#[from] rcgen::Error),
 }
 
-/// PEM texts of the CA; the intermediate's key is what the signer signs with.
+/// PEM texts of the CA. The signer signs with the "intermediate" key: the
+/// intermediate CA's, or in a one-tier CA the root's own (then the
+/// intermediate certificate is the root and no chain carries it).
 pub struct CaMaterial {
     pub root_cert_pem: String,
     pub intermediate_cert_pem: String,
@@ -76,10 +82,37 @@ fn paths(dir: &Path) -> Paths {
     }
 }
 
-/// Loads the CA from `dir`, creating it on first use.
-pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<CaMaterial, CaError> {
+impl CaMaterial {
+    /// Whether the root signs SVIDs itself.
+    pub fn one_tier(&self) -> bool {
+        self.intermediate_cert_pem == self.root_cert_pem
+    }
+}
+
+/// Loads the CA from `dir`, creating it on first use: one tier (the root
+/// signs) unless `intermediate`. A CA that already has an intermediate keeps
+/// it; asking for an intermediate under an existing one-tier root adds one.
+pub fn load_or_create(dir: &Path, trust_domain: &str, intermediate: bool) -> Result<CaMaterial, CaError> {
     let p = paths(dir);
     if p.int_key.exists() {
+        return load(dir, &p, trust_domain);
+    }
+    if p.root_key.exists() {
+        let root = load(dir, &p, trust_domain)?;
+        if !intermediate {
+            return Ok(root);
+        }
+        let root_key = KeyPair::from_pem(&root.intermediate_key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&root.root_cert_pem, root_key)?;
+        let (int_cert, int_key) = new_intermediate(trust_domain, &issuer)?;
+        write_private_file(&p.int_key, int_key.serialize_pem().as_bytes()).map_err(|source| CaError::Io {
+            path: p.int_key.clone(),
+            source,
+        })?;
+        std::fs::write(&p.int_cert, int_cert.pem()).map_err(|source| CaError::Io {
+            path: p.int_cert.clone(),
+            source,
+        })?;
         return load(dir, &p, trust_domain);
     }
     let io = |path: &Path| {
@@ -96,30 +129,53 @@ pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<CaMaterial, CaEr
     root.not_before = now - Duration::minutes(1);
     root.not_after = now + ROOT_LIFETIME;
     let root_cert = root.self_signed(&root_key)?;
-
-    let int_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut int = ca_params(trust_domain, "Castellan Intermediate CA", &td_uri)?;
-    int.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    int.not_before = now - Duration::minutes(1);
-    int.not_after = now + INTERMEDIATE_LIFETIME;
-    int.use_authority_key_identifier_extension = true;
     let root_issuer = Issuer::new(root, &root_key);
-    let int_cert = int.signed_by(&int_key, &root_issuer)?;
+    let int = intermediate
+        .then(|| new_intermediate(trust_domain, &root_issuer))
+        .transpose()?;
 
     // Keys first, certificates last: a crash in between leaves no
     // certificate without its key.
     write_private_file(&p.root_key, root_key.serialize_pem().as_bytes()).map_err(io(&p.root_key))?;
-    write_private_file(&p.int_key, int_key.serialize_pem().as_bytes()).map_err(io(&p.int_key))?;
+    if let Some((_, int_key)) = &int {
+        write_private_file(&p.int_key, int_key.serialize_pem().as_bytes()).map_err(io(&p.int_key))?;
+    }
     std::fs::write(&p.root_cert, root_cert.pem()).map_err(io(&p.root_cert))?;
-    std::fs::write(&p.int_cert, int_cert.pem()).map_err(io(&p.int_cert))?;
+    if let Some((int_cert, _)) = &int {
+        std::fs::write(&p.int_cert, int_cert.pem()).map_err(io(&p.int_cert))?;
+    }
+    let (intermediate_cert_pem, intermediate_key_pem) = match &int {
+        Some((cert, key)) => (cert.pem(), key.serialize_pem()),
+        None => (root_cert.pem(), root_key.serialize_pem()),
+    };
     Ok(CaMaterial {
         root_cert_pem: root_cert.pem(),
-        intermediate_cert_pem: int_cert.pem(),
-        intermediate_key_pem: int_key.serialize_pem(),
+        intermediate_cert_pem,
+        intermediate_key_pem,
         jwt_key_pem: load_or_create_jwt_key(dir)?,
         created: true,
         dir: dir.to_owned(),
     })
+}
+
+/// An intermediate CA (path length 0) signed by `root`, with its new key.
+fn new_intermediate<S: rcgen::SigningKey>(
+    trust_domain: &str,
+    root: &Issuer<'_, S>,
+) -> Result<(rcgen::Certificate, KeyPair), CaError> {
+    let now = OffsetDateTime::now_utc();
+    let int_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut int = ca_params(
+        trust_domain,
+        "Castellan Intermediate CA",
+        &format!("spiffe://{trust_domain}"),
+    )?;
+    int.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    int.not_before = now - Duration::minutes(1);
+    int.not_after = now + INTERMEDIATE_LIFETIME;
+    int.use_authority_key_identifier_extension = true;
+    let cert = int.signed_by(&int_key, root)?;
+    Ok((cert, int_key))
 }
 
 fn ca_params(trust_domain: &str, cn: &str, td_uri: &str) -> Result<CertificateParams, CaError> {
@@ -147,10 +203,16 @@ fn load(dir: &Path, p: &Paths, trust_domain: &str) -> Result<CaMaterial, CaError
         })
     };
     let root_cert_pem = read(&p.root_cert)?;
-    let intermediate_cert_pem = read(&p.int_cert)?;
-    let intermediate_key_pem = read(&p.int_key)?;
+    // One tier when there is no intermediate: the root's key signs.
+    let (cert_path, key_path) = if p.int_key.exists() {
+        (&p.int_cert, &p.int_key)
+    } else {
+        (&p.root_cert, &p.root_key)
+    };
+    let intermediate_cert_pem = read(cert_path)?;
+    let intermediate_key_pem = read(key_path)?;
     KeyPair::from_pem(&intermediate_key_pem).map_err(|e| CaError::Invalid {
-        path: p.int_key.clone(),
+        path: key_path.clone(),
         message: format!("not a usable private key: {e}"),
     })?;
     let found = trust_domain_of(&root_cert_pem).map_err(|message| CaError::Invalid {
@@ -250,16 +312,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn one_tier_by_default_and_an_intermediate_added_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let root = load_or_create(&ca_dir, "example.org", false).unwrap();
+        assert!(root.one_tier());
+        assert!(!ca_dir.join("intermediate.key").exists());
+        assert!(load_or_create(&ca_dir, "example.org", false).unwrap().one_tier());
+        // Asked for later: an intermediate under the same root, kept from
+        // then on whatever the setting.
+        let two = load_or_create(&ca_dir, "example.org", true).unwrap();
+        assert!(!two.one_tier());
+        assert_eq!(two.root_cert_pem, root.root_cert_pem);
+        let again = load_or_create(&ca_dir, "example.org", false).unwrap();
+        assert_eq!(again.intermediate_cert_pem, two.intermediate_cert_pem);
+        let (_, int) = x509_parser::pem::parse_x509_pem(two.intermediate_cert_pem.as_bytes()).unwrap();
+        let (_, rootp) = x509_parser::pem::parse_x509_pem(root.root_cert_pem.as_bytes()).unwrap();
+        let (int, rootc) = (int.parse_x509().unwrap(), rootp.parse_x509().unwrap());
+        int.verify_signature(Some(rootc.public_key())).unwrap();
+    }
+
+    #[test]
     fn created_once_then_reused_and_bound_to_trust_domain() {
         let dir = tempfile::tempdir().unwrap();
         let ca_dir = dir.path().join("ca");
-        let first = load_or_create(&ca_dir, "example.org").unwrap();
+        let first = load_or_create(&ca_dir, "example.org", true).unwrap();
         assert!(first.created);
-        let again = load_or_create(&ca_dir, "example.org").unwrap();
+        let again = load_or_create(&ca_dir, "example.org", true).unwrap();
         assert!(!again.created);
         assert_eq!(first.root_cert_pem, again.root_cert_pem);
         assert_eq!(first.intermediate_key_pem, again.intermediate_key_pem);
-        let err = load_or_create(&ca_dir, "other.org").unwrap_err();
+        let err = load_or_create(&ca_dir, "other.org", true).unwrap_err();
         assert!(matches!(err, CaError::TrustDomainMismatch { .. }), "{err}");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(ca_dir.join("intermediate.key"))

@@ -66,6 +66,8 @@ pub struct Config {
     pub decision_logs: DecisionLogsConfig,
     /// The SPIFFE Workload API.
     pub workload_api: WorkloadApiConfig,
+    /// The certificate authority's layout.
+    pub ca: CaConfig,
     /// SPIFFE federation with other trust domains.
     pub federation: FederationConfig,
 }
@@ -89,6 +91,18 @@ impl Default for FederationConfig {
             trust_domains: Vec::new(),
         }
     }
+}
+
+/// The certificate authority created on first start.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaConfig {
+    /// Sign with an intermediate CA under the root, which every chain then
+    /// carries, rather than with the root itself (a SPIRE server's default
+    /// layout: chains are the leaf alone). A CA that already exists keeps
+    /// its intermediate; setting this adds one under an existing root.
+    /// Default: false.
+    pub intermediate: bool,
 }
 
 /// The Workload API.
@@ -299,6 +313,7 @@ impl Default for Config {
             bundles: BundlesConfig::default(),
             decision_logs: DecisionLogsConfig::default(),
             workload_api: WorkloadApiConfig::default(),
+            ca: CaConfig::default(),
             federation: FederationConfig::default(),
         }
     }

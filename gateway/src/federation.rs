@@ -527,7 +527,7 @@ mod tests {
 
     fn signer() -> crate::signer::InProcessSigner {
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::ca::load_or_create(dir.path(), "example.org").unwrap();
+        let ca = crate::ca::load_or_create(dir.path(), "example.org", true).unwrap();
         crate::signer::InProcessSigner::new(&ca, "example.org").unwrap()
     }
 

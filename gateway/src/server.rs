@@ -52,7 +52,7 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     let store = Store::redb(&store_path)?;
 
     let ca_dir = dir.join("ca");
-    let ca = ca::load_or_create(&ca_dir, &config.trust_domain)?;
+    let ca = ca::load_or_create(&ca_dir, &config.trust_domain, config.ca.intermediate)?;
     let mut signer = InProcessSigner::new(&ca, &config.trust_domain)?;
     if config.workload_api.jwt_svid_algorithm == "RS256" {
         signer = signer.with_rsa_jwt_key(&ca::load_or_create_rsa_jwt_key(&ca_dir)?)?;

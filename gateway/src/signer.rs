@@ -244,7 +244,11 @@ impl InProcessSigner {
             rsa_jwt: None,
             jwks: serde_json::json!({ "keys": [public] }),
             intermediate_not_after,
-            intermediates_pem: ca.intermediate_cert_pem.clone(),
+            intermediates_pem: if ca.one_tier() {
+                String::new()
+            } else {
+                ca.intermediate_cert_pem.clone()
+            },
             bundle_pem: ca.root_cert_pem.clone(),
         })
     }
@@ -504,7 +508,7 @@ mod tests {
     #[test]
     fn jwts_carry_the_thumbprint_kid_and_verify_with_the_published_key() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::ca::load_or_create(&dir.path().join("ca"), "example.org").unwrap();
+        let ca = crate::ca::load_or_create(&dir.path().join("ca"), "example.org", true).unwrap();
         let signer = InProcessSigner::new(&ca, "example.org").unwrap();
         let claims = |sub: &str| JwtSvidClaims {
             sub: SpiffeId::parse(sub).unwrap(),

@@ -33,7 +33,7 @@ struct World {
 async fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
     let cluster = DevCluster::load_or_create(dir.path()).unwrap();
-    let ca = crate::ca::load_or_create(&dir.path().join("ca"), "example.org").unwrap();
+    let ca = crate::ca::load_or_create(&dir.path().join("ca"), "example.org", true).unwrap();
     let signer: Arc<dyn Signer> = Arc::new(crate::signer::InProcessSigner::new(&ca, "example.org").unwrap());
     let trust = Arc::new(Registry::new(vec![cluster.trust_source()]).unwrap());
     let (_bundles, policies) =
