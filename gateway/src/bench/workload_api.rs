@@ -6,8 +6,9 @@
 //! and times how long the server takes to push the resulting change to all
 //! of them. The signatures the server made for the streams are counted in
 //! its inventory: SVIDs are shared per identity, so K (then one more), not
-//! N. Finally it drives `FetchJWTSVID` at a fixed concurrency. It measures;
-//! it asserts nothing.
+//! N. Then it waits for the SVIDs' half-life and times how long their
+//! rotation takes to reach every stream. Finally it drives `FetchJWTSVID` at
+//! a fixed concurrency. It measures; it asserts nothing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub struct Options {
     pub streams: usize,
     /// Entries every stream matches.
     pub entries: usize,
+    /// X.509-SVID lifetime of the bench entries: they rotate at half of it.
+    pub svid_ttl: u64,
     pub jwt_concurrency: usize,
     pub jwt_requests: usize,
 }
@@ -45,6 +48,11 @@ pub struct Report {
     pub signed_open: usize,
     /// X.509-SVIDs the server signed for the change pushed to every stream.
     pub signed_push: usize,
+    /// X.509-SVIDs the server signed for the rotation at half-life.
+    pub signed_rotation: usize,
+    /// From the first stream's rotated response to each stream's.
+    pub rotation_p50: Duration,
+    pub rotation_all: Duration,
     /// Until every stream held its first SVID.
     pub open_elapsed: Duration,
     pub rss_before_kib: u64,
@@ -101,6 +109,7 @@ async fn create_entry(
     admin: &mut castellan::client::Conn,
     token: &str,
     spiffe_id: &str,
+    ttl: u64,
 ) -> anyhow::Result<String> {
     let uid = std::fs::read_to_string("/proc/self/status")?
         .lines()
@@ -108,7 +117,7 @@ async fn create_entry(
         .and_then(|v| v.split_whitespace().next().map(str::to_owned))
         .context("own uid")?;
     let body =
-        json!({ "spiffe_id": spiffe_id, "selectors": [format!("unix:uid:{uid}")], "x509_svid_ttl": 3600 });
+        json!({ "spiffe_id": spiffe_id, "selectors": [format!("unix:uid:{uid}")], "x509_svid_ttl": ttl });
     let (status, resp) = admin
         .send(
             Method::POST,
@@ -169,7 +178,15 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let prefix = format!("spiffe://{td}/bench/{tag}/");
     let mut entries = Vec::new();
     for k in 0..opts.entries.max(1) {
-        entries.push(create_entry(&mut admin, &opts.admin_token, &format!("{prefix}{k}")).await?);
+        entries.push(
+            create_entry(
+                &mut admin,
+                &opts.admin_token,
+                &format!("{prefix}{k}"),
+                opts.svid_ttl,
+            )
+            .await?,
+        );
     }
 
     let (_, pid) = connect(&opts.socket).await?;
@@ -213,7 +230,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
 
     // One more entry for the same caller: every stream gets a new SVID.
     let changed = Instant::now();
-    entries.push(create_entry(&mut admin, &opts.admin_token, &format!("{prefix}new")).await?);
+    // It lives long: its own rotation must not mix with the others'.
+    entries.push(create_entry(&mut admin, &opts.admin_token, &format!("{prefix}new"), 86_400).await?);
     let mut pushed = vec![None; opts.streams];
     let mut have = 0;
     while have < opts.streams {
@@ -228,11 +246,33 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     }
     let mut push: Vec<Duration> = pushed.into_iter().flatten().collect();
     push.sort();
+    admin = opts.endpoint.connect().await?;
+    let signed_push = signed(&mut admin, &opts.admin_token, &prefix).await? - signed_open;
+
+    // The first K SVIDs were minted when the first stream opened; each
+    // stream wakes at their half-life and gets the renewed ones.
+    let settled = Instant::now();
+    let mut rotated = vec![None; opts.streams];
+    let mut have = 0;
+    while have < opts.streams {
+        let (i, at) = tokio::time::timeout(Duration::from_secs(opts.svid_ttl + 60), arrived.recv())
+            .await
+            .context("the rotation did not reach every stream in time")?
+            .context("a stream ended")?;
+        if at >= settled && rotated[i].is_none() {
+            rotated[i] = Some(at);
+            have += 1;
+        }
+    }
+    let mut rotation: Vec<Instant> = rotated.into_iter().flatten().collect();
+    rotation.sort();
+    let first_rotated = rotation[0];
+    let rotation: Vec<Duration> = rotation.iter().map(|t| *t - first_rotated).collect();
     for t in tasks {
         t.abort();
     }
     admin = opts.endpoint.connect().await?;
-    let signed_push = signed(&mut admin, &opts.admin_token, &prefix).await? - signed_open;
+    let signed_rotation = signed(&mut admin, &opts.admin_token, &prefix).await? - signed_open - signed_push;
 
     let jwt = run_jwt(&opts).await?;
     admin = opts.endpoint.connect().await?;
@@ -251,6 +291,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         entries: opts.entries.max(1),
         signed_open,
         signed_push,
+        signed_rotation,
+        rotation_p50: rotation[rotation.len() / 2],
+        rotation_all: rotation[rotation.len() - 1],
         open_elapsed,
         rss_before_kib,
         rss_after_kib,

@@ -97,6 +97,10 @@ pub(super) struct BenchWorkloadApi {
     /// X.509-SVID per entry).
     #[arg(long, default_value_t = 10)]
     entries: usize,
+    /// X.509-SVID lifetime of those entries, in seconds: the bench waits
+    /// for their rotation at half of it (open the streams well within that).
+    #[arg(long, default_value_t = 60)]
+    svid_ttl: u64,
     /// FetchJWTSVID calls in flight at once.
     #[arg(long, default_value_t = 32)]
     jwt_concurrency: usize,
@@ -316,8 +320,12 @@ async fn bench_attestors(args: BenchAttestors) -> anyhow::Result<ExitCode> {
 async fn bench_workload_api(args: BenchWorkloadApi) -> anyhow::Result<ExitCode> {
     let token = read_token_file(&args.token_file)?;
     anyhow::ensure!(
-        args.streams >= 1 && args.entries >= 1 && args.jwt_concurrency >= 1 && args.jwt_requests >= 1,
-        "--streams, --entries, --jwt-concurrency and --jwt-requests must be at least 1"
+        args.streams >= 1
+            && args.entries >= 1
+            && args.jwt_concurrency >= 1
+            && args.jwt_requests >= 1
+            && (2..=86_400).contains(&args.svid_ttl),
+        "--streams, --entries, --jwt-concurrency and --jwt-requests must be at least 1, --svid-ttl 2 to 86400"
     );
     let r = crate::bench::workload_api::run(crate::bench::workload_api::Options {
         socket: args.socket,
@@ -325,6 +333,7 @@ async fn bench_workload_api(args: BenchWorkloadApi) -> anyhow::Result<ExitCode> 
         admin_token: token,
         streams: args.streams,
         entries: args.entries,
+        svid_ttl: args.svid_ttl,
         jwt_concurrency: args.jwt_concurrency,
         jwt_requests: args.jwt_requests,
     })
@@ -350,6 +359,12 @@ async fn bench_workload_api(args: BenchWorkloadApi) -> anyhow::Result<ExitCode> 
         "  new entry    pushed to all in {:.0} ms (p50 {:.0} ms)",
         ms(r.push_all),
         ms(r.push_p50)
+    );
+    println!(
+        "  rotation     {} signatures at half-life; reached every stream {:.0} ms after the first (p50 {:.0} ms)",
+        r.signed_rotation,
+        ms(r.rotation_all),
+        ms(r.rotation_p50)
     );
     println!(
         "FetchJWTSVID: {} calls, concurrency {}",
