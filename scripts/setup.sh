@@ -2,8 +2,9 @@
 # Installs what building and testing Castellan needs beyond rustup and cargo:
 # the wasm32-wasip2 target the attestor modules are compiled for, and a
 # software TPM (swtpm, swtpm_setup, tpm2-tools) plus the TSS headers that the
-# castellan-tpm crate's client side and its tests need. Quiet when everything
-# is already there.
+# castellan-tpm crate's client side and its tests need, and PostgreSQL, whose
+# programs the store tests run a throwaway cluster with (they start it
+# themselves: nothing is left running). Quiet when everything is already there.
 set -euo pipefail
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
   rustup target add wasm32-wasip2
@@ -25,6 +26,18 @@ if ! tpm_ready; then
   if ! "${sudo[@]}" apt-get install -y --no-install-recommends "${tpm_packages[@]}"; then
     "${sudo[@]}" apt-get update
     "${sudo[@]}" apt-get install -y --no-install-recommends "${tpm_packages[@]}"
+  fi
+fi
+
+# PostgreSQL's server programs (initdb, postgres) for the store tests; the
+# package's own cluster, if the install starts one, is not used.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  sudo=()
+  if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
+  export DEBIAN_FRONTEND=noninteractive
+  if ! "${sudo[@]}" apt-get install -y --no-install-recommends postgresql; then
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" apt-get install -y --no-install-recommends postgresql
   fi
 fi
 

@@ -68,6 +68,8 @@ pub struct Config {
     pub workload_api: WorkloadApiConfig,
     /// The certificate authority's layout.
     pub ca: CaConfig,
+    /// Where records are kept.
+    pub store: StoreConfig,
     /// SPIFFE federation with other trust domains.
     pub federation: FederationConfig,
 }
@@ -90,6 +92,70 @@ impl Default for FederationConfig {
             refresh_hint_seconds: 300,
             trust_domains: Vec::new(),
         }
+    }
+}
+
+/// Where the store lives: redb in the data directory (one gateway), or a
+/// PostgreSQL database that several gateways share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `redb` or `postgres`. Default: `redb` (`DATA_DIR/castellan.redb`).
+    pub backend: String,
+    /// The database, `postgres://user@host:port/dbname?…`, with no password
+    /// in it. Env: `CASTELLAN_STORE_URL`.
+    pub url: Option<String>,
+    /// A file holding the database password (read at start, never logged).
+    pub password_file: Option<PathBuf>,
+    /// Connections kept for reads (the writer has one more). Default: 16.
+    pub max_connections: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: "redb".into(),
+            url: None,
+            password_file: None,
+            max_connections: 16,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The PostgreSQL connection settings: the URL plus the password file.
+    pub fn postgres(&self) -> Result<postgres::Config, ConfigError> {
+        let url = self.url.as_deref().ok_or(ConfigError::Invalid {
+            key: "store.url",
+            message: "is required with store.backend = \"postgres\" (or set CASTELLAN_STORE_URL)".into(),
+        })?;
+        let mut config: postgres::Config = url.parse().map_err(|e| ConfigError::Invalid {
+            key: "store.url",
+            message: format!("is not a PostgreSQL URL: {e}"),
+        })?;
+        if config.get_password().is_some() {
+            return Err(ConfigError::Invalid {
+                key: "store.url",
+                message: "must not hold a password: put it in store.password_file".into(),
+            });
+        }
+        if config.get_ssl_mode() == postgres::config::SslMode::Require {
+            return Err(ConfigError::Invalid {
+                key: "store.url",
+                message:
+                    "asks for TLS (sslmode=require), which this Castellan cannot yet speak to PostgreSQL; \
+                          reach the database over a private network or a local TLS tunnel"
+                        .into(),
+            });
+        }
+        if let Some(file) = &self.password_file {
+            let password = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid {
+                key: "store.password_file",
+                message: format!("{}: {e}", file.display()),
+            })?;
+            config.password(password.trim_end_matches(['\r', '\n']));
+        }
+        Ok(config)
     }
 }
 
@@ -314,6 +380,7 @@ impl Default for Config {
             decision_logs: DecisionLogsConfig::default(),
             workload_api: WorkloadApiConfig::default(),
             ca: CaConfig::default(),
+            store: StoreConfig::default(),
             federation: FederationConfig::default(),
         }
     }
@@ -409,6 +476,9 @@ impl Config {
         }
         if let Some(v) = get("CASTELLAN_TLS_KEY_FILE") {
             self.http.tls.key_file = Some(v.into());
+        }
+        if let Some(v) = get("CASTELLAN_STORE_URL") {
+            self.store.url = Some(v);
         }
         Ok(())
     }
@@ -549,6 +619,24 @@ impl Config {
                 ),
             });
         }
+        match self.store.backend.as_str() {
+            "redb" => {}
+            "postgres" => {
+                self.store.postgres()?;
+            }
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: "store.backend",
+                    message: format!("must be `redb` or `postgres`, not `{other}`"),
+                });
+            }
+        }
+        if !(1..=1024).contains(&self.store.max_connections) {
+            return Err(ConfigError::Invalid {
+                key: "store.max_connections",
+                message: "must be between 1 and 1024".into(),
+            });
+        }
         let sds = &self.workload_api.sds;
         let sds_names = [
             ("workload_api.sds.default_svid_name", &sds.default_svid_name),
@@ -631,5 +719,37 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("trust_domain"));
         let e = c.apply_env(|k| (k == "CASTELLAN_HTTP_ADDR").then(|| "nope".to_string()));
         assert!(e.unwrap_err().to_string().contains("CASTELLAN_HTTP_ADDR"));
+    }
+
+    #[test]
+    fn a_postgres_store_needs_a_url_without_a_password() {
+        let refused = |toml_text: &str| {
+            let c: Config = toml::from_str(toml_text).unwrap();
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(refused("[store]\nbackend = \"mysql\"").contains("store.backend"));
+        assert!(refused("[store]\nbackend = \"postgres\"").contains("CASTELLAN_STORE_URL"));
+        let e = refused("[store]\nbackend = \"postgres\"\nurl = \"postgres://c:hunter2@db/castellan\"");
+        assert!(e.contains("store.password_file") && !e.contains("hunter2"), "{e}");
+        assert!(
+            refused("[store]\nbackend = \"postgres\"\nurl = \"postgres://c@db/x?sslmode=require\"")
+                .contains("TLS")
+        );
+        assert!(refused("[store]\nmax_connections = 0").contains("store.max_connections"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("db-password");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let mut c: Config = toml::from_str(&format!(
+            "[store]\nbackend = \"postgres\"\nurl = \"postgres://c@db/castellan\"\npassword_file = {:?}",
+            file.display().to_string()
+        ))
+        .unwrap();
+        c.apply_env(|k| (k == "CASTELLAN_STORE_URL").then(|| "postgres://c@other:5433/castellan".into()))
+            .unwrap();
+        c.validate().unwrap();
+        let pg = c.store.postgres().unwrap();
+        assert_eq!(pg.get_password(), Some(&b"s3cret"[..]));
+        assert_eq!(pg.get_ports(), [5433]);
     }
 }

@@ -48,8 +48,11 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         .with_context(|| format!("cannot create data directory {}", dir.display()))?;
     restrict_dir(dir)?;
 
-    let store_path = dir.join("castellan.redb");
-    let store = Store::redb(&store_path)?;
+    let store = match config.store.backend.as_str() {
+        "postgres" => Store::postgres(config.store.postgres()?, config.store.max_connections)
+            .context("cannot open the PostgreSQL store (store.url)")?,
+        _ => Store::redb(&dir.join("castellan.redb"))?,
+    };
 
     let ca_dir = dir.join("ca");
     let ca = ca::load_or_create(&ca_dir, &config.trust_domain, config.ca.intermediate)?;

@@ -7,7 +7,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use support::{AgentKey, Cluster, Resp, Server, castellan, csr, jwt_claims};
+use support::{AgentKey, Cluster, Resp, Server, castellan, csr, jwt_claims, serve_refused};
 
 const BROKER: &str = "/api/v1/broker/agent-identities";
 const EPHEMERAL: &str = "/api/v1/ephemeral";
@@ -199,13 +199,7 @@ fn an_agent_cannot_approve_its_own_escalation() {
             + "data_dir = \"bad-data\"\n",
     )
     .unwrap();
-    let out = castellan()
-        .args(["serve", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_refused(&bad);
     assert!(stderr.contains("delegation_audiences"), "{stderr}");
 }
 
@@ -606,13 +600,7 @@ fn serve_on_every_interface_needs_a_public_url() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("castellan.toml");
     std::fs::write(&config, "data_dir = \"data\"\n[http]\naddr = \"0.0.0.0:0\"\n").unwrap();
-    let out = castellan()
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_refused(&config);
     assert!(stderr.contains("public_url"), "{stderr}");
     assert!(
         !tmp.path().join("data").exists(),

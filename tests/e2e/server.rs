@@ -8,7 +8,7 @@
 mod support;
 
 use serde_json::json;
-use support::{Cluster, Server, castellan, csr, issuance_body};
+use support::{Cluster, Server, castellan, csr, issuance_body, postgres_url, serve_refused};
 
 const ISSUE: &str = "/api/v1/workloads/attested-issuance";
 
@@ -47,6 +47,63 @@ fn ca_token_and_trust_sources_survive_a_restart() {
         "same trust anchor after restart"
     );
     assert_eq!(second.certificates().len(), 2, "inventory survives too");
+}
+
+/// Issue 15: `[store] backend = "postgres"` keeps every record in the
+/// database (none in the data directory), across a restart; a database
+/// migrated by a newer Castellan is refused at start, saying so.
+#[test]
+fn serve_keeps_its_records_in_postgres() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let url = postgres_url();
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = {{ enabled = false }}\n\
+             [store]\nbackend = \"postgres\"\nurl = \"{url}\"\nmax_connections = 4\n"
+        ),
+    )
+    .unwrap();
+    let cluster = Cluster::new("https://k8s.postgres.example");
+    let first = Server::serve(&config, &dir);
+    let id = first.add_trust_source("pg", &cluster);
+    let (_, csr1) = csr();
+    let r = first.post(ISSUE, &issuance_body(&cluster.token("a", "b"), &csr1, None), None);
+    assert_eq!(r.status, 201, "{}", r.body);
+    first.stop();
+    assert!(
+        !dir.join("castellan.redb").exists(),
+        "nothing kept in the data directory"
+    );
+
+    let second = Server::serve(&config, &dir);
+    let listed = second.get_admin("/api/v1/trust-sources");
+    assert!(
+        listed.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == id)
+    );
+    let (_, csr2) = csr();
+    let r = second.post(ISSUE, &issuance_body(&cluster.token("a", "b"), &csr2, None), None);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(second.certificates().len(), 2, "the inventory is in the database");
+    let audit = second.audit();
+    assert!(audit.iter().filter(|e| e["kind"] == "issuance.issued").count() >= 2);
+    second.stop();
+
+    let mut db = url
+        .parse::<postgres::Config>()
+        .unwrap()
+        .connect(postgres::NoTls)
+        .unwrap();
+    db.execute("INSERT INTO castellan_schema (version) VALUES (999)", &[])
+        .unwrap();
+    let stderr = serve_refused(&config);
+    assert!(stderr.contains("schema is version 999"), "{stderr}");
 }
 
 #[test]
@@ -272,13 +329,7 @@ fn plain_http_is_refused_off_loopback() {
         "[http]\naddr = \"0.0.0.0:0\"\ntls = { enabled = false }\n",
     )
     .unwrap();
-    let out = castellan()
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_refused(&config);
     assert!(
         stderr.contains("http.tls.enabled") && stderr.contains("loopback"),
         "{stderr}"

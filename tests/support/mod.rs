@@ -13,6 +13,26 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rcgen::KeyPair;
 use serde_json::{Value, json};
 
+/// The store tests' throwaway PostgreSQL cluster (shared with the unit tests).
+#[path = "../../gateway/src/store/pg_test_cluster.rs"]
+mod pg;
+
+/// A fresh, empty database on a throwaway PostgreSQL cluster, as a URL.
+pub fn postgres_url() -> String {
+    pg::database_url()
+}
+
+/// `castellan serve --config FILE` that must refuse to start: its stderr.
+pub fn serve_refused(config: &Path) -> String {
+    let out = castellan()
+        .args(["serve", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve started with {}", config.display());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// The binary under test.
 pub fn castellan() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_castellan"));

@@ -116,6 +116,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     };
     config.http.addr = args.http_addr;
     config.http.tls.enabled = false;
+    // The dev server keeps everything in its data directory.
+    config.store = castellan::config::StoreConfig::default();
     config.workload_api.jwt_svid_algorithm = args.jwt_svid_algorithm;
     config.workload_api.exe_sha256 = args.exe_sha256;
     for f in &args.federate {

@@ -527,3 +527,12 @@ fn redb_store() -> (tempfile::TempDir, Store) {
 
 conformance!(redb, redb_store());
 conformance!(memory, ((), Store::memory()));
+
+fn postgres_store() -> ((), Store) {
+    (
+        (),
+        Store::postgres(super::pg_test_cluster::database(), 4).unwrap(),
+    )
+}
+
+conformance!(postgres, postgres_store());

@@ -11,7 +11,10 @@
 //! The store imports the model and nothing of the flows above it.
 
 mod conformance;
+mod group;
 mod memory;
+mod pg_test_cluster;
+mod postgres_backend;
 mod redb_backend;
 mod rules;
 
@@ -20,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::json;
 
 pub use self::memory::MemoryBackend;
+pub use self::postgres_backend::{PostgresBackend, SCHEMA_VERSION};
 pub use self::redb_backend::RedbBackend;
 use crate::model::{
     Actor, AgentToken, AuditKind, Entry, Request, Revocation, RevocationFilter, State, TokenRecord,
@@ -203,6 +207,14 @@ impl Store {
     /// The embedded redb store at `path`.
     pub fn redb(path: &std::path::Path) -> Result<Self, StoreError> {
         Ok(Self::new(Arc::new(RedbBackend::open(path)?)))
+    }
+
+    /// A PostgreSQL store, shared by every gateway that uses the database.
+    pub fn postgres(config: postgres::Config, max_connections: usize) -> Result<Self, StoreError> {
+        Ok(Self::new(Arc::new(PostgresBackend::open(
+            config,
+            max_connections,
+        )?)))
     }
 
     /// An in-memory store (tests).

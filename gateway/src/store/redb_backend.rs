@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
+use super::group::{self, Job};
 use super::{
     AuditRecord, Backend, CertificateRecord, IdempotentResponse, OutboxItem, Page, StoreError, Txn, Work,
 };
@@ -39,11 +40,6 @@ const AUDIT_HEAD: TableDefinition<&str, &str> = TableDefinition::new("audit_head
 /// The revocation cascade's index: `<parent jti>\0<child jti>`.
 const AGENT_CHILDREN: TableDefinition<&str, ()> = TableDefinition::new("agent_token_children");
 const HEAD_KEY: &str = "head";
-
-/// Most units of work folded into one transaction.
-const MAX_GROUP: usize = 512;
-
-type Job = (Work, oneshot::Sender<Result<(), StoreError>>);
 
 /// redb-backed [`Backend`].
 pub struct RedbBackend {
@@ -125,49 +121,13 @@ impl RedbBackend {
 
 fn run_writer(db: &Database, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        commit_group(db, batch);
-    }
-}
-
-/// Runs a group's work in one transaction, in arrival order, so each unit
-/// sees the writes of those before it. If any unit or the commit fails,
-/// nothing is written and every caller in the group hears the error.
-fn commit_group(db: &Database, batch: Vec<Job>) {
-    let mut replies = Vec::with_capacity(batch.len());
-    let outcome = (|| -> Result<(), StoreError> {
-        let txn = db.begin_write().map_err(backend)?;
-        {
-            let mut t = Tables::open(&txn)?;
-            let mut failed = None;
-            for (work, reply) in batch {
-                replies.push(reply);
-                if failed.is_none()
-                    && let Err(e) = work(&mut t)
-                {
-                    failed = Some(e);
-                }
-            }
-            if let Some(e) = failed {
-                return Err(e);
-            }
-        }
-        txn.commit().map_err(backend)
-    })();
-    if let Err(e) = &outcome {
-        tracing::error!(error = %e, "store commit failed; {} writes refused", replies.len());
-    }
-    for reply in replies {
-        let _ = reply.send(match &outcome {
-            Ok(()) => Ok(()),
-            Err(_) => Err(StoreError::Backend("the transaction was rolled back".into())),
-        });
+        let (work, replies) = group::gather(first, &rx);
+        let outcome = (|| -> Result<(), StoreError> {
+            let txn = db.begin_write().map_err(backend)?;
+            group::run(work, &mut Tables::open(&txn)?)?;
+            txn.commit().map_err(backend)
+        })();
+        group::reply(replies, &outcome);
     }
 }
 

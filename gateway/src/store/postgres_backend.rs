@@ -1,0 +1,672 @@
+//! PostgreSQL-backed [`Backend`], for several gateways sharing one database.
+//!
+//! Every record is its JSON document (kept as bytes, exactly as written:
+//! JSONB would refuse a `\u0000` an attacker put in a refused request, and
+//! that refusal must still be audited) under its key, as in redb, with the
+//! few columns purges and indexes need beside it. Spent-evidence keys are
+//! bytes too: they may hold NUL, which PostgreSQL text cannot. Writes keep the store's
+//! single-writer semantics across gateways: each write transaction first
+//! takes one transaction-scoped advisory lock, so sequence numbers, the
+//! audit chain and request transitions see every earlier commit, whichever
+//! gateway made it. Like redb's, the writer folds the work queued meanwhile
+//! into one transaction (group commit), and each caller hears back only
+//! after the commit. Connections that fail are dropped and made again on
+//! the next use, so the store recovers by itself when the database returns.
+//!
+//! The `postgres` client blocks: it runs on the writer thread and in
+//! `spawn_blocking`, never on the async runtime.
+
+use std::sync::{Arc, Mutex, mpsc};
+
+use postgres::{Client, GenericClient, NoTls};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+
+use super::group::{self, Job};
+use super::{
+    AgentToken, AuditRecord, Backend, CertificateRecord, Entry, IdempotentResponse, OutboxItem, Page,
+    Request, Revocation, RevocationFilter, StoreError, TokenRecord, TrustSource, Txn, Work,
+};
+
+/// The schema version this Castellan writes. A database with a newer one was
+/// migrated by a newer Castellan: this one refuses to start against it.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Migrations, in order: `MIGRATIONS[i]` takes the schema to version `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE certificates (seq BIGINT PRIMARY KEY, doc BYTEA NOT NULL);
+CREATE TABLE audit (seq BIGINT PRIMARY KEY, hash TEXT NOT NULL, doc BYTEA NOT NULL);
+CREATE TABLE trust_sources (id TEXT PRIMARY KEY, doc BYTEA NOT NULL);
+CREATE TABLE api_tokens (token_sha256 TEXT PRIMARY KEY, doc BYTEA NOT NULL);
+CREATE TABLE requests (
+    id TEXT PRIMARY KEY,
+    open BOOLEAN NOT NULL,
+    terminal BOOLEAN NOT NULL,
+    expires_at BIGINT NOT NULL,
+    doc BYTEA NOT NULL
+);
+CREATE INDEX requests_open ON requests (id) WHERE open;
+CREATE TABLE outbox (seq BIGINT PRIMARY KEY, doc BYTEA NOT NULL);
+CREATE TABLE idempotency (key TEXT PRIMARY KEY, created_at BIGINT NOT NULL, doc BYTEA NOT NULL);
+CREATE TABLE agent_tokens (jti TEXT PRIMARY KEY, parent_jti TEXT, exp BIGINT NOT NULL, doc BYTEA NOT NULL);
+CREATE INDEX agent_tokens_parent ON agent_tokens (parent_jti) WHERE parent_jti IS NOT NULL;
+CREATE TABLE revocations (seq BIGINT PRIMARY KEY, exp BIGINT NOT NULL, doc BYTEA NOT NULL);
+CREATE TABLE entries (id TEXT PRIMARY KEY, doc BYTEA NOT NULL);
+CREATE TABLE spent_evidence (key BYTEA PRIMARY KEY, until BIGINT NOT NULL);
+"#];
+
+/// The advisory lock every write transaction takes first (and the schema
+/// migration too): one writer at a time across every gateway.
+const WRITE_LOCK: i64 = 0x4361_7374_656c_6c61; // "Castella"
+
+fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::backend(e)
+}
+
+fn doc<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Decode { what, source })
+}
+
+fn undoc<T: DeserializeOwned>(what: &'static str, bytes: Vec<u8>) -> Result<T, StoreError> {
+    serde_json::from_slice(&bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+/// Sequence numbers are `u64` in the model and `BIGINT` in the database.
+fn seq(n: u64) -> Result<i64, StoreError> {
+    i64::try_from(n).map_err(|_| StoreError::Backend("sequence number out of range".into()))
+}
+
+/// Connections made on demand and kept for reuse; one that failed is
+/// dropped rather than returned.
+struct Pool {
+    config: postgres::Config,
+    idle: Mutex<Vec<Client>>,
+    max_idle: usize,
+}
+
+impl Pool {
+    fn connect(&self) -> Result<Client, StoreError> {
+        self.config.connect(NoTls).map_err(backend)
+    }
+
+    /// Runs `f` with a connection, keeping the connection only if `f`
+    /// succeeded (a failed one may be broken).
+    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut client = match pooled {
+            Some(c) if !c.is_closed() => c,
+            _ => self.connect()?,
+        };
+        let out = f(&mut client)?;
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push(client);
+        }
+        Ok(out)
+    }
+}
+
+/// PostgreSQL-backed [`Backend`].
+pub struct PostgresBackend {
+    pool: Arc<Pool>,
+    writer: mpsc::Sender<Job>,
+}
+
+impl PostgresBackend {
+    /// Connects with `config`, brings the schema up to date (refusing a
+    /// newer one) and starts the writer thread. `max_connections` bounds the
+    /// connections kept for reads (the writer has its own).
+    pub fn open(config: postgres::Config, max_connections: usize) -> Result<Self, StoreError> {
+        let pool = Arc::new(Pool {
+            config,
+            idle: Mutex::new(Vec::new()),
+            max_idle: max_connections.max(1),
+        });
+        let open_err = |source: StoreError| StoreError::Open {
+            path: "postgres".into(),
+            source: Box::new(source),
+        };
+        // The blocking client runs its own little runtime: keep it off any
+        // async context the caller may be in.
+        let connecting = pool.clone();
+        let client = std::thread::scope(|s| {
+            s.spawn(move || {
+                let mut client = connecting.connect().map_err(open_err)?;
+                migrate(&mut client)?;
+                Ok::<_, StoreError>(client)
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(StoreError::Backend(
+                    "the store's connecting thread panicked".into(),
+                ))
+            })
+        })?;
+        let (tx, rx) = mpsc::channel();
+        let writer_pool = pool.clone();
+        std::thread::Builder::new()
+            .name("castellan-store-writer".into())
+            .spawn(move || run_writer(&writer_pool, client, rx))
+            .map_err(backend)?;
+        Ok(Self { pool, writer: tx })
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || pool.with(f))
+            .await
+            .map_err(backend)?
+    }
+}
+
+/// Applies the migrations this database lacks, under the write lock so two
+/// gateways starting at once do not race.
+fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let mut tx = client.transaction().map_err(backend)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+        .map_err(backend)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS castellan_schema (version INTEGER NOT NULL)")
+        .map_err(backend)?;
+    let current: i32 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM castellan_schema", &[])
+        .map_err(backend)?
+        .get(0);
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::Open {
+            path: "postgres".into(),
+            source: format!(
+                "the database's schema is version {current}, newer than this Castellan knows \
+                 ({SCHEMA_VERSION}); run a Castellan at least as new as the one that migrated it"
+            )
+            .into(),
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.batch_execute(sql).map_err(backend)?;
+        let version = i as i32 + 1;
+        tx.execute("INSERT INTO castellan_schema (version) VALUES ($1)", &[&version])
+            .map_err(backend)?;
+    }
+    tx.commit().map_err(backend)
+}
+
+fn run_writer(pool: &Pool, first: Client, rx: mpsc::Receiver<Job>) {
+    let mut client = Some(first);
+    while let Ok(job) = rx.recv() {
+        let (work, replies) = group::gather(job, &rx);
+        let mut conn = match client.take().filter(|c| !c.is_closed()) {
+            Some(c) => Ok(c),
+            None => pool.connect(),
+        };
+        let outcome = match &mut conn {
+            Ok(c) => commit_group(c, work),
+            Err(e) => Err(StoreError::Backend(
+                format!("the database is unreachable: {e}").into(),
+            )),
+        };
+        group::reply(replies, &outcome);
+        // A failed transaction was rolled back; only a closed connection is
+        // worth replacing.
+        client = conn.ok().filter(|c| !c.is_closed());
+    }
+}
+
+/// Runs a group's work in one transaction under the write lock.
+fn commit_group(client: &mut Client, work: Vec<Work>) -> Result<(), StoreError> {
+    let mut tx = client.transaction().map_err(backend)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+        .map_err(backend)?;
+    group::run(work, &mut PgTxn { tx: &mut tx })?;
+    tx.commit().map_err(backend)
+}
+
+/// One write transaction, as the store's rules see it.
+struct PgTxn<'t, 'c> {
+    tx: &'t mut postgres::Transaction<'c>,
+}
+
+fn last_seq(c: &mut impl GenericClient, table: &str) -> Result<u64, StoreError> {
+    let n: i64 = c
+        .query_one(&format!("SELECT COALESCE(MAX(seq), 0) FROM {table}"), &[])
+        .map_err(backend)?
+        .get(0);
+    Ok(n as u64)
+}
+
+fn get_doc<T: DeserializeOwned>(
+    c: &mut impl GenericClient,
+    sql: &str,
+    key: &str,
+    what: &'static str,
+) -> Result<Option<T>, StoreError> {
+    match c.query_opt(sql, &[&key]).map_err(backend)? {
+        Some(row) => Ok(Some(undoc(what, row.get(0))?)),
+        None => Ok(None),
+    }
+}
+
+fn all_docs<T: DeserializeOwned>(
+    c: &mut impl GenericClient,
+    sql: &str,
+    what: &'static str,
+) -> Result<Vec<T>, StoreError> {
+    c.query(sql, &[])
+        .map_err(backend)?
+        .into_iter()
+        .map(|row| undoc(what, row.get(0)))
+        .collect()
+}
+
+fn page<T: DeserializeOwned>(
+    c: &mut impl GenericClient,
+    table: &str,
+    what: &'static str,
+    limit: usize,
+    after: u64,
+) -> Result<Page<T>, StoreError> {
+    let rows = c
+        .query(
+            &format!("SELECT seq, doc FROM {table} WHERE seq > $1 ORDER BY seq LIMIT $2"),
+            &[&seq(after)?, &(limit as i64 + 1)],
+        )
+        .map_err(backend)?;
+    let more = rows.len() > limit;
+    let mut items = Vec::with_capacity(rows.len().min(limit));
+    let mut last = None;
+    for row in rows.into_iter().take(limit) {
+        last = Some(row.get::<_, i64>(0));
+        items.push(undoc(what, row.get(1))?);
+    }
+    Ok(Page {
+        items,
+        next_cursor: if more { last.map(|l| l.to_string()) } else { None },
+    })
+}
+
+impl PgTxn<'_, '_> {
+    fn exec(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        self.tx.execute(sql, params).map_err(backend)
+    }
+}
+
+impl Txn for PgTxn<'_, '_> {
+    fn last_certificate_seq(&mut self) -> Result<u64, StoreError> {
+        last_seq(&mut *self.tx, "certificates")
+    }
+
+    fn put_certificate(&mut self, n: u64, cert: &CertificateRecord) -> Result<(), StoreError> {
+        let d = doc("certificate", cert)?;
+        self.exec(
+            "INSERT INTO certificates (seq, doc) VALUES ($1, $2)",
+            &[&seq(n)?, &d],
+        )?;
+        Ok(())
+    }
+
+    fn audit_head(&mut self) -> Result<Option<(u64, String)>, StoreError> {
+        let row = self
+            .tx
+            .query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])
+            .map_err(backend)?;
+        Ok(row.map(|r| (r.get::<_, i64>(0) as u64, r.get(1))))
+    }
+
+    fn put_audit(&mut self, record: &AuditRecord) -> Result<(), StoreError> {
+        let d = doc("audit record", record)?;
+        self.exec(
+            "INSERT INTO audit (seq, hash, doc) VALUES ($1, $2, $3)",
+            &[&seq(record.seq)?, &record.hash, &d],
+        )?;
+        Ok(())
+    }
+
+    fn put_trust_source(&mut self, source: &TrustSource) -> Result<(), StoreError> {
+        let d = doc("trust source", source)?;
+        self.exec(
+            "INSERT INTO trust_sources (id, doc) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET doc = $2",
+            &[&source.id, &d],
+        )?;
+        Ok(())
+    }
+
+    fn delete_trust_source(&mut self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.exec("DELETE FROM trust_sources WHERE id = $1", &[&id])? > 0)
+    }
+
+    fn put_token(&mut self, record: &TokenRecord) -> Result<(), StoreError> {
+        let d = doc("API token", record)?;
+        self.exec(
+            "INSERT INTO api_tokens (token_sha256, doc) VALUES ($1, $2) \
+             ON CONFLICT (token_sha256) DO UPDATE SET doc = $2",
+            &[&record.token_sha256, &d],
+        )?;
+        Ok(())
+    }
+
+    fn request(&mut self, id: &str) -> Result<Option<Request>, StoreError> {
+        get_doc(
+            &mut *self.tx,
+            "SELECT doc FROM requests WHERE id = $1",
+            id,
+            "request",
+        )
+    }
+
+    fn put_request(&mut self, request: &Request, open: bool) -> Result<(), StoreError> {
+        let d = doc("request", request)?;
+        self.exec(
+            "INSERT INTO requests (id, open, terminal, expires_at, doc) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (id) DO UPDATE SET open = $2, terminal = $3, expires_at = $4, doc = $5",
+            &[
+                &request.id,
+                &open,
+                &request.state.is_terminal(),
+                &request.expires_at,
+                &d,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn open_request_ids(&mut self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .tx
+            .query("SELECT id FROM requests WHERE open ORDER BY id", &[])
+            .map_err(backend)?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    fn last_outbox_seq(&mut self) -> Result<u64, StoreError> {
+        last_seq(&mut *self.tx, "outbox")
+    }
+
+    fn put_outbox(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
+        let d = doc("outbox item", item)?;
+        self.exec(
+            "INSERT INTO outbox (seq, doc) VALUES ($1, $2) ON CONFLICT (seq) DO UPDATE SET doc = $2",
+            &[&seq(item.seq)?, &d],
+        )?;
+        Ok(())
+    }
+
+    fn delete_outbox(&mut self, n: u64) -> Result<(), StoreError> {
+        self.exec("DELETE FROM outbox WHERE seq = $1", &[&seq(n)?])?;
+        Ok(())
+    }
+
+    fn put_idempotent(&mut self, key: &str, response: &IdempotentResponse) -> Result<(), StoreError> {
+        let d = doc("idempotent response", response)?;
+        self.exec(
+            "INSERT INTO idempotency (key, created_at, doc) VALUES ($1, $2, $3) \
+             ON CONFLICT (key) DO UPDATE SET created_at = $2, doc = $3",
+            &[&key, &response.created_at, &d],
+        )?;
+        Ok(())
+    }
+
+    fn purge_idempotent(&mut self, before: i64) -> Result<(), StoreError> {
+        self.exec("DELETE FROM idempotency WHERE created_at < $1", &[&before])?;
+        Ok(())
+    }
+
+    fn agent_token(&mut self, jti: &str) -> Result<Option<AgentToken>, StoreError> {
+        get_doc(
+            &mut *self.tx,
+            "SELECT doc FROM agent_tokens WHERE jti = $1",
+            jti,
+            "agent token",
+        )
+    }
+
+    fn put_agent_token(&mut self, token: &AgentToken) -> Result<(), StoreError> {
+        let d = doc("agent token", token)?;
+        self.exec(
+            "INSERT INTO agent_tokens (jti, parent_jti, exp, doc) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (jti) DO UPDATE SET parent_jti = $2, exp = $3, doc = $4",
+            &[&token.jti, &token.parent_jti, &token.exp, &d],
+        )?;
+        Ok(())
+    }
+
+    fn agent_tokens_matching(&mut self, filter: &RevocationFilter) -> Result<Vec<AgentToken>, StoreError> {
+        if let Some(jti) = &filter.jti {
+            return Ok(self.agent_token(jti)?.into_iter().collect());
+        }
+        let all: Vec<AgentToken> = all_docs(&mut *self.tx, "SELECT doc FROM agent_tokens", "agent token")?;
+        Ok(all.into_iter().filter(|t| filter.matches(t)).collect())
+    }
+
+    fn agent_token_children(&mut self, parent_jti: &str) -> Result<Vec<AgentToken>, StoreError> {
+        self.tx
+            .query(
+                "SELECT doc FROM agent_tokens WHERE parent_jti = $1 ORDER BY jti",
+                &[&parent_jti],
+            )
+            .map_err(backend)?
+            .into_iter()
+            .map(|row| undoc("agent token", row.get(0)))
+            .collect()
+    }
+
+    fn last_revocation_seq(&mut self) -> Result<u64, StoreError> {
+        last_seq(&mut *self.tx, "revocations")
+    }
+
+    fn put_revocation(&mut self, revocation: &Revocation) -> Result<(), StoreError> {
+        let d = doc("revocation", revocation)?;
+        self.exec(
+            "INSERT INTO revocations (seq, exp, doc) VALUES ($1, $2, $3)",
+            &[&seq(revocation.seq)?, &revocation.exp, &d],
+        )?;
+        Ok(())
+    }
+
+    fn put_entry(&mut self, entry: &Entry) -> Result<(), StoreError> {
+        let d = doc("entry", entry)?;
+        self.exec(
+            "INSERT INTO entries (id, doc) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET doc = $2",
+            &[&entry.id, &d],
+        )?;
+        Ok(())
+    }
+
+    fn delete_entry(&mut self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.exec("DELETE FROM entries WHERE id = $1", &[&id])? > 0)
+    }
+
+    fn spent_until(&mut self, key: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .tx
+            .query_opt(
+                "SELECT until FROM spent_evidence WHERE key = $1",
+                &[&key.as_bytes()],
+            )
+            .map_err(backend)?
+            .map(|r| r.get(0)))
+    }
+
+    fn put_spent(&mut self, key: &str, until: i64) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO spent_evidence (key, until) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET until = $2",
+            &[&key.as_bytes(), &until],
+        )?;
+        Ok(())
+    }
+
+    fn purge_spent(&mut self, now: i64) -> Result<(), StoreError> {
+        self.exec("DELETE FROM spent_evidence WHERE until < $1", &[&now])?;
+        Ok(())
+    }
+
+    fn purge_agent_tokens(&mut self, before: i64) -> Result<(), StoreError> {
+        self.exec("DELETE FROM agent_tokens WHERE exp < $1", &[&before])?;
+        Ok(())
+    }
+
+    fn purge_requests(&mut self, before: i64) -> Result<(), StoreError> {
+        self.exec(
+            "DELETE FROM requests WHERE terminal AND expires_at < $1",
+            &[&before],
+        )?;
+        Ok(())
+    }
+
+    fn purge_revocations(&mut self, before: i64) -> Result<(), StoreError> {
+        self.exec("DELETE FROM revocations WHERE exp < $1", &[&before])?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for PostgresBackend {
+    async fn write(&self, work: Work) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send((work, tx)).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn certificates(&self, limit: usize, after: u64) -> Result<Page<CertificateRecord>, StoreError> {
+        self.read(move |c| page(c, "certificates", "certificate", limit, after))
+            .await
+    }
+
+    async fn count_certificates(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            let n: i64 = c
+                .query_one("SELECT COUNT(*) FROM certificates", &[])
+                .map_err(backend)?
+                .get(0);
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn audit_records(&self, limit: usize, after: u64) -> Result<Page<AuditRecord>, StoreError> {
+        self.read(move |c| page(c, "audit", "audit record", limit, after))
+            .await
+    }
+
+    async fn trust_sources(&self) -> Result<Vec<TrustSource>, StoreError> {
+        self.read(|c| all_docs(c, "SELECT doc FROM trust_sources ORDER BY id", "trust source"))
+            .await
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.read(|c| all_docs(c, "SELECT doc FROM api_tokens ORDER BY token_sha256", "API token"))
+            .await
+    }
+
+    async fn request(&self, id: &str) -> Result<Option<Request>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| get_doc(c, "SELECT doc FROM requests WHERE id = $1", &id, "request"))
+            .await
+    }
+
+    async fn requests(&self, open_only: bool) -> Result<Vec<Request>, StoreError> {
+        let sql = if open_only {
+            "SELECT doc FROM requests WHERE open ORDER BY id"
+        } else {
+            "SELECT doc FROM requests ORDER BY id"
+        };
+        self.read(move |c| all_docs(c, sql, "request")).await
+    }
+
+    async fn outbox(&self, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        self.read(move |c| page(c, "outbox", "outbox item", limit, 0).map(|p| p.items))
+            .await
+    }
+
+    async fn idempotent(&self, key: &str) -> Result<Option<IdempotentResponse>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |c| {
+            get_doc(
+                c,
+                "SELECT doc FROM idempotency WHERE key = $1",
+                &key,
+                "idempotent response",
+            )
+        })
+        .await
+    }
+
+    async fn entries(&self) -> Result<Vec<Entry>, StoreError> {
+        self.read(|c| all_docs(c, "SELECT doc FROM entries ORDER BY id", "entry"))
+            .await
+    }
+
+    async fn agent_token(&self, jti: &str) -> Result<Option<AgentToken>, StoreError> {
+        let jti = jti.to_owned();
+        self.read(move |c| {
+            get_doc(
+                c,
+                "SELECT doc FROM agent_tokens WHERE jti = $1",
+                &jti,
+                "agent token",
+            )
+        })
+        .await
+    }
+
+    async fn revocations(&self, limit: usize, after: u64) -> Result<Page<Revocation>, StoreError> {
+        self.read(move |c| page(c, "revocations", "revocation", limit, after))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::{Actor, AuditEvent, AuditKind};
+    use crate::store::{Store, pg_test_cluster};
+
+    /// A refusal that quotes attacker input with NUL in it is still audited,
+    /// byte for byte (JSONB or TEXT would refuse it).
+    #[tokio::test]
+    async fn documents_keep_what_jsonb_would_refuse() {
+        let store = Store::postgres(pg_test_cluster::database(), 2).unwrap();
+        let data = json!({ "subject": "evil\u{0}\u{0}name", "emoji": "🛡" });
+        store
+            .audit(AuditEvent::new(
+                AuditKind::IssuanceIssued,
+                Actor::Castellan,
+                data.clone(),
+            ))
+            .await
+            .unwrap();
+        let page = store.list_audit(10, None).await.unwrap();
+        assert_eq!(page.items.len(), 1);
+        assert_eq!(page.items[0].event.detail, data);
+        store.verify_audit_chain().await.unwrap();
+    }
+
+    /// A database migrated by a newer Castellan is refused at start, saying
+    /// so; the current one opens again (migrations are idempotent).
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let config = pg_test_cluster::database();
+        drop(PostgresBackend::open(config.clone(), 1).unwrap());
+        drop(PostgresBackend::open(config.clone(), 1).unwrap());
+        let mut c = config.connect(NoTls).unwrap();
+        c.execute(
+            "INSERT INTO castellan_schema (version) VALUES ($1)",
+            &[&(SCHEMA_VERSION + 1)],
+        )
+        .unwrap();
+        let err = PostgresBackend::open(config, 1).err().expect("refused");
+        let text = crate::util::error_chain(&err);
+        assert!(text.contains("newer than this Castellan knows"), "{text}");
+    }
+}
