@@ -56,6 +56,15 @@ pub struct WorkloadApi {
     starting: watch::Receiver<usize>,
 }
 
+/// When a stream looks again for SVIDs due at `due` (Unix seconds): just
+/// after that second begins, so every stream of an identity wakes together
+/// and finds the renewed SVIDs; at least a second from now.
+fn wake_at(due: i64) -> tokio::time::Instant {
+    let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    let wait_ms = due.saturating_mul(1000).saturating_add(50).saturating_sub(now_ms);
+    tokio::time::Instant::now() + Duration::from_millis(wait_ms.max(1000) as u64)
+}
+
 /// What a stream does with an engine error: a busy server is no reason to
 /// end it, so it waits and tells the caller to try again (false); any other
 /// error is sent and ends it (true).
@@ -343,12 +352,11 @@ impl WorkloadApi {
             });
         }
         // Wake when the first of them is due for renewal (the shared cache
-        // renews at half-life); at least a second from now.
-        let wait = (rotate - now_unix()).max(1) as u64;
+        // renews at half-life).
         Ok(Minted {
             entries: entries.iter().map(|e| e.as_ref().clone()).collect(),
             svids,
-            rotate_at: tokio::time::Instant::now() + Duration::from_secs(wait),
+            rotate_at: wake_at(rotate),
         })
     }
 

@@ -37,7 +37,7 @@ use super::{WorkloadApi, status, stream_ends};
 use crate::config::SdsConfig;
 use crate::engine::EngineError;
 use crate::model::Attestation;
-use crate::util::{now_unix, pem_block};
+use crate::util::pem_block;
 
 /// Envoy's name for its SPIFFE certificate validator extension.
 const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
@@ -264,14 +264,12 @@ impl Sds {
 /// not need (entries and bundles wake it when they change).
 const FAR: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// When to look again: when the first SVID is due for renewal, at least a
-/// second from now.
+/// When to look again: when the first SVID is due for renewal.
 fn wake_at(rotate_at: i64) -> tokio::time::Instant {
     if rotate_at == i64::MAX {
         return tokio::time::Instant::now() + FAR;
     }
-    let wait = (rotate_at - now_unix()).max(1) as u64;
-    tokio::time::Instant::now() + std::time::Duration::from_secs(wait)
+    super::wake_at(rotate_at)
 }
 
 /// What a caller may be sent at one moment.
