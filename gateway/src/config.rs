@@ -129,6 +129,22 @@ impl StoreConfig {
             key: "store.url",
             message: "is required with store.backend = \"postgres\" (or set CASTELLAN_STORE_URL)".into(),
         })?;
+        // TLS to the database is not built yet: say so for every mode that
+        // needs it (the client library knows `require` only, and would call
+        // `verify-full` merely invalid).
+        let wants_tls = url
+            .split(['?', '&', ' '])
+            .filter_map(|p| p.strip_prefix("sslmode="))
+            .any(|m| matches!(m, "require" | "verify-ca" | "verify-full"));
+        let no_tls = || ConfigError::Invalid {
+            key: "store.url",
+            message: "asks for TLS (sslmode), which this Castellan cannot yet speak to PostgreSQL; \
+                      reach the database over a private network or a local TLS tunnel"
+                .into(),
+        };
+        if wants_tls {
+            return Err(no_tls());
+        }
         let mut config: postgres::Config = url.parse().map_err(|e| ConfigError::Invalid {
             key: "store.url",
             message: format!("is not a PostgreSQL URL: {e}"),
@@ -140,13 +156,7 @@ impl StoreConfig {
             });
         }
         if config.get_ssl_mode() == postgres::config::SslMode::Require {
-            return Err(ConfigError::Invalid {
-                key: "store.url",
-                message:
-                    "asks for TLS (sslmode=require), which this Castellan cannot yet speak to PostgreSQL; \
-                          reach the database over a private network or a local TLS tunnel"
-                        .into(),
-            });
+            return Err(no_tls());
         }
         if let Some(file) = &self.password_file {
             let password = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid {
@@ -731,10 +741,12 @@ mod tests {
         assert!(refused("[store]\nbackend = \"postgres\"").contains("CASTELLAN_STORE_URL"));
         let e = refused("[store]\nbackend = \"postgres\"\nurl = \"postgres://c:hunter2@db/castellan\"");
         assert!(e.contains("store.password_file") && !e.contains("hunter2"), "{e}");
-        assert!(
-            refused("[store]\nbackend = \"postgres\"\nurl = \"postgres://c@db/x?sslmode=require\"")
-                .contains("TLS")
-        );
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let e = refused(&format!(
+                "[store]\nbackend = \"postgres\"\nurl = \"postgres://c@db/x?sslmode={mode}\""
+            ));
+            assert!(e.contains("TLS"), "{mode}: {e}");
+        }
         assert!(refused("[store]\nmax_connections = 0").contains("store.max_connections"));
 
         let dir = tempfile::tempdir().unwrap();
