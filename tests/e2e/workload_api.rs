@@ -863,6 +863,10 @@ async fn envoy_reads_its_certificate_and_validation_contexts_over_sds() {
         let r = sds_fetch(&server, &[name]);
         assert_eq!(r["error"], "INVALID_ARGUMENT", "{r}");
     }
+    assert!(
+        server.audit_text().contains("someone-else"),
+        "the probe for another identity is audited"
+    );
     // With no names, everything it is entitled to (ALL and ROOTCA are aliases
     // that must be asked for).
     let everything = sds_fetch(&server, &[]);

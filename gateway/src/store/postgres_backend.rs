@@ -652,6 +652,36 @@ mod tests {
         store.verify_audit_chain().await.unwrap();
     }
 
+    /// Connections the database dropped (a restart, a failover) are made
+    /// again: at most the writes in flight fail, and later ones succeed.
+    #[tokio::test]
+    async fn dropped_connections_are_made_again() {
+        let config = pg_test_cluster::database();
+        let store = Store::postgres(config.clone(), 2).unwrap();
+        let event = || AuditEvent::new(AuditKind::IssuanceIssued, Actor::Castellan, json!({}));
+        store.audit(event()).await.unwrap();
+        store.list_audit(10, None).await.unwrap();
+        // Every other session on this database is ended, as a restart would.
+        tokio::task::spawn_blocking(move || {
+            let mut admin = config.connect(NoTls).unwrap();
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .unwrap();
+        })
+        .await
+        .unwrap();
+        let _ = store.audit(event()).await;
+        let _ = store.list_audit(10, None).await;
+        store.audit(event()).await.expect("the writer reconnected");
+        let page = store.list_audit(10, None).await.expect("reads reconnected");
+        assert!(page.items.len() >= 2);
+        store.verify_audit_chain().await.unwrap();
+    }
+
     /// A database migrated by a newer Castellan is refused at start, saying
     /// so; the current one opens again (migrations are idempotent).
     #[test]

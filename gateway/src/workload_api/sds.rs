@@ -171,6 +171,14 @@ impl Sds {
         Ok(out)
     }
 
+    /// Audits, through the engine, a caller's request for secrets it may
+    /// not have (someone probing for other identities is worth a record).
+    async fn refused(&self, operation: &'static str, attestation: &Attestation, s: Status) -> Status {
+        let e = EngineError::Forbidden(s.message().to_owned());
+        self.api.engine.workload_refused(operation, attestation, &e).await;
+        s
+    }
+
     /// Runs one `StreamSecrets` stream, with xDS's version and nonce
     /// handshake: a response answers a request whose names changed, or
     /// follows a change of the secrets (rotation, entries, bundles); a
@@ -235,6 +243,7 @@ impl Sds {
             let resources = match self.render(request, &material) {
                 Ok(r) => r,
                 Err(s) => {
+                    let s = self.refused("sds_stream_secrets", &attestation, s).await;
                     let _ = tx.send(Err(s)).await;
                     return;
                 }
@@ -445,7 +454,10 @@ impl SecretDiscoveryService for Sds {
             .material("sds_fetch_secrets", &attestation, &request)
             .await
             .map_err(status)?;
-        let resources = self.render(&request, &material)?;
+        let resources = match self.render(&request, &material) {
+            Ok(r) => r,
+            Err(s) => return Err(self.refused("sds_fetch_secrets", &attestation, s).await),
+        };
         Ok(Response::new(DiscoveryResponse {
             version_info: String::new(),
             resources,
@@ -453,5 +465,76 @@ impl SecretDiscoveryService for Sds {
             type_url: SECRET_TYPE_URL.into(),
             nonce: String::new(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use castellan_proto::envoy::config::core::v3::BuildVersion;
+    use castellan_proto::envoy::r#type::v3::SemanticVersion;
+
+    use super::*;
+
+    fn node(version: Option<(u32, u32)>, metadata: Option<prost_types::value::Kind>) -> Node {
+        let mut n = Node::default();
+        if let Some((major_number, minor_number)) = version {
+            n.user_agent_version_type =
+                Some(node::UserAgentVersionType::UserAgentBuildVersion(BuildVersion {
+                    version: Some(SemanticVersion {
+                        major_number,
+                        minor_number,
+                        patch: 0,
+                    }),
+                    metadata: None,
+                }));
+        }
+        if let Some(kind) = metadata {
+            let mut s = prost_types::Struct::default();
+            s.fields.insert(
+                DISABLE_SPIFFE_VALIDATION.into(),
+                prost_types::Value { kind: Some(kind) },
+            );
+            n.metadata = Some(s);
+        }
+        n
+    }
+
+    #[test]
+    fn spiffe_validation_unless_turned_off_or_too_old() {
+        use prost_types::value::Kind;
+        assert!(spiffe_validation(false, None));
+        assert!(!spiffe_validation(true, None));
+        assert!(spiffe_validation(false, Some(&node(Some((1, 31)), None))));
+        assert!(
+            !spiffe_validation(false, Some(&node(Some((1, 17)), None))),
+            "Envoy before 1.18"
+        );
+        assert!(!spiffe_validation(
+            false,
+            Some(&node(None, Some(Kind::BoolValue(true))))
+        ));
+        assert!(!spiffe_validation(
+            false,
+            Some(&node(None, Some(Kind::StringValue("true".into()))))
+        ));
+        // The node may turn it back on, and nonsense changes nothing.
+        assert!(spiffe_validation(
+            true,
+            Some(&node(None, Some(Kind::BoolValue(false))))
+        ));
+        assert!(!spiffe_validation(
+            true,
+            Some(&node(None, Some(Kind::StringValue("maybe".into()))))
+        ));
+    }
+
+    #[test]
+    fn only_secret_requests_are_served() {
+        let mut r = DiscoveryRequest::default();
+        assert!(check_type(&r).is_ok(), "the type may be left out");
+        r.type_url = SECRET_TYPE_URL.into();
+        assert!(check_type(&r).is_ok());
+        r.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
+        assert_eq!(check_type(&r).unwrap_err().code(), tonic::Code::InvalidArgument);
     }
 }
