@@ -132,6 +132,24 @@ impl Entries {
         self.version.send_modify(|v| *v += 1);
     }
 
+    /// Replaces every entry with `entries` (as the store holds them after
+    /// another gateway's change); open streams hear of it only if something
+    /// differs.
+    pub fn replace_all(&self, entries: Vec<Entry>) {
+        let _g = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.list.load();
+        let same = current.len() == entries.len()
+            && entries
+                .iter()
+                .all(|e| current.iter().any(|c| c.id == e.id && **c == *e));
+        if same {
+            return;
+        }
+        self.list
+            .store(Arc::new(entries.into_iter().map(Arc::new).collect()));
+        self.version.send_modify(|v| *v += 1);
+    }
+
     /// Changes whenever an entry is added or removed.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()

@@ -177,7 +177,10 @@ impl Dispatcher {
     /// Runs forever, delivering what the outbox holds.
     pub async fn run(self) {
         loop {
-            if let Err(e) = self.pass().await {
+            // Gateways sharing a store deliver once: only the leader does.
+            if self.store.is_leader()
+                && let Err(e) = self.pass().await
+            {
                 tracing::warn!(error = %e, "webhook dispatch pass failed");
             }
             tokio::time::sleep(POLL).await;

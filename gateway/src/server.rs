@@ -279,6 +279,12 @@ pub async fn serve(
             app.config.bundles.sources.clone(),
         ));
     }
+    // Bundles pushed through the API (here before a restart, or through
+    // another gateway sharing the store) are active before the first request.
+    if let Err(e) = castellan::http::activate_stored_bundles(&state).await {
+        anyhow::bail!("cannot read the stored policy bundles: {e}");
+    }
+    tokio::spawn(castellan::http::follow_store(state.clone()));
     let app_router = router(state);
     tokio::spawn(app.engine.clone().run_housekeeping());
     app.federation.start();

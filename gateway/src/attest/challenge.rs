@@ -2,25 +2,24 @@
 //! for a nonce, signs (or quotes) it, and sends the evidence with the
 //! challenge's id. A challenge is taken at the first attestation that
 //! names it, whatever the outcome, so a nonce is never accepted twice; it
-//! expires unused after a few minutes. Challenges live in memory: after a
-//! restart the client asks for a new one.
-
-use std::collections::HashMap;
-use std::sync::Mutex;
+//! expires unused after a few minutes. Challenges live in the store, so a
+//! challenge issued by one gateway is answered at any gateway sharing it,
+//! and survives a restart.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
+use crate::model::ChallengeRecord;
+use crate::store::{ChallengeRoom, Store};
+
 /// How long a challenge may wait for its evidence.
 pub const CHALLENGE_TTL_SECONDS: i64 = 300;
 /// Challenges pending at once, at most: beyond it new ones are refused.
-const MAX_PENDING: usize = 16_384;
+const MAX_PENDING: u64 = 16_384;
 /// Challenges one client (an IPv4 address, or an IPv6 /64) may have pending
 /// at once, so that no client can take the whole table.
-pub const MAX_PER_CLIENT: usize = 256;
-/// Expired challenges are swept at most this often.
-const SWEEP_SECONDS: i64 = 5;
+pub const MAX_PER_CLIENT: u64 = 256;
 
 /// Why a challenge could not be issued or taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,14 +37,9 @@ pub enum ChallengeError {
     /// The challenge was issued for another method.
     #[error("the challenge was issued for another method")]
     WrongMethod,
-}
-
-struct Pending {
-    method: String,
-    client: Option<Client>,
-    expires_at: i64,
-    /// What the module sees under `context.challenge`.
-    context: Value,
+    /// The store could not keep or give back the challenge.
+    #[error("challenges are unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Who asked: an IPv4 address, or the /64 of an IPv6 one (a host usually
@@ -65,46 +59,16 @@ impl From<std::net::IpAddr> for Client {
     }
 }
 
-/// Pending challenges by id, with counts per client and a sweep of the
-/// expired ones every few seconds.
-#[derive(Default)]
+impl Client {
+    /// How the store names the client.
+    fn key(self) -> String {
+        format!("{:032x}", self.0)
+    }
+}
+
+/// Pending challenges, kept in the store.
 pub struct Challenges {
-    inner: Mutex<Inner>,
-}
-
-#[derive(Default)]
-struct Inner {
-    pending: HashMap<String, Pending>,
-    per_client: HashMap<Client, usize>,
-    next_sweep: i64,
-}
-
-impl Inner {
-    fn forget(&mut self, p: &Pending) {
-        if let Some(c) = p.client
-            && let Some(n) = self.per_client.get_mut(&c)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.per_client.remove(&c);
-            }
-        }
-    }
-
-    fn sweep(&mut self, now: i64) {
-        let expired: Vec<String> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.expires_at < now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in expired {
-            if let Some(p) = self.pending.remove(&id) {
-                self.forget(&p);
-            }
-        }
-        self.next_sweep = now + SWEEP_SECONDS;
-    }
+    store: Store,
 }
 
 /// A challenge as the client receives it.
@@ -120,9 +84,13 @@ pub struct Issued {
 }
 
 impl Challenges {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
     /// Issues a challenge for `method`. `private` joins the module's view
     /// (never the client's); `public` joins the client's.
-    pub fn issue(
+    pub async fn issue(
         &self,
         method: &str,
         client: Option<Client>,
@@ -137,41 +105,38 @@ impl Challenges {
         for (k, v) in private {
             context[k] = v;
         }
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if now >= inner.next_sweep || inner.pending.len() >= MAX_PENDING {
-            inner.sweep(now);
-        }
-        if client.is_some_and(|c| inner.per_client.get(&c).is_some_and(|n| *n >= MAX_PER_CLIENT)) {
-            return Err(ChallengeError::ClientLimit);
-        }
-        if inner.pending.len() >= MAX_PENDING {
-            return Err(ChallengeError::Full);
-        }
-        if let Some(c) = client {
-            *inner.per_client.entry(c).or_default() += 1;
-        }
-        inner.pending.insert(
-            id.clone(),
-            Pending {
-                method: method.to_owned(),
-                client,
-                expires_at,
-                context,
-            },
-        );
-        Ok(Issued {
-            challenge_id: id,
-            nonce,
+        let record = ChallengeRecord {
+            id: id.clone(),
+            method: method.to_owned(),
+            client: client.map(Client::key),
             expires_at,
-            extra: public,
-        })
+            context,
+        };
+        let room = self
+            .store
+            .put_challenge(record, MAX_PENDING, MAX_PER_CLIENT, now)
+            .await
+            .map_err(|e| ChallengeError::Unavailable(e.to_string()))?;
+        match room {
+            ChallengeRoom::Stored => Ok(Issued {
+                challenge_id: id,
+                nonce,
+                expires_at,
+                extra: public,
+            }),
+            ChallengeRoom::Full => Err(ChallengeError::Full),
+            ChallengeRoom::ClientFull => Err(ChallengeError::ClientLimit),
+        }
     }
 
     /// Takes the challenge `id` for `method`: it can never be taken again.
-    pub fn take(&self, id: &str, method: &str, now: i64) -> Result<Value, ChallengeError> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let p = inner.pending.remove(id).ok_or(ChallengeError::Unknown)?;
-        inner.forget(&p);
+    pub async fn take(&self, id: &str, method: &str, now: i64) -> Result<Value, ChallengeError> {
+        let p = self
+            .store
+            .take_challenge(id)
+            .await
+            .map_err(|e| ChallengeError::Unavailable(e.to_string()))?
+            .ok_or(ChallengeError::Unknown)?;
         if p.expires_at < now {
             return Err(ChallengeError::Unknown);
         }
@@ -195,58 +160,65 @@ pub fn challenge_id(evidence: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_challenge_is_taken_once_for_its_method_before_it_expires() {
-        let c = Challenges::default();
+    #[tokio::test]
+    async fn a_challenge_is_taken_once_for_its_method_before_it_expires() {
+        let c = Challenges::new(Store::memory());
         let empty = serde_json::Map::new;
-        let a = c.issue("x509pop", None, empty(), empty(), 100).unwrap();
+        let a = c.issue("x509pop", None, empty(), empty(), 100).await.unwrap();
         assert_eq!(
-            c.take(&a.challenge_id, "tpm", 101),
+            c.take(&a.challenge_id, "tpm", 101).await,
             Err(ChallengeError::WrongMethod)
         );
         // A wrong-method attempt consumed it too: no second try.
         assert_eq!(
-            c.take(&a.challenge_id, "x509pop", 101),
+            c.take(&a.challenge_id, "x509pop", 101).await,
             Err(ChallengeError::Unknown)
         );
-        let b = c.issue("x509pop", None, empty(), empty(), 100).unwrap();
-        let ctx = c.take(&b.challenge_id, "x509pop", 150).unwrap();
+        let b = c.issue("x509pop", None, empty(), empty(), 100).await.unwrap();
+        let ctx = c.take(&b.challenge_id, "x509pop", 150).await.unwrap();
         assert_eq!(ctx["nonce"], b.nonce.as_str());
         assert_eq!(
-            c.take(&b.challenge_id, "x509pop", 150),
+            c.take(&b.challenge_id, "x509pop", 150).await,
             Err(ChallengeError::Unknown)
         );
-        let late = c.issue("x509pop", None, empty(), empty(), 100).unwrap();
+        let late = c.issue("x509pop", None, empty(), empty(), 100).await.unwrap();
         assert_eq!(
-            c.take(&late.challenge_id, "x509pop", 100 + CHALLENGE_TTL_SECONDS + 1),
+            c.take(&late.challenge_id, "x509pop", 100 + CHALLENGE_TTL_SECONDS + 1)
+                .await,
             Err(ChallengeError::Unknown)
         );
         assert_eq!(challenge_id(r#"{"challenge_id": "x"}"#).as_deref(), Some("x"));
         assert_eq!(challenge_id("eyJ.a.b"), None);
     }
 
-    #[test]
-    fn one_client_cannot_take_the_table() {
-        let c = Challenges::default();
+    #[tokio::test]
+    async fn one_client_cannot_take_the_table() {
+        let c = Challenges::new(Store::memory());
         let empty = serde_json::Map::new;
         let flooder = Client::from(std::net::IpAddr::from([203, 0, 113, 7]));
         let same_64 = |last: u16| Client::from(std::net::IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, last]));
         for _ in 0..MAX_PER_CLIENT {
-            c.issue("x509pop", Some(flooder), empty(), empty(), 100).unwrap();
+            c.issue("x509pop", Some(flooder), empty(), empty(), 100)
+                .await
+                .unwrap();
         }
         assert_eq!(
-            c.issue("x509pop", Some(flooder), empty(), empty(), 100).err(),
+            c.issue("x509pop", Some(flooder), empty(), empty(), 100)
+                .await
+                .err(),
             Some(ChallengeError::ClientLimit)
         );
         // Another client is served; an IPv6 host's whole /64 is one client.
         let other = c
             .issue("x509pop", Some(same_64(1)), empty(), empty(), 100)
+            .await
             .unwrap();
         assert_eq!(same_64(1), same_64(2));
         // Answering, or expiry, frees the client's slots.
-        c.take(&other.challenge_id, "x509pop", 101).unwrap();
-        let later = 100 + CHALLENGE_TTL_SECONDS + SWEEP_SECONDS + 1;
+        c.take(&other.challenge_id, "x509pop", 101).await.unwrap();
+        let later = 100 + CHALLENGE_TTL_SECONDS + 1;
         c.issue("x509pop", Some(flooder), empty(), empty(), later)
+            .await
             .unwrap();
     }
 }

@@ -28,6 +28,9 @@ pub enum ActivationError {
     /// A module does not compile or imports what it was not granted.
     #[error("{0}")]
     Module(String),
+    /// The bundle could not be kept in the store for the other gateways.
+    #[error("the bundle could not be stored: {0}")]
+    Store(String),
 }
 
 struct Named {
@@ -45,6 +48,8 @@ pub struct Bundles {
     attestors: Arc<Attestors>,
     policies: Arc<Policies>,
     named: Mutex<BTreeMap<String, Named>>,
+    /// SHA-256 of each stored (API-pushed) bundle active here, by name.
+    stored: Mutex<BTreeMap<String, String>>,
     /// Methods other bundles may replace (`[bundles] replaceable_methods`).
     replaceable: Vec<String>,
 }
@@ -77,6 +82,7 @@ impl Bundles {
                 attestors,
                 policies: policies.clone(),
                 named: Mutex::new(named),
+                stored: Mutex::new(BTreeMap::new()),
                 replaceable: Vec::new(),
             },
             policies,
@@ -92,6 +98,19 @@ impl Bundles {
 
     /// Adds or replaces the bundle `name` and activates the result.
     pub fn put(&self, name: &str, bundle: Bundle, signed: bool) -> Result<BundleInfo, ActivationError> {
+        self.put_then(name, bundle, signed, |_| Ok(()))
+    }
+
+    /// Like [`Bundles::put`], and runs `keep` once the new snapshot has
+    /// compiled and before it is swapped in: if `keep` fails, nothing
+    /// changes.
+    pub fn put_then(
+        &self,
+        name: &str,
+        bundle: Bundle,
+        signed: bool,
+        keep: impl FnOnce(&BundleInfo) -> Result<(), ActivationError>,
+    ) -> Result<BundleInfo, ActivationError> {
         if !crate::auth::valid_name(name) {
             return Err(ActivationError::Conflict(format!(
                 "bundle name `{}` must be 1-64 letters, digits, `-`, `_`, `.`",
@@ -140,10 +159,33 @@ impl Bundles {
             },
         );
         let snapshot = build(&self.attestors, &next, &self.replaceable)?;
-        let info = snapshot.bundles.iter().find(|b| b.name == name).cloned();
+        let info = snapshot
+            .bundles
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
+            .ok_or_else(|| ActivationError::Conflict("activated bundle vanished".into()))?;
+        keep(&info)?;
         self.policies.activate(snapshot);
         *named = next;
-        info.ok_or_else(|| ActivationError::Conflict("activated bundle vanished".into()))
+        Ok(info)
+    }
+
+    /// The SHA-256 of the stored bundle `name` active here, if any.
+    pub fn stored_sha256(&self, name: &str) -> Option<String> {
+        self.stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Records that the stored bundle `name` with this digest is active here.
+    pub fn mark_stored(&self, name: &str, sha256: &str) {
+        self.stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), sha256.to_owned());
     }
 
     /// What is active.

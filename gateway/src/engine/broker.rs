@@ -108,6 +108,26 @@ pub(super) struct Delegations {
     revoked: ArcSwap<HashMap<String, i64>>,
 }
 
+/// The revoked, unexpired token ids in the store's revocation feed.
+async fn revoked_set(store: &Store) -> Result<HashMap<String, i64>, EngineError> {
+    let mut revoked = HashMap::new();
+    let mut cursor = None;
+    loop {
+        let page = store.revocations(1000, cursor.as_deref()).await?;
+        revoked.extend(
+            page.items
+                .into_iter()
+                .filter(|r| r.exp > now_unix())
+                .map(|r| (r.jti, r.exp)),
+        );
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    Ok(revoked)
+}
+
 impl Delegations {
     /// Loads the revoked set from the store's revocation feed.
     pub(super) async fn load(
@@ -117,21 +137,7 @@ impl Delegations {
     ) -> Result<Self, EngineError> {
         let own_keys =
             KeySet::from_jwks(jwks).map_err(|_| EngineError::Internal("own JWT keys do not load"))?;
-        let mut revoked = HashMap::new();
-        let mut cursor = None;
-        loop {
-            let page = store.revocations(1000, cursor.as_deref()).await?;
-            revoked.extend(
-                page.items
-                    .into_iter()
-                    .filter(|r| r.exp > now_unix())
-                    .map(|r| (r.jti, r.exp)),
-            );
-            match page.next_cursor {
-                Some(c) => cursor = Some(c),
-                None => break,
-            }
-        }
+        let revoked = revoked_set(store).await?;
         Ok(Self {
             oidc,
             own_keys,
@@ -150,6 +156,13 @@ struct Decided {
 }
 
 impl Engine {
+    /// Re-reads the revoked set: another gateway revoked tokens.
+    pub async fn reload_revocations(&self) -> Result<(), EngineError> {
+        let revoked = revoked_set(&self.store).await?;
+        self.delegations.revoked.store(Arc::new(revoked));
+        Ok(())
+    }
+
     /// Whether an agent token id is revoked.
     pub fn is_revoked(&self, jti: &str) -> bool {
         self.delegations.revoked.load().contains_key(jti)
@@ -254,8 +267,9 @@ impl Engine {
     }
 
     /// Verifies a request's DPoP proof for `endpoint`, and that its `jti`
-    /// is new. `token` is the token the proof accompanies (its `ath`).
-    pub(super) fn check_dpop(
+    /// is new on every gateway sharing the store. `token` is the token the
+    /// proof accompanies (its `ath`).
+    pub(super) async fn check_dpop(
         &self,
         proof: &str,
         endpoint: &str,
@@ -269,9 +283,18 @@ impl Engine {
             token,
         };
         let proof = dpop::verify(proof, expected, now).map_err(EngineError::Dpop)?;
+        let replayed = || EngineError::Dpop("the DPoP proof was already used (`jti`)".into());
+        let until = proof.iat + dpop::MAX_AGE_SECONDS;
         self.replay
-            .first_use("dpop", &proof.jti, proof.iat + dpop::MAX_AGE_SECONDS, now)
-            .map_err(|_| EngineError::Dpop("the DPoP proof was already used (`jti`)".into()))?;
+            .first_use("dpop", &proof.jti, until, now)
+            .map_err(|_| replayed())?;
+        if !self
+            .store
+            .spend(&format!("dpop\u{0}{}", proof.jti), until, now)
+            .await?
+        {
+            return Err(replayed());
+        }
         Ok(proof)
     }
 
@@ -322,7 +345,7 @@ impl Engine {
             .as_deref()
             .filter(|t| unverified_issuer(t).as_deref() == Some(self.issuer().as_str()));
         let proof = match &req.dpop {
-            Some(p) => Some(self.check_dpop(p, req.endpoint, parent_token)?),
+            Some(p) => Some(self.check_dpop(p, req.endpoint, parent_token).await?),
             None => None,
         };
         let jkt = match (&req.public_key_jwk, &proof) {

@@ -116,6 +116,19 @@ fn check_new(new: &NewRequest) -> Result<String, EngineError> {
     Ok(justification)
 }
 
+/// How long after its approval a request still approved is issued by the
+/// housekeeping leader rather than the gateway that approved it.
+const FINISH_AFTER_SECONDS: i64 = 30;
+
+/// Whether `r` was decided before `t` (Unix seconds); an unreadable time
+/// counts as long ago.
+fn decided_before(r: &Request, t: i64) -> bool {
+    r.decided_at
+        .as_deref()
+        .and_then(|d| time::OffsetDateTime::parse(d, &time::format_description::well_known::Rfc3339).ok())
+        .is_none_or(|d| d.unix_timestamp() < t)
+}
+
 /// How long a decided request is kept after its deadline.
 pub const REQUEST_RETENTION_SECONDS: i64 = 30 * 86_400;
 
@@ -142,6 +155,19 @@ impl Engine {
     fn wake(&self, id: &str) {
         let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = w.get(id) {
+            n.notify_waiters();
+        }
+    }
+
+    /// Wakes whoever waits on request `id` here: another gateway changed it.
+    pub fn request_changed(&self, id: &str) {
+        self.wake(id);
+    }
+
+    /// Wakes every waiter here: requests may have changed unseen.
+    pub fn requests_changed(&self) {
+        let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        for n in w.values() {
             n.notify_waiters();
         }
     }
@@ -633,7 +659,9 @@ impl Engine {
         let proof = proof.ok_or_else(|| {
             EngineError::Dpop("send a DPoP proof (RFC 9449) signed by the key the request asked with".into())
         })?;
-        let proof = self.check_dpop(proof, &format!("/api/v1/ephemeral/{id}/collect"), None)?;
+        let proof = self
+            .check_dpop(proof, &format!("/api/v1/ephemeral/{id}/collect"), None)
+            .await?;
         let grant = request
             .agent
             .clone()
@@ -846,48 +874,16 @@ impl Engine {
             .collect())
     }
 
-    /// Background duties: expire overdue requests, forget old idempotency
-    /// keys, and finish any request left `approved` by a crash between
-    /// approval and signing.
+    /// Background duties. Those of this gateway's memory run here always;
+    /// those of the shared store (purges, expiring overdue requests,
+    /// finishing requests left approved) run only on the leader, so that
+    /// gateways sharing a store do them once.
     pub async fn run_housekeeping(self: Arc<Self>) {
-        if let Ok(approved) = self.store.list_requests(Some(State::Approved)).await {
-            for r in approved.into_iter().filter(|r| r.agent.is_none()) {
-                let id = r.id.clone();
-                match self.issue_approved(r).await {
-                    Ok(_) => tracing::info!(request_id = %id, "issued a request left approved"),
-                    Err(e) => {
-                        tracing::error!(request_id = %id, error = %e, "could not issue an approved request")
-                    }
-                }
-            }
-        }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
         loop {
             tick.tick().await;
             ticks += 1;
-            // Idempotency keys are remembered for a day; forget older ones hourly.
-            if ticks % 3600 == 1
-                && let Err(e) = self.store.idempotency_purge(now_unix() - 24 * 3600).await
-            {
-                tracing::warn!(error = %e, "could not purge old idempotency keys");
-            }
-            // Expired agent tokens and revocations, and decided requests a
-            // month past their deadline, are forgotten hourly.
-            if ticks % 3600 == 4
-                && let Err(e) = self
-                    .store
-                    .purge_expired(now_unix(), REQUEST_RETENTION_SECONDS)
-                    .await
-            {
-                tracing::warn!(error = %e, "could not purge expired records");
-            }
-            // Spent single-use evidence only matters until it expires.
-            if ticks % 3600 == 2
-                && let Err(e) = self.store.spent_purge(now_unix()).await
-            {
-                tracing::warn!(error = %e, "could not purge expired single-use evidence");
-            }
             let now = now_unix();
             if ticks.is_multiple_of(super::refusals::SUMMARY_SECONDS) {
                 self.summarise_suppressed_refusals().await;
@@ -902,14 +898,64 @@ impl Engine {
                     .unwrap_or_else(|p| p.into_inner())
                     .retain(|_, n| Arc::strong_count(n) > 1);
             }
-            for state in [State::Pending, State::Approved] {
-                let Ok(open) = self.store.list_requests(Some(state)).await else {
-                    continue;
-                };
-                for mut r in open {
-                    if r.expire_if_due(now) {
-                        self.expire(&r.id).await;
+            if self.store.is_leader() {
+                self.shared_housekeeping(ticks, now).await;
+            }
+        }
+    }
+
+    /// The store's duties, run by one gateway.
+    async fn shared_housekeeping(self: &Arc<Self>, ticks: u64, now: i64) {
+        // Idempotency keys are remembered for a day; forget older ones hourly.
+        if ticks % 3600 == 1
+            && let Err(e) = self.store.idempotency_purge(now - 24 * 3600).await
+        {
+            tracing::warn!(error = %e, "could not purge old idempotency keys");
+        }
+        // Expired agent tokens and revocations, and decided requests a
+        // month past their deadline, are forgotten hourly.
+        if ticks % 3600 == 4
+            && let Err(e) = self.store.purge_expired(now, REQUEST_RETENTION_SECONDS).await
+        {
+            tracing::warn!(error = %e, "could not purge expired records");
+        }
+        // Spent single-use evidence only matters until it expires.
+        if ticks % 3600 == 2
+            && let Err(e) = self.store.spent_purge(now).await
+        {
+            tracing::warn!(error = %e, "could not purge expired single-use evidence");
+        }
+        if ticks % 60 == 5
+            && let Err(e) = self.store.purge_challenges(now).await
+        {
+            tracing::warn!(error = %e, "could not purge expired challenges");
+        }
+        // A request left approved (its gateway died, or the signer failed
+        // between approval and signing) is issued here, once its approval
+        // is old enough that no gateway is still signing it.
+        if ticks % 10 == 1
+            && let Ok(approved) = self.store.list_requests(Some(State::Approved)).await
+        {
+            for r in approved
+                .into_iter()
+                .filter(|r| r.agent.is_none() && decided_before(r, now - FINISH_AFTER_SECONDS))
+            {
+                let id = r.id.clone();
+                match self.issue_approved(r).await {
+                    Ok(_) => tracing::info!(request_id = %id, "issued a request left approved"),
+                    Err(e) => {
+                        tracing::error!(request_id = %id, error = %e, "could not issue an approved request")
                     }
+                }
+            }
+        }
+        for state in [State::Pending, State::Approved] {
+            let Ok(open) = self.store.list_requests(Some(state)).await else {
+                continue;
+            };
+            for mut r in open {
+                if r.expire_if_due(now) {
+                    self.expire(&r.id).await;
                 }
             }
         }

@@ -45,7 +45,7 @@ pub use admission::{Admission, Admitted};
 pub use csr::{VerifiedCsr, verify_csr};
 pub use errors::{AttestationFailure, EngineError};
 
-use crate::attest::challenge::Challenges;
+use crate::attest::challenge::{ChallengeError, Challenges};
 use crate::attest::replay::ReplayCache;
 use crate::attest::{AttestError, Attestors, HOST_EVIDENCE_METHODS};
 use crate::auth::OidcIssuers;
@@ -192,11 +192,11 @@ impl Engine {
             trust: parts.trust,
             policies: parts.policies,
             signer: parts.signer,
-            store: parts.store,
+            store: parts.store.clone(),
             limits: parts.limits,
             entries: parts.entries,
             public_url: OnceLock::new(),
-            challenges: Challenges::default(),
+            challenges: Challenges::new(parts.store.clone()),
             admission: Admission::new(parts.max_in_flight, max_waiting),
             replay: ReplayCache::default(),
             refusals: refusals::RefusalBudget::default(),
@@ -262,10 +262,13 @@ impl Engine {
             crate::attest::challenge::challenge_id(evidence)
         };
         if let Some(id) = challenge {
-            let challenge = self
-                .challenges
-                .take(&id, method, crate::util::now_unix())
-                .map_err(|e| EngineError::AttestationFailed(e.into()))?;
+            let taken = block_on(self.challenges.take(&id, method, crate::util::now_unix()))?;
+            let challenge = taken.map_err(|e| match e {
+                ChallengeError::Unavailable(m) => {
+                    EngineError::Store(crate::store::StoreError::Backend(m.into()))
+                }
+                e => EngineError::AttestationFailed(e.into()),
+            })?;
             context["challenge"] = challenge;
         }
         let attestation = self
@@ -302,10 +305,8 @@ impl Engine {
         self.replay
             .first_use(method, &once.id, once.until, now)
             .map_err(|e| EngineError::AttestationFailed(e.into()))?;
-        let handle = tokio::runtime::Handle::try_current()
-            .map_err(|_| EngineError::Internal("single-use evidence needs the runtime"))?;
         let key = format!("{method}\u{0}{}", once.id);
-        if !handle.block_on(self.store.spend(&key, once.until, now))? {
+        if !block_on(self.store.spend(&key, once.until, now))?? {
             return Err(EngineError::AttestationFailed(AttestationFailure::Spent));
         }
         Ok(())
@@ -447,6 +448,14 @@ impl Engine {
         }
         result
     }
+}
+
+/// Waits for `f` from a blocking stage (on the blocking pool, inside the
+/// runtime).
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, EngineError> {
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|_| EngineError::Internal("a blocking stage ran outside the runtime"))?;
+    Ok(handle.block_on(f))
 }
 
 /// Refuses a method whose evidence only the host gathers on a surface

@@ -207,6 +207,23 @@ pub(super) async fn list_audit(
     Ok(axum::Json(json!({ "items": page.items, "next_cursor": page.next_cursor })).into_response())
 }
 
+/// `GET /api/v1/audit/verify` (admin): re-hashes the whole audit log, as
+/// every gateway sharing the store wrote it (one chain), and says how many
+/// records verified, or where the chain breaks.
+pub(super) async fn verify_audit(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, Problem> {
+    state.require_admin(&headers, "audit.verify").await?;
+    match state.engine.store.verify_audit_chain().await {
+        Ok(n) => Ok(axum::Json(json!({ "verified": n })).into_response()),
+        Err(crate::store::StoreError::ChainBroken(seq)) => Err(Problem::new(
+            axum::http::StatusCode::CONFLICT,
+            "audit-chain-broken",
+            "Audit chain broken",
+            format!("the audit record with sequence number {seq} does not follow from the one before it"),
+        )),
+        Err(e) => Err(AppState::unavailable("the audit log could not be read", e)),
+    }
+}
+
 /// `POST /api/v1/join-tokens` (admin): a one-time token for bootstrapping a
 /// host with the `join_token` method, minted by the engine.
 pub(super) async fn create_join_token(

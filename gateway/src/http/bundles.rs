@@ -27,6 +27,11 @@ fn problem(e: &ActivationError) -> Problem {
             "payload-too-large",
             "Bundle too large",
         ),
+        ActivationError::Store(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Bundle not stored",
+        ),
         ActivationError::Conflict(_) => (
             StatusCode::CONFLICT,
             "bundle-conflict",
@@ -46,27 +51,63 @@ fn problem(e: &ActivationError) -> Problem {
     )
 }
 
+/// What an activation keeps: a pushed bundle goes to the store (with its
+/// audit event, in one transaction) for every gateway; a bundle from this
+/// gateway's own disk stays this gateway's.
+pub(crate) enum Keep {
+    /// The `.tar.gz` as pushed.
+    Stored(Vec<u8>),
+    Local,
+}
+
 /// Verifies and activates a bundle; audits either way.
 pub(crate) async fn activate(
     state: &AppState,
     name: &str,
     bundle: Result<Bundle, BundleError>,
     actor: Actor,
+    keep: Keep,
 ) -> Result<crate::policy::BundleInfo, Problem> {
     let keys = state.bundle_keys.clone();
     let bundles = state.bundles.clone();
+    let store = state.engine.store.clone();
     let name_owned = name.to_owned();
+    let audit_actor = actor.clone();
+    let handle = tokio::runtime::Handle::current();
     // Verification and compilation are CPU work: off the async threads.
     let result = tokio::task::spawn_blocking(move || -> Result<_, ActivationError> {
         let bundle = bundle?;
         let signed = keys.verify(&bundle)?;
-        bundles.put(&name_owned, bundle, signed)
+        let Keep::Stored(tar_gz) = keep else {
+            let info = bundles.put(&name_owned, bundle, signed)?;
+            return Ok((info, false));
+        };
+        let sha256 = crate::util::sha256_hex(&tar_gz);
+        let info = bundles.put_then(&name_owned, bundle, signed, |info| {
+            let stored = crate::model::StoredBundle {
+                name: name_owned.clone(),
+                tar_gz: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &tar_gz),
+                sha256: sha256.clone(),
+                stored_at: crate::util::now_unix(),
+            };
+            let event =
+                crate::model::AuditEvent::new(AuditKind::BundleActivated, audit_actor, activated(info));
+            handle
+                .block_on(store.put_bundle(stored, event))
+                .map_err(|e| ActivationError::Store(e.to_string()))
+        })?;
+        bundles.mark_stored(&name_owned, &sha256);
+        Ok((info, true))
     })
     .await
     .map_err(|e| Problem::internal(format!("activation task failed: {e}")))?;
     match result {
-        Ok(info) => {
-            state.audit(AuditKind::BundleActivated, actor, json!({ "name": info.name, "revision": info.revision, "signed": info.signed, "attestors": info.attestors })).await;
+        Ok((info, audited)) => {
+            if !audited {
+                state
+                    .audit(AuditKind::BundleActivated, actor, activated(&info))
+                    .await;
+            }
             tracing::info!(bundle = %info.name, revision = %info.revision, "bundle activated");
             Ok(info)
         }
@@ -85,6 +126,43 @@ pub(crate) async fn activate(
     }
 }
 
+fn activated(info: &crate::policy::BundleInfo) -> serde_json::Value {
+    json!({ "name": info.name, "revision": info.revision, "signed": info.signed, "attestors": info.attestors })
+}
+
+/// Activates the bundles other gateways (or this one, before a restart)
+/// pushed, where the stored bytes differ from what is active here. Each is
+/// verified and compiled here again; one that fails is logged and skipped,
+/// leaving what was active.
+pub async fn activate_stored(state: &AppState) -> Result<(), crate::store::StoreError> {
+    for stored in state.engine.store.bundles().await? {
+        if state.bundles.stored_sha256(&stored.name).as_deref() == Some(stored.sha256.as_str()) {
+            continue;
+        }
+        let (keys, bundles) = (state.bundle_keys.clone(), state.bundles.clone());
+        let name = stored.name.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<_, ActivationError> {
+            let tar_gz =
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &stored.tar_gz)
+                    .map_err(|e| ActivationError::Bundle(BundleError::Io(format!("stored bundle: {e}"))))?;
+            let bundle = Bundle::from_tar_gz(&tar_gz)?;
+            let signed = keys.verify(&bundle)?;
+            let info = bundles.put(&stored.name, bundle, signed)?;
+            bundles.mark_stored(&stored.name, &stored.sha256);
+            Ok(info)
+        })
+        .await;
+        match result {
+            Ok(Ok(info)) => {
+                tracing::info!(bundle = %info.name, revision = %info.revision, "stored bundle activated")
+            }
+            Ok(Err(e)) => tracing::warn!(bundle = %name, error = %e, "stored bundle refused here"),
+            Err(e) => tracing::warn!(bundle = %name, error = %e, "stored bundle activation failed"),
+        }
+    }
+    Ok(())
+}
+
 /// `PUT /api/v1/bundles/{name}`: the body is the `.tar.gz`.
 pub(super) async fn put(
     State(state): State<AppState>,
@@ -97,7 +175,14 @@ pub(super) async fn put(
         .await
         .map_err(|_| Problem::too_large(MAX_BUNDLE_BYTES))?;
     let bundle = Bundle::from_tar_gz(&bytes);
-    let info = activate(&state, &name, bundle, Actor::from(&admin)).await?;
+    let info = activate(
+        &state,
+        &name,
+        bundle,
+        Actor::from(&admin),
+        Keep::Stored(bytes.to_vec()),
+    )
+    .await?;
     Ok(axum::Json(info).into_response())
 }
 
@@ -161,6 +246,7 @@ pub async fn watch(state: AppState, sources: Vec<crate::config::BundleSource>) {
                 &source.name,
                 bundle,
                 Actor::Watch(source.path.display().to_string()),
+                Keep::Local,
             )
             .await;
         }

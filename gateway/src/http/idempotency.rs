@@ -1,7 +1,10 @@
 //! `Idempotency-Key` on every POST: the same key with the same body replays
 //! the original response; the same key with another body is refused (422).
 //! Keys are scoped by the caller's credentials, kept 24 hours, and a request
-//! still in flight under a key makes a second one wait its turn (409).
+//! still in flight under a key makes a second one wait its turn (409). The
+//! claim on a key is made in the store, so all of this holds across every
+//! gateway sharing it; a claim whose gateway died is taken over after
+//! [`LEASE_SECONDS`].
 //!
 //! Only successful responses are remembered (a refusal changed nothing and
 //! simply runs again), and never a challenge's.
@@ -11,9 +14,6 @@
 //! ids it named are, and a replay is refused with `idempotency-secret`,
 //! naming them, so the caller can revoke what it lost and ask again.
 
-use std::collections::HashSet;
-use std::sync::{Mutex, OnceLock};
-
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, Method, Request, StatusCode, header};
@@ -21,27 +21,90 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{AppState, Problem};
-use crate::store::IdempotentResponse;
+use crate::store::{IDEMPOTENCY_IN_FLIGHT, IdempotencyClaim, IdempotentResponse, Store};
 use crate::util::{now_unix, sha256_hex};
 
 /// How long a key is remembered.
 const KEEP_SECONDS: i64 = 24 * 3600;
 
-fn in_flight() -> &'static Mutex<HashSet<String>> {
-    static SET: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    SET.get_or_init(Default::default)
-}
+/// How long a claim holds a key for a request that never finishes (its
+/// gateway died): longer than any request runs.
+pub const LEASE_SECONDS: i64 = 120;
 
-/// Releases an in-flight key however the request ends.
-struct Claim(String);
+/// Lets go of a claimed key if the request ends without an answer worth
+/// keeping (a refusal, an error, or the client went away).
+struct Claim(Option<(Store, String)>);
+
+impl Claim {
+    /// The answer was stored: nothing to let go of.
+    fn settled(&mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        in_flight()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.0);
+        if let Some((store, key)) = self.0.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(async move {
+                if let Err(e) = store.idempotency_release(&key).await {
+                    tracing::warn!(error = %e, "could not release an Idempotency-Key claim");
+                }
+            });
+        }
     }
+}
+
+fn in_flight() -> Response {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "idempotency-key-in-flight",
+        "Request in progress",
+        "a request with this Idempotency-Key is still being processed; retry shortly",
+    )
+    .into_response()
+}
+
+/// The answer to a key already used: its replay, or why there is none.
+fn answered(saved: IdempotentResponse, body_sha256: &str) -> Response {
+    if saved.body_sha256 != body_sha256 {
+        return Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "Idempotency key reused",
+            "this Idempotency-Key was used with a different request body",
+        )
+        .into_response();
+    }
+    if saved.status == IDEMPOTENCY_IN_FLIGHT {
+        return in_flight();
+    }
+    if saved.secret {
+        return Problem::new(
+            StatusCode::CONFLICT,
+            "idempotency-secret",
+            "Response not replayable",
+            format!(
+                "the first response to this Idempotency-Key held a secret, which Castellan never stores; \
+                 it created {}: if that response was lost, revoke what it created and send a new request \
+                 with a new key",
+                saved.body
+            ),
+        )
+        .into_response();
+    }
+    let mut resp = (
+        StatusCode::from_u16(saved.status).unwrap_or(StatusCode::OK),
+        saved.body,
+    )
+        .into_response();
+    if let Ok(ct) = HeaderValue::from_str(&saved.content_type) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    resp.headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    resp
 }
 
 pub(super) async fn layer(State(state): State<AppState>, req: Request<Body>, next: Next) -> Response {
@@ -85,58 +148,30 @@ pub(super) async fn layer(State(state): State<AppState>, req: Request<Body>, nex
     );
     let body_sha256 = sha256_hex(&bytes);
 
-    match state.engine.store.idempotency_get(&scope).await {
-        Ok(Some(saved)) if now_unix() - saved.created_at < KEEP_SECONDS => {
-            if saved.body_sha256 != body_sha256 {
-                return Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "idempotency-key-reused",
-                    "Idempotency key reused",
-                    "this Idempotency-Key was used with a different request body",
-                )
-                .into_response();
-            }
-            if saved.secret {
-                return Problem::new(
-                    StatusCode::CONFLICT,
-                    "idempotency-secret",
-                    "Response not replayable",
-                    format!(
-                        "the first response to this Idempotency-Key held a secret, which Castellan never stores; \
-                         it created {}: if that response was lost, revoke what it created and send a new request \
-                         with a new key",
-                        saved.body
-                    ),
-                )
-                .into_response();
-            }
-            let mut resp = (
-                StatusCode::from_u16(saved.status).unwrap_or(StatusCode::OK),
-                saved.body,
-            )
-                .into_response();
-            if let Ok(ct) = HeaderValue::from_str(&saved.content_type) {
-                resp.headers_mut().insert(header::CONTENT_TYPE, ct);
-            }
-            resp.headers_mut()
-                .insert("idempotent-replayed", HeaderValue::from_static("true"));
-            return resp;
-        }
+    let store = state.engine.store.clone();
+    let now = now_unix();
+    let fresh = |r: &IdempotentResponse| {
+        let keep = if r.status == IDEMPOTENCY_IN_FLIGHT {
+            LEASE_SECONDS
+        } else {
+            KEEP_SECONDS
+        };
+        now - r.created_at < keep
+    };
+    // A read first: a replay costs no write.
+    match store.idempotency_get(&scope).await {
+        Ok(Some(saved)) if fresh(&saved) => return answered(saved, &body_sha256),
         Ok(_) => {}
         Err(e) => return Problem::unavailable(format!("store: {e}")).into_response(),
     }
-    let _claim = {
-        let mut set = in_flight().lock().unwrap_or_else(|p| p.into_inner());
-        if !set.insert(scope.clone()) {
-            return Problem::new(
-                StatusCode::CONFLICT,
-                "idempotency-key-in-flight",
-                "Request in progress",
-                "a request with this Idempotency-Key is still being processed; retry shortly",
-            )
-            .into_response();
-        }
-        Claim(scope.clone())
+    let mut claim = match store
+        .idempotency_claim(&scope, &body_sha256, now, (LEASE_SECONDS, KEEP_SECONDS))
+        .await
+    {
+        Ok(IdempotencyClaim::Claimed) => Claim(Some((store.clone(), scope.clone()))),
+        Ok(IdempotencyClaim::InFlight) => return in_flight(),
+        Ok(IdempotencyClaim::Answered(saved)) => return answered(saved, &body_sha256),
+        Err(e) => return Problem::unavailable(format!("store: {e}")).into_response(),
     };
     let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
     // Only what changed something is remembered: a refusal or a server error
@@ -172,8 +207,9 @@ pub(super) async fn layer(State(state): State<AppState>, req: Request<Body>, nex
             .to_owned(),
         created_at: now_unix(),
     };
-    if let Err(e) = state.engine.store.idempotency_put(&scope, saved).await {
-        tracing::warn!(error = %e, "could not remember an idempotent response");
+    match store.idempotency_put(&scope, saved).await {
+        Ok(()) => claim.settled(),
+        Err(e) => tracing::warn!(error = %e, "could not remember an idempotent response"),
     }
     Response::from_parts(parts, Body::from(body))
 }

@@ -92,6 +92,7 @@ pub(super) async fn create_challenge(
             .engine
             .challenges
             .issue(&ask.method, client, private, public, crate::util::now_unix())
+            .await
             .map_err(|e| match e {
                 crate::attest::challenge::ChallengeError::ClientLimit => Problem::new(
                     StatusCode::TOO_MANY_REQUESTS,

@@ -13,6 +13,7 @@ mod broker;
 mod bundles;
 mod entries;
 mod ephemeral;
+mod follow;
 mod idempotency;
 mod issuance;
 mod problem;
@@ -30,7 +31,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-pub use bundles::watch as watch_bundle_sources;
+pub use bundles::{activate_stored as activate_stored_bundles, watch as watch_bundle_sources};
+pub use follow::follow_store;
 pub use problem::{Problem, TYPE_PREFIX};
 
 use crate::auth::{Authenticator, Principal, Role};
@@ -69,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/trust-sources/{id}/revoke", post(trust_sources::revoke))
         .route("/api/v1/certificates", get(admin::list_certificates))
         .route("/api/v1/audit", get(admin::list_audit))
+        .route("/api/v1/audit/verify", get(admin::verify_audit))
         .route(
             "/api/v1/tokens",
             post(admin::create_token).get(admin::list_tokens),

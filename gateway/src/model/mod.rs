@@ -27,6 +27,8 @@ pub use attestation::{Attestation, AttestationSummary, SingleUse};
 pub use audit::{Actor, AuditEvent, AuditKind, AuditRecord, genesis_hash};
 pub use entry::Entry;
 pub use principal::{OidcLink, Principal, PrincipalKind, Role, TokenRecord, oidc_person};
-pub use records::{CertificateRecord, IdempotentResponse, Notification, OutboxItem, Source};
+pub use records::{
+    CertificateRecord, ChallengeRecord, IdempotentResponse, Notification, OutboxItem, Source, StoredBundle,
+};
 pub use request::{IssuedCert, Request, Requester, Rule, State, Vote, VoteDecision};
 pub use trust_source::{PreviousKeys, TrustSource};

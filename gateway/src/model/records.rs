@@ -91,3 +91,30 @@ pub struct IdempotentResponse {
     #[serde(default)]
     pub secret: bool,
 }
+
+/// A server challenge waiting for its evidence. It lives in the store so
+/// that the gateway the evidence reaches can take it, whichever issued it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChallengeRecord {
+    pub id: String,
+    pub method: String,
+    /// Who asked (an IPv4 address, or an IPv6 /64), for the per-client limit.
+    #[serde(default)]
+    pub client: Option<String>,
+    pub expires_at: i64,
+    /// What the module sees under `context.challenge` (may hold secrets the
+    /// client must not see, such as a TPM credential's secret).
+    pub context: serde_json::Value,
+}
+
+/// A policy bundle pushed through the API, kept so that every gateway, and
+/// this one after a restart, activates the same bytes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredBundle {
+    pub name: String,
+    /// The `.tar.gz` as pushed, base64.
+    pub tar_gz: String,
+    /// SHA-256 of the `.tar.gz`, hex: tells a gateway whether it has it.
+    pub sha256: String,
+    pub stored_at: i64,
+}

@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use super::{Effects, Store, StoreError};
+use super::{ChallengeRoom, Effects, IdempotencyClaim, Store, StoreError};
 use crate::model::{
-    Actor, AgentToken, AuditEvent, AuditKind, CertificateRecord, Entry, IdempotentResponse, Notification,
-    Request, Requester, RevocationFilter, Rule, Source, State, TokenRecord, TrustSource,
+    Actor, AgentToken, AuditEvent, AuditKind, CertificateRecord, ChallengeRecord, Entry, IdempotentResponse,
+    Notification, Request, Requester, RevocationFilter, Rule, Source, State, StoredBundle, TokenRecord,
+    TrustSource,
 };
 use crate::util::now_unix;
 
@@ -352,6 +353,108 @@ pub(super) async fn idempotent_responses_are_kept_a_while(store: Store) {
     assert_eq!(store.idempotency_get("new").await.unwrap(), Some(saved(10_000)));
 }
 
+/// A key is claimed once: a second claim finds it in flight until the
+/// lease ends, an answer is replayed while it is kept, a release frees it.
+pub(super) async fn idempotency_keys_are_claimed_once(store: Store) {
+    let terms = (120, 86_400);
+    let claim = |now| store.idempotency_claim("k", "h", now, terms);
+    assert_eq!(claim(1_000).await.unwrap(), IdempotencyClaim::Claimed);
+    assert_eq!(claim(1_050).await.unwrap(), IdempotencyClaim::InFlight);
+    // The claim's gateway died: after the lease, another takes the key over.
+    assert_eq!(claim(1_200).await.unwrap(), IdempotencyClaim::Claimed);
+    store.idempotency_release("k").await.unwrap();
+    assert_eq!(claim(1_201).await.unwrap(), IdempotencyClaim::Claimed);
+    let answer = IdempotentResponse {
+        body_sha256: "h".into(),
+        status: 201,
+        body: "{}".into(),
+        content_type: "application/json".into(),
+        created_at: 1_202,
+        secret: false,
+    };
+    store.idempotency_put("k", answer.clone()).await.unwrap();
+    assert_eq!(claim(1_300).await.unwrap(), IdempotencyClaim::Answered(answer));
+    // Past its keeping, the answer no longer holds the key.
+    assert_eq!(claim(1_202 + 86_400).await.unwrap(), IdempotencyClaim::Claimed);
+}
+
+/// Challenges are taken once, counted per client while live, and purged
+/// once expired.
+pub(super) async fn challenges_are_taken_once_within_their_limits(store: Store) {
+    let challenge = |id: &str, client: Option<&str>, expires_at| ChallengeRecord {
+        id: id.into(),
+        method: "x509pop".into(),
+        client: client.map(str::to_owned),
+        expires_at,
+        context: json!({ "nonce": id }),
+    };
+    let put = |c| store.put_challenge(c, 4, 2, 100);
+    assert_eq!(
+        put(challenge("a", Some("c1"), 400)).await.unwrap(),
+        ChallengeRoom::Stored
+    );
+    assert_eq!(
+        put(challenge("b", Some("c1"), 400)).await.unwrap(),
+        ChallengeRoom::Stored
+    );
+    assert_eq!(
+        put(challenge("c", Some("c1"), 400)).await.unwrap(),
+        ChallengeRoom::ClientFull
+    );
+    assert_eq!(
+        put(challenge("d", None, 400)).await.unwrap(),
+        ChallengeRoom::Stored
+    );
+    // One that expired before `now` holds room only until the purge a full
+    // table triggers.
+    assert_eq!(
+        put(challenge("old", Some("c2"), 50)).await.unwrap(),
+        ChallengeRoom::Stored
+    );
+    assert_eq!(
+        put(challenge("e", Some("c2"), 400)).await.unwrap(),
+        ChallengeRoom::Stored
+    );
+    assert_eq!(
+        put(challenge("f", Some("c3"), 400)).await.unwrap(),
+        ChallengeRoom::Full
+    );
+    let taken = store.take_challenge("a").await.unwrap().unwrap();
+    assert_eq!(taken.context["nonce"], "a");
+    assert!(store.take_challenge("a").await.unwrap().is_none(), "taken once");
+    assert!(store.take_challenge("old").await.unwrap().is_none(), "purged");
+    // Taking frees the client's slot.
+    assert_eq!(
+        put(challenge("g", Some("c1"), 400)).await.unwrap(),
+        ChallengeRoom::Stored
+    );
+    store.purge_challenges(500).await.unwrap();
+    assert!(store.take_challenge("b").await.unwrap().is_none());
+    assert_eq!(
+        put(challenge("h", Some("c1"), 900)).await.unwrap(),
+        ChallengeRoom::Stored
+    );
+}
+
+/// Pushed bundles are kept by name, the last push winning, with an audit
+/// event in the same write.
+pub(super) async fn bundles_are_kept_by_name(store: Store) {
+    let bundle = |name: &str, sha: &str| StoredBundle {
+        name: name.into(),
+        tar_gz: "H4sI".into(),
+        sha256: sha.into(),
+        stored_at: 1,
+    };
+    store.put_bundle(bundle("b", "1"), event(1)).await.unwrap();
+    store.put_bundle(bundle("a", "2"), event(2)).await.unwrap();
+    store.put_bundle(bundle("b", "3"), event(3)).await.unwrap();
+    assert_eq!(
+        store.bundles().await.unwrap(),
+        vec![bundle("a", "2"), bundle("b", "3")]
+    );
+    assert_eq!(store.verify_audit_chain().await.unwrap(), 3);
+}
+
 pub(super) async fn resources_are_stored_with_their_audit(store: Store) {
     let source = TrustSource {
         id: "ts-1".into(),
@@ -505,6 +608,9 @@ macro_rules! conformance {
                 idempotent_responses_are_kept_a_while,
                 resources_are_stored_with_their_audit,
                 expired_records_are_purged_and_lineage_checked,
+                idempotency_keys_are_claimed_once,
+                challenges_are_taken_once_within_their_limits,
+                bundles_are_kept_by_name,
             );
         }
     };

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use super::{
-    AuditRecord, Backend, CertificateRecord, IdempotentResponse, OutboxItem, Page, StoreError, Txn, Work,
+    AuditRecord, Backend, CertificateRecord, ChallengeRecord, IdempotentResponse, OutboxItem, Page,
+    StoreError, StoredBundle, Txn, Work,
 };
 use crate::model::{AgentToken, Entry, Request, Revocation, RevocationFilter, TokenRecord, TrustSource};
 
@@ -26,6 +27,8 @@ struct Data {
     revocations: BTreeMap<u64, Revocation>,
     entries: BTreeMap<String, Entry>,
     spent: BTreeMap<String, i64>,
+    challenges: BTreeMap<String, ChallengeRecord>,
+    bundles: BTreeMap<String, StoredBundle>,
 }
 
 /// In-memory [`Backend`].
@@ -207,6 +210,46 @@ impl Txn for Data {
         self.revocations.retain(|_, r| r.exp >= before);
         Ok(())
     }
+
+    fn idempotent(&mut self, key: &str) -> Result<Option<IdempotentResponse>, StoreError> {
+        Ok(self.idempotent.get(key).cloned())
+    }
+
+    fn delete_idempotent(&mut self, key: &str) -> Result<(), StoreError> {
+        self.idempotent.remove(key);
+        Ok(())
+    }
+
+    fn put_challenge(&mut self, challenge: &ChallengeRecord) -> Result<(), StoreError> {
+        self.challenges.insert(challenge.id.clone(), challenge.clone());
+        Ok(())
+    }
+
+    fn take_challenge(&mut self, id: &str) -> Result<Option<ChallengeRecord>, StoreError> {
+        Ok(self.challenges.remove(id))
+    }
+
+    fn count_challenges(&mut self, client: Option<&str>, now: i64) -> Result<(u64, u64), StoreError> {
+        let live = self.challenges.values().filter(|c| c.expires_at >= now);
+        let (mut all, mut mine) = (0, 0);
+        for c in live {
+            all += 1;
+            if client.is_some() && c.client.as_deref() == client {
+                mine += 1;
+            }
+        }
+        Ok((all, mine))
+    }
+
+    fn purge_challenges(&mut self, now: i64) -> Result<(), StoreError> {
+        self.challenges.retain(|_, c| c.expires_at >= now);
+        Ok(())
+    }
+
+    fn put_bundle(&mut self, bundle: &StoredBundle) -> Result<(), StoreError> {
+        self.bundles.insert(bundle.name.clone(), bundle.clone());
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
@@ -274,5 +317,9 @@ impl Backend for MemoryBackend {
 
     async fn revocations(&self, limit: usize, after: u64) -> Result<Page<Revocation>, StoreError> {
         Ok(self.with(|d| page(&d.revocations, limit, after)))
+    }
+
+    async fn bundles(&self) -> Result<Vec<StoredBundle>, StoreError> {
+        Ok(self.with(|d| d.bundles.values().cloned().collect()))
     }
 }

@@ -30,8 +30,47 @@ use crate::model::{
     TrustSource,
 };
 pub use crate::model::{
-    AuditEvent, AuditRecord, CertificateRecord, IdempotentResponse, Notification, OutboxItem,
+    AuditEvent, AuditRecord, CertificateRecord, ChallengeRecord, IdempotentResponse, Notification,
+    OutboxItem, StoredBundle,
 };
+
+/// What other gateways sharing the store hear changed: a topic, or a topic
+/// and a key (`requests:<id>`), or [`topic::ALL`] when they may have missed
+/// something (a dropped connection) and should re-read everything.
+pub mod topic {
+    pub const ENTRIES: &str = "entries";
+    pub const TRUST_SOURCES: &str = "trust_sources";
+    pub const TOKENS: &str = "tokens";
+    pub const BUNDLES: &str = "bundles";
+    pub const REVOCATIONS: &str = "revocations";
+    /// Followed by `:<request id>`.
+    pub const REQUESTS: &str = "requests";
+    pub const ALL: &str = "*";
+}
+
+/// Whether a challenge found room in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChallengeRoom {
+    Stored,
+    /// The table holds as many live challenges as it may.
+    Full,
+    /// The client holds as many live challenges as it may.
+    ClientFull,
+}
+
+/// What an `Idempotency-Key` claim found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IdempotencyClaim {
+    /// The key is now this caller's until it stores the response or lets go.
+    Claimed,
+    /// Another request holds the key (on any gateway).
+    InFlight,
+    /// The key was already answered.
+    Answered(IdempotentResponse),
+}
+
+/// The `status` of a claim's placeholder: a request holds the key.
+pub const IDEMPOTENCY_IN_FLIGHT: u16 = 0;
 
 /// What a change writes beside its main record, in the same transaction:
 /// audit events, notifications for the webhook outbox, certificates for the
@@ -149,6 +188,27 @@ pub trait Txn {
     fn purge_requests(&mut self, before: i64) -> Result<(), StoreError>;
     /// Forgets revocations of tokens that expired before `before`.
     fn purge_revocations(&mut self, before: i64) -> Result<(), StoreError>;
+
+    /// Tells the other gateways sharing this store that `topic` changed,
+    /// once this transaction commits. Backends that serve one process keep
+    /// nothing to tell.
+    fn changed(&mut self, topic: &str) -> Result<(), StoreError> {
+        let _ = topic;
+        Ok(())
+    }
+
+    fn idempotent(&mut self, key: &str) -> Result<Option<IdempotentResponse>, StoreError>;
+    fn delete_idempotent(&mut self, key: &str) -> Result<(), StoreError>;
+
+    fn put_challenge(&mut self, challenge: &ChallengeRecord) -> Result<(), StoreError>;
+    /// Removes and returns the challenge `id`, live or expired.
+    fn take_challenge(&mut self, id: &str) -> Result<Option<ChallengeRecord>, StoreError>;
+    /// Challenges live at `now`: in all, and those of `client`.
+    fn count_challenges(&mut self, client: Option<&str>, now: i64) -> Result<(u64, u64), StoreError>;
+    /// Forgets challenges that expired before `now`.
+    fn purge_challenges(&mut self, now: i64) -> Result<(), StoreError>;
+
+    fn put_bundle(&mut self, bundle: &StoredBundle) -> Result<(), StoreError>;
 }
 
 /// Storage, and nothing else. Implementations: [`RedbBackend`] (the
@@ -178,6 +238,19 @@ pub trait Backend: Send + Sync + 'static {
     async fn agent_token(&self, jti: &str) -> Result<Option<AgentToken>, StoreError>;
     /// Revocations with sequence numbers after `after`, in order.
     async fn revocations(&self, limit: usize, after: u64) -> Result<Page<Revocation>, StoreError>;
+    async fn bundles(&self) -> Result<Vec<StoredBundle>, StoreError>;
+
+    /// What other gateways changed (see [`topic`]); `None` for a backend
+    /// that only this process writes.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
+    }
+
+    /// Whether this gateway runs the duties that must run once across all
+    /// gateways sharing the store (purges, webhook delivery, retries).
+    fn is_leader(&self) -> bool {
+        true
+    }
 }
 
 /// The store every stage uses: a backend plus the rules above it.
@@ -314,6 +387,7 @@ impl Store {
     pub async fn put_trust_source(&self, source: TrustSource, event: AuditEvent) -> Result<(), StoreError> {
         self.transact(move |t| {
             t.put_trust_source(&source)?;
+            t.changed(topic::TRUST_SOURCES)?;
             rules::append_audit(t, event).map(drop)
         })
         .await
@@ -324,6 +398,7 @@ impl Store {
         let id = id.to_owned();
         self.transact(move |t| {
             let existed = t.delete_trust_source(&id)?;
+            t.changed(topic::TRUST_SOURCES)?;
             rules::append_audit(t, event)?;
             Ok(existed)
         })
@@ -341,6 +416,7 @@ impl Store {
     pub async fn put_token(&self, record: TokenRecord, event: AuditEvent) -> Result<(), StoreError> {
         self.transact(move |t| {
             t.put_token(&record)?;
+            t.changed(topic::TOKENS)?;
             rules::append_audit(t, event).map(drop)
         })
         .await
@@ -449,6 +525,7 @@ impl Store {
     pub async fn put_entry(&self, entry: Entry, event: AuditEvent) -> Result<(), StoreError> {
         self.transact(move |t| {
             t.put_entry(&entry)?;
+            t.changed(topic::ENTRIES)?;
             rules::append_audit(t, event).map(drop)
         })
         .await
@@ -459,6 +536,7 @@ impl Store {
         let id = id.to_owned();
         self.transact(move |t| {
             let existed = t.delete_entry(&id)?;
+            t.changed(topic::ENTRIES)?;
             rules::append_audit(t, event)?;
             Ok(existed)
         })
@@ -532,6 +610,7 @@ impl Store {
             let revoked = rules::revoke_cascade(t, &filter, crate::util::now_unix())?;
             let cancelled = rules::cancel_revoked_requests(t, &filter)?;
             if !revoked.is_empty() || !cancelled.is_empty() {
+                t.changed(topic::REVOCATIONS)?;
                 let event = AuditEvent::new(
                     AuditKind::BrokerRevoked,
                     actor,
@@ -546,6 +625,113 @@ impl Store {
             Ok(revoked)
         })
         .await
+    }
+
+    /// Whether this gateway runs the once-for-all duties (see
+    /// [`Backend::is_leader`]).
+    pub fn is_leader(&self) -> bool {
+        self.backend.is_leader()
+    }
+
+    /// What other gateways changed, if any can (see [`topic`]).
+    pub fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        self.backend.changes()
+    }
+
+    /// Claims `key` for a request about to run, unless it was answered
+    /// less than `keep` seconds ago or another request holds it. A claim
+    /// older than `lease` seconds (its gateway died) is taken over.
+    pub async fn idempotency_claim(
+        &self,
+        key: &str,
+        body_sha256: &str,
+        now: i64,
+        (lease, keep): (i64, i64),
+    ) -> Result<IdempotencyClaim, StoreError> {
+        let (key, body_sha256) = (key.to_owned(), body_sha256.to_owned());
+        self.transact(move |t| {
+            match t.idempotent(&key)? {
+                Some(r) if r.status != IDEMPOTENCY_IN_FLIGHT && now - r.created_at < keep => {
+                    return Ok(IdempotencyClaim::Answered(r));
+                }
+                Some(r) if r.status == IDEMPOTENCY_IN_FLIGHT && now - r.created_at < lease => {
+                    return Ok(IdempotencyClaim::InFlight);
+                }
+                _ => {}
+            }
+            let placeholder = IdempotentResponse {
+                body_sha256,
+                status: IDEMPOTENCY_IN_FLIGHT,
+                body: String::new(),
+                content_type: String::new(),
+                created_at: now,
+                secret: false,
+            };
+            t.put_idempotent(&key, &placeholder)?;
+            Ok(IdempotencyClaim::Claimed)
+        })
+        .await
+    }
+
+    /// Lets go of a claimed key whose request changed nothing.
+    pub async fn idempotency_release(&self, key: &str) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        self.transact(move |t| t.delete_idempotent(&key)).await
+    }
+
+    /// Stores a challenge if the table and the client have room for it.
+    pub async fn put_challenge(
+        &self,
+        challenge: ChallengeRecord,
+        max_live: u64,
+        max_per_client: u64,
+        now: i64,
+    ) -> Result<ChallengeRoom, StoreError> {
+        self.transact(move |t| {
+            let client = challenge.client.as_deref();
+            let (mut live, mut mine) = t.count_challenges(client, now)?;
+            if live >= max_live {
+                t.purge_challenges(now)?;
+                (live, mine) = t.count_challenges(client, now)?;
+            }
+            if client.is_some() && mine >= max_per_client {
+                return Ok(ChallengeRoom::ClientFull);
+            }
+            if live >= max_live {
+                return Ok(ChallengeRoom::Full);
+            }
+            t.put_challenge(&challenge)?;
+            Ok(ChallengeRoom::Stored)
+        })
+        .await
+    }
+
+    /// Takes the challenge `id`, live or expired: it can never be taken again.
+    pub async fn take_challenge(&self, id: &str) -> Result<Option<ChallengeRecord>, StoreError> {
+        let id = id.to_owned();
+        self.transact(move |t| t.take_challenge(&id)).await
+    }
+
+    /// Forgets challenges that expired before `now`.
+    pub async fn purge_challenges(&self, now: i64) -> Result<(), StoreError> {
+        self.transact(move |t| t.purge_challenges(now)).await
+    }
+
+    /// Keeps a pushed bundle, with its audit event, for every gateway.
+    pub async fn put_bundle(&self, bundle: StoredBundle, event: AuditEvent) -> Result<(), StoreError> {
+        self.transact(move |t| {
+            t.put_bundle(&bundle)?;
+            t.changed(topic::BUNDLES)?;
+            rules::append_audit(t, event).map(drop)
+        })
+        .await
+    }
+
+    /// Every bundle pushed through the API, by name.
+    pub async fn bundles(&self) -> Result<Vec<StoredBundle>, StoreError> {
+        let mut out = self.backend.bundles().await?;
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
     }
 
     /// The revocation feed after `cursor`.

@@ -16,25 +16,31 @@
 //! The `postgres` client blocks: it runs on the writer thread and in
 //! `spawn_blocking`, never on the async runtime.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, GenericClient, NoTls};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 
 use super::group::{self, Job};
 use super::{
-    AgentToken, AuditRecord, Backend, CertificateRecord, Entry, IdempotentResponse, OutboxItem, Page,
-    Request, Revocation, RevocationFilter, StoreError, TokenRecord, TrustSource, Txn, Work,
+    AgentToken, AuditRecord, Backend, CertificateRecord, ChallengeRecord, Entry, IdempotentResponse,
+    OutboxItem, Page, Request, Revocation, RevocationFilter, StoreError, StoredBundle, TokenRecord,
+    TrustSource, Txn, Work, topic,
 };
 
 /// The schema version this Castellan writes. A database with a newer one was
 /// migrated by a newer Castellan: this one refuses to start against it.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Migrations, in order: `MIGRATIONS[i]` takes the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE certificates (seq BIGINT PRIMARY KEY, doc BYTEA NOT NULL);
 CREATE TABLE audit (seq BIGINT PRIMARY KEY, hash TEXT NOT NULL, doc BYTEA NOT NULL);
 CREATE TABLE trust_sources (id TEXT PRIMARY KEY, doc BYTEA NOT NULL);
@@ -54,11 +60,29 @@ CREATE INDEX agent_tokens_parent ON agent_tokens (parent_jti) WHERE parent_jti I
 CREATE TABLE revocations (seq BIGINT PRIMARY KEY, exp BIGINT NOT NULL, doc BYTEA NOT NULL);
 CREATE TABLE entries (id TEXT PRIMARY KEY, doc BYTEA NOT NULL);
 CREATE TABLE spent_evidence (key BYTEA PRIMARY KEY, until BIGINT NOT NULL);
-"#];
+"#,
+    r#"
+CREATE TABLE castellan_changes (topic TEXT PRIMARY KEY, version BIGINT NOT NULL);
+CREATE TABLE challenges (id TEXT PRIMARY KEY, client TEXT, expires_at BIGINT NOT NULL, doc BYTEA NOT NULL);
+CREATE INDEX challenges_client ON challenges (client) WHERE client IS NOT NULL;
+CREATE TABLE bundles (name TEXT PRIMARY KEY, doc BYTEA NOT NULL);
+"#,
+];
 
 /// The advisory lock every write transaction takes first (and the schema
 /// migration too): one writer at a time across every gateway.
 const WRITE_LOCK: i64 = 0x4361_7374_656c_6c61; // "Castella"
+
+/// The session advisory lock the leader holds: the gateway holding it runs
+/// the duties that must run once across all gateways.
+const LEADER_LOCK: i64 = 0x4361_7374_4c65_6164; // "CastLead"
+
+/// The channel changes are announced on (`NOTIFY castellan, '<topic>'`).
+const CHANNEL: &str = "castellan";
+
+/// How often the listener re-reads the change counters (what a notification
+/// lost with a dropped connection would have said) and tries for the lead.
+const POLL: Duration = Duration::from_secs(1);
 
 fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::backend(e)
@@ -107,10 +131,24 @@ impl Pool {
     }
 }
 
+/// What the listener thread shares with the backend.
+struct Feed {
+    changes: broadcast::Sender<String>,
+    leader: AtomicBool,
+    stop: AtomicBool,
+}
+
 /// PostgreSQL-backed [`Backend`].
 pub struct PostgresBackend {
     pool: Arc<Pool>,
     writer: mpsc::Sender<Job>,
+    feed: Arc<Feed>,
+}
+
+impl Drop for PostgresBackend {
+    fn drop(&mut self) {
+        self.feed.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl PostgresBackend {
@@ -130,11 +168,14 @@ impl PostgresBackend {
         // The blocking client runs its own little runtime: keep it off any
         // async context the caller may be in.
         let connecting = pool.clone();
-        let client = std::thread::scope(|s| {
+        let (client, listening) = std::thread::scope(|s| {
             s.spawn(move || {
                 let mut client = connecting.connect().map_err(open_err)?;
                 migrate(&mut client)?;
-                Ok::<_, StoreError>(client)
+                // Listening before the caller reads anything: no change made
+                // after its first reads goes unheard.
+                let listening = start_listening(&connecting.config).map_err(backend)?;
+                Ok::<_, StoreError>((client, listening))
             })
             .join()
             .unwrap_or_else(|_| {
@@ -149,7 +190,21 @@ impl PostgresBackend {
             .name("castellan-store-writer".into())
             .spawn(move || run_writer(&writer_pool, client, rx))
             .map_err(backend)?;
-        Ok(Self { pool, writer: tx })
+        let feed = Arc::new(Feed {
+            changes: broadcast::channel(1024).0,
+            leader: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let (listener_feed, listener_config) = (feed.clone(), pool.config.clone());
+        std::thread::Builder::new()
+            .name("castellan-store-listener".into())
+            .spawn(move || run_listener(&listener_config, &listener_feed, Some(listening)))
+            .map_err(backend)?;
+        Ok(Self {
+            pool,
+            writer: tx,
+            feed,
+        })
     }
 
     async fn read<T: Send + 'static>(
@@ -192,6 +247,99 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
             .map_err(backend)?;
     }
     tx.commit().map_err(backend)
+}
+
+/// Listens for what other gateways change and holds the lead when no other
+/// gateway does. Every second it also re-reads the change counters, so a
+/// notification lost with a dropped connection is made up within a second,
+/// and after reconnecting it announces [`topic::ALL`]. Losing the
+/// connection loses the lead (PostgreSQL releases a session's locks).
+fn run_listener(config: &postgres::Config, feed: &Feed, mut first: Option<Listening>) {
+    while !feed.stop.load(Ordering::Relaxed) {
+        let (mut client, mut seen) = match first.take() {
+            Some(l) => l,
+            None => match start_listening(config) {
+                Ok(l) => {
+                    // Whatever changed while disconnected went unheard.
+                    let _ = feed.changes.send(topic::ALL.to_owned());
+                    l
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "store listener cannot connect; retrying");
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = listen(&mut client, feed, &mut seen) {
+            tracing::warn!(error = %e, "store listener lost its connection; reconnecting");
+        }
+        if feed.leader.swap(false, Ordering::Relaxed) {
+            tracing::info!("this gateway no longer leads housekeeping");
+        }
+    }
+}
+
+/// A listening connection and the change counters as it first read them.
+type Listening = (Client, HashMap<String, i64>);
+
+fn start_listening(config: &postgres::Config) -> Result<Listening, postgres::Error> {
+    let mut client = config.connect(NoTls)?;
+    client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+    let mut seen = HashMap::new();
+    read_counters(&mut client, &mut seen, |_| {})?;
+    Ok((client, seen))
+}
+
+/// Reads the change counters into `seen`, calling `changed` for each that
+/// moved since.
+fn read_counters(
+    client: &mut Client,
+    seen: &mut HashMap<String, i64>,
+    mut changed: impl FnMut(String),
+) -> Result<(), postgres::Error> {
+    for row in client.query("SELECT topic, version FROM castellan_changes", &[])? {
+        let (name, version): (String, i64) = (row.get(0), row.get(1));
+        if seen.get(&name) != Some(&version) {
+            seen.insert(name.clone(), version);
+            changed(name);
+        }
+    }
+    Ok(())
+}
+
+/// One connection's life: notifications as they come, counters and the
+/// lead every [`POLL`].
+fn listen(client: &mut Client, feed: &Feed, seen: &mut HashMap<String, i64>) -> Result<(), postgres::Error> {
+    while !feed.stop.load(Ordering::Relaxed) {
+        if !feed.leader.load(Ordering::Relaxed) {
+            let won: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])?
+                .get(0);
+            if won {
+                tracing::info!("this gateway leads housekeeping");
+                feed.leader.store(true, Ordering::Relaxed);
+            }
+        }
+        let deadline = Instant::now() + POLL;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut notifications = client.notifications();
+            match notifications.timeout_iter(left).next()? {
+                Some(n) => {
+                    let _ = feed.changes.send(n.payload().to_owned());
+                }
+                None => break,
+            }
+        }
+        read_counters(client, seen, |name| {
+            let _ = feed.changes.send(name);
+        })?;
+    }
+    Ok(())
 }
 
 fn run_writer(pool: &Pool, first: Client, rx: mpsc::Receiver<Job>) {
@@ -526,6 +674,77 @@ impl Txn for PgTxn<'_, '_> {
         self.exec("DELETE FROM revocations WHERE exp < $1", &[&before])?;
         Ok(())
     }
+
+    fn changed(&mut self, name: &str) -> Result<(), StoreError> {
+        // Delivered at commit, once per distinct payload per transaction.
+        self.tx
+            .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &name])
+            .map_err(backend)?;
+        let family = name.split(':').next().unwrap_or(name);
+        self.exec(
+            "INSERT INTO castellan_changes (topic, version) VALUES ($1, 1) \
+             ON CONFLICT (topic) DO UPDATE SET version = castellan_changes.version + 1",
+            &[&family],
+        )?;
+        Ok(())
+    }
+
+    fn idempotent(&mut self, key: &str) -> Result<Option<IdempotentResponse>, StoreError> {
+        get_doc(
+            &mut *self.tx,
+            "SELECT doc FROM idempotency WHERE key = $1",
+            key,
+            "idempotent response",
+        )
+    }
+
+    fn delete_idempotent(&mut self, key: &str) -> Result<(), StoreError> {
+        self.exec("DELETE FROM idempotency WHERE key = $1", &[&key])?;
+        Ok(())
+    }
+
+    fn put_challenge(&mut self, challenge: &ChallengeRecord) -> Result<(), StoreError> {
+        let d = doc("challenge", challenge)?;
+        self.exec(
+            "INSERT INTO challenges (id, client, expires_at, doc) VALUES ($1, $2, $3, $4)",
+            &[&challenge.id, &challenge.client, &challenge.expires_at, &d],
+        )?;
+        Ok(())
+    }
+
+    fn take_challenge(&mut self, id: &str) -> Result<Option<ChallengeRecord>, StoreError> {
+        get_doc(
+            &mut *self.tx,
+            "DELETE FROM challenges WHERE id = $1 RETURNING doc",
+            id,
+            "challenge",
+        )
+    }
+
+    fn count_challenges(&mut self, client: Option<&str>, now: i64) -> Result<(u64, u64), StoreError> {
+        let row = self
+            .tx
+            .query_one(
+                "SELECT COUNT(*), COUNT(*) FILTER (WHERE client = $1) FROM challenges WHERE expires_at >= $2",
+                &[&client, &now],
+            )
+            .map_err(backend)?;
+        Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+    }
+
+    fn purge_challenges(&mut self, now: i64) -> Result<(), StoreError> {
+        self.exec("DELETE FROM challenges WHERE expires_at < $1", &[&now])?;
+        Ok(())
+    }
+
+    fn put_bundle(&mut self, bundle: &StoredBundle) -> Result<(), StoreError> {
+        let d = doc("bundle", bundle)?;
+        self.exec(
+            "INSERT INTO bundles (name, doc) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET doc = $2",
+            &[&bundle.name, &d],
+        )?;
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
@@ -622,6 +841,19 @@ impl Backend for PostgresBackend {
         self.read(move |c| page(c, "revocations", "revocation", limit, after))
             .await
     }
+
+    async fn bundles(&self) -> Result<Vec<StoredBundle>, StoreError> {
+        self.read(|c| all_docs(c, "SELECT doc FROM bundles ORDER BY name", "bundle"))
+            .await
+    }
+
+    fn changes(&self) -> Option<broadcast::Receiver<String>> {
+        Some(self.feed.changes.subscribe())
+    }
+
+    fn is_leader(&self) -> bool {
+        self.feed.leader.load(Ordering::Relaxed)
+    }
 }
 
 #[cfg(test)]
@@ -680,6 +912,49 @@ mod tests {
         let page = store.list_audit(10, None).await.expect("reads reconnected");
         assert!(page.items.len() >= 2);
         store.verify_audit_chain().await.unwrap();
+    }
+
+    /// What one gateway writes is announced to the others, and exactly one
+    /// gateway leads; when it goes, another takes the lead.
+    #[tokio::test]
+    async fn changes_reach_other_gateways_and_one_leads() {
+        let config = pg_test_cluster::database();
+        let a = Store::postgres(config.clone(), 2).unwrap();
+        let b = Store::postgres(config, 2).unwrap();
+        let mut heard = b.changes().expect("a shared store announces changes");
+        let bundle = crate::model::StoredBundle {
+            name: "team".into(),
+            tar_gz: String::new(),
+            sha256: "00".into(),
+            stored_at: 1,
+        };
+        let event = AuditEvent::new(AuditKind::BundleActivated, Actor::Castellan, json!({}));
+        a.put_bundle(bundle, event).await.unwrap();
+        let topic = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match heard.recv().await {
+                    Ok(t) if t == crate::store::topic::BUNDLES => return t,
+                    _ => continue,
+                }
+            }
+        })
+        .await
+        .expect("the change was announced");
+        assert_eq!(topic, "bundles");
+
+        let leaders = || [a.is_leader(), b.is_leader()];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while leaders() == [false, false] && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(leaders().iter().filter(|l| **l).count(), 1, "one leader");
+        let (gone, stays) = if a.is_leader() { (a, b) } else { (b, a) };
+        drop(gone);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !stays.is_leader() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(stays.is_leader(), "the lead passed on");
     }
 
     /// A database migrated by a newer Castellan is refused at start, saying

@@ -15,7 +15,8 @@ use tokio::sync::oneshot;
 
 use super::group::{self, Job};
 use super::{
-    AuditRecord, Backend, CertificateRecord, IdempotentResponse, OutboxItem, Page, StoreError, Txn, Work,
+    AuditRecord, Backend, CertificateRecord, ChallengeRecord, IdempotentResponse, OutboxItem, Page,
+    StoreError, StoredBundle, Txn, Work,
 };
 use crate::model::{AgentToken, Entry, Request, Revocation, RevocationFilter, TokenRecord, TrustSource};
 
@@ -40,6 +41,10 @@ const AUDIT_HEAD: TableDefinition<&str, &str> = TableDefinition::new("audit_head
 /// The revocation cascade's index: `<parent jti>\0<child jti>`.
 const AGENT_CHILDREN: TableDefinition<&str, ()> = TableDefinition::new("agent_token_children");
 const HEAD_KEY: &str = "head";
+const CHALLENGES: TableDefinition<&str, &[u8]> = TableDefinition::new("challenges");
+/// The per-client index of challenges: `<client>\0<id>` -> expiry.
+const CHALLENGE_CLIENTS: TableDefinition<&str, i64> = TableDefinition::new("challenge_clients");
+const BUNDLES: TableDefinition<&str, &[u8]> = TableDefinition::new("bundles");
 
 /// redb-backed [`Backend`].
 pub struct RedbBackend {
@@ -82,6 +87,9 @@ impl RedbBackend {
             txn.open_table(SPENT).map_err(backend)?;
             txn.open_table(REVOCATIONS).map_err(backend)?;
             txn.open_table(AUDIT_HEAD).map_err(backend)?;
+            txn.open_table(CHALLENGES).map_err(backend)?;
+            txn.open_table(CHALLENGE_CLIENTS).map_err(backend)?;
+            txn.open_table(BUNDLES).map_err(backend)?;
             // A store written before the children index had it: build it.
             let mut children = txn.open_table(AGENT_CHILDREN).map_err(backend)?;
             if children.is_empty().map_err(backend)? {
@@ -147,6 +155,9 @@ struct Tables<'txn> {
     spent: redb::Table<'txn, &'static str, i64>,
     audit_head: redb::Table<'txn, &'static str, &'static str>,
     children: redb::Table<'txn, &'static str, ()>,
+    challenges: redb::Table<'txn, &'static str, &'static [u8]>,
+    challenge_clients: redb::Table<'txn, &'static str, i64>,
+    bundles: redb::Table<'txn, &'static str, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -166,6 +177,9 @@ impl<'txn> Tables<'txn> {
             spent: txn.open_table(SPENT).map_err(backend)?,
             audit_head: txn.open_table(AUDIT_HEAD).map_err(backend)?,
             children: txn.open_table(AGENT_CHILDREN).map_err(backend)?,
+            challenges: txn.open_table(CHALLENGES).map_err(backend)?,
+            challenge_clients: txn.open_table(CHALLENGE_CLIENTS).map_err(backend)?,
+            bundles: txn.open_table(BUNDLES).map_err(backend)?,
         })
     }
 
@@ -177,6 +191,11 @@ impl<'txn> Tables<'txn> {
         }
         Ok(out)
     }
+}
+
+/// The per-client index key of challenge `id`.
+fn client_key(client: &str, id: &str) -> String {
+    format!("{client}\0{id}")
 }
 
 /// The children index key of `child` under `parent`.
@@ -420,6 +439,85 @@ impl Txn for Tables<'_> {
         let keep = |v: &[u8]| decode::<Revocation>("revocation", v).map_or(true, |r| r.exp >= before);
         self.revocations.retain(|_, v| keep(v)).map_err(backend)
     }
+
+    fn idempotent(&mut self, key: &str) -> Result<Option<IdempotentResponse>, StoreError> {
+        match self.idempotency.get(key).map_err(backend)? {
+            Some(v) => Ok(Some(decode("idempotent response", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn delete_idempotent(&mut self, key: &str) -> Result<(), StoreError> {
+        self.idempotency.remove(key).map_err(backend)?;
+        Ok(())
+    }
+
+    fn put_challenge(&mut self, challenge: &ChallengeRecord) -> Result<(), StoreError> {
+        let bytes = encode("challenge", challenge)?;
+        self.challenges
+            .insert(challenge.id.as_str(), bytes.as_slice())
+            .map_err(backend)?;
+        if let Some(client) = &challenge.client {
+            self.challenge_clients
+                .insert(client_key(client, &challenge.id).as_str(), challenge.expires_at)
+                .map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    fn take_challenge(&mut self, id: &str) -> Result<Option<ChallengeRecord>, StoreError> {
+        let Some(bytes) = self
+            .challenges
+            .remove(id)
+            .map_err(backend)?
+            .map(|v| v.value().to_vec())
+        else {
+            return Ok(None);
+        };
+        let challenge: ChallengeRecord = decode("challenge", &bytes)?;
+        if let Some(client) = &challenge.client {
+            self.challenge_clients
+                .remove(client_key(client, id).as_str())
+                .map_err(backend)?;
+        }
+        Ok(Some(challenge))
+    }
+
+    fn count_challenges(&mut self, client: Option<&str>, now: i64) -> Result<(u64, u64), StoreError> {
+        // Expired ones count until purged: the caller purges when full.
+        let all = self.challenges.len().map_err(backend)?;
+        let mut mine = 0;
+        if let Some(client) = client {
+            let (from, to) = (format!("{client}\0"), format!("{client}\u{1}"));
+            for row in self
+                .challenge_clients
+                .range(from.as_str()..to.as_str())
+                .map_err(backend)?
+            {
+                let (_, until) = row.map_err(backend)?;
+                if until.value() >= now {
+                    mine += 1;
+                }
+            }
+        }
+        Ok((all, mine))
+    }
+
+    fn purge_challenges(&mut self, now: i64) -> Result<(), StoreError> {
+        let keep = |v: &[u8]| decode::<ChallengeRecord>("challenge", v).is_ok_and(|c| c.expires_at >= now);
+        self.challenges.retain(|_, v| keep(v)).map_err(backend)?;
+        self.challenge_clients
+            .retain(|_, until| until >= now)
+            .map_err(backend)
+    }
+
+    fn put_bundle(&mut self, bundle: &StoredBundle) -> Result<(), StoreError> {
+        let bytes = encode("bundle", bundle)?;
+        self.bundles
+            .insert(bundle.name.as_str(), bytes.as_slice())
+            .map_err(backend)?;
+        Ok(())
+    }
 }
 
 fn all_values<T: DeserializeOwned>(
@@ -562,6 +660,10 @@ impl Backend for RedbBackend {
     async fn revocations(&self, limit: usize, after: u64) -> Result<Page<Revocation>, StoreError> {
         self.read(move |db| page(db, REVOCATIONS, "revocation", limit, after))
             .await
+    }
+
+    async fn bundles(&self) -> Result<Vec<StoredBundle>, StoreError> {
+        self.read(|db| all_values(db, BUNDLES, "bundle")).await
     }
 }
 

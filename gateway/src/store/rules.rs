@@ -67,7 +67,8 @@ pub(super) fn apply_effects(t: &mut dyn Txn, effects: Effects) -> Result<(), Sto
 
 /// Stores a request and keeps the pending index in step with its state.
 pub(super) fn put_request(t: &mut dyn Txn, request: &Request) -> Result<(), StoreError> {
-    t.put_request(request, matches!(request.state, State::Pending | State::Approved))
+    t.put_request(request, matches!(request.state, State::Pending | State::Approved))?;
+    t.changed(&format!("{}:{}", super::topic::REQUESTS, request.id))
 }
 
 /// The longest lineage walked; deeper is a corrupted store.

@@ -189,6 +189,27 @@ impl Registry {
         self.replace(next)
     }
 
+    /// Replaces the sources kept in the store (origin `api`) with
+    /// `stored`, as another gateway left them; the others (configuration,
+    /// built in) stay. A source fetching its keys from a `jwks_url` keeps
+    /// the keys this gateway fetched, while the URL is unchanged.
+    pub fn replace_stored(&self, stored: Vec<TrustSource>) -> Result<(), TrustError> {
+        let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.list();
+        let mut next: Vec<Arc<TrustSource>> = current.iter().filter(|s| s.origin != "api").cloned().collect();
+        for mut source in stored {
+            if let Some(mine) = current.iter().find(|c| c.id == source.id)
+                && source.jwks_url.is_some()
+                && mine.jwks_url == source.jwks_url
+                && mine.has_jwks()
+            {
+                source.jwks = mine.jwks.clone();
+            }
+            next.push(Arc::new(source));
+        }
+        self.replace(next)
+    }
+
     /// Removes a source by id; returns it if it was there.
     pub fn remove(&self, id: &str) -> Option<Arc<TrustSource>> {
         let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
