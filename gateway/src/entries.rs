@@ -117,9 +117,11 @@ impl Entries {
         self.list.load().iter().find(|e| e.id == id).cloned()
     }
 
+    /// Adds an entry (replacing one with its id: the store's change feed
+    /// may have brought it already).
     pub fn insert(&self, entry: Entry) {
         let _g = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = self.list();
+        let mut next: Vec<_> = self.list().into_iter().filter(|e| e.id != entry.id).collect();
         next.push(Arc::new(entry));
         self.list.store(Arc::new(next));
         self.version.send_modify(|v| *v += 1);

@@ -143,12 +143,27 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// `kill -9`: the process dies at once, mid-request (usable while
+    /// other threads still talk to it).
+    pub fn kill9(&self) {
+        let status = Command::new("kill")
+            .args(["-9", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
     /// POSTs raw bytes; returns status, content type and body JSON (Null if none).
     pub fn post_raw(&self, path: &str, body: Vec<u8>, token: Option<&str>) -> Resp {
+        self.try_post(path, &body, token).expect("request sent")
+    }
+
+    /// POSTs JSON bytes; `None` when no answer came (the server died).
+    pub fn try_post(&self, path: &str, body: &[u8], token: Option<&str>) -> Option<Resp> {
         let mut req = self
             .agent
             .post(self.url(path))
@@ -156,7 +171,7 @@ impl Server {
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        Resp::from(req.send(body).expect("request sent"))
+        req.send(body).ok().map(Resp::from)
     }
 
     pub fn post(&self, path: &str, body: &Value, token: Option<&str>) -> Resp {

@@ -210,7 +210,10 @@ pub(super) async fn list_audit(
 /// `GET /api/v1/audit/verify` (admin): re-hashes the whole audit log, as
 /// every gateway sharing the store wrote it (one chain), and says how many
 /// records verified, or where the chain breaks.
-pub(super) async fn verify_audit(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, Problem> {
+pub(super) async fn verify_audit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
     state.require_admin(&headers, "audit.verify").await?;
     match state.engine.store.verify_audit_chain().await {
         Ok(n) => Ok(axum::Json(json!({ "verified": n })).into_response()),

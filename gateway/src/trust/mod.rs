@@ -168,7 +168,12 @@ impl Registry {
 
     /// Checks that `source` could be added (unique name, usable keys).
     pub fn check_insert(&self, source: &TrustSource) -> Result<(), TrustError> {
-        if self.sources.load().iter().any(|s| s.name == source.name) {
+        if self
+            .sources
+            .load()
+            .iter()
+            .any(|s| s.name == source.name && s.id != source.id)
+        {
             return Err(TrustError::Duplicate(source.name.clone()));
         }
         if let Some(pem) = &source.certificates {
@@ -180,11 +185,13 @@ impl Registry {
         Ok(())
     }
 
-    /// Adds a source. Callers persist it first, then insert.
+    /// Adds a source. Callers persist it first, then insert; if the store
+    /// already told this gateway of it (another gateway's change feed can
+    /// be that quick), it is replaced, not added twice.
     pub fn insert(&self, source: TrustSource) -> Result<(), TrustError> {
         let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         self.check_insert(&source)?;
-        let mut next = self.list();
+        let mut next: Vec<_> = self.list().into_iter().filter(|s| s.id != source.id).collect();
         next.push(Arc::new(source));
         self.replace(next)
     }
