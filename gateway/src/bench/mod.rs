@@ -172,6 +172,7 @@ pub struct ApprovalReport {
 /// approvers in `sre`); creates its own tokens with the admin token.
 pub async fn run_approvals(
     endpoint: Endpoint,
+    vote_endpoint: Endpoint,
     admin_token: &str,
     requests: usize,
 ) -> anyhow::Result<ApprovalReport> {
@@ -202,7 +203,24 @@ pub async fn run_approvals(
     let last = token(format!("bench-a2-{tag}"), "approver").await?;
 
     let mut req_conn = endpoint.connect().await?;
-    let mut vote_conn = endpoint.connect().await?;
+    let mut vote_conn = vote_endpoint.connect().await?;
+    // Votes may go to another gateway sharing the store: wait until the
+    // approvers' tokens have reached it.
+    let mut known = false;
+    for _ in 0..50 {
+        let (status, _) = vote_conn
+            .send(Method::GET, "/api/v1/ephemeral", Some(&last), None)
+            .await?;
+        if status != StatusCode::UNAUTHORIZED {
+            known = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::ensure!(
+        known,
+        "the voting gateway does not know the bench's tokens after 5 s"
+    );
     let mut latencies = Vec::with_capacity(requests);
     for _ in 0..requests {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;

@@ -137,6 +137,10 @@ pub(super) struct BenchApprovals {
     /// Requests to approve, one after another.
     #[arg(long, default_value_t = 200)]
     requests: usize,
+    /// Where the votes go (another gateway on the same database); the
+    /// requester creates and long-polls at `--addr`. Default: `--addr`.
+    #[arg(long)]
+    vote_addr: Option<String>,
 }
 
 #[derive(Args)]
@@ -432,7 +436,11 @@ async fn bench_approvals(args: BenchApprovals) -> anyhow::Result<ExitCode> {
     let token = read_token_file(&args.token_file)?;
     anyhow::ensure!(args.requests >= 1, "--requests must be at least 1");
     let endpoint = Endpoint::parse(&args.server.addr, args.server.ca_file.as_deref())?;
-    let r = crate::bench::run_approvals(endpoint, &token, args.requests).await?;
+    let vote_endpoint = match &args.vote_addr {
+        Some(a) => Endpoint::parse(a, args.server.ca_file.as_deref())?,
+        None => endpoint.clone(),
+    };
+    let r = crate::bench::run_approvals(endpoint, vote_endpoint, &token, args.requests).await?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     println!(
         "final approval -> long-polling requester holds its certificate: {} requests",

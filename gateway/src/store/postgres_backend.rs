@@ -342,15 +342,28 @@ fn listen(client: &mut Client, feed: &Feed, seen: &mut HashMap<String, i64>) -> 
     Ok(())
 }
 
+/// The writer's connection and the statements prepared on it (they live
+/// as long as the connection).
+struct WriterConn {
+    client: Client,
+    statements: HashMap<&'static str, postgres::Statement>,
+}
+
 fn run_writer(pool: &Pool, first: Client, rx: mpsc::Receiver<Job>) {
-    let mut client = Some(first);
+    let mut conn = Some(WriterConn {
+        client: first,
+        statements: HashMap::new(),
+    });
     while let Ok(job) = rx.recv() {
         let (work, replies) = group::gather(job, &rx);
-        let mut conn = match client.take().filter(|c| !c.is_closed()) {
+        let mut current = match conn.take().filter(|c| !c.client.is_closed()) {
             Some(c) => Ok(c),
-            None => pool.connect(),
+            None => pool.connect().map(|client| WriterConn {
+                client,
+                statements: HashMap::new(),
+            }),
         };
-        let outcome = match &mut conn {
+        let outcome = match &mut current {
             Ok(c) => commit_group(c, work),
             Err(e) => Err(StoreError::Backend(
                 format!("the database is unreachable: {e}").into(),
@@ -359,30 +372,40 @@ fn run_writer(pool: &Pool, first: Client, rx: mpsc::Receiver<Job>) {
         group::reply(replies, &outcome);
         // A failed transaction was rolled back; only a closed connection is
         // worth replacing.
-        client = conn.ok().filter(|c| !c.is_closed());
+        conn = current.ok().filter(|c| !c.client.is_closed());
     }
 }
 
 /// Runs a group's work in one transaction under the write lock.
-fn commit_group(client: &mut Client, work: Vec<Work>) -> Result<(), StoreError> {
-    let mut tx = client.transaction().map_err(backend)?;
+fn commit_group(conn: &mut WriterConn, work: Vec<Work>) -> Result<(), StoreError> {
+    let mut tx = conn.client.transaction().map_err(backend)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
         .map_err(backend)?;
-    group::run(work, &mut PgTxn { tx: &mut tx })?;
+    let mut txn = PgTxn {
+        tx: &mut tx,
+        statements: &mut conn.statements,
+        certificates: Vec::new(),
+        audit: Vec::new(),
+        last_certificate: None,
+        audit_head: None,
+    };
+    group::run(work, &mut txn)?;
+    txn.flush()?;
     tx.commit().map_err(backend)
 }
 
-/// One write transaction, as the store's rules see it.
+/// One write transaction, as the store's rules see it. Statements are
+/// prepared once per connection. The hot appends (certificates and audit
+/// records) are gathered and written in one statement each at the end;
+/// nothing in the transaction reads them back but their heads, which are
+/// read once and then kept here (the write lock keeps them ours).
 struct PgTxn<'t, 'c> {
     tx: &'t mut postgres::Transaction<'c>,
-}
-
-fn last_seq(c: &mut impl GenericClient, table: &str) -> Result<u64, StoreError> {
-    let n: i64 = c
-        .query_one(&format!("SELECT COALESCE(MAX(seq), 0) FROM {table}"), &[])
-        .map_err(backend)?
-        .get(0);
-    Ok(n as u64)
+    statements: &'t mut HashMap<&'static str, postgres::Statement>,
+    certificates: Vec<(i64, Vec<u8>)>,
+    audit: Vec<(i64, String, Vec<u8>)>,
+    last_certificate: Option<u64>,
+    audit_head: Option<Option<(u64, String)>>,
 }
 
 fn get_doc<T: DeserializeOwned>(
@@ -435,44 +458,122 @@ fn page<T: DeserializeOwned>(
     })
 }
 
+type Params<'a> = &'a [&'a (dyn postgres::types::ToSql + Sync)];
+
 impl PgTxn<'_, '_> {
-    fn exec(
+    fn statement(&mut self, sql: &'static str) -> Result<postgres::Statement, StoreError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.tx.prepare(sql).map_err(backend)?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    fn exec(&mut self, sql: &'static str, params: Params<'_>) -> Result<u64, StoreError> {
+        let s = self.statement(sql)?;
+        self.tx.execute(&s, params).map_err(backend)
+    }
+
+    fn rows(&mut self, sql: &'static str, params: Params<'_>) -> Result<Vec<postgres::Row>, StoreError> {
+        let s = self.statement(sql)?;
+        self.tx.query(&s, params).map_err(backend)
+    }
+
+    fn row(&mut self, sql: &'static str, params: Params<'_>) -> Result<Option<postgres::Row>, StoreError> {
+        let s = self.statement(sql)?;
+        self.tx.query_opt(&s, params).map_err(backend)
+    }
+
+    fn doc_opt<T: DeserializeOwned>(
         &mut self,
-        sql: &str,
-        params: &[&(dyn postgres::types::ToSql + Sync)],
-    ) -> Result<u64, StoreError> {
-        self.tx.execute(sql, params).map_err(backend)
+        sql: &'static str,
+        key: &str,
+        what: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        match self.row(sql, &[&key])? {
+            Some(row) => Ok(Some(undoc(what, row.get(0))?)),
+            None => Ok(None),
+        }
+    }
+
+    fn docs<T: DeserializeOwned>(
+        &mut self,
+        sql: &'static str,
+        params: Params<'_>,
+        what: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        self.rows(sql, params)?
+            .into_iter()
+            .map(|row| undoc(what, row.get(0)))
+            .collect()
+    }
+
+    fn max_seq(&mut self, sql: &'static str) -> Result<u64, StoreError> {
+        let n: i64 = self.row(sql, &[])?.map_or(0, |r| r.get(0));
+        Ok(n as u64)
+    }
+
+    /// Writes the gathered appends.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if !self.certificates.is_empty() {
+            let (seqs, docs): (Vec<i64>, Vec<Vec<u8>>) =
+                std::mem::take(&mut self.certificates).into_iter().unzip();
+            self.exec(
+                "INSERT INTO certificates (seq, doc) SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[])",
+                &[&seqs, &docs],
+            )?;
+        }
+        if !self.audit.is_empty() {
+            let mut seqs = Vec::with_capacity(self.audit.len());
+            let mut hashes = Vec::with_capacity(self.audit.len());
+            let mut docs = Vec::with_capacity(self.audit.len());
+            for (n, h, d) in std::mem::take(&mut self.audit) {
+                seqs.push(n);
+                hashes.push(h);
+                docs.push(d);
+            }
+            self.exec(
+                "INSERT INTO audit (seq, hash, doc) SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BYTEA[])",
+                &[&seqs, &hashes, &docs],
+            )?;
+        }
+        Ok(())
     }
 }
 
 impl Txn for PgTxn<'_, '_> {
     fn last_certificate_seq(&mut self) -> Result<u64, StoreError> {
-        last_seq(&mut *self.tx, "certificates")
+        if let Some(n) = self.last_certificate {
+            return Ok(n);
+        }
+        let n = self.max_seq("SELECT COALESCE(MAX(seq), 0) FROM certificates")?;
+        self.last_certificate = Some(n);
+        Ok(n)
     }
 
     fn put_certificate(&mut self, n: u64, cert: &CertificateRecord) -> Result<(), StoreError> {
         let d = doc("certificate", cert)?;
-        self.exec(
-            "INSERT INTO certificates (seq, doc) VALUES ($1, $2)",
-            &[&seq(n)?, &d],
-        )?;
+        self.certificates.push((seq(n)?, d));
+        self.last_certificate = Some(n);
         Ok(())
     }
 
     fn audit_head(&mut self) -> Result<Option<(u64, String)>, StoreError> {
-        let row = self
-            .tx
-            .query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])
-            .map_err(backend)?;
-        Ok(row.map(|r| (r.get::<_, i64>(0) as u64, r.get(1))))
+        if let Some(head) = &self.audit_head {
+            return Ok(head.clone());
+        }
+        let head = self
+            .row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])?
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get(1)));
+        self.audit_head = Some(head.clone());
+        Ok(head)
     }
 
     fn put_audit(&mut self, record: &AuditRecord) -> Result<(), StoreError> {
         let d = doc("audit record", record)?;
-        self.exec(
-            "INSERT INTO audit (seq, hash, doc) VALUES ($1, $2, $3)",
-            &[&seq(record.seq)?, &record.hash, &d],
-        )?;
+        self.audit.push((seq(record.seq)?, record.hash.clone(), d));
+        self.audit_head = Some(Some((record.seq, record.hash.clone())));
         Ok(())
     }
 
@@ -500,12 +601,7 @@ impl Txn for PgTxn<'_, '_> {
     }
 
     fn request(&mut self, id: &str) -> Result<Option<Request>, StoreError> {
-        get_doc(
-            &mut *self.tx,
-            "SELECT doc FROM requests WHERE id = $1",
-            id,
-            "request",
-        )
+        self.doc_opt("SELECT doc FROM requests WHERE id = $1", id, "request")
     }
 
     fn put_request(&mut self, request: &Request, open: bool) -> Result<(), StoreError> {
@@ -526,16 +622,14 @@ impl Txn for PgTxn<'_, '_> {
 
     fn open_request_ids(&mut self) -> Result<Vec<String>, StoreError> {
         Ok(self
-            .tx
-            .query("SELECT id FROM requests WHERE open ORDER BY id", &[])
-            .map_err(backend)?
+            .rows("SELECT id FROM requests WHERE open ORDER BY id", &[])?
             .into_iter()
             .map(|r| r.get(0))
             .collect())
     }
 
     fn last_outbox_seq(&mut self) -> Result<u64, StoreError> {
-        last_seq(&mut *self.tx, "outbox")
+        self.max_seq("SELECT COALESCE(MAX(seq), 0) FROM outbox")
     }
 
     fn put_outbox(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
@@ -568,12 +662,7 @@ impl Txn for PgTxn<'_, '_> {
     }
 
     fn agent_token(&mut self, jti: &str) -> Result<Option<AgentToken>, StoreError> {
-        get_doc(
-            &mut *self.tx,
-            "SELECT doc FROM agent_tokens WHERE jti = $1",
-            jti,
-            "agent token",
-        )
+        self.doc_opt("SELECT doc FROM agent_tokens WHERE jti = $1", jti, "agent token")
     }
 
     fn put_agent_token(&mut self, token: &AgentToken) -> Result<(), StoreError> {
@@ -590,24 +679,20 @@ impl Txn for PgTxn<'_, '_> {
         if let Some(jti) = &filter.jti {
             return Ok(self.agent_token(jti)?.into_iter().collect());
         }
-        let all: Vec<AgentToken> = all_docs(&mut *self.tx, "SELECT doc FROM agent_tokens", "agent token")?;
+        let all: Vec<AgentToken> = self.docs("SELECT doc FROM agent_tokens", &[], "agent token")?;
         Ok(all.into_iter().filter(|t| filter.matches(t)).collect())
     }
 
     fn agent_token_children(&mut self, parent_jti: &str) -> Result<Vec<AgentToken>, StoreError> {
-        self.tx
-            .query(
-                "SELECT doc FROM agent_tokens WHERE parent_jti = $1 ORDER BY jti",
-                &[&parent_jti],
-            )
-            .map_err(backend)?
-            .into_iter()
-            .map(|row| undoc("agent token", row.get(0)))
-            .collect()
+        self.docs(
+            "SELECT doc FROM agent_tokens WHERE parent_jti = $1 ORDER BY jti",
+            &[&parent_jti],
+            "agent token",
+        )
     }
 
     fn last_revocation_seq(&mut self) -> Result<u64, StoreError> {
-        last_seq(&mut *self.tx, "revocations")
+        self.max_seq("SELECT COALESCE(MAX(seq), 0) FROM revocations")
     }
 
     fn put_revocation(&mut self, revocation: &Revocation) -> Result<(), StoreError> {
@@ -634,12 +719,10 @@ impl Txn for PgTxn<'_, '_> {
 
     fn spent_until(&mut self, key: &str) -> Result<Option<i64>, StoreError> {
         Ok(self
-            .tx
-            .query_opt(
+            .row(
                 "SELECT until FROM spent_evidence WHERE key = $1",
                 &[&key.as_bytes()],
-            )
-            .map_err(backend)?
+            )?
             .map(|r| r.get(0)))
     }
 
@@ -677,9 +760,7 @@ impl Txn for PgTxn<'_, '_> {
 
     fn changed(&mut self, name: &str) -> Result<(), StoreError> {
         // Delivered at commit, once per distinct payload per transaction.
-        self.tx
-            .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &name])
-            .map_err(backend)?;
+        self.exec("SELECT pg_notify($1, $2)", &[&CHANNEL, &name])?;
         let family = name.split(':').next().unwrap_or(name);
         self.exec(
             "INSERT INTO castellan_changes (topic, version) VALUES ($1, 1) \
@@ -690,8 +771,7 @@ impl Txn for PgTxn<'_, '_> {
     }
 
     fn idempotent(&mut self, key: &str) -> Result<Option<IdempotentResponse>, StoreError> {
-        get_doc(
-            &mut *self.tx,
+        self.doc_opt(
             "SELECT doc FROM idempotency WHERE key = $1",
             key,
             "idempotent response",
@@ -713,8 +793,7 @@ impl Txn for PgTxn<'_, '_> {
     }
 
     fn take_challenge(&mut self, id: &str) -> Result<Option<ChallengeRecord>, StoreError> {
-        get_doc(
-            &mut *self.tx,
+        self.doc_opt(
             "DELETE FROM challenges WHERE id = $1 RETURNING doc",
             id,
             "challenge",
@@ -722,14 +801,11 @@ impl Txn for PgTxn<'_, '_> {
     }
 
     fn count_challenges(&mut self, client: Option<&str>, now: i64) -> Result<(u64, u64), StoreError> {
-        let row = self
-            .tx
-            .query_one(
-                "SELECT COUNT(*), COUNT(*) FILTER (WHERE client = $1) FROM challenges WHERE expires_at >= $2",
-                &[&client, &now],
-            )
-            .map_err(backend)?;
-        Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+        let row = self.row(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE client = $1) FROM challenges WHERE expires_at >= $2",
+            &[&client, &now],
+        )?;
+        Ok(row.map_or((0, 0), |r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64)))
     }
 
     fn purge_challenges(&mut self, now: i64) -> Result<(), StoreError> {
