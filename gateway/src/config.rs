@@ -109,6 +109,10 @@ pub struct StoreConfig {
     pub password_file: Option<PathBuf>,
     /// Connections kept for reads (the writer has one more). Default: 16.
     pub max_connections: usize,
+    /// Roots (PEM) the database's TLS certificate must chain to, when the
+    /// URL's `sslmode` asks for TLS and it names no `sslrootcert`. Default:
+    /// the Web PKI roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -118,33 +122,62 @@ impl Default for StoreConfig {
             url: None,
             password_file: None,
             max_connections: 16,
+            ca_file: None,
         }
     }
 }
 
 impl StoreConfig {
-    /// The PostgreSQL connection settings: the URL plus the password file.
-    pub fn postgres(&self) -> Result<postgres::Config, ConfigError> {
+    /// The PostgreSQL connection settings: the URL plus the password file,
+    /// and TLS when `sslmode` asks for it.
+    pub fn postgres(&self) -> Result<(postgres::Config, Option<crate::store::MakeRustls>), ConfigError> {
         let url = self.url.as_deref().ok_or(ConfigError::Invalid {
             key: "store.url",
             message: "is required with store.backend = \"postgres\" (or set CASTELLAN_STORE_URL)".into(),
         })?;
-        // TLS to the database is not built yet: say so for every mode that
-        // needs it (the client library knows `require` only, and would call
-        // `verify-full` merely invalid).
-        let wants_tls = url
-            .split(['?', '&', ' '])
-            .filter_map(|p| p.strip_prefix("sslmode="))
-            .any(|m| matches!(m, "require" | "verify-ca" | "verify-full"));
-        let no_tls = || ConfigError::Invalid {
+        let invalid = |message: String| ConfigError::Invalid {
             key: "store.url",
-            message: "asks for TLS (sslmode), which this Castellan cannot yet speak to PostgreSQL; \
-                      reach the database over a private network or a local TLS tunnel"
-                .into(),
+            message,
         };
-        if wants_tls {
-            return Err(no_tls());
+        let (url, ssl) = take_ssl_params(url);
+        if let Some(k) = ["sslcert", "sslkey", "sslpassword", "sslcrl"]
+            .iter()
+            .find(|k| ssl.iter().any(|(n, _)| n == *k))
+        {
+            return Err(invalid(format!(
+                "names `{k}`: client certificates are not supported; authenticate with store.password_file"
+            )));
         }
+        let param = |k: &str| ssl.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let tls = match param("sslmode").as_deref() {
+            None | Some("disable") => None,
+            Some("require" | "verify-ca" | "verify-full") => {
+                let roots = param("sslrootcert")
+                    .map(PathBuf::from)
+                    .or_else(|| self.ca_file.clone());
+                let client = match &roots {
+                    Some(path) => crate::tls::private_client_config(path),
+                    None => crate::tls::web_client_config(None),
+                }
+                .map_err(|e| ConfigError::Invalid {
+                    key: "store.ca_file",
+                    message: crate::util::error_chain(&e),
+                })?;
+                Some(crate::store::MakeRustls(client))
+            }
+            Some(mode @ ("allow" | "prefer")) => {
+                return Err(invalid(format!(
+                    "has sslmode={mode}, which falls back to no encryption and checks no certificate; \
+                     use sslmode=verify-full (or disable, on a private network)"
+                )));
+            }
+            Some(other) => {
+                return Err(invalid(format!(
+                    "has an unknown sslmode `{}`",
+                    other.chars().take(32).collect::<String>()
+                )));
+            }
+        };
         let mut config: postgres::Config = url.parse().map_err(|e| ConfigError::Invalid {
             key: "store.url",
             message: format!("is not a PostgreSQL URL: {e}"),
@@ -155,9 +188,11 @@ impl StoreConfig {
                 message: "must not hold a password: put it in store.password_file".into(),
             });
         }
-        if config.get_ssl_mode() == postgres::config::SslMode::Require {
-            return Err(no_tls());
-        }
+        config.ssl_mode(if tls.is_some() {
+            postgres::config::SslMode::Require
+        } else {
+            postgres::config::SslMode::Disable
+        });
         if let Some(file) = &self.password_file {
             let password = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid {
                 key: "store.password_file",
@@ -165,7 +200,36 @@ impl StoreConfig {
             })?;
             config.password(password.trim_end_matches(['\r', '\n']));
         }
-        Ok(config)
+        Ok((config, tls))
+    }
+}
+
+/// Splits the TLS parameters (`ssl…`) out of a PostgreSQL URL or key=value
+/// string: the client library knows few of them, and Castellan decides TLS
+/// itself.
+fn take_ssl_params(url: &str) -> (String, Vec<(String, String)>) {
+    let mut ssl = Vec::new();
+    let mut keep = |pair: &str| match pair.split_once('=') {
+        Some((k, v)) if k.starts_with("ssl") => {
+            ssl.push((k.to_owned(), v.to_owned()));
+            false
+        }
+        _ => true,
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return (url.to_owned(), ssl);
+        };
+        let kept: Vec<&str> = query.split('&').filter(|p| keep(p)).collect();
+        let url = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        (url, ssl)
+    } else {
+        let kept: Vec<&str> = url.split_whitespace().filter(|p| keep(p)).collect();
+        (kept.join(" "), ssl)
     }
 }
 
@@ -520,6 +584,12 @@ impl Config {
         if let Some(p) = self.workload_api.socket.as_mut() {
             fix(p);
         }
+        if let Some(p) = self.store.password_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.store.ca_file.as_mut() {
+            fix(p);
+        }
         if let Some(p) = self.decision_logs.path.as_mut() {
             fix(p);
         }
@@ -741,12 +811,20 @@ mod tests {
         assert!(refused("[store]\nbackend = \"postgres\"").contains("CASTELLAN_STORE_URL"));
         let e = refused("[store]\nbackend = \"postgres\"\nurl = \"postgres://c:hunter2@db/castellan\"");
         assert!(e.contains("store.password_file") && !e.contains("hunter2"), "{e}");
-        for mode in ["require", "verify-ca", "verify-full"] {
+        for mode in ["prefer", "allow"] {
             let e = refused(&format!(
                 "[store]\nbackend = \"postgres\"\nurl = \"postgres://c@db/x?sslmode={mode}\""
             ));
-            assert!(e.contains("TLS"), "{mode}: {e}");
+            assert!(e.contains("verify-full"), "{mode}: {e}");
         }
+        let e = refused(
+            "[store]\nbackend = \"postgres\"\nurl = \"postgres://c@db/x?sslmode=verify-full&sslcert=c.pem\"",
+        );
+        assert!(e.contains("client certificates"), "{e}");
+        let e = refused(
+            "[store]\nbackend = \"postgres\"\nurl = \"postgres://c@db/x?sslmode=verify-full&sslrootcert=/nonexistent.pem\"",
+        );
+        assert!(e.contains("/nonexistent.pem"), "{e}");
         assert!(refused("[store]\nmax_connections = 0").contains("store.max_connections"));
 
         let dir = tempfile::tempdir().unwrap();
@@ -760,8 +838,56 @@ mod tests {
         c.apply_env(|k| (k == "CASTELLAN_STORE_URL").then(|| "postgres://c@other:5433/castellan".into()))
             .unwrap();
         c.validate().unwrap();
-        let pg = c.store.postgres().unwrap();
+        let (pg, tls) = c.store.postgres().unwrap();
+        assert!(tls.is_none());
         assert_eq!(pg.get_password(), Some(&b"s3cret"[..]));
         assert_eq!(pg.get_ports(), [5433]);
+    }
+
+    /// `sslmode` require, verify-ca and verify-full all mean verified TLS,
+    /// against `sslrootcert`, `store.ca_file` or the Web PKI; the TLS
+    /// parameters are taken out of what the client library parses.
+    #[test]
+    fn postgres_tls_modes_verify_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = dir.path().join("db-ca.pem");
+        std::fs::write(&pem, ca.self_signed(&key).unwrap().pem()).unwrap();
+        let store = |url: String, ca_file: Option<&Path>| StoreConfig {
+            backend: "postgres".into(),
+            url: Some(url),
+            ca_file: ca_file.map(Path::to_owned),
+            ..StoreConfig::default()
+        };
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let (pg, tls) = store(
+                format!(
+                    "postgres://c@db/x?sslmode={mode}&sslrootcert={}&application_name=gw",
+                    pem.display()
+                ),
+                None,
+            )
+            .postgres()
+            .unwrap();
+            assert!(tls.is_some(), "{mode}");
+            assert_eq!(pg.get_ssl_mode(), postgres::config::SslMode::Require);
+            assert_eq!(pg.get_application_name(), Some("gw"));
+        }
+        let (_, tls) = store("postgres://c@db/x?sslmode=verify-full".into(), Some(&pem))
+            .postgres()
+            .unwrap();
+        assert!(tls.is_some());
+        let (pg, tls) = store("host=db user=c dbname=x sslmode=verify-full".into(), None)
+            .postgres()
+            .unwrap();
+        assert!(tls.is_some(), "the Web PKI by default");
+        assert_eq!(pg.get_dbname(), Some("x"));
+        let (pg, tls) = store("postgres://c@db/x?sslmode=disable".into(), None)
+            .postgres()
+            .unwrap();
+        assert!(tls.is_none());
+        assert_eq!(pg.get_ssl_mode(), postgres::config::SslMode::Disable);
     }
 }

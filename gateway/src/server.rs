@@ -49,8 +49,11 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     restrict_dir(dir)?;
 
     let store = match config.store.backend.as_str() {
-        "postgres" => Store::postgres(config.store.postgres()?, config.store.max_connections)
-            .context("cannot open the PostgreSQL store (store.url)")?,
+        "postgres" => {
+            let (pg, tls) = config.store.postgres()?;
+            Store::postgres_with(pg, tls, config.store.max_connections)
+                .context("cannot open the PostgreSQL store (store.url)")?
+        }
         _ => Store::redb(&dir.join("castellan.redb"))?,
     };
 

@@ -42,6 +42,32 @@ fn provider() -> Arc<CryptoProvider> {
 pub fn web_client_config(extra_roots: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    add_roots(&mut roots, extra_roots)?;
+    client_config(roots)
+}
+
+/// Only the certificates of `path` (PEM) as roots.
+pub fn private_client_config(path: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    add_roots(&mut roots, Some(path))?;
+    if roots.is_empty() {
+        return Err(TlsError::Root {
+            path: path.display().to_string(),
+            problem: "holds no certificate".into(),
+        });
+    }
+    client_config(roots)
+}
+
+fn client_config(roots: rustls::RootCertStore) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+fn add_roots(roots: &mut rustls::RootCertStore, extra_roots: Option<&Path>) -> Result<(), TlsError> {
     if let Some(path) = extra_roots {
         let shown = path.display().to_string();
         let pem = std::fs::read(path).map_err(|source| TlsError::Read {
@@ -59,11 +85,7 @@ pub fn web_client_config(extra_roots: Option<&Path>) -> Result<Arc<rustls::Clien
                 .map_err(|e| bad(format!("a certificate is not usable as a root: {e}")))?;
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+    Ok(())
 }
 
 /// Trusts only a server whose X.509-SVID chains to `authorities` (DER) and

@@ -106,6 +106,49 @@ fn serve_keeps_its_records_in_postgres() {
     assert!(stderr.contains("schema is version 999"), "{stderr}");
 }
 
+/// `sslmode=verify-full`: `serve` talks to PostgreSQL over TLS when the
+/// server's certificate chains to `sslrootcert` and names the host, and
+/// refuses to start, saying why, when it does not.
+#[test]
+fn serve_reaches_postgres_over_verified_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let url = postgres_url().replace("@127.0.0.1:", "@localhost:");
+    let ca = support::postgres_tls_ca();
+    let write = |roots: &std::path::Path| {
+        let config = tmp.path().join("castellan.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = {{ enabled = false }}\n\
+                 [store]\nbackend = \"postgres\"\nurl = \"{url}?hostaddr=127.0.0.1&sslmode=verify-full\"\n\
+                 ca_file = \"{}\"\nmax_connections = 2\n",
+                roots.display()
+            ),
+        )
+        .unwrap();
+        config
+    };
+    let server = Server::serve(&write(&ca), &dir);
+    let cluster = Cluster::new("https://k8s.tls-db.example");
+    server.add_trust_source("tls-db", &cluster);
+    let (_, c) = csr();
+    let r = server.post(ISSUE, &issuance_body(&cluster.token("a", "b"), &c, None), None);
+    assert_eq!(r.status, 201, "{}", r.body);
+    server.stop();
+
+    let other = tmp.path().join("other-ca.pem");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other, params.self_signed(&key).unwrap().pem()).unwrap();
+    let stderr = serve_refused(&write(&other));
+    assert!(
+        stderr.contains("PostgreSQL store") && stderr.contains("certificate"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn trust_source_api_requires_the_admin_token_and_validates() {
     let server = Server::dev();

@@ -22,6 +22,11 @@ pub fn postgres_url() -> String {
     pg::database_url()
 }
 
+/// The CA the throwaway cluster's TLS certificate (for `localhost`) chains to.
+pub fn postgres_tls_ca() -> PathBuf {
+    pg::tls_ca()
+}
+
 /// `castellan serve --config FILE` that must refuse to start: its stderr.
 pub fn serve_refused(config: &Path) -> String {
     let out = castellan()

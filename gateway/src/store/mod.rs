@@ -14,6 +14,7 @@ mod conformance;
 mod group;
 mod memory;
 mod pg_test_cluster;
+mod pg_tls;
 mod postgres_backend;
 mod redb_backend;
 mod rules;
@@ -23,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::json;
 
 pub use self::memory::MemoryBackend;
+pub use self::pg_tls::MakeRustls;
 pub use self::postgres_backend::{PostgresBackend, SCHEMA_VERSION};
 pub use self::redb_backend::RedbBackend;
 use crate::model::{
@@ -284,8 +286,18 @@ impl Store {
 
     /// A PostgreSQL store, shared by every gateway that uses the database.
     pub fn postgres(config: postgres::Config, max_connections: usize) -> Result<Self, StoreError> {
-        Ok(Self::new(Arc::new(PostgresBackend::open(
+        Self::postgres_with(config, None, max_connections)
+    }
+
+    /// A PostgreSQL store reached over TLS when `tls` is set.
+    pub fn postgres_with(
+        config: postgres::Config,
+        tls: Option<MakeRustls>,
+        max_connections: usize,
+    ) -> Result<Self, StoreError> {
+        Ok(Self::new(Arc::new(PostgresBackend::open_with(
             config,
+            tls,
             max_connections,
         )?)))
     }

@@ -4,7 +4,8 @@
 //! started from a thread that lives as long as the test process and dies
 //! with it (`setpriv --pdeathsig`), so nothing is left running; the data
 //! directories of earlier test processes are removed at the next start.
-//! Each test gets its own database.
+//! Each test gets its own database. The server also speaks TLS, with a
+//! certificate for `localhost` from a CA of its own ([`tls_ca`]).
 
 #![cfg(test)]
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 struct Cluster {
     port: u16,
+    ca: PathBuf,
 }
 
 /// The directory of PostgreSQL's programs (Debian keeps them per version).
@@ -96,6 +98,9 @@ fn start() -> Cluster {
         "initdb: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let ca = root.join("ca.pem");
+    let (cert, key) = (root.join("server.crt"), root.join("server.key"));
+    write_tls_files(&ca, &cert, &key, owner);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -109,6 +114,14 @@ fn start() -> Cluster {
             "listen_addresses=127.0.0.1",
             "-c",
             &format!("unix_socket_directories={}", root.display()),
+        ])
+        .args([
+            "-c",
+            "ssl=on",
+            "-c",
+            &format!("ssl_cert_file={}", cert.display()),
+            "-c",
+            &format!("ssl_key_file={}", key.display()),
         ])
         .args([
             "-c",
@@ -142,7 +155,34 @@ fn start() -> Cluster {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    Cluster { port }
+    Cluster { port, ca }
+}
+
+/// A CA, and a server certificate and key for `localhost` under it; the
+/// key readable only by the server's user (PostgreSQL insists).
+fn write_tls_files(ca_path: &Path, cert_path: &Path, key_path: &Path, owner: Option<(u32, u32)>) {
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "castellan test database CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_der(ca_cert.der(), &ca_key).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let server = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(ca_path, ca_cert.pem()).unwrap();
+    std::fs::write(cert_path, server.pem()).unwrap();
+    std::fs::write(key_path, key.serialize_pem()).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if let Some((uid, gid)) = owner {
+        for p in [cert_path, key_path] {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+        }
+    }
 }
 
 fn config(port: u16, dbname: &str) -> postgres::Config {
@@ -165,9 +205,17 @@ pub(super) fn database_url() -> String {
     format!("postgres://castellan@127.0.0.1:{port}/{name}")
 }
 
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+/// The CA the test cluster's TLS certificate (for `localhost`) chains to.
+#[allow(dead_code)]
+pub(super) fn tls_ca() -> PathBuf {
+    database();
+    CLUSTER.get().unwrap().ca.clone()
+}
+
 /// A fresh, empty database on the shared test cluster.
 pub(super) fn database() -> postgres::Config {
-    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     static NEXT: AtomicU32 = AtomicU32::new(0);
     // The blocking client must not run inside the test's async runtime.
     std::thread::spawn(|| {

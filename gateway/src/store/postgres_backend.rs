@@ -22,12 +22,13 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, GenericClient, NoTls};
+use postgres::{Client, GenericClient};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, oneshot};
 
 use super::group::{self, Job};
+use super::pg_tls::{self, MakeRustls};
 use super::{
     AgentToken, AuditRecord, Backend, CertificateRecord, ChallengeRecord, Entry, IdempotentResponse,
     OutboxItem, Page, Request, Revocation, RevocationFilter, StoreError, StoredBundle, TokenRecord,
@@ -105,13 +106,14 @@ fn seq(n: u64) -> Result<i64, StoreError> {
 /// dropped rather than returned.
 struct Pool {
     config: postgres::Config,
+    tls: Option<MakeRustls>,
     idle: Mutex<Vec<Client>>,
     max_idle: usize,
 }
 
 impl Pool {
     fn connect(&self) -> Result<Client, StoreError> {
-        self.config.connect(NoTls).map_err(backend)
+        pg_tls::connect(&self.config, self.tls.as_ref()).map_err(backend)
     }
 
     /// Runs `f` with a connection, keeping the connection only if `f`
@@ -156,8 +158,18 @@ impl PostgresBackend {
     /// newer one) and starts the writer thread. `max_connections` bounds the
     /// connections kept for reads (the writer has its own).
     pub fn open(config: postgres::Config, max_connections: usize) -> Result<Self, StoreError> {
+        Self::open_with(config, None, max_connections)
+    }
+
+    /// Like [`PostgresBackend::open`], over TLS when `tls` is set.
+    pub fn open_with(
+        config: postgres::Config,
+        tls: Option<MakeRustls>,
+        max_connections: usize,
+    ) -> Result<Self, StoreError> {
         let pool = Arc::new(Pool {
             config,
+            tls,
             idle: Mutex::new(Vec::new()),
             max_idle: max_connections.max(1),
         });
@@ -174,7 +186,7 @@ impl PostgresBackend {
                 migrate(&mut client)?;
                 // Listening before the caller reads anything: no change made
                 // after its first reads goes unheard.
-                let listening = start_listening(&connecting.config).map_err(backend)?;
+                let listening = start_listening(&connecting).map_err(backend)?;
                 Ok::<_, StoreError>((client, listening))
             })
             .join()
@@ -195,10 +207,10 @@ impl PostgresBackend {
             leader: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
-        let (listener_feed, listener_config) = (feed.clone(), pool.config.clone());
+        let (listener_feed, listener_pool) = (feed.clone(), pool.clone());
         std::thread::Builder::new()
             .name("castellan-store-listener".into())
-            .spawn(move || run_listener(&listener_config, &listener_feed, Some(listening)))
+            .spawn(move || run_listener(&listener_pool, &listener_feed, Some(listening)))
             .map_err(backend)?;
         Ok(Self {
             pool,
@@ -254,11 +266,11 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
 /// notification lost with a dropped connection is made up within a second,
 /// and after reconnecting it announces [`topic::ALL`]. Losing the
 /// connection loses the lead (PostgreSQL releases a session's locks).
-fn run_listener(config: &postgres::Config, feed: &Feed, mut first: Option<Listening>) {
+fn run_listener(pool: &Pool, feed: &Feed, mut first: Option<Listening>) {
     while !feed.stop.load(Ordering::Relaxed) {
         let (mut client, mut seen) = match first.take() {
             Some(l) => l,
-            None => match start_listening(config) {
+            None => match start_listening(pool) {
                 Ok(l) => {
                     // Whatever changed while disconnected went unheard.
                     let _ = feed.changes.send(topic::ALL.to_owned());
@@ -283,8 +295,8 @@ fn run_listener(config: &postgres::Config, feed: &Feed, mut first: Option<Listen
 /// A listening connection and the change counters as it first read them.
 type Listening = (Client, HashMap<String, i64>);
 
-fn start_listening(config: &postgres::Config) -> Result<Listening, postgres::Error> {
-    let mut client = config.connect(NoTls)?;
+fn start_listening(pool: &Pool) -> Result<Listening, postgres::Error> {
+    let mut client = pg_tls::connect(&pool.config, pool.tls.as_ref())?;
     client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
     let mut seen = HashMap::new();
     read_counters(&mut client, &mut seen, |_| {})?;
@@ -936,6 +948,8 @@ impl Backend for PostgresBackend {
 mod tests {
     use serde_json::json;
 
+    use postgres::NoTls;
+
     use super::*;
     use crate::model::{Actor, AuditEvent, AuditKind};
     use crate::store::{Store, pg_test_cluster};
@@ -1031,6 +1045,65 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(stays.is_leader(), "the lead passed on");
+    }
+
+    /// Over TLS, the server's certificate must chain to the given roots and
+    /// name the host: the right CA and name connect (and the session is
+    /// encrypted), another CA or another name does not.
+    #[test]
+    fn tls_connects_only_to_a_verified_server() {
+        let base = pg_test_cluster::database();
+        let at = |host: &str| {
+            let mut c = postgres::Config::new();
+            c.host(host)
+                .hostaddr(std::net::IpAddr::from([127, 0, 0, 1]))
+                .port(base.get_ports()[0])
+                .user(base.get_user().unwrap())
+                .dbname(base.get_dbname().unwrap());
+            c
+        };
+        let config = at("localhost");
+        let tls = |roots: &std::path::Path| {
+            Some(crate::store::MakeRustls(
+                crate::tls::private_client_config(roots).unwrap(),
+            ))
+        };
+        let backend = PostgresBackend::open_with(config.clone(), tls(&pg_test_cluster::tls_ca()), 1).unwrap();
+        let encrypted: bool = backend
+            .pool
+            .with(|c| {
+                c.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+                    .map_err(StoreError::backend)
+            })
+            .unwrap()
+            .get(0);
+        assert!(encrypted, "the session is TLS");
+        drop(backend);
+
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("other-ca.pem");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&other, ca.self_signed(&key).unwrap().pem()).unwrap();
+        let err = PostgresBackend::open_with(config.clone(), tls(&other), 1)
+            .err()
+            .expect("another CA is refused");
+        assert!(
+            crate::util::error_chain(&err).contains("certificate"),
+            "{}",
+            crate::util::error_chain(&err)
+        );
+
+        // The certificate names `localhost`, not 127.0.0.1.
+        let err = PostgresBackend::open_with(at("127.0.0.1"), tls(&pg_test_cluster::tls_ca()), 1)
+            .err()
+            .expect("another name is refused");
+        assert!(
+            crate::util::error_chain(&err).contains("certificate"),
+            "{}",
+            crate::util::error_chain(&err)
+        );
     }
 
     /// A database migrated by a newer Castellan is refused at start, saying
