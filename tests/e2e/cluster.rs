@@ -280,6 +280,27 @@ fn changes_through_one_gateway_reach_every_gateway() {
         );
     }
 
+    // A name taken through one gateway is taken on all: the same token
+    // name asked of three gateways at once is granted once.
+    let barrier = Arc::new(Barrier::new(3));
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = g
+            .nodes
+            .iter()
+            .map(|node| {
+                let barrier = barrier.clone();
+                s.spawn(move || {
+                    barrier.wait();
+                    node.post_admin("/api/v1/tokens", &json!({ "name": "carol", "role": "requester" }))
+                        .status
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 201 || *s == 409), "{statuses:?}");
+
     let bob = g.token("bob", "requester", &[]);
     let listed = g.nodes[0].get_admin("/api/v1/tokens");
     let bob_id = listed.body["items"]

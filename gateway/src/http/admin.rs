@@ -95,24 +95,31 @@ pub(super) async fn create_token(
             )));
         }
     };
-    if state.auth.name_taken(&body.name) {
-        return Err(Problem::new(
+    let taken = || {
+        Problem::new(
             StatusCode::CONFLICT,
             "token-name-taken",
             "Token name taken",
             format!("a live token named `{}` exists; names identify people", body.name),
-        ));
+        )
+    };
+    if state.auth.name_taken(&body.name) {
+        return Err(taken());
     }
     let (token, mut record) = crate::auth::new_api_token(&body.name, body.role, body.groups);
     record.oidc = body.oidc;
     record.expires_at = expires_at;
     let event = AuditEvent::new(AuditKind::TokenCreated, Actor::from(&admin), record.view());
-    state
+    // Checked again in the store: another gateway may have just made one.
+    let created = state
         .engine
         .store
-        .put_token(record.clone(), event)
+        .create_token(record.clone(), event, crate::util::now_unix())
         .await
         .map_err(|e| AppState::unavailable("the token could not be stored", e))?;
+    if !created {
+        return Err(taken());
+    }
     state.auth.add_token(record.clone());
     let mut body = record.view();
     body["token"] = token.into();

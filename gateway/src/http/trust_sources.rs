@@ -68,12 +68,15 @@ pub(super) async fn create(State(state): State<AppState>, req: Request<Body>) ->
         Actor::from(&admin),
         json!({ "id": source.id, "name": source.name, "method": source.method, "issuer": source.issuer }),
     );
-    state
+    let created = state
         .engine
         .store
-        .put_trust_source(source.clone(), event)
+        .create_trust_source(source.clone(), event)
         .await
         .map_err(|e| AppState::unavailable("the trust source could not be stored", e))?;
+    if !created {
+        return Err(trust_problem(TrustError::Duplicate(source.name.clone())));
+    }
     registry.insert(source.clone()).map_err(trust_problem)?;
     Ok((StatusCode::CREATED, axum::Json(source)).into_response())
 }

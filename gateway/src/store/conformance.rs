@@ -456,22 +456,7 @@ pub(super) async fn bundles_are_kept_by_name(store: Store) {
 }
 
 pub(super) async fn resources_are_stored_with_their_audit(store: Store) {
-    let source = TrustSource {
-        id: "ts-1".into(),
-        name: "cluster".into(),
-        method: "k8s_sat".into(),
-        issuer: "https://k8s".into(),
-        audiences: vec!["castellan".into()],
-        jwks: json!({"keys": []}),
-        certificates: None,
-        settings: None,
-        jwks_url: None,
-        jwks_refresh_seconds: None,
-        previous: None,
-        revoked_at: None,
-        origin: "api".into(),
-        created_at: "2026-01-01T00:00:00Z".into(),
-    };
+    let source = source_named("ts-1", "cluster");
     store.put_trust_source(source, event(1)).await.unwrap();
     assert_eq!(store.trust_sources().await.unwrap()[0].name, "cluster");
     assert!(store.delete_trust_source("ts-1", event(2)).await.unwrap());
@@ -493,7 +478,7 @@ pub(super) async fn resources_are_stored_with_their_audit(store: Store) {
         revoked_at: None,
     };
     store.put_token(token.clone(), event(4)).await.unwrap();
-    assert_eq!(store.tokens().await.unwrap(), vec![token]);
+    assert_eq!(store.tokens().await.unwrap(), vec![token.clone()]);
 
     let entry = |id: &str, at: &str| Entry {
         id: id.into(),
@@ -520,6 +505,49 @@ pub(super) async fn resources_are_stored_with_their_audit(store: Store) {
     assert_eq!(store.entries().await.unwrap().len(), 1);
     // Every change above, including the no-op delete, was audited once.
     assert_eq!(store.verify_audit_chain().await.unwrap(), 7);
+
+    // Names are unique across everything stored (whichever gateway made
+    // it): a refused creation writes nothing, not even its audit event.
+    let mut twin = source_named("ts-2", "shared");
+    assert!(store.create_trust_source(twin.clone(), event(8)).await.unwrap());
+    twin.id = "ts-3".into();
+    assert!(!store.create_trust_source(twin, event(9)).await.unwrap());
+    let mut second = token.clone();
+    second.id = "t2".into();
+    second.token_sha256 = "cd".repeat(32);
+    assert!(
+        !store
+            .create_token(second.clone(), event(10), 1_000)
+            .await
+            .unwrap()
+    );
+    // A token that is no longer live frees its name.
+    assert!(
+        store
+            .create_token(second, event(11), 2_000_000_001)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.verify_audit_chain().await.unwrap(), 9);
+}
+
+fn source_named(id: &str, name: &str) -> TrustSource {
+    TrustSource {
+        id: id.into(),
+        name: name.into(),
+        method: "k8s_sat".into(),
+        issuer: "https://k8s".into(),
+        audiences: vec!["castellan".into()],
+        jwks: json!({"keys": []}),
+        certificates: None,
+        settings: None,
+        jwks_url: None,
+        jwks_refresh_seconds: None,
+        previous: None,
+        revoked_at: None,
+        origin: "api".into(),
+        created_at: "2026-01-01T00:00:00Z".into(),
+    }
 }
 
 /// Generates one test per case for one backend.

@@ -250,6 +250,14 @@ impl Txn for Data {
         self.bundles.insert(bundle.name.clone(), bundle.clone());
         Ok(())
     }
+
+    fn trust_sources(&mut self) -> Result<Vec<TrustSource>, StoreError> {
+        Ok(self.trust_sources.values().cloned().collect())
+    }
+
+    fn tokens(&mut self) -> Result<Vec<TokenRecord>, StoreError> {
+        Ok(self.tokens.values().cloned().collect())
+    }
 }
 
 #[async_trait::async_trait]

@@ -211,6 +211,11 @@ pub trait Txn {
     fn purge_challenges(&mut self, now: i64) -> Result<(), StoreError>;
 
     fn put_bundle(&mut self, bundle: &StoredBundle) -> Result<(), StoreError>;
+
+    /// Every stored trust source (for checks that span gateways).
+    fn trust_sources(&mut self) -> Result<Vec<TrustSource>, StoreError>;
+    /// Every stored API token record.
+    fn tokens(&mut self) -> Result<Vec<TokenRecord>, StoreError>;
 }
 
 /// Storage, and nothing else. Implementations: [`RedbBackend`] (the
@@ -422,6 +427,53 @@ impl Store {
         let mut out = self.backend.trust_sources().await?;
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
         Ok(out)
+    }
+
+    /// Stores a new trust source with its audit event, unless a stored one
+    /// (made through any gateway) already has its name: then `false`, and
+    /// nothing is written.
+    pub async fn create_trust_source(
+        &self,
+        source: TrustSource,
+        event: AuditEvent,
+    ) -> Result<bool, StoreError> {
+        self.transact(move |t| {
+            if t.trust_sources()?
+                .iter()
+                .any(|s| s.name == source.name && s.id != source.id)
+            {
+                return Ok(false);
+            }
+            t.put_trust_source(&source)?;
+            t.changed(topic::TRUST_SOURCES)?;
+            rules::append_audit(t, event)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Stores a new API token record with its audit event, unless a live
+    /// stored token (made through any gateway) already has its name: then
+    /// `false`, and nothing is written.
+    pub async fn create_token(
+        &self,
+        record: TokenRecord,
+        event: AuditEvent,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.transact(move |t| {
+            if t.tokens()?
+                .iter()
+                .any(|r| r.name == record.name && r.is_live(now))
+            {
+                return Ok(false);
+            }
+            t.put_token(&record)?;
+            t.changed(topic::TOKENS)?;
+            rules::append_audit(t, event)?;
+            Ok(true)
+        })
+        .await
     }
 
     /// Persists a new API token record with its audit event.

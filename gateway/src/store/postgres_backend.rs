@@ -825,6 +825,18 @@ impl Txn for PgTxn<'_, '_> {
         Ok(())
     }
 
+    fn trust_sources(&mut self) -> Result<Vec<TrustSource>, StoreError> {
+        self.docs("SELECT doc FROM trust_sources ORDER BY id", &[], "trust source")
+    }
+
+    fn tokens(&mut self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.docs(
+            "SELECT doc FROM api_tokens ORDER BY token_sha256",
+            &[],
+            "API token",
+        )
+    }
+
     fn put_bundle(&mut self, bundle: &StoredBundle) -> Result<(), StoreError> {
         let d = doc("bundle", bundle)?;
         self.exec(

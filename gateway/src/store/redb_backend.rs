@@ -193,6 +193,19 @@ impl<'txn> Tables<'txn> {
     }
 }
 
+/// Every value of a table open in a write transaction.
+fn table_values<T: DeserializeOwned>(
+    table: &redb::Table<'_, &'static str, &'static [u8]>,
+    what: &'static str,
+) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::new();
+    for row in table.iter().map_err(backend)? {
+        let (_, v) = row.map_err(backend)?;
+        out.push(decode(what, v.value())?);
+    }
+    Ok(out)
+}
+
 /// The per-client index key of challenge `id`.
 fn client_key(client: &str, id: &str) -> String {
     format!("{client}\0{id}")
@@ -517,6 +530,14 @@ impl Txn for Tables<'_> {
             .insert(bundle.name.as_str(), bytes.as_slice())
             .map_err(backend)?;
         Ok(())
+    }
+
+    fn trust_sources(&mut self) -> Result<Vec<TrustSource>, StoreError> {
+        table_values(&self.sources, "trust source")
+    }
+
+    fn tokens(&mut self) -> Result<Vec<TokenRecord>, StoreError> {
+        table_values(&self.tokens, "API token")
     }
 }
 
