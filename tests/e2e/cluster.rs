@@ -706,3 +706,92 @@ async fn workload_api_streams_on_another_gateway_follow_entry_changes() {
         vec!["spiffe://example.org/first", "spiffe://example.org/second"]
     );
 }
+
+/// A policy bundle pushed through one gateway is verified, compiled and
+/// active on every gateway within two seconds (and decides there), and
+/// after a restart.
+#[test]
+fn a_bundle_pushed_through_one_gateway_is_active_on_every_gateway() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let g = gateways(
+        2,
+        "[[bundles.keys]]\nkeyid = \"authors\"\npublic_key_file = \"authors.pub\"\n",
+        &[("authors.pub", key.public_key_pem())],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("v2");
+    std::fs::create_dir_all(&dir).unwrap();
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    for e in std::fs::read_dir(&policies).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        dir.join(".manifest"),
+        json!({"revision": "cluster-v2", "roots": ["castellan"]}).to_string(),
+    )
+    .unwrap();
+    let mut data: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("data.json")).unwrap()).unwrap();
+    data["castellan"]["issuance"]["denied_namespaces"] = json!(["kube-system", "payments"]);
+    std::fs::write(dir.join("data.json"), data.to_string()).unwrap();
+    let out = tmp.path().join("v2.tar.gz");
+    let private = tmp.path().join("authors.key");
+    std::fs::write(&private, key.serialize_pem()).unwrap();
+    for args in [
+        vec![
+            "bundle",
+            "build",
+            dir.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        vec![
+            "bundle",
+            "sign",
+            out.to_str().unwrap(),
+            "--key",
+            private.to_str().unwrap(),
+            "--keyid",
+            "authors",
+        ],
+    ] {
+        let o = support::castellan().args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let cluster = Cluster::new("https://k8s.bundles.example");
+    g.nodes[0].add_trust_source("bundles", &cluster);
+    let issue = |node: &Server| {
+        let (_, c) = csr();
+        node.post(
+            ISSUE,
+            &issuance_body(&cluster.token("payments", "api"), &c, None),
+            None,
+        )
+    };
+    assert!(eventually(Duration::from_secs(2), || issue(&g.nodes[1]).status == 201));
+
+    let r = g.nodes[0].put_admin("/api/v1/bundles/default", std::fs::read(&out).unwrap());
+    assert_eq!(r.status, 200, "{}", r.body);
+    for node in &g.nodes {
+        assert!(
+            eventually(Duration::from_secs(2), || {
+                node.get("/healthz", None).body["policy_revision"] == "cluster-v2"
+            }),
+            "active at {}",
+            node.base
+        );
+        issue(node).assert_problem(403, "policy-denied");
+    }
+    // The pushed bundle is in the store: a gateway restarted is back on it.
+    let mut g = g;
+    let node = g.nodes.pop().unwrap();
+    let (dir, config) = (
+        node.dir.clone(),
+        node.dir.parent().unwrap().join("castellan.toml"),
+    );
+    node.stop();
+    let node = Server::serve(&config, &dir);
+    assert_eq!(node.get("/healthz", None).body["policy_revision"], "cluster-v2");
+    issue(&node).assert_problem(403, "policy-denied");
+}
