@@ -225,39 +225,63 @@ fn single_use_evidence_and_challenges_hold_across_gateways() {
             .as_array()
             .is_some_and(|a| a.iter().any(|s| s["name"] == "hosts"))));
     }
+    // A host certificate under that CA, and the key the host wants certified.
+    let issuer = rcgen::Issuer::from_ca_cert_der(ca.der(), &key).unwrap();
+    let host_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut host = rcgen::CertificateParams::new(vec!["edge-1.hosts.example".to_owned()]).unwrap();
+    host.distinguished_name.push(rcgen::DnType::CommonName, "edge-1");
+    host.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let host = host.signed_by(&host_key, &issuer).unwrap();
+    let csr_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&csr_key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b);
     let ch = g.nodes[0].post(
         "/api/v1/attestation/challenges",
         &json!({"method": "x509pop"}),
         None,
     );
     assert_eq!(ch.status, 201, "{}", ch.body);
-    let id = ch.body["challenge_id"].as_str().unwrap();
-    let taken = |node: &Server| {
-        let evidence = json!({ "challenge_id": id, "certificates": [], "algorithm": "ecdsa-p256-sha256", "signature": "" });
-        issue(node, "x509pop", &evidence.to_string())
+    let key_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        rcgen::PublicKeyData::subject_public_key_info(&csr_key),
+    ));
+    let message = format!(
+        "castellan-x509pop-v1\n{}\n{key_sha}\n",
+        ch.body["nonce"].as_str().unwrap()
+    );
+    let signature = rcgen::SigningKey::sign(&host_key, message.as_bytes()).unwrap();
+    let evidence = json!({
+        "challenge_id": ch.body["challenge_id"], "certificates": [b64(host.der())],
+        "algorithm": "ecdsa-p256-sha256", "signature": b64(&signature),
+    })
+    .to_string();
+    let answer = |node: &Server| {
+        node.post(
+            ISSUE,
+            &json!({ "method": "x509pop", "evidence": evidence, "csr": csr }),
+            None,
+        )
     };
-    // The first answer takes the challenge wherever it lands (the evidence
-    // itself is refused: no certificate); a second finds it gone.
-    let first = taken(&g.nodes[2]);
-    assert!((400..500).contains(&first.status), "{}", first.body);
-    assert!(
-        !first.body["detail"]
-            .as_str()
-            .unwrap_or("")
-            .contains("unknown, used or expired challenge"),
-        "gateway 2 found gateway 0's challenge: {}",
-        first.body
-    );
-    let second = taken(&g.nodes[1]);
-    second.assert_problem(403, "attestation-failed");
-    assert!(
-        second.body["detail"]
-            .as_str()
-            .unwrap()
-            .contains("unknown, used or expired challenge"),
-        "{}",
-        second.body
-    );
+    // Answered at gateway 2, which did not issue it; then taken everywhere.
+    let r = answer(&g.nodes[2]);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["spiffe_id"], "spiffe://example.org/x509pop/edge-1");
+    for node in &g.nodes {
+        let again = answer(node);
+        again.assert_problem(403, "attestation-failed");
+        assert!(
+            again.body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("unknown, used or expired challenge"),
+            "{}",
+            again.body
+        );
+    }
 }
 
 /// Changes made through one gateway take effect on the others within two
@@ -662,7 +686,7 @@ fn a_revocation_through_one_gateway_holds_on_every_gateway_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn workload_api_streams_on_another_gateway_follow_entry_changes() {
     use futures::StreamExt as _;
-    let g = tokio::task::spawn_blocking(|| gateways(2, "", &[]))
+    let g = tokio::task::spawn_blocking(|| gateways(3, "", &[]))
         .await
         .unwrap();
     let selector = format!("unix:uid:{}", support::my_uid());
@@ -695,7 +719,7 @@ async fn workload_api_streams_on_another_gateway_follow_entry_changes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut stream = stream.expect("gateway 1 serves the entry made through gateway 0");
-    tokio::task::block_in_place(|| entry(&g.nodes[0], "second"));
+    tokio::task::block_in_place(|| entry(&g.nodes[2], "second"));
     let next = tokio::time::timeout(Duration::from_secs(2), stream.next())
         .await
         .expect("re-pushed within 2 s")
@@ -714,7 +738,7 @@ async fn workload_api_streams_on_another_gateway_follow_entry_changes() {
 fn a_bundle_pushed_through_one_gateway_is_active_on_every_gateway() {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let g = gateways(
-        2,
+        3,
         "[[bundles.keys]]\nkeyid = \"authors\"\npublic_key_file = \"authors.pub\"\n",
         &[("authors.pub", key.public_key_pem())],
     );
