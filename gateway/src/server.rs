@@ -63,6 +63,18 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     if config.workload_api.jwt_svid_algorithm == "RS256" {
         signer = signer.with_rsa_jwt_key(&ca::load_or_create_rsa_jwt_key(&ca_dir)?)?;
     }
+    // A CA that is not valid now would sign nothing valid: refuse to start
+    // rather than serve refusals (or, worse, credentials nobody accepts).
+    let (from, until) = signer.x509_authority_validity();
+    let now = time::OffsetDateTime::now_utc();
+    if now < from || now >= until {
+        anyhow::bail!(
+            "{} (the CA in {}; a CA made anew means every relying party must trust its new bundle: \
+             to start over, move that directory aside)",
+            castellan::signer::authority_problem(from, until, now),
+            ca_dir.display()
+        );
+    }
     let signer: Arc<dyn Signer> = Arc::new(signer);
 
     let admin_token_path = dir.join("admin.token");
@@ -193,31 +205,59 @@ fn restrict_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set permissions on {}", dir.display()))
 }
 
-/// Builds the rustls configuration for the API listener.
+/// Builds the rustls configuration for the API listener: the operator's
+/// certificate files, or a certificate from Castellan's own CA, issued
+/// again before it expires (see [`ListenerCert`]).
 pub fn tls_config(app: &App, addr: SocketAddr) -> anyhow::Result<rustls::ServerConfig> {
     let tls = &app.config.http.tls;
-    let (chain_pem, key_pem) = match (&tls.cert_file, &tls.key_file) {
-        (Some(c), Some(k)) => (
-            std::fs::read_to_string(c).with_context(|| format!("http.tls.cert_file {}", c.display()))?,
-            std::fs::read_to_string(k).with_context(|| format!("http.tls.key_file {}", k.display()))?,
-        ),
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth();
+    let mut config = match (&tls.cert_file, &tls.key_file) {
+        (Some(c), Some(k)) => {
+            let chain_pem =
+                std::fs::read_to_string(c).with_context(|| format!("http.tls.cert_file {}", c.display()))?;
+            let key_pem =
+                std::fs::read_to_string(k).with_context(|| format!("http.tls.key_file {}", k.display()))?;
+            let (certs, key) = parse_cert_and_key(&chain_pem, &key_pem)?;
+            builder
+                .with_single_cert(certs, key)
+                .context("TLS certificate and key do not match")?
+        }
         _ => {
             let mut ips = vec![addr.ip()];
             if addr.ip().is_unspecified() {
                 ips = vec![std::net::Ipv4Addr::LOCALHOST.into()];
             }
-            // The listener's key is made here and never leaves this process.
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
-            let chain = app.engine.signer.issue_server_certificate(
-                &app.server_spiffe_id()?,
-                &tls.dns_names,
-                &ips,
-                &spki,
-            )?;
-            (chain, key.serialize_pem())
+            let (signer, spiffe_id, dns_names) = (
+                app.engine.signer.clone(),
+                app.server_spiffe_id()?,
+                tls.dns_names.clone(),
+            );
+            let issue = move || -> anyhow::Result<Arc<rustls::sign::CertifiedKey>> {
+                // The listener's key is made here and never leaves this process.
+                let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+                let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+                let chain = signer.issue_server_certificate(&spiffe_id, &dns_names, &ips, &spki)?;
+                let (certs, key) = parse_cert_and_key(&chain, &key.serialize_pem())?;
+                let key = rustls::crypto::ring::sign::any_supported_type(&key)?;
+                Ok(Arc::new(rustls::sign::CertifiedKey::new(certs, key)))
+            };
+            builder.with_cert_resolver(Arc::new(ListenerCert::new(Box::new(issue))?))
         }
     };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn parse_cert_and_key(
+    chain_pem: &str,
+    key_pem: &str,
+) -> anyhow::Result<(
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+)> {
     let certs = rustls_pemfile::certs(&mut chain_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .context("TLS certificate chain is not PEM")?;
@@ -225,14 +265,82 @@ pub fn tls_config(app: &App, addr: SocketAddr) -> anyhow::Result<rustls::ServerC
     let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
         .context("TLS private key is not PEM")?
         .context("TLS key file holds no private key")?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("TLS certificate and key do not match")?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+    Ok((certs, key))
+}
+
+type IssueListenerCert = Box<dyn Fn() -> anyhow::Result<Arc<rustls::sign::CertifiedKey>> + Send + Sync>;
+
+/// The listener's own certificate. Once two thirds of its life have passed
+/// (checked at each handshake), a new key and certificate are made and
+/// served from the next handshake on, so it never expires while the server
+/// runs. If that fails (the CA is unusable), the current one is kept and
+/// the attempt repeated a minute later.
+pub struct ListenerCert {
+    issue: IssueListenerCert,
+    /// The certificate served, and when to replace it (Unix seconds).
+    current: arc_swap::ArcSwap<(Arc<rustls::sign::CertifiedKey>, i64)>,
+    renewing: std::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for ListenerCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ListenerCert(..)")
+    }
+}
+
+impl ListenerCert {
+    pub fn new(issue: IssueListenerCert) -> anyhow::Result<Self> {
+        let first = issue()?;
+        let renew_at = renew_at(&first)?;
+        Ok(Self {
+            issue,
+            current: arc_swap::ArcSwap::from_pointee((first, renew_at)),
+            renewing: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// The certificate to serve at `now`, renewed first if due.
+    pub fn at(&self, now: i64) -> Arc<rustls::sign::CertifiedKey> {
+        let current = self.current.load();
+        if now < current.1 {
+            return current.0.clone();
+        }
+        // One handshake renews; the others serve the current one meanwhile.
+        if let Ok(_renewing) = self.renewing.try_lock()
+            && now >= self.current.load().1
+        {
+            let next = (self.issue)().and_then(|c| Ok((renew_at(&c)?, c)));
+            match next {
+                Ok((at, cert)) => {
+                    tracing::info!("the listener's TLS certificate was renewed");
+                    self.current.store(Arc::new((cert, at)));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the listener's TLS certificate could not be renewed; retrying in a minute");
+                    let cert = self.current.load().0.clone();
+                    self.current.store(Arc::new((cert, now + 60)));
+                }
+            }
+        }
+        self.current.load().0.clone()
+    }
+}
+
+/// Two thirds into the leaf's validity.
+fn renew_at(cert: &rustls::sign::CertifiedKey) -> anyhow::Result<i64> {
+    let leaf = cert.cert.first().context("no certificate")?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).context("the listener certificate")?;
+    let (from, until) = (
+        parsed.validity().not_before.timestamp(),
+        parsed.validity().not_after.timestamp(),
+    );
+    Ok(from + (until - from) * 2 / 3)
+}
+
+impl rustls::server::ResolvesServerCert for ListenerCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.at(castellan::util::now_unix()))
+    }
 }
 
 /// Binds the listener; returns it with the address actually bound.
@@ -431,5 +539,64 @@ impl Drop for Slot {
                 inner.1.remove(&self.client);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A self-signed certificate valid from `from` for `life` seconds.
+    fn cert(from: i64, life: i64) -> anyhow::Result<Arc<rustls::sign::CertifiedKey>> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?;
+        p.not_before = time::OffsetDateTime::from_unix_timestamp(from)?;
+        p.not_after = time::OffsetDateTime::from_unix_timestamp(from + life)?;
+        let c = p.self_signed(&key)?;
+        let (certs, key) = parse_cert_and_key(&c.pem(), &key.serialize_pem())?;
+        Ok(Arc::new(rustls::sign::CertifiedKey::new(
+            certs,
+            rustls::crypto::ring::sign::any_supported_type(&key)?,
+        )))
+    }
+
+    /// Renewed two thirds into its life; a failed renewal keeps the one in
+    /// use and is tried again a minute later.
+    #[test]
+    fn the_listener_certificate_is_renewed_before_it_expires() {
+        let now = 1_900_000_000;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, f) = (calls.clone(), fail.clone());
+        let listener = ListenerCert::new(Box::new(move || {
+            let n = c.fetch_add(1, Ordering::SeqCst) as i64;
+            anyhow::ensure!(!f.load(Ordering::SeqCst), "the CA is unusable");
+            cert(now + n * 200, 300)
+        }))
+        .unwrap();
+        let first = listener.at(now);
+        assert!(Arc::ptr_eq(&first, &listener.at(now + 199)), "not due before 2/3");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let second = listener.at(now + 200);
+        assert!(!Arc::ptr_eq(&first, &second), "renewed at 2/3 of its life");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // The second one (valid from now+200) is due at now+400.
+        fail.store(true, Ordering::SeqCst);
+        assert!(
+            Arc::ptr_eq(&second, &listener.at(now + 400)),
+            "kept when renewal fails"
+        );
+        assert!(
+            Arc::ptr_eq(&second, &listener.at(now + 430)),
+            "no retry within the minute"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        fail.store(false, Ordering::SeqCst);
+        assert!(
+            !Arc::ptr_eq(&second, &listener.at(now + 461)),
+            "retried after a minute"
+        );
     }
 }

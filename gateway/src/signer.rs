@@ -48,6 +48,10 @@ pub enum SignerError {
     /// Signing a JWT failed.
     #[error("JWT signing failed")]
     Jwt(#[from] jsonwebtoken::errors::Error),
+    /// The X.509 authority is not valid now (expired, or not yet valid):
+    /// nothing it signed would be.
+    #[error("{0}")]
+    AuthorityUnusable(String),
 }
 
 /// The algorithms JWT-SVIDs are signed with.
@@ -171,6 +175,11 @@ pub trait Signer: Send + Sync + 'static {
     /// signer's trust domain.
     fn sign_x509_svid(&self, template: &Template) -> Result<IssuedCertificate, SignerError>;
 
+    /// When the X.509 authority that signs leaves can be relied on: its
+    /// certificate's validity, within every certificate above it. No leaf
+    /// is signed outside it.
+    fn x509_authority_validity(&self) -> (OffsetDateTime, OffsetDateTime);
+
     /// Intermediate certificates (PEM) that complete a leaf's chain.
     fn intermediates_pem(&self) -> &str;
 
@@ -210,7 +219,9 @@ pub struct InProcessSigner {
     /// The optional RS256 JWT-SVID key and its `kid`.
     rsa_jwt: Option<(jsonwebtoken::EncodingKey, String)>,
     jwks: serde_json::Value,
-    intermediate_not_after: OffsetDateTime,
+    /// The signing authority's validity, within the root's.
+    authority_not_before: OffsetDateTime,
+    authority_not_after: OffsetDateTime,
     intermediates_pem: String,
     bundle_pem: String,
 }
@@ -222,12 +233,10 @@ impl InProcessSigner {
         let key = KeyPair::from_pem(&ca.intermediate_key_pem).map_err(|e| SignerError::Key(e.to_string()))?;
         let issuer = Issuer::from_ca_cert_pem(&ca.intermediate_cert_pem, key)
             .map_err(|e| SignerError::Key(format!("intermediate certificate: {e}")))?;
-        let (_, pem) = x509_parser::pem::parse_x509_pem(ca.intermediate_cert_pem.as_bytes())
-            .map_err(|e| SignerError::Key(e.to_string()))?;
-        let cert = pem.parse_x509().map_err(|e| SignerError::Key(e.to_string()))?;
-        let intermediate_not_after =
-            OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
-                .map_err(|e| SignerError::Key(e.to_string()))?;
+        let (int_from, int_until) = validity(&ca.intermediate_cert_pem)?;
+        let (root_from, root_until) = validity(&ca.root_cert_pem)?;
+        let (authority_not_before, authority_not_after) =
+            (int_from.max(root_from), int_until.min(root_until));
         let jwt_pair =
             KeyPair::from_pem(&ca.jwt_key_pem).map_err(|e| SignerError::Key(format!("JWT key: {e}")))?;
         let jwt_key = jsonwebtoken::EncodingKey::from_ec_pem(ca.jwt_key_pem.as_bytes())
@@ -243,7 +252,8 @@ impl InProcessSigner {
             jwt_kid,
             rsa_jwt: None,
             jwks: serde_json::json!({ "keys": [public] }),
-            intermediate_not_after,
+            authority_not_before,
+            authority_not_after,
             intermediates_pem: if ca.one_tier() {
                 String::new()
             } else {
@@ -285,10 +295,17 @@ impl InProcessSigner {
         let now = OffsetDateTime::now_utc()
             .replace_nanosecond(0)
             .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        // A leaf never outlives the CA that signed it, nor starts before it;
+        // an authority not valid now signs nothing.
+        let (from, until) = (self.authority_not_before, self.authority_not_after);
+        if now < from || now + Duration::seconds(1) >= until {
+            return Err(SignerError::AuthorityUnusable(authority_problem(
+                from, until, now,
+            )));
+        }
         let mut params = CertificateParams::default();
-        params.not_before = now - BACKDATE;
-        // A leaf never outlives the CA that signed it.
-        params.not_after = (now + ttl).min(self.intermediate_not_after);
+        params.not_before = (now - BACKDATE).max(from);
+        params.not_after = (now + ttl).min(until);
         params.serial_number = Some(random_serial());
         params.distinguished_name = DistinguishedName::new();
         params
@@ -298,6 +315,32 @@ impl InProcessSigner {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
         Ok(params)
+    }
+}
+
+/// A certificate's validity (PEM).
+fn validity(pem_text: &str) -> Result<(OffsetDateTime, OffsetDateTime), SignerError> {
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(pem_text.as_bytes()).map_err(|e| SignerError::Key(e.to_string()))?;
+    let cert = pem.parse_x509().map_err(|e| SignerError::Key(e.to_string()))?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        OffsetDateTime::from_unix_timestamp(t.timestamp()).map_err(|e| SignerError::Key(e.to_string()))
+    };
+    Ok((at(cert.validity().not_before)?, at(cert.validity().not_after)?))
+}
+
+/// Why an authority valid from `from` until `until` cannot sign at `now`.
+pub fn authority_problem(from: OffsetDateTime, until: OffsetDateTime, now: OffsetDateTime) -> String {
+    if now < from {
+        format!(
+            "the CA is not valid until {}: check this host's clock",
+            crate::util::rfc3339(from)
+        )
+    } else {
+        format!(
+            "the CA expired at {}: nothing it signed would be valid; rotate the CA",
+            crate::util::rfc3339(until)
+        )
     }
 }
 
@@ -439,6 +482,10 @@ impl Signer for InProcessSigner {
             .collect();
         let cert = params.signed_by(&public_key, &self.issuer)?;
         Ok(finish(cert, &params))
+    }
+
+    fn x509_authority_validity(&self) -> (OffsetDateTime, OffsetDateTime) {
+        (self.authority_not_before, self.authority_not_after)
     }
 
     fn intermediates_pem(&self) -> &str {

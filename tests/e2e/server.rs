@@ -506,3 +506,100 @@ fn the_load_tools_run_against_a_live_server() {
         }
     }
 }
+
+/// Issue 16, item 1 (the review's expired-CA attack): the signing CA's life
+/// bounds every credential. Past its life `serve` refuses to start, saying
+/// so; too close to its end issuance is refused with `503 ca-unavailable`,
+/// audited; otherwise a certificate's lifetime is cut to the CA's.
+#[test]
+fn a_ca_past_or_near_its_end_signs_nothing_that_outlives_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(
+        &config,
+        "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = { enabled = false }\n[ca]\nintermediate = true\n",
+    )
+    .unwrap();
+    Server::serve(&config, &dir).stop();
+    // Re-sign the intermediate (same key) with the validity the test wants.
+    let ca = dir.join("ca");
+    let resign = |from: time::OffsetDateTime, until: time::OffsetDateTime| {
+        let read = |f: &str| std::fs::read_to_string(ca.join(f)).unwrap();
+        let root_key = rcgen::KeyPair::from_pem(&read("root.key")).unwrap();
+        let root = rcgen::Issuer::from_ca_cert_pem(&read("root.crt"), root_key).unwrap();
+        let key = rcgen::KeyPair::from_pem(&read("intermediate.key")).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Castellan Intermediate CA");
+        params.subject_alt_names = vec![rcgen::SanType::URI("spiffe://example.org".try_into().unwrap())];
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = from;
+        params.not_after = until;
+        let cert = params.signed_by(&key, &root).unwrap();
+        std::fs::write(ca.join("intermediate.crt"), cert.pem()).unwrap();
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let hours = time::Duration::hours;
+
+    resign(now - hours(2), now - hours(1));
+    let stderr = serve_refused(&config);
+    assert!(
+        stderr.contains("the CA expired at") && stderr.contains("rotate"),
+        "{stderr}"
+    );
+    resign(now + hours(1), now + hours(2));
+    let stderr = serve_refused(&config);
+    assert!(stderr.contains("not valid until"), "{stderr}");
+
+    // Valid for 30 more seconds: less than the shortest credential (60 s).
+    resign(now - hours(1), now + time::Duration::seconds(30));
+    let server = Server::serve(&config, &dir);
+    let cluster = Cluster::new("https://k8s.ca-life.example");
+    server.add_trust_source("ca-life", &cluster);
+    let (_, c) = csr();
+    let r = server.post(ISSUE, &issuance_body(&cluster.token("a", "b"), &c, None), None);
+    r.assert_problem(503, "ca-unavailable");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("rotate the CA"),
+        "{}",
+        r.body
+    );
+    assert!(r.body.get("certificate_pem").is_none());
+    assert!(
+        server
+            .audit()
+            .iter()
+            .any(|e| e["kind"] == "issuance.refused" && e["detail"]["problem"] == "ca-unavailable"),
+        "the refusal is audited"
+    );
+    assert!(server.certificates().is_empty(), "nothing signed");
+    server.stop();
+
+    // Twenty minutes left: issued, and cut to the CA's end.
+    let until = now + time::Duration::minutes(20);
+    resign(now - hours(1), until);
+    let server = Server::serve(&config, &dir);
+    let (_, c) = csr();
+    let r = server.post(
+        ISSUE,
+        &issuance_body(&cluster.token("a", "b"), &c, Some(3600)),
+        None,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let der = support::pem_certs(r.body["certificate_pem"].as_str().unwrap()).remove(0);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let (nb, na) = (
+        leaf.validity().not_before.timestamp(),
+        leaf.validity().not_after.timestamp(),
+    );
+    assert!(nb < na, "notBefore {nb} before notAfter {na}");
+    assert!(na <= until.unix_timestamp(), "the leaf ends by the CA's end");
+}

@@ -67,6 +67,10 @@ pub enum EngineError {
     /// Every admission permit is taken and the queue is full.
     #[error("Castellan is at capacity; retry in a moment")]
     Overloaded,
+    /// The CA cannot sign a credential of the minimum lifetime now
+    /// (expired, expiring, or not yet valid).
+    #[error("{0}")]
+    CaUnavailable(String),
     /// The policy could not be evaluated.
     #[error("the policy could not decide")]
     Policy(#[source] crate::policy::PolicyError),
@@ -147,6 +151,7 @@ impl EngineError {
             EngineError::Forbidden(_) => "forbidden",
             EngineError::Overloaded => "overloaded",
             EngineError::Store(_) => "unavailable",
+            EngineError::CaUnavailable(_) => "ca-unavailable",
             EngineError::Policy(_)
             | EngineError::InvalidDecision(_)
             | EngineError::Attestor(_)
@@ -178,7 +183,7 @@ impl EngineError {
                 ApprovalError::NotPending(_) | ApprovalError::BindingMismatch => 409,
                 _ => 403,
             },
-            EngineError::Overloaded | EngineError::Store(_) => 503,
+            EngineError::Overloaded | EngineError::Store(_) | EngineError::CaUnavailable(_) => 503,
             _ => 500,
         }
     }

@@ -353,11 +353,50 @@ impl Engine {
     }
 
     /// The sign stage for X.509-SVIDs. Blocking.
+    /// The lifetime is capped at what is left of the CA's; when that is
+    /// below the minimum lifetime, nothing is signed (`ca-unavailable`).
     fn sign_x509(&self, template: &Template) -> Result<IssuedCertificate, EngineError> {
-        self.signer.sign_x509_svid(template).map_err(|e| {
-            tracing::error!(error = %e, "signer failed");
-            EngineError::Signer(e)
+        let ttl = self.authority_ttl(template.ttl)?;
+        let capped;
+        let template = if ttl < template.ttl {
+            capped = Template {
+                ttl,
+                ..template.clone()
+            };
+            &capped
+        } else {
+            template
+        };
+        self.signer.sign_x509_svid(template).map_err(|e| match e {
+            crate::signer::SignerError::AuthorityUnusable(m) => EngineError::CaUnavailable(m),
+            e => {
+                tracing::error!(error = %e, "signer failed");
+                EngineError::Signer(e)
+            }
         })
+    }
+
+    /// `ttl`, within what is left of the CA's life; refused when that is
+    /// below the minimum lifetime or the CA is not valid yet.
+    fn authority_ttl(&self, ttl: time::Duration) -> Result<time::Duration, EngineError> {
+        let (from, until) = self.signer.x509_authority_validity();
+        let now = time::OffsetDateTime::now_utc();
+        let left = until - now;
+        let min = time::Duration::seconds(self.limits.min_ttl_seconds.max(1) as i64);
+        if now < from || left < min {
+            let why = if now < from || left <= time::Duration::ZERO {
+                crate::signer::authority_problem(from, until, now)
+            } else {
+                format!(
+                    "the CA expires at {}, sooner than the shortest credential it may sign ({} s); rotate the CA",
+                    crate::util::rfc3339(until),
+                    min.whole_seconds()
+                )
+            };
+            tracing::error!(%why, "refusing to sign");
+            return Err(EngineError::CaUnavailable(why));
+        }
+        Ok(ttl.min(left))
     }
 
     /// The chain a leaf is delivered with: the leaf, then intermediates.
