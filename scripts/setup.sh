@@ -4,8 +4,22 @@
 # software TPM (swtpm, swtpm_setup, tpm2-tools) plus the TSS headers that the
 # castellan-tpm crate's client side and its tests need, and PostgreSQL, whose
 # programs the store tests run a throwaway cluster with (they start it
-# themselves: nothing is left running). Quiet when everything is already there.
+# themselves: nothing is left running), and the OpenSSL command line the tests
+# verify chains with. Quiet when everything is already there.
 set -euo pipefail
+
+# Installs Debian packages, from the cached package lists first, refreshing
+# them only when that fails.
+apt_install() {
+  local sudo=()
+  if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
+  export DEBIAN_FRONTEND=noninteractive
+  if ! "${sudo[@]}" apt-get install -y --no-install-recommends "$@"; then
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" apt-get install -y --no-install-recommends "$@"
+  fi
+}
+
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
   rustup target add wasm32-wasip2
 fi
@@ -19,26 +33,19 @@ tpm_ready() {
     pkg-config --exists tss2-esys tss2-tctildr tss2-mu
 }
 if ! tpm_ready; then
-  sudo=()
-  if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
-  export DEBIAN_FRONTEND=noninteractive
-  # Try the cached package lists first; refresh them only when that fails.
-  if ! "${sudo[@]}" apt-get install -y --no-install-recommends "${tpm_packages[@]}"; then
-    "${sudo[@]}" apt-get update
-    "${sudo[@]}" apt-get install -y --no-install-recommends "${tpm_packages[@]}"
-  fi
+  apt_install "${tpm_packages[@]}"
 fi
 
 # PostgreSQL's server programs (initdb, postgres) for the store tests; the
 # package's own cluster, if the install starts one, is not used.
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-  sudo=()
-  if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
-  export DEBIAN_FRONTEND=noninteractive
-  if ! "${sudo[@]}" apt-get install -y --no-install-recommends postgresql; then
-    "${sudo[@]}" apt-get update
-    "${sudo[@]}" apt-get install -y --no-install-recommends postgresql
-  fi
+  apt_install postgresql
+fi
+
+# The OpenSSL command line, an independent verifier of the chains Castellan
+# signs (subordinate CAs and their name constraints).
+if ! command -v openssl >/dev/null 2>&1; then
+  apt_install openssl
 fi
 
 # Python with a real gRPC C-core client (grpcio) for the Workload API tests:
@@ -48,13 +55,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$root/target/grpc-venv"
 if ! "$venv/bin/python" -c "import grpc, yaml, envoy.service.secret.v3.sds_pb2_grpc" 2>/dev/null; then
   if ! python3 -m venv --help >/dev/null 2>&1; then
-    sudo=()
-    if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
-    export DEBIAN_FRONTEND=noninteractive
-    if ! "${sudo[@]}" apt-get install -y --no-install-recommends python3 python3-venv; then
-      "${sudo[@]}" apt-get update
-      "${sudo[@]}" apt-get install -y --no-install-recommends python3 python3-venv
-    fi
+    apt_install python3 python3-venv
   fi
   if [ ! -x "$venv/bin/pip" ]; then
     rm -rf "$venv"

@@ -48,6 +48,8 @@ pub enum CaError {
 /// intermediate certificate is the root and no chain carries it).
 pub struct CaMaterial {
     pub root_cert_pem: String,
+    /// The root's key: it signs subordinate CAs (and, in one tier, SVIDs).
+    pub root_key_pem: String,
     pub intermediate_cert_pem: String,
     pub intermediate_key_pem: String,
     /// The JWT-SVID signing key (ES256), purpose-bound: it never signs certificates.
@@ -150,6 +152,7 @@ pub fn load_or_create(dir: &Path, trust_domain: &str, intermediate: bool) -> Res
     };
     Ok(CaMaterial {
         root_cert_pem: root_cert.pem(),
+        root_key_pem: root_key.serialize_pem(),
         intermediate_cert_pem,
         intermediate_key_pem,
         jwt_key_pem: load_or_create_jwt_key(dir)?,
@@ -226,8 +229,10 @@ fn load(dir: &Path, p: &Paths, trust_domain: &str) -> Result<CaMaterial, CaError
             wanted: trust_domain.to_owned(),
         });
     }
+    let root_key_pem = read(&p.root_key)?;
     Ok(CaMaterial {
         root_cert_pem,
+        root_key_pem,
         intermediate_cert_pem,
         intermediate_key_pem,
         jwt_key_pem: load_or_create_jwt_key(dir)?,

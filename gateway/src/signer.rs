@@ -180,6 +180,18 @@ pub trait Signer: Send + Sync + 'static {
     /// is signed outside it.
     fn x509_authority_validity(&self) -> (OffsetDateTime, OffsetDateTime);
 
+    /// Signs a subordinate CA for `public_key_der` (a SubjectPublicKeyInfo),
+    /// as an upstream authority for another CA: signed by the root, path
+    /// length 0, name-constrained to this trust domain's SPIFFE IDs (no DNS
+    /// name or IP address at all), within the root's life. Only the admin
+    /// API's CA endpoint asks for one.
+    fn sign_subordinate_ca(
+        &self,
+        public_key_der: &[u8],
+        common_name: &str,
+        ttl: Duration,
+    ) -> Result<IssuedCertificate, SignerError>;
+
     /// Intermediate certificates (PEM) that complete a leaf's chain.
     fn intermediates_pem(&self) -> &str;
 
@@ -214,6 +226,9 @@ pub trait Signer: Send + Sync + 'static {
 pub struct InProcessSigner {
     trust_domain: String,
     issuer: Issuer<'static, KeyPair>,
+    /// The root, for subordinate CAs.
+    root: Issuer<'static, KeyPair>,
+    root_not_after: OffsetDateTime,
     jwt_key: jsonwebtoken::EncodingKey,
     jwt_kid: String,
     /// The optional RS256 JWT-SVID key and its `kid`.
@@ -233,6 +248,10 @@ impl InProcessSigner {
         let key = KeyPair::from_pem(&ca.intermediate_key_pem).map_err(|e| SignerError::Key(e.to_string()))?;
         let issuer = Issuer::from_ca_cert_pem(&ca.intermediate_cert_pem, key)
             .map_err(|e| SignerError::Key(format!("intermediate certificate: {e}")))?;
+        let root_key =
+            KeyPair::from_pem(&ca.root_key_pem).map_err(|e| SignerError::Key(format!("root key: {e}")))?;
+        let root = Issuer::from_ca_cert_pem(&ca.root_cert_pem, root_key)
+            .map_err(|e| SignerError::Key(format!("root certificate: {e}")))?;
         let (int_from, int_until) = validity(&ca.intermediate_cert_pem)?;
         let (root_from, root_until) = validity(&ca.root_cert_pem)?;
         let (authority_not_before, authority_not_after) =
@@ -248,6 +267,8 @@ impl InProcessSigner {
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
             issuer,
+            root,
+            root_not_after: root_until,
             jwt_key,
             jwt_kid,
             rsa_jwt: None,
@@ -316,6 +337,35 @@ impl InProcessSigner {
         params.use_authority_key_identifier_extension = true;
         Ok(params)
     }
+}
+
+/// DER of a NameConstraints extension value (RFC 5280, 4.2.1.10) that
+/// permits URIs whose host is `trust_domain` (its SPIFFE IDs) and excludes
+/// every DNS name and IP address.
+fn spiffe_name_constraints(trust_domain: &str) -> Vec<u8> {
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let n = content.len();
+        if n < 0x80 {
+            out.push(n as u8);
+        } else {
+            let bytes: Vec<u8> = n.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+        out.extend_from_slice(content);
+        out
+    }
+    let subtree = |general_name: Vec<u8>| tlv(0x30, &general_name);
+    // GeneralName: [6] uniformResourceIdentifier, [2] dNSName, [7] iPAddress.
+    let permitted = subtree(tlv(0x86, trust_domain.as_bytes()));
+    let excluded: Vec<u8> = [
+        subtree(tlv(0x82, b"")),
+        subtree(tlv(0x87, &[0; 8])),
+        subtree(tlv(0x87, &[0; 32])),
+    ]
+    .concat();
+    tlv(0x30, &[tlv(0xa0, &permitted), tlv(0xa1, &excluded)].concat())
 }
 
 /// A certificate's validity (PEM).
@@ -481,6 +531,37 @@ impl Signer for InProcessSigner {
             .map(|(oid, der)| CustomExtension::from_oid_content(oid, der.clone()))
             .collect();
         let cert = params.signed_by(&public_key, &self.issuer)?;
+        Ok(finish(cert, &params))
+    }
+
+    fn sign_subordinate_ca(
+        &self,
+        public_key_der: &[u8],
+        common_name: &str,
+        ttl: Duration,
+    ) -> Result<IssuedCertificate, SignerError> {
+        let key = SubjectPublicKeyInfo::from_der(public_key_der)
+            .map_err(|e| SignerError::PublicKey(e.to_string()))?;
+        if common_name.is_empty() || common_name.len() > 64 || common_name.chars().any(char::is_control) {
+            return Err(SignerError::Template(
+                "a subordinate CA needs a name of 1 to 64 characters".into(),
+            ));
+        }
+        let mut params = self.leaf_params(ttl)?;
+        // The root's life bounds it, whatever signs leaves.
+        params.not_after = params.not_after.min(self.root_not_after);
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        let mut constraints =
+            CustomExtension::from_oid_content(&[2, 5, 29, 30], spiffe_name_constraints(&self.trust_domain));
+        constraints.set_criticality(true);
+        params.custom_extensions = vec![constraints];
+        let cert = params.signed_by(&key, &self.root)?;
         Ok(finish(cert, &params))
     }
 

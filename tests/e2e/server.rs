@@ -603,3 +603,143 @@ fn a_ca_past_or_near_its_end_signs_nothing_that_outlives_it() {
     assert!(nb < na, "notBefore {nb} before notAfter {na}");
     assert!(na <= until.unix_timestamp(), "the leaf ends by the CA's end");
 }
+
+/// Issue 16, item 5: Castellan as an upstream authority. An OpenSSL-made
+/// CA's CSR is signed as a subordinate of Castellan's root; `openssl verify`
+/// accepts, against Castellan's bundle, a leaf that CA signs for a SPIFFE
+/// ID in the trust domain, and rejects one for another trust domain or
+/// with a DNS name (the name constraints Castellan put on it).
+#[test]
+fn a_subordinate_ca_is_bound_to_the_trust_domain() {
+    let server = Server::dev();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = |f: &str| tmp.path().join(f).to_str().unwrap().to_owned();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let ok = |args: &[&str]| {
+        let (ok, text) = openssl(args);
+        assert!(ok, "openssl {args:?}: {text}");
+    };
+    ok(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &path("sub.key"),
+    ]);
+    ok(&[
+        "req",
+        "-new",
+        "-key",
+        &path("sub.key"),
+        "-subj",
+        "/CN=team-ca",
+        "-out",
+        &path("sub.csr"),
+    ]);
+    let csr_pem = std::fs::read_to_string(path("sub.csr")).unwrap();
+
+    let ask =
+        |body: serde_json::Value, token: Option<&str>| server.post("/api/v1/ca/intermediates", &body, token);
+    ask(json!({"csr": csr_pem, "name": "team-ca"}), None).assert_problem(401, "unauthorized");
+    ask(
+        json!({"csr": "not a csr", "name": "team-ca"}),
+        Some(&server.admin_token),
+    )
+    .assert_problem(400, "invalid-csr");
+    ask(
+        json!({"csr": csr_pem, "name": "bad\nname"}),
+        Some(&server.admin_token),
+    )
+    .assert_problem(403, "policy-denied");
+    let r = ask(
+        json!({"csr": csr_pem, "name": "team-ca", "ttl_seconds": 86400}),
+        Some(&server.admin_token),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    std::fs::write(path("sub.crt"), r.body["certificate_pem"].as_str().unwrap()).unwrap();
+    std::fs::write(path("bundle.pem"), r.body["bundle_pem"].as_str().unwrap()).unwrap();
+    let (_, text) = openssl(&["x509", "-in", &path("sub.crt"), "-noout", "-text"]);
+    assert!(text.contains("CA:TRUE, pathlen:0"), "{text}");
+    assert!(text.contains("URI:example.org"), "{text}");
+
+    // Leaves the subordinate signs, each with one SAN.
+    let leaf = |name: &str, san: &str| -> (bool, String) {
+        std::fs::write(
+            path(&format!("{name}.ext")),
+            format!("basicConstraints=CA:FALSE\nsubjectAltName={san}\n"),
+        )
+        .unwrap();
+        ok(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &path(&format!("{name}.key")),
+            "-subj",
+            "/CN=leaf",
+            "-out",
+            &path(&format!("{name}.csr")),
+        ]);
+        ok(&[
+            "x509",
+            "-req",
+            "-in",
+            &path(&format!("{name}.csr")),
+            "-CA",
+            &path("sub.crt"),
+            "-CAkey",
+            &path("sub.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &path(&format!("{name}.ext")),
+            "-out",
+            &path(&format!("{name}.crt")),
+        ]);
+        openssl(&[
+            "verify",
+            "-CAfile",
+            &path("bundle.pem"),
+            "-untrusted",
+            &path("sub.crt"),
+            &path(&format!("{name}.crt")),
+        ])
+    };
+    let (accepted, text) = leaf("inside", "URI:spiffe://example.org/team/api");
+    assert!(accepted, "a leaf in the trust domain verifies: {text}");
+    let (accepted, text) = leaf("outside", "URI:spiffe://evil.org/team/api");
+    assert!(
+        !accepted && text.contains("subtree violation"),
+        "another trust domain: {text}"
+    );
+    let (accepted, text) = leaf("dns", "URI:spiffe://example.org/web,DNS:www.example.com");
+    assert!(
+        !accepted && text.contains("subtree violation"),
+        "a DNS name: {text}"
+    );
+
+    let audit = server.audit();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["kind"] == "ca.subordinate_issued" && e["detail"]["name"] == "team-ca")
+    );
+    assert!(audit.iter().any(|e| e["kind"] == "ca.subordinate_refused"));
+}

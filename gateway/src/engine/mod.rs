@@ -33,6 +33,7 @@ mod errors;
 pub mod issuance;
 pub mod join_token;
 mod refusals;
+pub mod upstream;
 pub mod workload;
 
 use std::collections::HashMap;

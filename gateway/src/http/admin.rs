@@ -214,6 +214,30 @@ pub(super) async fn list_audit(
     Ok(axum::Json(json!({ "items": page.items, "next_cursor": page.next_cursor })).into_response())
 }
 
+/// `POST /api/v1/ca/intermediates` (admin): signs another CA's CSR as a
+/// subordinate of Castellan's root (see `engine::upstream`).
+pub(super) async fn sign_subordinate(
+    State(state): State<AppState>,
+    req: Request<Body>,
+) -> Result<Response, Problem> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ask {
+        csr: String,
+        name: String,
+        #[serde(default)]
+        ttl_seconds: Option<u64>,
+    }
+    let (parts, body) = req.into_parts();
+    let admin = state.require_admin(&parts.headers, "ca.intermediates").await?;
+    let ask: Ask = read_json(body, state.max_body_bytes).await?;
+    let signed = state
+        .engine
+        .sign_subordinate_ca(&admin, ask.csr, ask.name, ask.ttl_seconds)
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(signed)).into_response())
+}
+
 /// `GET /api/v1/audit/verify` (admin): re-hashes the whole audit log, as
 /// every gateway sharing the store wrote it (one chain), and says how many
 /// records verified, or where the chain breaks.

@@ -43,6 +43,10 @@ macro_rules! audit_kinds {
 audit_kinds! {
     /// An attested X.509-SVID was issued over HTTP.
     IssuanceIssued => "issuance.issued",
+    /// A subordinate CA was signed (Castellan as an upstream authority).
+    CaSubordinateIssued => "ca.subordinate_issued",
+    /// A subordinate CA request was refused.
+    CaSubordinateRefused => "ca.subordinate_refused",
     /// An attested issuance was refused.
     IssuanceRefused => "issuance.refused",
     /// A just-in-time request was recorded pending.

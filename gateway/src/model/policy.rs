@@ -248,3 +248,35 @@ pub struct EntryDoc<'a> {
     pub spiffe_id: &'a str,
     pub selectors: &'a [String],
 }
+
+/// Input of `castellan.ca`: an admin asks Castellan to sign a subordinate CA.
+#[derive(Debug, Serialize)]
+pub struct CaInput<'a> {
+    pub version: u32,
+    pub trust_domain: &'a str,
+    /// Who asks (`user:<name>`, or `admin`).
+    pub requester: &'a str,
+    pub request: CaAsk<'a>,
+}
+
+/// What a subordinate CA request asks for.
+#[derive(Debug, Serialize)]
+pub struct CaAsk<'a> {
+    pub name: &'a str,
+    pub ttl_seconds: Option<u64>,
+    /// SHA-256 (hex) of the CSR's SubjectPublicKeyInfo.
+    pub public_key_sha256: String,
+}
+
+/// The subordinate CA decision document (version 1), see `policies/README.md`.
+/// The host adds what the policy cannot widen: path length 0, names limited
+/// to the trust domain's SPIFFE IDs, the root's life.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CaDecision {
+    pub allow: bool,
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub reasons: Vec<String>,
+}

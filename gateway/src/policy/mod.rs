@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use crate::model::policy::{
-    ApprovalRule, BrokerDecision, BrokerInput, EmergencyRule, EphemeralDecision, EphemeralInput,
-    EphemeralOutcome, INPUT_VERSION, IssuanceDecision, IssuanceInput, WorkloadDecision, WorkloadInput,
+    ApprovalRule, BrokerDecision, BrokerInput, CaAsk, CaDecision, CaInput, EmergencyRule, EphemeralDecision,
+    EphemeralInput, EphemeralOutcome, INPUT_VERSION, IssuanceDecision, IssuanceInput, WorkloadDecision,
+    WorkloadInput,
 };
 pub use tester::{TestOutcome, TestReport, run_tests};
 
@@ -75,7 +76,10 @@ pub struct Manifest {
 }
 
 /// Rules the gateway evaluates; each is compiled once when a bundle loads.
-pub const ENTRYPOINTS: &[&str] = &[ISSUANCE_RULE, EPHEMERAL_RULE, BROKER_RULE, WORKLOAD_RULE];
+pub const ENTRYPOINTS: &[&str] = &[ISSUANCE_RULE, EPHEMERAL_RULE, BROKER_RULE, WORKLOAD_RULE, CA_RULE];
+
+/// Entry point for subordinate CAs Castellan signs (an upstream authority).
+pub const CA_RULE: &str = "data.castellan.ca.decision";
 
 /// What one loaded bundle contributes, as `GET /api/v1/bundles` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -382,6 +386,11 @@ impl Loaded {
     /// The issuance decision, shape checked.
     pub fn decide_issuance(&self, input: &IssuanceInput<'_>) -> Result<IssuanceDecision, PolicyError> {
         self.decide(ISSUANCE_RULE, input)
+    }
+
+    /// The subordinate CA decision, shape checked.
+    pub fn decide_ca(&self, input: &CaInput<'_>) -> Result<CaDecision, PolicyError> {
+        self.decide(CA_RULE, input)
     }
 
     /// The Workload API decision for one entry, shape checked.
