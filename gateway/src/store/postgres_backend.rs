@@ -381,10 +381,14 @@ fn run_writer(pool: &Pool, first: Client, rx: mpsc::Receiver<Job>) {
                 format!("the database is unreachable: {e}").into(),
             )),
         };
+        // After a failed transaction the connection may be dying (the
+        // server ended the session and the client has not noticed yet):
+        // make a new one for the next group.
+        conn = match outcome {
+            Ok(()) => current.ok().filter(|c| !c.client.is_closed()),
+            Err(_) => None,
+        };
         group::reply(replies, &outcome);
-        // A failed transaction was rolled back; only a closed connection is
-        // worth replacing.
-        conn = current.ok().filter(|c| !c.client.is_closed());
     }
 }
 
