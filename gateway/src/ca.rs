@@ -49,7 +49,9 @@ pub enum CaError {
 pub struct CaMaterial {
     pub root_cert_pem: String,
     /// The root's key: it signs subordinate CAs (and, in one tier, SVIDs).
-    pub root_key_pem: String,
+    /// `None` when Castellan's CA sits under an upstream authority, whose
+    /// key Castellan used once, to make it.
+    pub root_key_pem: Option<String>,
     pub intermediate_cert_pem: String,
     pub intermediate_key_pem: String,
     /// The JWT-SVID signing key (ES256), purpose-bound: it never signs certificates.
@@ -152,13 +154,124 @@ pub fn load_or_create(dir: &Path, trust_domain: &str, intermediate: bool) -> Res
     };
     Ok(CaMaterial {
         root_cert_pem: root_cert.pem(),
-        root_key_pem: root_key.serialize_pem(),
+        root_key_pem: Some(root_key.serialize_pem()),
         intermediate_cert_pem,
         intermediate_key_pem,
         jwt_key_pem: load_or_create_jwt_key(dir)?,
         created: true,
         dir: dir.to_owned(),
     })
+}
+
+/// A P-256 key from PEM: PKCS#8, or SEC1 (`EC PRIVATE KEY`, what `openssl
+/// ecparam -genkey` writes), which is wrapped as PKCS#8.
+fn key_from_pem(pem: &str) -> Result<KeyPair, String> {
+    if let Ok(key) = KeyPair::from_pem(pem) {
+        return Ok(key);
+    }
+    match rustls_pemfile::private_key(&mut pem.as_bytes()) {
+        Ok(Some(rustls_pki_types::PrivateKeyDer::Sec1(sec1))) => {
+            use crate::util::der_tlv;
+            // PrivateKeyInfo: version 0, id-ecPublicKey with prime256v1, the SEC1 key.
+            const ALGORITHM: &[u8] = &[
+                0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86,
+                0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+            ];
+            let info = der_tlv(
+                0x30,
+                &[
+                    &[0x02, 0x01, 0x00][..],
+                    ALGORITHM,
+                    &der_tlv(0x04, sec1.secret_sec1_der()),
+                ]
+                .concat(),
+            );
+            let der = rustls_pki_types::PrivatePkcs8KeyDer::from(info);
+            KeyPair::try_from(&der).map_err(|e| format!("only P-256 keys are supported: {e}"))
+        }
+        Ok(_) => Err("not a P-256 private key in PKCS#8 or SEC1 PEM".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Whether a CA was made in `dir`.
+pub fn exists(dir: &Path) -> bool {
+    let p = paths(dir);
+    p.int_key.exists() || p.root_key.exists()
+}
+
+/// An upstream authority Castellan's CA is made under: its certificate
+/// chain (its own certificate first, up to the root relying parties trust)
+/// and its key (PEM).
+pub struct Upstream {
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+/// Like [`load_or_create`], but a CA made here sits under `upstream`: its
+/// certificate is signed by the upstream key, chains carry it and the
+/// upstream's intermediates, and the bundle is the upstream's root. The
+/// upstream key is used only now; a CA that exists is loaded as it is.
+pub fn load_or_create_under(
+    dir: &Path,
+    trust_domain: &str,
+    upstream: &Upstream,
+) -> Result<CaMaterial, CaError> {
+    let p = paths(dir);
+    if p.int_key.exists() || p.root_key.exists() {
+        return load_or_create(dir, trust_domain, false);
+    }
+    let bad = |message: String| CaError::Invalid {
+        path: dir.join("(ca.upstream)"),
+        message,
+    };
+    let chain: Vec<String> = crate::util::pem_blocks(&upstream.chain_pem, "CERTIFICATE");
+    let (Some(first), Some(anchor)) = (chain.first(), chain.last()) else {
+        return Err(bad("the upstream certificate file holds no certificate".into()));
+    };
+    let upstream_key =
+        key_from_pem(&upstream.key_pem).map_err(|e| bad(format!("the upstream key is not usable: {e}")))?;
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(first.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let upstream_cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
+    if upstream_cert.public_key().raw
+        != rcgen::PublicKeyData::subject_public_key_info(&upstream_key).as_slice()
+    {
+        return Err(bad(
+            "the upstream key is not the key of the upstream certificate (the first in its file)".into(),
+        ));
+    }
+    if !upstream_cert.is_ca() {
+        return Err(bad("the upstream certificate is not a CA".into()));
+    }
+    let upstream_until = OffsetDateTime::from_unix_timestamp(upstream_cert.validity().not_after.timestamp())
+        .map_err(|e| bad(e.to_string()))?;
+    let issuer = Issuer::from_ca_cert_pem(first, upstream_key)?;
+    let now = OffsetDateTime::now_utc();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = ca_params(trust_domain, "Castellan CA", &format!("spiffe://{trust_domain}"))?;
+    // Path length 1: it signs SVIDs, and subordinate CAs below it.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.not_before = now - Duration::minutes(1);
+    params.not_after = (now + INTERMEDIATE_LIFETIME).min(upstream_until);
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, &issuer)?;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| CaError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    write_private_file(&p.int_key, key.serialize_pem().as_bytes()).map_err(io(&p.int_key))?;
+    // Chains carry Castellan's CA and the upstream's intermediates; the
+    // bundle is the upstream's root.
+    let mut intermediates = cert.pem();
+    for c in &chain[..chain.len() - 1] {
+        intermediates.push_str(c);
+    }
+    std::fs::write(&p.root_cert, anchor).map_err(io(&p.root_cert))?;
+    std::fs::write(&p.int_cert, &intermediates).map_err(io(&p.int_cert))?;
+    let mut material = load(dir, &p, trust_domain)?;
+    material.created = true;
+    Ok(material)
 }
 
 /// An intermediate CA (path length 0) signed by `root`, with its new key.
@@ -218,10 +331,14 @@ fn load(dir: &Path, p: &Paths, trust_domain: &str) -> Result<CaMaterial, CaError
         path: key_path.clone(),
         message: format!("not a usable private key: {e}"),
     })?;
-    let found = trust_domain_of(&root_cert_pem).map_err(|message| CaError::Invalid {
-        path: p.root_cert.clone(),
-        message,
-    })?;
+    // Under an upstream authority the root is someone else's: Castellan's
+    // own CA names the trust domain.
+    let found = trust_domain_of(&root_cert_pem)
+        .or_else(|_| trust_domain_of(&intermediate_cert_pem))
+        .map_err(|message| CaError::Invalid {
+            path: p.root_cert.clone(),
+            message,
+        })?;
     if found != trust_domain {
         return Err(CaError::TrustDomainMismatch {
             dir: dir.to_owned(),
@@ -229,7 +346,7 @@ fn load(dir: &Path, p: &Paths, trust_domain: &str) -> Result<CaMaterial, CaError
             wanted: trust_domain.to_owned(),
         });
     }
-    let root_key_pem = read(&p.root_key)?;
+    let root_key_pem = p.root_key.exists().then(|| read(&p.root_key)).transpose()?;
     Ok(CaMaterial {
         root_cert_pem,
         root_key_pem,

@@ -243,6 +243,12 @@ pub struct CaConfig {
     /// its intermediate; setting this adds one under an existing root.
     /// Default: false.
     pub intermediate: bool,
+    /// Make Castellan's CA under an external CA: its certificate chain
+    /// (its own certificate first, up to the root relying parties trust),
+    /// PEM. Used only when the CA is made; with `upstream_key_file`.
+    pub upstream_cert_file: Option<PathBuf>,
+    /// The external CA's key (PEM), read only when Castellan's CA is made.
+    pub upstream_key_file: Option<PathBuf>,
 }
 
 /// The Workload API.
@@ -588,6 +594,12 @@ impl Config {
             fix(p);
         }
         if let Some(p) = self.store.ca_file.as_mut() {
+            fix(p);
+        }
+        for p in [&mut self.ca.upstream_cert_file, &mut self.ca.upstream_key_file]
+            .into_iter()
+            .flatten()
+        {
             fix(p);
         }
         if let Some(p) = self.decision_logs.path.as_mut() {

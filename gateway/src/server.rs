@@ -58,7 +58,25 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     };
 
     let ca_dir = dir.join("ca");
-    let ca = ca::load_or_create(&ca_dir, &config.trust_domain, config.ca.intermediate)?;
+    let ca = match (&config.ca.upstream_cert_file, &config.ca.upstream_key_file) {
+        // Made before: the upstream files are not needed any more.
+        (Some(_), Some(_)) if ca::exists(&ca_dir) => {
+            ca::load_or_create(&ca_dir, &config.trust_domain, false)?
+        }
+        (Some(cert), Some(key)) => {
+            let read = |p: &Path, what: &str| {
+                std::fs::read_to_string(p).with_context(|| format!("ca.{what} {}", p.display()))
+            };
+            let upstream = ca::Upstream {
+                chain_pem: read(cert, "upstream_cert_file")?,
+                key_pem: read(key, "upstream_key_file")?,
+            };
+            ca::load_or_create_under(&ca_dir, &config.trust_domain, &upstream)
+                .context("cannot make the CA under [ca] upstream")?
+        }
+        (None, None) => ca::load_or_create(&ca_dir, &config.trust_domain, config.ca.intermediate)?,
+        _ => anyhow::bail!("ca.upstream_cert_file and ca.upstream_key_file go together"),
+    };
     let mut signer = InProcessSigner::new(&ca, &config.trust_domain)?;
     if config.workload_api.jwt_svid_algorithm == "RS256" {
         signer = signer.with_rsa_jwt_key(&ca::load_or_create_rsa_jwt_key(&ca_dir)?)?;

@@ -226,9 +226,9 @@ pub trait Signer: Send + Sync + 'static {
 pub struct InProcessSigner {
     trust_domain: String,
     issuer: Issuer<'static, KeyPair>,
-    /// The root, for subordinate CAs.
+    /// What signs subordinate CAs: the root, or under an upstream
+    /// authority Castellan's own CA.
     root: Issuer<'static, KeyPair>,
-    root_not_after: OffsetDateTime,
     jwt_key: jsonwebtoken::EncodingKey,
     jwt_kid: String,
     /// The optional RS256 JWT-SVID key and its `kid`.
@@ -248,9 +248,14 @@ impl InProcessSigner {
         let key = KeyPair::from_pem(&ca.intermediate_key_pem).map_err(|e| SignerError::Key(e.to_string()))?;
         let issuer = Issuer::from_ca_cert_pem(&ca.intermediate_cert_pem, key)
             .map_err(|e| SignerError::Key(format!("intermediate certificate: {e}")))?;
-        let root_key =
-            KeyPair::from_pem(&ca.root_key_pem).map_err(|e| SignerError::Key(format!("root key: {e}")))?;
-        let root = Issuer::from_ca_cert_pem(&ca.root_cert_pem, root_key)
+        // Subordinate CAs come from the root, or, under an upstream
+        // authority (whose key Castellan does not hold), from Castellan's CA.
+        let (sub_cert, sub_key) = match &ca.root_key_pem {
+            Some(key) => (&ca.root_cert_pem, key),
+            None => (&ca.intermediate_cert_pem, &ca.intermediate_key_pem),
+        };
+        let sub_key = KeyPair::from_pem(sub_key).map_err(|e| SignerError::Key(format!("root key: {e}")))?;
+        let root = Issuer::from_ca_cert_pem(sub_cert, sub_key)
             .map_err(|e| SignerError::Key(format!("root certificate: {e}")))?;
         let (int_from, int_until) = validity(&ca.intermediate_cert_pem)?;
         let (root_from, root_until) = validity(&ca.root_cert_pem)?;
@@ -268,7 +273,6 @@ impl InProcessSigner {
             trust_domain: trust_domain.to_owned(),
             issuer,
             root,
-            root_not_after: root_until,
             jwt_key,
             jwt_kid,
             rsa_jwt: None,
@@ -343,19 +347,7 @@ impl InProcessSigner {
 /// permits URIs whose host is `trust_domain` (its SPIFFE IDs) and excludes
 /// every DNS name and IP address.
 fn spiffe_name_constraints(trust_domain: &str) -> Vec<u8> {
-    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        let n = content.len();
-        if n < 0x80 {
-            out.push(n as u8);
-        } else {
-            let bytes: Vec<u8> = n.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
-            out.push(0x80 | bytes.len() as u8);
-            out.extend(bytes);
-        }
-        out.extend_from_slice(content);
-        out
-    }
+    use crate::util::der_tlv as tlv;
     let subtree = |general_name: Vec<u8>| tlv(0x30, &general_name);
     // GeneralName: [6] uniformResourceIdentifier, [2] dNSName, [7] iPAddress.
     let permitted = subtree(tlv(0x86, trust_domain.as_bytes()));
@@ -368,15 +360,22 @@ fn spiffe_name_constraints(trust_domain: &str) -> Vec<u8> {
     tlv(0x30, &[tlv(0xa0, &permitted), tlv(0xa1, &excluded)].concat())
 }
 
-/// A certificate's validity (PEM).
+/// When every certificate of a PEM chain is valid at once.
 fn validity(pem_text: &str) -> Result<(OffsetDateTime, OffsetDateTime), SignerError> {
-    let (_, pem) =
-        x509_parser::pem::parse_x509_pem(pem_text.as_bytes()).map_err(|e| SignerError::Key(e.to_string()))?;
-    let cert = pem.parse_x509().map_err(|e| SignerError::Key(e.to_string()))?;
     let at = |t: x509_parser::time::ASN1Time| {
         OffsetDateTime::from_unix_timestamp(t.timestamp()).map_err(|e| SignerError::Key(e.to_string()))
     };
-    Ok((at(cert.validity().not_before)?, at(cert.validity().not_after)?))
+    let mut window: Option<(OffsetDateTime, OffsetDateTime)> = None;
+    for pem in x509_parser::pem::Pem::iter_from_buffer(pem_text.as_bytes()) {
+        let pem = pem.map_err(|e| SignerError::Key(e.to_string()))?;
+        let cert = pem.parse_x509().map_err(|e| SignerError::Key(e.to_string()))?;
+        let (from, until) = (at(cert.validity().not_before)?, at(cert.validity().not_after)?);
+        window = Some(match window {
+            Some((f, u)) => (f.max(from), u.min(until)),
+            None => (from, until),
+        });
+    }
+    window.ok_or_else(|| SignerError::Key("no certificate".into()))
 }
 
 /// Why an authority valid from `from` until `until` cannot sign at `now`.
@@ -548,8 +547,6 @@ impl Signer for InProcessSigner {
             ));
         }
         let mut params = self.leaf_params(ttl)?;
-        // The root's life bounds it, whatever signs leaves.
-        params.not_after = params.not_after.min(self.root_not_after);
         params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,

@@ -108,6 +108,30 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 }
 
 /// One PEM block, 64 base64 characters a line (RFC 7468).
+pub fn pem_blocks(text: &str, label: &str) -> Vec<String> {
+    x509_parser::pem::Pem::iter_from_buffer(text.as_bytes())
+        .filter_map(Result::ok)
+        .filter(|p| p.label == label)
+        .map(|p| pem_block(label, &p.contents))
+        .collect()
+}
+
+/// One DER TLV: `tag`, the definite length, `content`.
+pub fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let n = content.len();
+    if n < 0x80 {
+        out.push(n as u8);
+    } else {
+        let bytes: Vec<u8> = n.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+/// DER as one PEM block labelled `label`.
 pub fn pem_block(label: &str, der: &[u8]) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);

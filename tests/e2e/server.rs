@@ -743,3 +743,105 @@ fn a_subordinate_ca_is_bound_to_the_trust_domain() {
     );
     assert!(audit.iter().any(|e| e["kind"] == "ca.subordinate_refused"));
 }
+
+/// Issue 16, item 5 (second half): Castellan's CA made under an external
+/// root (`[ca] upstream_cert_file`, `upstream_key_file`). SVIDs chain
+/// through Castellan's CA to that root, as `openssl verify` checks; the
+/// upstream key is needed only once; a key that is not the certificate's is
+/// refused at start.
+#[test]
+fn castellan_can_sit_under_an_upstream_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = |f: &str| tmp.path().join(f).to_str().unwrap().to_owned();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "openssl {args:?}: {text}");
+        text
+    };
+    for (key, cert) in [("corp.key", "corp.pem"), ("other.key", "other.pem")] {
+        openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &path(key),
+        ]);
+        openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &path(key),
+            "-subj",
+            "/CN=Corp Root",
+            "-days",
+            "30",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            &path(cert),
+        ]);
+    }
+    let config = tmp.path().join("castellan.toml");
+    let write = |key: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = {{ enabled = false }}\n\
+                 [ca]\nupstream_cert_file = \"corp.pem\"\nupstream_key_file = \"{key}\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    write("other.key");
+    let stderr = serve_refused(&config);
+    assert!(
+        stderr.contains("not the key of the upstream certificate"),
+        "{stderr}"
+    );
+
+    write("corp.key");
+    let dir = tmp.path().join("data");
+    let server = Server::serve(&config, &dir);
+    let cluster = Cluster::new("https://k8s.upstream.example");
+    server.add_trust_source("upstream", &cluster);
+    let (_, c) = csr();
+    let r = server.post(ISSUE, &issuance_body(&cluster.token("a", "b"), &c, None), None);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let corp = std::fs::read_to_string(path("corp.pem")).unwrap();
+    assert_eq!(
+        r.body["bundle_pem"].as_str().unwrap().trim(),
+        corp.trim(),
+        "the bundle is the upstream root"
+    );
+    std::fs::write(path("leaf.pem"), r.body["certificate_pem"].as_str().unwrap()).unwrap();
+    let chain = r.body["chain_pem"].as_str().unwrap();
+    let leaf = r.body["certificate_pem"].as_str().unwrap();
+    std::fs::write(path("untrusted.pem"), chain.replacen(leaf, "", 1)).unwrap();
+    let verified = openssl(&[
+        "verify",
+        "-CAfile",
+        &path("corp.pem"),
+        "-untrusted",
+        &path("untrusted.pem"),
+        &path("leaf.pem"),
+    ]);
+    assert!(verified.contains("OK"), "{verified}");
+    server.stop();
+
+    // Made once: the upstream key may go away.
+    std::fs::remove_file(path("corp.key")).unwrap();
+    let server = Server::serve(&config, &dir);
+    let (_, c) = csr();
+    let r = server.post(ISSUE, &issuance_body(&cluster.token("a", "b"), &c, None), None);
+    assert_eq!(r.status, 201, "{}", r.body);
+}
