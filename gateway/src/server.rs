@@ -233,16 +233,7 @@ pub fn tls_config(app: &App, addr: SocketAddr) -> anyhow::Result<rustls::ServerC
         .with_safe_default_protocol_versions()?
         .with_no_client_auth();
     let mut config = match (&tls.cert_file, &tls.key_file) {
-        (Some(c), Some(k)) => {
-            let chain_pem =
-                std::fs::read_to_string(c).with_context(|| format!("http.tls.cert_file {}", c.display()))?;
-            let key_pem =
-                std::fs::read_to_string(k).with_context(|| format!("http.tls.key_file {}", k.display()))?;
-            let (certs, key) = parse_cert_and_key(&chain_pem, &key_pem)?;
-            builder
-                .with_single_cert(certs, key)
-                .context("TLS certificate and key do not match")?
-        }
+        (Some(c), Some(k)) => builder.with_cert_resolver(Arc::new(FileCert::new(c.clone(), k.clone())?)),
         _ => {
             let mut ips = vec![addr.ip()];
             if addr.ip().is_unspecified() {
@@ -284,6 +275,99 @@ fn parse_cert_and_key(
         .context("TLS private key is not PEM")?
         .context("TLS key file holds no private key")?;
     Ok((certs, key))
+}
+
+/// Reads a certificate chain and its key from files into what rustls serves.
+fn load_cert_files(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::sign::CertifiedKey>> {
+    let chain_pem =
+        std::fs::read_to_string(cert).with_context(|| format!("http.tls.cert_file {}", cert.display()))?;
+    let key_pem =
+        std::fs::read_to_string(key).with_context(|| format!("http.tls.key_file {}", key.display()))?;
+    let (certs, key) = parse_cert_and_key(&chain_pem, &key_pem)?;
+    let key = rustls::crypto::ring::sign::any_supported_type(&key)?;
+    let certified = rustls::sign::CertifiedKey::new(certs, key);
+    certified
+        .keys_match()
+        .context("TLS certificate and key do not match")?;
+    Ok(Arc::new(certified))
+}
+
+/// The operator's certificate files, read again when they change (looked
+/// at during a handshake, at most every ten seconds), so a certificate
+/// renewed on disk (cert-manager, certbot) is served without a restart.
+/// Files that do not load (half-written, mismatched) leave the current one
+/// in place.
+pub struct FileCert {
+    cert: PathBuf,
+    key: PathBuf,
+    /// The certificate served, the files' stamp it was read from, and when
+    /// the files are next looked at (Unix seconds).
+    current: arc_swap::ArcSwap<(Arc<rustls::sign::CertifiedKey>, FileStamp, i64)>,
+    checking: std::sync::Mutex<()>,
+}
+
+type FileStamp = Option<[(u64, std::time::SystemTime); 2]>;
+
+fn file_stamp(cert: &Path, key: &Path) -> FileStamp {
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .and_then(|m| Ok((m.len(), m.modified()?)))
+            .ok()
+    };
+    Some([stamp(cert)?, stamp(key)?])
+}
+
+impl std::fmt::Debug for FileCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FileCert(..)")
+    }
+}
+
+impl FileCert {
+    pub fn new(cert: PathBuf, key: PathBuf) -> anyhow::Result<Self> {
+        let stamp = file_stamp(&cert, &key);
+        let first = load_cert_files(&cert, &key)?;
+        Ok(Self {
+            current: arc_swap::ArcSwap::from_pointee((first, stamp, 0)),
+            cert,
+            key,
+            checking: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// The certificate to serve at `now`, read again first if the files
+    /// changed.
+    pub fn at(&self, now: i64) -> Arc<rustls::sign::CertifiedKey> {
+        if now < self.current.load().2 {
+            return self.current.load().0.clone();
+        }
+        if let Ok(_checking) = self.checking.try_lock() {
+            let current = self.current.load_full();
+            let stamp = file_stamp(&self.cert, &self.key);
+            let cert = if stamp == current.1 {
+                current.0.clone()
+            } else {
+                match load_cert_files(&self.cert, &self.key) {
+                    Ok(c) => {
+                        tracing::info!(file = %self.cert.display(), "the listener's TLS certificate was read again");
+                        c
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the changed TLS certificate files do not load; serving the current one");
+                        current.0.clone()
+                    }
+                }
+            };
+            self.current.store(Arc::new((cert, stamp, now + 10)));
+        }
+        self.current.load().0.clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for FileCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.at(castellan::util::now_unix()))
+    }
 }
 
 type IssueListenerCert = Box<dyn Fn() -> anyhow::Result<Arc<rustls::sign::CertifiedKey>> + Send + Sync>;
@@ -578,6 +662,46 @@ mod tests {
             certs,
             rustls::crypto::ring::sign::any_supported_type(&key)?,
         )))
+    }
+
+    /// Certificate files changed on disk are served from the next look (at
+    /// most every ten seconds); files that do not load keep the current one.
+    #[test]
+    fn certificate_files_are_read_again_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let write = |names: Vec<String>| {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let cert = rcgen::CertificateParams::new(names)
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            std::fs::write(&cert_path, cert.pem()).unwrap();
+            std::fs::write(&key_path, key.serialize_pem()).unwrap();
+            key.serialize_pem()
+        };
+        write(vec!["a.example".into()]);
+        let now = 1_900_000_000;
+        let files = FileCert::new(cert_path.clone(), key_path.clone()).unwrap();
+        let first = files.at(now);
+        write(vec!["b.example".into(), "longer-name.example".into()]);
+        assert!(
+            Arc::ptr_eq(&first, &files.at(now + 5)),
+            "looked at every ten seconds"
+        );
+        let second = files.at(now + 11);
+        assert!(!Arc::ptr_eq(&first, &second), "read again");
+        // A key that is not the certificate's (as mid-rotation): kept.
+        let other = write(vec!["c.example".into(), "another-longer-name.example".into()]);
+        std::fs::write(&key_path, format!("{other}\n")).unwrap();
+        write(vec!["d.example".into()]);
+        std::fs::write(&key_path, other).unwrap();
+        assert!(
+            Arc::ptr_eq(&second, &files.at(now + 22)),
+            "files that do not match are not served"
+        );
+        std::fs::write(&cert_path, "not PEM").unwrap();
+        assert!(Arc::ptr_eq(&second, &files.at(now + 33)));
     }
 
     /// Renewed two thirds into its life; a failed renewal keeps the one in
