@@ -21,8 +21,11 @@ pub async fn follow_store(state: AppState) {
     let Some(mut changes) = state.engine.store.changes() else {
         return;
     };
-    // What is still to re-read (a failed read is retried).
-    let mut due: BTreeSet<String> = BTreeSet::new();
+    // What is still to re-read (a failed read is retried). First all of
+    // it: what changed between the first reads at start and this
+    // subscription was announced to nobody.
+    let mut due: BTreeSet<String> = BTreeSet::from([topic::ALL.to_owned()]);
+    due = apply(&state, std::mem::take(&mut due)).await;
     loop {
         // With reads to retry, wait at most [`RETRY`] for news.
         let next = if due.is_empty() {
