@@ -40,6 +40,16 @@ impl Claim {
     fn settled(&mut self) {
         self.0 = None;
     }
+
+    /// Lets go of the key before the answer leaves, so that a retry with
+    /// the same key is not taken for one still in flight.
+    async fn release(mut self) {
+        if let Some((store, key)) = self.0.take()
+            && let Err(e) = store.idempotency_release(&key).await
+        {
+            tracing::warn!(error = %e, "could not release an Idempotency-Key claim");
+        }
+    }
 }
 
 impl Drop for Claim {
@@ -178,6 +188,7 @@ pub(super) async fn layer(State(state): State<AppState>, req: Request<Body>, nex
     // changed nothing, so a retry simply runs again. (Otherwise a flood of
     // refused requests, each with a new key, would fill the table.)
     if !resp.status().is_success() {
+        claim.release().await;
         return resp;
     }
     let (parts, body) = resp.into_parts();
