@@ -586,6 +586,7 @@ fn a_killed_gateway_loses_nothing_and_an_outage_fails_closed() {
     )
     .unwrap();
     let before = acknowledged.len();
+    survivor.get("/readyz", None).assert_problem(503, "unavailable");
     for _ in 0..3 {
         let (_, c) = csr();
         let r = survivor.post(ISSUE, &issuance_body(&token, &c, None), None);
@@ -604,6 +605,9 @@ fn a_killed_gateway_loses_nothing_and_an_outage_fails_closed() {
         }),
         "the gateway recovered by itself"
     );
+    let ready = survivor.get("/readyz", None);
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert_eq!(ready.body["status"], "ready");
     assert!(before > 0);
 }
 

@@ -57,6 +57,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/api/v1/workloads/attested-issuance", post(issuance::attested))
         .route("/api/v1/attestation/challenges", post(issuance::create_challenge))
         .route(
@@ -193,6 +194,20 @@ impl AppState {
     fn unavailable(what: &str, e: crate::store::StoreError) -> Problem {
         tracing::error!(error = %e, "{what}");
         Problem::unavailable(format!("{what}; nothing was changed"))
+    }
+}
+
+/// `GET /readyz`: whether this gateway can serve now, for load balancers:
+/// 200 when its store answers, else `503 unavailable` (it would refuse
+/// every credential). Says whether it leads the shared duties.
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.engine.store.ping().await {
+        Ok(()) => axum::Json(json!({
+            "status": "ready",
+            "leader": state.engine.store.is_leader(),
+        }))
+        .into_response(),
+        Err(e) => Problem::unavailable(format!("the store does not answer: {e}")).into_response(),
     }
 }
 

@@ -258,6 +258,12 @@ pub trait Backend: Send + Sync + 'static {
     fn is_leader(&self) -> bool {
         true
     }
+
+    /// Whether the store answers now (a database round trip, for
+    /// readiness checks).
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The store every stage uses: a backend plus the rules above it.
@@ -695,6 +701,11 @@ impl Store {
     /// [`Backend::is_leader`]).
     pub fn is_leader(&self) -> bool {
         self.backend.is_leader()
+    }
+
+    /// Whether the store answers now.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.backend.ping().await
     }
 
     /// What other gateways changed, if any can (see [`topic`]).

@@ -958,6 +958,11 @@ impl Backend for PostgresBackend {
     fn is_leader(&self) -> bool {
         self.feed.leader.load(Ordering::Relaxed)
     }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|c| c.simple_query("SELECT 1").map(drop).map_err(backend))
+            .await
+    }
 }
 
 #[cfg(test)]
