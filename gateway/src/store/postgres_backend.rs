@@ -118,13 +118,27 @@ impl Pool {
 
     /// Runs `f` with a connection, keeping the connection only if `f`
     /// succeeded (a failed one may be broken).
-    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    ///
+    /// A pooled connection may have died unnoticed (a database restart or
+    /// failover): if `f` fails on one, it runs once more on a new
+    /// connection. Reads only, so running twice changes nothing.
+    fn with<T>(&self, f: impl Fn(&mut Client) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut client = match pooled {
-            Some(c) if !c.is_closed() => c,
-            _ => self.connect()?,
+        let (client, out) = match pooled.filter(|c| !c.is_closed()) {
+            Some(mut c) => match f(&mut c) {
+                Ok(out) => (c, out),
+                Err(_) => {
+                    let mut fresh = self.connect()?;
+                    let out = f(&mut fresh)?;
+                    (fresh, out)
+                }
+            },
+            None => {
+                let mut fresh = self.connect()?;
+                let out = f(&mut fresh)?;
+                (fresh, out)
+            }
         };
-        let out = f(&mut client)?;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.max_idle {
             idle.push(client);
@@ -221,7 +235,7 @@ impl PostgresBackend {
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T, StoreError> + Send + 'static,
+        f: impl Fn(&mut Client) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || pool.with(f))
