@@ -612,6 +612,11 @@ fn a_killed_gateway_loses_nothing_and_an_outage_fails_closed() {
         }),
         "the gateway recovered by itself"
     );
+    // Readiness answers from a check at most a second old.
+    assert!(eventually(Duration::from_secs(3), || survivor
+        .get("/readyz", None)
+        .status
+        == 200));
     let ready = survivor.get("/readyz", None);
     assert_eq!(ready.status, 200, "{}", ready.body);
     assert_eq!(ready.body["status"], "ready");

@@ -133,13 +133,10 @@ impl Challenges {
     pub async fn take(&self, id: &str, method: &str, now: i64) -> Result<Value, ChallengeError> {
         let p = self
             .store
-            .take_challenge(id)
+            .take_challenge(id, now)
             .await
             .map_err(|e| ChallengeError::Unavailable(e.to_string()))?
             .ok_or(ChallengeError::Unknown)?;
-        if p.expires_at < now {
-            return Err(ChallengeError::Unknown);
-        }
         if p.method != method {
             return Err(ChallengeError::WrongMethod);
         }

@@ -419,17 +419,23 @@ pub(super) async fn challenges_are_taken_once_within_their_limits(store: Store) 
         put(challenge("f", Some("c3"), 400)).await.unwrap(),
         ChallengeRoom::Full
     );
-    let taken = store.take_challenge("a").await.unwrap().unwrap();
+    let taken = store.take_challenge("a", 100).await.unwrap().unwrap();
     assert_eq!(taken.context["nonce"], "a");
-    assert!(store.take_challenge("a").await.unwrap().is_none(), "taken once");
-    assert!(store.take_challenge("old").await.unwrap().is_none(), "purged");
+    assert!(
+        store.take_challenge("a", 100).await.unwrap().is_none(),
+        "taken once"
+    );
+    assert!(
+        store.take_challenge("old", 100).await.unwrap().is_none(),
+        "purged"
+    );
     // Taking frees the client's slot.
     assert_eq!(
         put(challenge("g", Some("c1"), 400)).await.unwrap(),
         ChallengeRoom::Stored
     );
     store.purge_challenges(500).await.unwrap();
-    assert!(store.take_challenge("b").await.unwrap().is_none());
+    assert!(store.take_challenge("b", 500).await.unwrap().is_none());
     assert_eq!(
         put(challenge("h", Some("c1"), 900)).await.unwrap(),
         ChallengeRoom::Stored

@@ -330,4 +330,19 @@ impl Backend for MemoryBackend {
     async fn bundles(&self) -> Result<Vec<StoredBundle>, StoreError> {
         Ok(self.with(|d| d.bundles.values().cloned().collect()))
     }
+
+    async fn challenge(&self, id: &str) -> Result<Option<ChallengeRecord>, StoreError> {
+        Ok(self.with(|d| d.challenges.get(id).cloned()))
+    }
+
+    async fn challenge_counts(&self, client: Option<&str>, now: i64) -> Result<(u64, u64), StoreError> {
+        Ok(self.with(|d| {
+            let live: Vec<_> = d.challenges.values().filter(|c| c.expires_at >= now).collect();
+            let mine = live
+                .iter()
+                .filter(|c| client.is_some() && c.client.as_deref() == client)
+                .count();
+            (live.len() as u64, mine as u64)
+        }))
+    }
 }

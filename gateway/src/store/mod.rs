@@ -246,6 +246,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Revocations with sequence numbers after `after`, in order.
     async fn revocations(&self, limit: usize, after: u64) -> Result<Page<Revocation>, StoreError>;
     async fn bundles(&self) -> Result<Vec<StoredBundle>, StoreError>;
+    /// A pending challenge, read without the write lock.
+    async fn challenge(&self, id: &str) -> Result<Option<ChallengeRecord>, StoreError>;
+    /// Live challenges at `now`, in all and of `client`, read without the
+    /// write lock. May count fewer than there are (never more): the write
+    /// transaction counts again.
+    async fn challenge_counts(&self, client: Option<&str>, now: i64) -> Result<(u64, u64), StoreError>;
 
     /// What other gateways changed (see [`topic`]); `None` for a backend
     /// that only this process writes.
@@ -762,6 +768,18 @@ impl Store {
         max_per_client: u64,
         now: i64,
     ) -> Result<ChallengeRoom, StoreError> {
+        // A flood past the limits is refused on a read: only a challenge
+        // that may fit takes the write lock every gateway shares.
+        let (live, mine) = self
+            .backend
+            .challenge_counts(challenge.client.as_deref(), now)
+            .await?;
+        if challenge.client.is_some() && mine >= max_per_client {
+            return Ok(ChallengeRoom::ClientFull);
+        }
+        if live >= max_live {
+            return Ok(ChallengeRoom::Full);
+        }
         self.transact(move |t| {
             let client = challenge.client.as_deref();
             let (mut live, mut mine) = t.count_challenges(client, now)?;
@@ -781,8 +799,19 @@ impl Store {
         .await
     }
 
-    /// Takes the challenge `id`, live or expired: it can never be taken again.
-    pub async fn take_challenge(&self, id: &str) -> Result<Option<ChallengeRecord>, StoreError> {
+    /// Takes the challenge `id` if it is live at `now`: it can never be
+    /// taken again. An id the store does not hold, or holds expired, is
+    /// answered on a read, without the write lock (evidence naming made-up
+    /// ids costs no write); the purge forgets expired ones.
+    pub async fn take_challenge(&self, id: &str, now: i64) -> Result<Option<ChallengeRecord>, StoreError> {
+        if self
+            .backend
+            .challenge(id)
+            .await?
+            .is_none_or(|c| c.expires_at < now)
+        {
+            return Ok(None);
+        }
         let id = id.to_owned();
         self.transact(move |t| t.take_challenge(&id)).await
     }

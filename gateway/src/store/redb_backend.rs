@@ -686,6 +686,35 @@ impl Backend for RedbBackend {
     async fn bundles(&self) -> Result<Vec<StoredBundle>, StoreError> {
         self.read(|db| all_values(db, BUNDLES, "bundle")).await
     }
+
+    async fn challenge(&self, id: &str) -> Result<Option<ChallengeRecord>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |db| get_value(db, CHALLENGES, &id, "challenge"))
+            .await
+    }
+
+    async fn challenge_counts(&self, client: Option<&str>, now: i64) -> Result<(u64, u64), StoreError> {
+        let client = client.map(str::to_owned);
+        self.read(move |db| {
+            // From the per-client index: challenges without a client are
+            // not counted here (the write transaction counts them).
+            let read = db.begin_read().map_err(backend)?;
+            let clients = read.open_table(CHALLENGE_CLIENTS).map_err(backend)?;
+            let prefix = client.map(|c| format!("{c}\0"));
+            let (mut all, mut mine) = (0, 0);
+            for row in clients.iter().map_err(backend)? {
+                let (key, until) = row.map_err(backend)?;
+                if until.value() >= now {
+                    all += 1;
+                    if prefix.as_deref().is_some_and(|p| key.value().starts_with(p)) {
+                        mine += 1;
+                    }
+                }
+            }
+            Ok((all, mine))
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
