@@ -17,7 +17,7 @@ use time::{Duration, OffsetDateTime};
 use crate::util::write_private_file;
 
 /// Lifetime of a generated root CA.
-const ROOT_LIFETIME: Duration = Duration::days(3650);
+pub(crate) const ROOT_LIFETIME: Duration = Duration::days(3650);
 /// Lifetime of a generated intermediate CA.
 const INTERMEDIATE_LIFETIME: Duration = Duration::days(365);
 
@@ -108,7 +108,7 @@ pub fn load_or_create(dir: &Path, trust_domain: &str, intermediate: bool) -> Res
         }
         let root_key = KeyPair::from_pem(&root.intermediate_key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(&root.root_cert_pem, root_key)?;
-        let (int_cert, int_key) = new_intermediate(trust_domain, &issuer)?;
+        let (int_cert, int_key) = new_intermediate(trust_domain, &issuer, INTERMEDIATE_LIFETIME)?;
         write_private_file(&p.int_key, int_key.serialize_pem().as_bytes()).map_err(|source| CaError::Io {
             path: p.int_key.clone(),
             source,
@@ -124,18 +124,11 @@ pub fn load_or_create(dir: &Path, trust_domain: &str, intermediate: bool) -> Res
         move |source| CaError::Io { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let now = OffsetDateTime::now_utc();
-    let td_uri = format!("spiffe://{trust_domain}");
 
-    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut root = ca_params(trust_domain, "Castellan Root CA", &td_uri)?;
-    root.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-    root.not_before = now - Duration::minutes(1);
-    root.not_after = now + ROOT_LIFETIME;
-    let root_cert = root.self_signed(&root_key)?;
+    let (root, root_cert, root_key) = new_root(trust_domain, ROOT_LIFETIME)?;
     let root_issuer = Issuer::new(root, &root_key);
     let int = intermediate
-        .then(|| new_intermediate(trust_domain, &root_issuer))
+        .then(|| new_intermediate(trust_domain, &root_issuer, INTERMEDIATE_LIFETIME))
         .transpose()?;
 
     // Keys first, certificates last: a crash in between leaves no
@@ -274,10 +267,33 @@ pub fn load_or_create_under(
     Ok(material)
 }
 
-/// An intermediate CA (path length 0) signed by `root`, with its new key.
-fn new_intermediate<S: rcgen::SigningKey>(
+/// A self-signed root CA (path length 1: it signs SVIDs, intermediates
+/// and subordinate CAs) living `lifetime`, with its new key and the
+/// parameters it was made from.
+pub(crate) fn new_root(
+    trust_domain: &str,
+    lifetime: Duration,
+) -> Result<(CertificateParams, rcgen::Certificate, KeyPair), CaError> {
+    let now = OffsetDateTime::now_utc();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut root = ca_params(
+        trust_domain,
+        "Castellan Root CA",
+        &format!("spiffe://{trust_domain}"),
+    )?;
+    root.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    root.not_before = now - Duration::minutes(1);
+    root.not_after = now + lifetime;
+    let cert = root.self_signed(&key)?;
+    Ok((root, cert, key))
+}
+
+/// An intermediate CA (path length 0) signed by `root`, with its new key,
+/// living `lifetime` (within the root's).
+pub(crate) fn new_intermediate<S: rcgen::SigningKey>(
     trust_domain: &str,
     root: &Issuer<'_, S>,
+    lifetime: Duration,
 ) -> Result<(rcgen::Certificate, KeyPair), CaError> {
     let now = OffsetDateTime::now_utc();
     let int_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
@@ -288,7 +304,7 @@ fn new_intermediate<S: rcgen::SigningKey>(
     )?;
     int.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     int.not_before = now - Duration::minutes(1);
-    int.not_after = now + INTERMEDIATE_LIFETIME;
+    int.not_after = now + lifetime;
     int.use_authority_key_identifier_extension = true;
     let cert = int.signed_by(&int_key, root)?;
     Ok((cert, int_key))

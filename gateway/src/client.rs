@@ -21,7 +21,7 @@ pub enum ClientError {
     #[error("address `{url}`: {problem}")]
     Address { url: String, problem: &'static str },
     /// An `https://` address without a CA file to trust.
-    #[error("an https:// address needs --ca-file (e.g. DATA_DIR/ca/root.crt)")]
+    #[error("an https:// address needs --ca-file (e.g. DATA_DIR/ca/bundle.pem)")]
     NoCaFile,
     /// The CA file could not be read.
     #[error("CA file {path}")]

@@ -233,8 +233,9 @@ fn take_ssl_params(url: &str) -> (String, Vec<(String, String)>) {
     }
 }
 
-/// The certificate authority created on first start.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The certificate authority created on first start, and how its
+/// authorities rotate.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CaConfig {
     /// Sign with an intermediate CA under the root, which every chain then
@@ -249,6 +250,55 @@ pub struct CaConfig {
     pub upstream_cert_file: Option<PathBuf>,
     /// The external CA's key (PEM), read only when Castellan's CA is made.
     pub upstream_key_file: Option<PathBuf>,
+    /// How long an X.509 authority made by rotation lives (a self-signed
+    /// authority, or an intermediate within its root). Default: 31536000
+    /// (365 days).
+    pub x509_authority_ttl_seconds: u64,
+    /// How long a JWT key made by rotation lives. Default: 31536000.
+    pub jwt_key_ttl_seconds: u64,
+    /// Rotate automatically: prepare a successor at `prepare_at` of the
+    /// active authority's life, activate it at `activate_at`. The gap
+    /// between them is the overlap in which every bundle carries both.
+    /// Default: true.
+    pub auto_rotate: bool,
+    /// Default: 0.5.
+    pub prepare_at: f64,
+    /// Default: 0.8333 (five sixths).
+    pub activate_at: f64,
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        Self {
+            intermediate: false,
+            upstream_cert_file: None,
+            upstream_key_file: None,
+            x509_authority_ttl_seconds: 365 * 86_400,
+            jwt_key_ttl_seconds: 365 * 86_400,
+            auto_rotate: true,
+            prepare_at: 0.5,
+            activate_at: 0.8333,
+        }
+    }
+}
+
+impl CaConfig {
+    /// When automatic rotation acts, if it is on.
+    pub fn schedule(&self) -> Option<crate::signer::authorities::Schedule> {
+        self.auto_rotate.then_some(crate::signer::authorities::Schedule {
+            prepare_at: self.prepare_at,
+            activate_at: self.activate_at,
+        })
+    }
+
+    /// How long authorities made by rotation live.
+    pub fn lifetimes(&self) -> crate::signer::Lifetimes {
+        let at = |s: u64| time::Duration::seconds(s.min(i64::MAX as u64) as i64);
+        crate::signer::Lifetimes {
+            x509: at(self.x509_authority_ttl_seconds),
+            jwt: at(self.jwt_key_ttl_seconds),
+        }
+    }
 }
 
 /// The Workload API.
@@ -700,6 +750,28 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "issuance.min_ttl_seconds",
                 message: "must be at least 1 and not above issuance.max_ttl_seconds".into(),
+            });
+        }
+        for (key, ttl) in [
+            (
+                "ca.x509_authority_ttl_seconds",
+                self.ca.x509_authority_ttl_seconds,
+            ),
+            ("ca.jwt_key_ttl_seconds", self.ca.jwt_key_ttl_seconds),
+        ] {
+            if !(60..=20 * 365 * 86_400).contains(&ttl) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "must be between 60 seconds and 20 years (what it signs is cut to its life)"
+                        .into(),
+                });
+            }
+        }
+        let (p, a) = (self.ca.prepare_at, self.ca.activate_at);
+        if !(0.0 < p && p < a && a < 1.0) {
+            return Err(ConfigError::Invalid {
+                key: "ca.activate_at",
+                message: "needs 0 < ca.prepare_at < ca.activate_at < 1".into(),
             });
         }
         if !matches!(self.workload_api.jwt_svid_algorithm.as_str(), "ES256" | "RS256") {

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::signer::Signer;
+use crate::signer::Authorities;
 use crate::spiffe_id::{SpiffeId, validate_trust_domain};
 
 /// Used when a bundle names no refresh hint.
@@ -241,14 +241,15 @@ impl TrustBundle {
 
 /// Castellan's own bundle in the SPIFFE bundle format: each root with its
 /// public key and `x5c`, each JWT key with its `kid`.
-pub fn own_bundle(signer: &dyn Signer, refresh_hint: u64) -> Value {
+pub fn own_bundle(authorities: &Authorities, refresh_hint: u64) -> Value {
     let mut keys = Vec::new();
     let mut sequence = 0;
-    let mut rest = signer.bundle_pem().as_bytes();
+    let mut rest = authorities.bundle_pem().as_bytes();
     while let Ok((r, pem)) = x509_parser::pem::parse_x509_pem(rest) {
         rest = r;
         if let Ok(cert) = pem.parse_x509() {
-            // The newest root's notBefore: it grows whenever a root is added.
+            // The newest root's notBefore (it grows whenever a root is
+            // added), plus the generation (it grows with every change).
             sequence = sequence.max(cert.validity().not_before.timestamp().max(0) as u64);
             let mut jwk = public_jwk(cert.public_key());
             jwk["use"] = "x509-svid".into();
@@ -259,7 +260,8 @@ pub fn own_bundle(signer: &dyn Signer, refresh_hint: u64) -> Value {
             break;
         }
     }
-    if let Some(jwt) = signer.jwks()["keys"].as_array() {
+    sequence += authorities.generation;
+    if let Some(jwt) = authorities.jwks()["keys"].as_array() {
         for k in jwt {
             let mut k = k.clone();
             k["use"] = "jwt-svid".into();
@@ -524,6 +526,7 @@ async fn read_file(path: &std::path::Path) -> Result<Vec<u8>, FederationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signer::Signer as _;
 
     fn signer() -> crate::signer::InProcessSigner {
         let dir = tempfile::tempdir().unwrap();
@@ -534,14 +537,14 @@ mod tests {
     #[test]
     fn own_bundle_round_trips_through_the_parser() {
         let s = signer();
-        let doc = own_bundle(&s, 120);
+        let doc = own_bundle(&s.authorities(), 120);
         assert_eq!(doc["spiffe_refresh_hint"], 120);
         assert!(doc["spiffe_sequence"].as_u64().unwrap() > 0);
         let b = TrustBundle::parse("example.org", doc.to_string().as_bytes()).unwrap();
         assert_eq!(b.x509_authorities.len(), 1);
         assert_eq!(b.jwt_authorities.len(), 1);
         assert_eq!(b.refresh_hint, Some(120));
-        let root = x509_parser::pem::parse_x509_pem(s.bundle_pem().as_bytes())
+        let root = x509_parser::pem::parse_x509_pem(s.authorities().bundle_pem().as_bytes())
             .unwrap()
             .1;
         assert_eq!(b.x509_authorities[0], root.contents);
@@ -558,8 +561,8 @@ mod tests {
         let claims = crate::signer::JwtSvidClaims {
             sub: crate::spiffe_id::SpiffeId::parse("spiffe://example.org/a").unwrap(),
             aud: vec!["a".into()],
-            iat: 1,
-            exp: 4_000_000_000,
+            iat: crate::util::now_unix(),
+            exp: crate::util::now_unix() + 300,
             iss: None,
             jti: None,
             agent: None,

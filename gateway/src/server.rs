@@ -48,47 +48,25 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         .with_context(|| format!("cannot create data directory {}", dir.display()))?;
     restrict_dir(dir)?;
 
-    let store = match config.store.backend.as_str() {
-        "postgres" => {
-            let (pg, tls) = config.store.postgres()?;
-            Store::postgres_with(pg, tls, config.store.max_connections)
-                .context("cannot open the PostgreSQL store (store.url)")?
-        }
-        _ => Store::redb(&dir.join("castellan.redb"))?,
-    };
+    let store = open_store(&config).await?;
 
     let ca_dir = dir.join("ca");
-    let ca = match (&config.ca.upstream_cert_file, &config.ca.upstream_key_file) {
-        // Made before: the upstream files are not needed any more.
-        (Some(_), Some(_)) if ca::exists(&ca_dir) => {
-            ca::load_or_create(&ca_dir, &config.trust_domain, false)?
-        }
-        (Some(cert), Some(key)) => {
-            let read = |p: &Path, what: &str| {
-                std::fs::read_to_string(p).with_context(|| format!("ca.{what} {}", p.display()))
-            };
-            let upstream = ca::Upstream {
-                chain_pem: read(cert, "upstream_cert_file")?,
-                key_pem: read(key, "upstream_key_file")?,
-            };
-            ca::load_or_create_under(&ca_dir, &config.trust_domain, &upstream)
-                .context("cannot make the CA under [ca] upstream")?
-        }
-        (None, None) => ca::load_or_create(&ca_dir, &config.trust_domain, config.ca.intermediate)?,
-        _ => anyhow::bail!("ca.upstream_cert_file and ca.upstream_key_file go together"),
-    };
-    let mut signer = InProcessSigner::new(&ca, &config.trust_domain)?;
+    let (signer, ca_created) = open_signer(&config, &ca_dir)?;
+    let mut signer = signer.with_lifetimes(config.ca.lifetimes());
     if config.workload_api.jwt_svid_algorithm == "RS256" {
         signer = signer.with_rsa_jwt_key(&ca::load_or_create_rsa_jwt_key(&ca_dir)?)?;
     }
     // A CA that is not valid now would sign nothing valid: refuse to start
     // rather than serve refusals (or, worse, credentials nobody accepts).
-    let (from, until) = signer.x509_authority_validity();
+    let (from, until) = signer.authorities().x509_validity();
+    let at = |t| time::OffsetDateTime::from_unix_timestamp(t).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let (from, until) = (at(from), at(until));
     let now = time::OffsetDateTime::now_utc();
     if now < from || now >= until {
         anyhow::bail!(
-            "{} (the CA in {}; a CA made anew means every relying party must trust its new bundle: \
-             to start over, move that directory aside)",
+            "{} (the CA in {}). Rotate it while the server is stopped: \
+             `castellan ca prepare --offline --config FILE`, then `castellan ca activate ID --offline --config FILE` \
+             (relying parties must trust the new authority's bundle)",
             castellan::signer::authority_problem(from, until, now),
             ca_dir.display()
         );
@@ -123,7 +101,7 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     sources.extend(extra_sources);
     sources.push(castellan::engine::join_token::trust_source(
         &config.trust_domain,
-        signer.jwks(),
+        signer.authorities().jwks(),
     ));
     sources.extend(store.trust_sources().await?);
     let trust = Arc::new(Registry::new(sources)?);
@@ -174,6 +152,7 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         entries,
         oidc,
         max_in_flight,
+        rotation: config.ca.schedule(),
     })
     .await
     .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
@@ -191,9 +170,47 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         federation: castellan::federation::Federation::new(config.federation.trust_domains.clone()),
         dispatcher: std::sync::Mutex::new(dispatcher),
         admin_token_path,
-        ca_created: ca.created,
+        ca_created,
         config,
     })
+}
+
+/// The store `config` names.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    Ok(match config.store.backend.as_str() {
+        "postgres" => {
+            let (pg, tls) = config.store.postgres()?;
+            Store::postgres_with(pg, tls, config.store.max_connections)
+                .context("cannot open the PostgreSQL store (store.url)")?
+        }
+        _ => Store::redb(&config.data_dir.join("castellan.redb"))?,
+    })
+}
+
+/// The in-process signer over the CA directory: its keyring, or, on first
+/// start, a CA made (or one from before rotation, taken in).
+pub fn open_signer(config: &Config, ca_dir: &Path) -> anyhow::Result<(InProcessSigner, bool)> {
+    if castellan::signer::keyring_exists(ca_dir) {
+        return Ok((InProcessSigner::open(ca_dir, &config.trust_domain)?, false));
+    }
+    let ca = match (&config.ca.upstream_cert_file, &config.ca.upstream_key_file) {
+        // Made before: the upstream files are not needed any more.
+        (Some(_), Some(_)) if ca::exists(ca_dir) => ca::load_or_create(ca_dir, &config.trust_domain, false)?,
+        (Some(cert), Some(key)) => {
+            let read = |p: &Path, what: &str| {
+                std::fs::read_to_string(p).with_context(|| format!("ca.{what} {}", p.display()))
+            };
+            let upstream = ca::Upstream {
+                chain_pem: read(cert, "upstream_cert_file")?,
+                key_pem: read(key, "upstream_key_file")?,
+            };
+            ca::load_or_create_under(ca_dir, &config.trust_domain, &upstream)
+                .context("cannot make the CA under [ca] upstream")?
+        }
+        (None, None) => ca::load_or_create(ca_dir, &config.trust_domain, config.ca.intermediate)?,
+        _ => anyhow::bail!("ca.upstream_cert_file and ca.upstream_key_file go together"),
+    };
+    Ok((InProcessSigner::new(&ca, &config.trust_domain)?, ca.created))
 }
 
 impl App {
@@ -253,7 +270,20 @@ pub fn tls_config(app: &App, addr: SocketAddr) -> anyhow::Result<rustls::ServerC
                 let key = rustls::crypto::ring::sign::any_supported_type(&key)?;
                 Ok(Arc::new(rustls::sign::CertifiedKey::new(certs, key)))
             };
-            builder.with_cert_resolver(Arc::new(ListenerCert::new(Box::new(issue))?))
+            // A certificate from an authority that no longer signs is
+            // replaced at the next handshake, long before that authority
+            // leaves the bundle.
+            let engine = app.engine.clone();
+            let epoch = move || {
+                engine
+                    .authorities()
+                    .active(castellan::signer::Kind::X509)
+                    .map(|a| a.id.clone())
+                    .unwrap_or_default()
+            };
+            builder.with_cert_resolver(Arc::new(
+                ListenerCert::new(Box::new(issue))?.with_epoch(Box::new(epoch)),
+            ))
         }
     };
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -379,8 +409,12 @@ type IssueListenerCert = Box<dyn Fn() -> anyhow::Result<Arc<rustls::sign::Certif
 /// the attempt repeated a minute later.
 pub struct ListenerCert {
     issue: IssueListenerCert,
-    /// The certificate served, and when to replace it (Unix seconds).
-    current: arc_swap::ArcSwap<(Arc<rustls::sign::CertifiedKey>, i64)>,
+    /// What the certificate was issued under (the active authority): when
+    /// it changes, the certificate is replaced.
+    epoch: Box<dyn Fn() -> String + Send + Sync>,
+    /// The certificate served, when to replace it (Unix seconds), and its
+    /// epoch.
+    current: arc_swap::ArcSwap<(Arc<rustls::sign::CertifiedKey>, i64, String)>,
     renewing: std::sync::Mutex<()>,
 }
 
@@ -396,31 +430,44 @@ impl ListenerCert {
         let renew_at = renew_at(&first)?;
         Ok(Self {
             issue,
-            current: arc_swap::ArcSwap::from_pointee((first, renew_at)),
+            epoch: Box::new(String::new),
+            current: arc_swap::ArcSwap::from_pointee((first, renew_at, String::new())),
             renewing: std::sync::Mutex::new(()),
         })
+    }
+
+    /// Replaces the certificate whenever `epoch` answers something else.
+    pub fn with_epoch(mut self, epoch: Box<dyn Fn() -> String + Send + Sync>) -> Self {
+        let (cert, at, _) = self.current.load().as_ref().clone();
+        self.current.store(Arc::new((cert, at, epoch())));
+        self.epoch = epoch;
+        self
     }
 
     /// The certificate to serve at `now`, renewed first if due.
     pub fn at(&self, now: i64) -> Arc<rustls::sign::CertifiedKey> {
         let current = self.current.load();
-        if now < current.1 {
+        let due =
+            |c: &(Arc<rustls::sign::CertifiedKey>, i64, String), epoch: &str| now >= c.1 || c.2 != epoch;
+        let epoch = (self.epoch)();
+        if !due(&current, &epoch) {
             return current.0.clone();
         }
         // One handshake renews; the others serve the current one meanwhile.
         if let Ok(_renewing) = self.renewing.try_lock()
-            && now >= self.current.load().1
+            && due(&self.current.load(), &epoch)
         {
             let next = (self.issue)().and_then(|c| Ok((renew_at(&c)?, c)));
             match next {
                 Ok((at, cert)) => {
                     tracing::info!("the listener's TLS certificate was renewed");
-                    self.current.store(Arc::new((cert, at)));
+                    self.current.store(Arc::new((cert, at, epoch)));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "the listener's TLS certificate could not be renewed; retrying in a minute");
-                    let cert = self.current.load().0.clone();
-                    self.current.store(Arc::new((cert, now + 60)));
+                    let (cert, _, old) = self.current.load().as_ref().clone();
+                    self.current
+                        .store(Arc::new((cert, now + 60, if old == epoch { old } else { epoch })));
                 }
             }
         }

@@ -107,7 +107,18 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     b
 }
 
-/// One PEM block, 64 base64 characters a line (RFC 7468).
+/// The DER of every certificate in `pem_text`, concatenated (how the
+/// Workload API carries chains and bundles).
+pub fn pem_to_der(pem_text: &str) -> Vec<u8> {
+    x509_parser::pem::Pem::iter_from_buffer(pem_text.as_bytes())
+        .filter_map(Result::ok)
+        .filter(|p| p.label == "CERTIFICATE")
+        .flat_map(|p| p.contents)
+        .collect()
+}
+
+/// Each PEM block of `label` in `text`, re-encoded 64 base64 characters a
+/// line (RFC 7468).
 pub fn pem_blocks(text: &str, label: &str) -> Vec<String> {
     x509_parser::pem::Pem::iter_from_buffer(text.as_bytes())
         .filter_map(Result::ok)

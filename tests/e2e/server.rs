@@ -545,6 +545,8 @@ fn a_ca_past_or_near_its_end_signs_nothing_that_outlives_it() {
         params.not_after = until;
         let cert = params.signed_by(&key, &root).unwrap();
         std::fs::write(ca.join("intermediate.crt"), cert.pem()).unwrap();
+        // Taken into the keyring anew at the next start.
+        std::fs::remove_file(ca.join("authorities.json")).unwrap();
     };
     let now = time::OffsetDateTime::now_utc();
     let hours = time::Duration::hours;
@@ -552,9 +554,41 @@ fn a_ca_past_or_near_its_end_signs_nothing_that_outlives_it() {
     resign(now - hours(2), now - hours(1));
     let stderr = serve_refused(&config);
     assert!(
-        stderr.contains("the CA expired at") && stderr.contains("rotate"),
+        stderr.contains("the CA expired at") && stderr.contains("castellan ca prepare --offline"),
         "{stderr}"
     );
+    // The way out it names: rotate on the stopped server's data directory.
+    let offline = |args: &[&str]| {
+        let out = support::castellan()
+            .args(["ca"])
+            .args(args)
+            .args(["--offline", "--json", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let prepared = offline(&["prepare"]);
+    let id = prepared["prepared"]["id"].as_str().unwrap().to_owned();
+    offline(&["activate", &id]);
+    let server = Server::serve(&config, &dir);
+    let listed = server.get_admin("/api/v1/ca/authorities");
+    assert_eq!(
+        listed.body["authorities"][0]["id"],
+        id.as_str(),
+        "{}",
+        listed.body
+    );
+    assert_eq!(listed.body["authorities"][0]["state"], "active");
+    assert!(
+        server
+            .audit()
+            .iter()
+            .any(|e| e["kind"] == "ca.rotated" && e["detail"]["offline"] == true),
+        "offline steps are audited"
+    );
+    server.stop();
     resign(now + hours(1), now + hours(2));
     let stderr = serve_refused(&config);
     assert!(stderr.contains("not valid until"), "{stderr}");

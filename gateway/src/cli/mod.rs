@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod attestor;
 mod bundle;
+mod ca;
 mod entry;
 mod ephemeral;
 mod load;
@@ -58,6 +59,9 @@ enum Command {
     /// Manage API tokens (admin).
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// The CA's signing authorities and their rotation (admin).
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// Just-in-time, approval-gated certificates.
     #[command(subcommand)]
     Ephemeral(ephemeral::EphemeralCommand),
@@ -75,7 +79,7 @@ struct ClientArgs {
     /// Server address, e.g. http://127.0.0.1:8443.
     #[arg(long, env = "CASTELLAN_ADDR", default_value = "http://127.0.0.1:8443")]
     addr: String,
-    /// CA certificate to trust for https:// addresses (e.g. DATA_DIR/ca/root.crt).
+    /// CA certificate to trust for https:// addresses (e.g. DATA_DIR/ca/bundle.pem).
     #[arg(long, env = "CASTELLAN_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// API token.
@@ -95,7 +99,7 @@ struct ServerArgs {
     /// Server address, e.g. http://127.0.0.1:8443.
     #[arg(long, env = "CASTELLAN_ADDR", default_value = "http://127.0.0.1:8443")]
     addr: String,
-    /// CA certificate to trust for https:// addresses (e.g. DATA_DIR/ca/root.crt).
+    /// CA certificate to trust for https:// addresses (e.g. DATA_DIR/ca/bundle.pem).
     #[arg(long, env = "CASTELLAN_CA_FILE")]
     ca_file: Option<PathBuf>,
 }
@@ -153,6 +157,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(cmd) => load::run(cmd).await,
         Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
         Command::Token(cmd) => token::run(cmd).await,
+        Command::Ca(cmd) => ca::run(cmd).await,
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Attestor(cmd) => attestor::run(cmd),
         Command::Entry(cmd) => entry::run(cmd).await,

@@ -160,7 +160,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     writeln!(
         out,
         "  CA bundle        {} ({})",
-        dir.join("ca/root.crt").display(),
+        dir.join("ca/bundle.pem").display(),
         if app.ca_created { "created" } else { "reused" }
     )?;
     writeln!(

@@ -102,7 +102,8 @@ struct Delegation {
 /// unexpired token ids, checked on every verification.
 pub(super) struct Delegations {
     oidc: Arc<OidcIssuers>,
-    own_keys: KeySet,
+    /// Castellan's own JWT keys (swapped when they rotate).
+    own_keys: ArcSwap<KeySet>,
     /// Revoked token ids and their expiry: forgotten once expired, when no
     /// verifier would accept the token anyway.
     revoked: ArcSwap<HashMap<String, i64>>,
@@ -129,6 +130,15 @@ async fn revoked_set(store: &Store) -> Result<HashMap<String, i64>, EngineError>
 }
 
 impl Delegations {
+    /// Verifies delegations with these keys from now on (the JWT keys
+    /// rotated); keys that do not load leave the old ones in place.
+    pub(super) fn set_own_keys(&self, jwks: &Value) {
+        match KeySet::from_jwks(jwks) {
+            Ok(keys) => self.own_keys.store(Arc::new(keys)),
+            Err(e) => tracing::error!(error = %e, "delegations: the new JWT keys do not load"),
+        }
+    }
+
     /// Loads the revoked set from the store's revocation feed.
     pub(super) async fn load(
         store: &Store,
@@ -140,7 +150,7 @@ impl Delegations {
         let revoked = revoked_set(store).await?;
         Ok(Self {
             oidc,
-            own_keys,
+            own_keys: ArcSwap::from_pointee(own_keys),
             revoked: ArcSwap::from_pointee(revoked),
         })
     }
@@ -171,7 +181,7 @@ impl Engine {
     /// Verifies one of Castellan's own agent JWT-SVIDs: signature, issuer,
     /// expiry, revocation. Returns its claims and registry record.
     pub async fn verify_own(&self, token: &str) -> Result<(Value, AgentToken), String> {
-        let (_, payload) = self.delegations.own_keys.verify_compact(token)?;
+        let (_, payload) = self.delegations.own_keys.load().verify_compact(token)?;
         let claims: Value = serde_json::from_str(&payload).map_err(|_| "payload is not JSON")?;
         if claims.get("iss").and_then(Value::as_str) != Some(self.issuer().as_str()) {
             return Err("not issued by this Castellan".into());
@@ -528,7 +538,7 @@ impl Engine {
             return Err(EngineError::Delegation("the parent's token has expired".into()));
         }
         let jti = uuid::Uuid::new_v4().to_string();
-        let exp = now + ttl;
+        let exp = self.jwt_exp(now, ttl)?;
         let claims = JwtSvidClaims {
             sub: crate::spiffe_id::SpiffeId::parse(&grant.spiffe_id)
                 .map_err(|_| EngineError::Corrupt("spiffe_id"))?,
@@ -548,10 +558,7 @@ impl Engine {
                 }),
             }),
         };
-        let jwt = self.signer.sign_jwt_svid(&claims, JwtAlg::ES256).map_err(|e| {
-            tracing::error!(error = %e, "JWT signing failed");
-            EngineError::Signer(e)
-        })?;
+        let jwt = self.signer.sign_jwt_svid(&claims, JwtAlg::ES256)?;
         let (cert, record) = match &grant.csr_public_key {
             None => (None, None),
             Some(spki_b64) => {

@@ -898,8 +898,21 @@ impl Engine {
                     .unwrap_or_else(|p| p.into_inner())
                     .retain(|_, n| Arc::strong_count(n) > 1);
             }
+            // A shared signer may have rotated for another gateway: its
+            // notice reaches this one through the store, this is the net.
+            if ticks % 10 == 7
+                && self.signer.shared()
+                && let Err(e) = self.refresh_authorities().await
+            {
+                tracing::warn!(error = %e, "could not re-read the signer's authorities");
+            }
             if self.store.is_leader() {
                 self.shared_housekeeping(ticks, now).await;
+                if ticks % 10 == 9
+                    && let Some(schedule) = self.rotation
+                {
+                    self.auto_rotate(schedule).await;
+                }
             }
         }
     }

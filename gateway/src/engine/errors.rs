@@ -71,6 +71,15 @@ pub enum EngineError {
     /// (expired, expiring, or not yet valid).
     #[error("{0}")]
     CaUnavailable(String),
+    /// A rotation step was refused (the reason says what to do instead).
+    #[error("{0}")]
+    RotationRefused(String),
+    /// No signing authority has that id.
+    #[error("no authority `{0}`")]
+    UnknownAuthority(String),
+    /// The separate signer could not be reached.
+    #[error("{0}")]
+    SignerUnavailable(String),
     /// The policy could not be evaluated.
     #[error("the policy could not decide")]
     Policy(#[source] crate::policy::PolicyError),
@@ -122,6 +131,26 @@ impl From<crate::store::StoreError> for EngineError {
     }
 }
 
+impl From<crate::signer::SignerError> for EngineError {
+    fn from(e: crate::signer::SignerError) -> Self {
+        use crate::signer::SignerError as S;
+        match e {
+            S::AuthorityUnusable(m) => EngineError::CaUnavailable(m),
+            S::Rotation(m) => EngineError::RotationRefused(m),
+            e @ S::AuthorityInUse { .. } => EngineError::RotationRefused(e.to_string()),
+            S::UnknownAuthority(id) => EngineError::UnknownAuthority(id),
+            S::Unavailable(m) => {
+                tracing::error!(error = %m, "the signer is unavailable");
+                EngineError::SignerUnavailable(format!("the signer is unavailable: {m}"))
+            }
+            e => {
+                tracing::error!(error = %e, "signer failed");
+                EngineError::Signer(e)
+            }
+        }
+    }
+}
+
 impl EngineError {
     /// The stable problem type, `urn:castellan:problem:<slug>`.
     pub fn slug(&self) -> &'static str {
@@ -152,6 +181,9 @@ impl EngineError {
             EngineError::Overloaded => "overloaded",
             EngineError::Store(_) => "unavailable",
             EngineError::CaUnavailable(_) => "ca-unavailable",
+            EngineError::RotationRefused(_) => "rotation-refused",
+            EngineError::UnknownAuthority(_) => "not-found",
+            EngineError::SignerUnavailable(_) => "signer-unavailable",
             EngineError::Policy(_)
             | EngineError::InvalidDecision(_)
             | EngineError::Attestor(_)
@@ -183,7 +215,12 @@ impl EngineError {
                 ApprovalError::NotPending(_) | ApprovalError::BindingMismatch => 409,
                 _ => 403,
             },
-            EngineError::Overloaded | EngineError::Store(_) | EngineError::CaUnavailable(_) => 503,
+            EngineError::RotationRefused(_) => 409,
+            EngineError::UnknownAuthority(_) => 404,
+            EngineError::Overloaded
+            | EngineError::Store(_)
+            | EngineError::CaUnavailable(_)
+            | EngineError::SignerUnavailable(_) => 503,
             _ => 500,
         }
     }

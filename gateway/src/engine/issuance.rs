@@ -104,9 +104,9 @@ impl Engine {
         self.store.record_issuance(record, event).await?;
         Ok(Issued {
             spiffe_id,
-            chain_pem: self.chain_pem(&cert.pem),
+            chain_pem: format!("{}{}", cert.pem, cert.chain_pem),
             certificate_pem: cert.pem,
-            bundle_pem: self.signer.bundle_pem().to_owned(),
+            bundle_pem: self.authorities().bundle_pem().to_owned(),
             serial: cert.serial,
             not_after: rfc3339(cert.not_after),
             attestation: attestation.into(),

@@ -69,7 +69,7 @@ impl super::Engine {
             }
             let now = crate::util::now_unix();
             let jti = uuid::Uuid::new_v4().to_string();
-            let expires_at = now + ttl_seconds as i64;
+            let expires_at = self.jwt_exp(now, ttl_seconds as i64)?;
             let claims = crate::signer::JoinTokenClaims {
                 iss: issuer(&self.trust_domain),
                 aud: vec![AUDIENCE.to_owned()],
@@ -78,10 +78,7 @@ impl super::Engine {
                 iat: now,
                 exp: expires_at,
             };
-            let token = self
-                .signer
-                .sign_join_token(&claims)
-                .map_err(super::EngineError::Signer)?;
+            let token = self.signer.sign_join_token(&claims)?;
             // Audited durably before the token leaves.
             let event = AuditEvent::new(
                 AuditKind::JoinTokenCreated,

@@ -26,6 +26,7 @@
 //! of these and render; they never assemble stages themselves.
 
 mod admission;
+mod authorities;
 pub mod broker;
 mod csr;
 pub mod ephemeral;
@@ -149,6 +150,8 @@ pub struct Parts {
     pub oidc: Arc<OidcIssuers>,
     /// Requests doing CPU work at once (see [`Admission`]).
     pub max_in_flight: usize,
+    /// When automatic rotation acts (none: only by hand).
+    pub rotation: Option<crate::signer::authorities::Schedule>,
 }
 
 /// The engine shared by every surface.
@@ -178,12 +181,16 @@ pub struct Engine {
     delegations: broker::Delegations,
     /// Waiters per ephemeral request id, woken on every transition.
     watchers: Mutex<HashMap<String, Arc<Notify>>>,
+    /// The generation of the authorities last published.
+    authority_generation: tokio::sync::watch::Sender<u64>,
+    rotation: Option<crate::signer::authorities::Schedule>,
 }
 
 impl Engine {
     /// Builds the engine; loads the revoked-token set from the store.
     pub async fn new(parts: Parts) -> Result<Arc<Self>, EngineError> {
-        let delegations = broker::Delegations::load(&parts.store, parts.oidc, &parts.signer.jwks()).await?;
+        let authorities = parts.signer.authorities();
+        let delegations = broker::Delegations::load(&parts.store, parts.oidc, &authorities.jwks()).await?;
         // Waiting requests hold no CPU: let many queue behind the permits
         // before answering `overloaded`.
         let max_waiting = parts.max_in_flight.max(1) * 64;
@@ -205,6 +212,8 @@ impl Engine {
             decisions: workload::WorkloadDecisions::default(),
             delegations,
             watchers: Mutex::new(HashMap::new()),
+            authority_generation: tokio::sync::watch::Sender::new(authorities.generation),
+            rotation: parts.rotation,
         }))
     }
 
@@ -368,19 +377,15 @@ impl Engine {
         } else {
             template
         };
-        self.signer.sign_x509_svid(template).map_err(|e| match e {
-            crate::signer::SignerError::AuthorityUnusable(m) => EngineError::CaUnavailable(m),
-            e => {
-                tracing::error!(error = %e, "signer failed");
-                EngineError::Signer(e)
-            }
-        })
+        Ok(self.signer.sign_x509_svid(template)?)
     }
 
     /// `ttl`, within what is left of the CA's life; refused when that is
     /// below the minimum lifetime or the CA is not valid yet.
     fn authority_ttl(&self, ttl: time::Duration) -> Result<time::Duration, EngineError> {
-        let (from, until) = self.signer.x509_authority_validity();
+        let (from, until) = self.authorities().x509_validity();
+        let at = |t| time::OffsetDateTime::from_unix_timestamp(t).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let (from, until) = (at(from), at(until));
         let now = time::OffsetDateTime::now_utc();
         let left = until - now;
         let min = time::Duration::seconds(self.limits.min_ttl_seconds.max(1) as i64);
@@ -400,18 +405,13 @@ impl Engine {
         Ok(ttl.min(left))
     }
 
-    /// The chain a leaf is delivered with: the leaf, then intermediates.
-    fn chain_pem(&self, leaf_pem: &str) -> String {
-        format!("{leaf_pem}{}", self.signer.intermediates_pem())
-    }
-
     /// A signed certificate as the requester receives it: the leaf, its
     /// chain and the trust anchors.
     fn delivered(&self, cert: IssuedCertificate) -> crate::model::IssuedCert {
         crate::model::IssuedCert {
-            chain_pem: self.chain_pem(&cert.pem),
+            chain_pem: format!("{}{}", cert.pem, cert.chain_pem),
             certificate_pem: cert.pem,
-            bundle_pem: self.signer.bundle_pem().to_owned(),
+            bundle_pem: self.authorities().bundle_pem().to_owned(),
             serial: cert.serial,
             not_after: crate::util::rfc3339(cert.not_after),
         }

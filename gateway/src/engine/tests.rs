@@ -50,6 +50,7 @@ async fn world() -> World {
         entries: Arc::new(crate::entries::Entries::new(vec![])),
         oidc: Arc::new(OidcIssuers::default()),
         max_in_flight: 4,
+        rotation: None,
     })
     .await
     .unwrap();
@@ -524,7 +525,10 @@ async fn a_join_token_is_audited_and_attests_once() {
     // The join token's trust source is built from the signer's keys.
     w.engine
         .trust
-        .insert(join_token::trust_source("example.org", w.engine.signer.jwks()))
+        .insert(join_token::trust_source(
+            "example.org",
+            w.engine.authorities().jwks(),
+        ))
         .unwrap();
     let joined = w.engine.join_token(&admin, "db-7", 3600).await.unwrap();
     let ask = || AttestedRequest {

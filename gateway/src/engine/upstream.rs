@@ -65,9 +65,8 @@ impl Engine {
                     .signer
                     .sign_subordinate_ca(&csr.spki_der, &name, ttl)
                     .map_err(|e| match e {
-                        crate::signer::SignerError::AuthorityUnusable(m) => EngineError::CaUnavailable(m),
                         crate::signer::SignerError::Template(m) => EngineError::BadRequest(m),
-                        e => EngineError::Signer(e),
+                        e => EngineError::from(e),
                     })?;
                 Ok((cert, crate::util::sha256_hex(&csr.spki_der)))
             })
@@ -83,7 +82,7 @@ impl Engine {
                 .await;
                 Ok(Subordinate {
                     certificate_pem: cert.pem,
-                    bundle_pem: self.signer.bundle_pem().to_owned(),
+                    bundle_pem: self.authorities().bundle_pem().to_owned(),
                     serial: cert.serial,
                     not_after,
                 })

@@ -12,7 +12,7 @@ use serde_json::json;
 use super::{Engine, EngineError, Refusal, Surface};
 use crate::model::policy::{EntryDoc, INPUT_VERSION, WorkloadInput};
 use crate::model::{Actor, Attestation, AuditEvent, AuditKind, CertificateRecord, Entry, Source};
-use crate::signer::{JwtAlg, JwtSvidClaims, Template};
+use crate::signer::{JwtAlg, JwtSvidClaims, Kind, Template};
 use crate::spiffe_id::SpiffeId;
 use crate::store::Effects;
 use crate::util::{now_unix, rfc3339, sha256_hex};
@@ -50,6 +50,10 @@ pub struct WorkloadSvid {
     pub not_after: i64,
     /// When it is renewed: half way through its life.
     pub rotate_at: i64,
+    /// The authority that signed it.
+    pub authority: String,
+    /// The certificates its chain carries after it (PEM).
+    pub chain_pem: String,
 }
 
 /// SVIDs shared by every caller entitled to the same entry, as a SPIRE agent
@@ -320,7 +324,7 @@ impl Engine {
         attestation: &Attestation,
         entries: &[Arc<Entry>],
     ) -> Result<Vec<WorkloadSvid>, EngineError> {
-        let authority = self.authority_fingerprint();
+        let authority = self.active_authority(Kind::X509);
         let mut out = Vec::with_capacity(entries.len());
         for entry in entries {
             // One mint per entry at a time: callers arriving together wait
@@ -378,12 +382,13 @@ impl Engine {
         Ok(out)
     }
 
-    /// What identifies the current signing authorities: a cached SVID from
-    /// other ones is stale.
-    fn authority_fingerprint(&self) -> String {
-        let mut both = self.signer.bundle_pem().as_bytes().to_vec();
-        both.extend_from_slice(self.signer.intermediates_pem().as_bytes());
-        sha256_hex(&both)
+    /// The id of the authority of `kind` that signs now: a cached SVID from
+    /// another one is stale.
+    fn active_authority(&self, kind: Kind) -> String {
+        self.authorities()
+            .active(kind)
+            .map(|a| a.id.clone())
+            .unwrap_or_default()
     }
 
     /// One X.509-SVID and its key. Blocking.
@@ -416,6 +421,8 @@ impl Engine {
             key_der: key.serialize_der(),
             not_after: until,
             rotate_at: issued + (until - issued) / 2,
+            authority: cert.authority,
+            chain_pem: cert.chain_pem,
         };
         Ok((svid, minted))
     }
@@ -441,7 +448,7 @@ impl Engine {
         audience: Vec<String>,
         alg: JwtAlg,
     ) -> Result<Vec<WorkloadJwt>, EngineError> {
-        let authority = self.authority_fingerprint();
+        let authority = self.active_authority(Kind::Jwt);
         let mut sorted = audience.clone();
         sorted.sort();
         sorted.dedup();
@@ -470,15 +477,12 @@ impl Engine {
                             .map_err(|_| EngineError::Corrupt("entry spiffe_id"))?,
                         aud: aud.clone(),
                         iat: now,
-                        exp: now + entry.jwt_svid_ttl as i64,
+                        exp: engine.jwt_exp(now, entry.jwt_svid_ttl as i64)?,
                         iss: None,
                         jti: None,
                         agent: None,
                     };
-                    let token = engine
-                        .signer
-                        .sign_jwt_svid(&claims, alg)
-                        .map_err(EngineError::Signer)?;
+                    let token = engine.signer.sign_jwt_svid(&claims, alg)?;
                     out.push(WorkloadJwt { entry, token });
                 }
                 Ok((out, now))

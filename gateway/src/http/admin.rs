@@ -309,7 +309,7 @@ pub(super) async fn create_join_token(
 /// federated peers (no authentication: the bundle is public, and peers
 /// authenticate this server by its certificate).
 pub(super) async fn spiffe_bundle(State(state): State<AppState>) -> Response {
-    let doc = crate::federation::own_bundle(state.engine.signer.as_ref(), state.bundle_refresh_hint);
+    let doc = crate::federation::own_bundle(&state.engine.authorities(), state.bundle_refresh_hint);
     ([(axum::http::header::CACHE_CONTROL, "no-store")], axum::Json(doc)).into_response()
 }
 

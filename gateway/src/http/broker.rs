@@ -152,7 +152,7 @@ pub(super) async fn discovery(State(state): State<AppState>) -> Response {
 
 /// `GET /.well-known/jwks.json`: the JWT-SVID signing keys.
 pub(super) async fn jwks(State(state): State<AppState>) -> Response {
-    axum::Json(state.engine.signer.jwks()).into_response()
+    axum::Json(state.engine.authorities().jwks()).into_response()
 }
 
 /// An RFC 6749 error response: `{"error", "error_description"}`.

@@ -69,6 +69,7 @@ async fn apply(state: &AppState, topics: BTreeSet<String>) -> BTreeSet<String> {
         topic::ENTRIES,
         topic::BUNDLES,
         topic::REVOCATIONS,
+        topic::AUTHORITIES,
     ] {
         if !all && !topics.contains(family) {
             continue;
@@ -93,6 +94,7 @@ async fn apply(state: &AppState, topics: BTreeSet<String>) -> BTreeSet<String> {
             topic::BUNDLES => super::bundles::activate_stored(state)
                 .await
                 .map_err(|e| e.to_string()),
+            topic::AUTHORITIES => engine.refresh_authorities().await.map_err(|e| e.to_string()),
             _ => engine.reload_revocations().await.map_err(|e| e.to_string()),
         };
         match result {

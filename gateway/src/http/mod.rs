@@ -9,6 +9,7 @@
 //! (`admin`: tokens, certificates, audit, join tokens, federation).
 
 mod admin;
+mod authorities;
 mod broker;
 mod bundles;
 mod entries;
@@ -74,6 +75,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/audit", get(admin::list_audit))
         .route("/api/v1/audit/verify", get(admin::verify_audit))
         .route("/api/v1/ca/intermediates", post(admin::sign_subordinate))
+        .route(
+            "/api/v1/ca/authorities",
+            post(authorities::prepare).get(authorities::list),
+        )
+        .route("/api/v1/ca/authorities/{id}/{op}", post(authorities::step))
         .route(
             "/api/v1/tokens",
             post(admin::create_token).get(admin::list_tokens),

@@ -47,6 +47,10 @@ audit_kinds! {
     CaSubordinateIssued => "ca.subordinate_issued",
     /// A subordinate CA request was refused.
     CaSubordinateRefused => "ca.subordinate_refused",
+    /// A signing authority was prepared, activated, tainted or revoked.
+    CaRotated => "ca.rotated",
+    /// A rotation step was refused.
+    CaRotationRefused => "ca.rotation_refused",
     /// An attested issuance was refused.
     IssuanceRefused => "issuance.refused",
     /// A just-in-time request was recorded pending.

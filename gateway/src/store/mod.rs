@@ -45,6 +45,8 @@ pub mod topic {
     pub const TOKENS: &str = "tokens";
     pub const BUNDLES: &str = "bundles";
     pub const REVOCATIONS: &str = "revocations";
+    /// The signer's authorities (rotation).
+    pub const AUTHORITIES: &str = "authorities";
     /// Followed by `:<request id>`.
     pub const REQUESTS: &str = "requests";
     pub const ALL: &str = "*";
@@ -707,6 +709,20 @@ impl Store {
     /// [`Backend::is_leader`]).
     pub fn is_leader(&self) -> bool {
         self.backend.is_leader()
+    }
+
+    /// Whether several gateways share this store.
+    pub fn shared(&self) -> bool {
+        self.backend.changes().is_some()
+    }
+
+    /// Records a change to the signer's authorities, telling every gateway.
+    pub async fn record_rotation(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.transact(move |t| {
+            t.changed(topic::AUTHORITIES)?;
+            rules::append_audit(t, event).map(drop)
+        })
+        .await
     }
 
     /// Whether the store answers now.

@@ -178,6 +178,21 @@ struct Minted {
     svids: Vec<X509svid>,
     /// When to mint again: half of the shortest lifetime.
     rotate_at: tokio::time::Instant,
+    /// The authorities that signed them.
+    authorities: Vec<String>,
+}
+
+impl Minted {
+    /// Whether an authority that signed these no longer signs (another was
+    /// activated, or it was tainted): they are minted again now.
+    fn superseded(&self, authorities: &crate::signer::Authorities) -> bool {
+        let active = authorities
+            .active(crate::signer::Kind::X509)
+            .map(|a| a.id.as_str());
+        self.authorities
+            .iter()
+            .any(|id| Some(id.as_str()) != active || authorities.must_remint(id))
+    }
 }
 
 impl WorkloadApi {
@@ -285,7 +300,7 @@ impl WorkloadApi {
 
     /// DER of the trust bundle (concatenated certificates).
     fn bundle_der(&self) -> Vec<u8> {
-        pem_to_der(self.engine.signer.bundle_pem())
+        crate::util::pem_to_der(self.engine.authorities().bundle_pem())
     }
 
     /// The foreign trust domains these entries federate with, that have a
@@ -314,7 +329,7 @@ impl WorkloadApi {
     fn jwt_bundles(&self, entries: &[Arc<Entry>]) -> BundleMap {
         let mut map = self.federated(entries, |b| b.jwt_jwks().to_string().into_bytes());
         map.retain(|_, jwks| !jwks.starts_with(br#"{"keys":[]"#));
-        let mut own = self.engine.signer.jwks();
+        let mut own = self.engine.authorities().jwks();
         if let Some(keys) = own["keys"].as_array_mut() {
             for k in keys {
                 k["use"] = "jwt-svid".into();
@@ -329,8 +344,8 @@ impl WorkloadApi {
     async fn mint(&self, attestation: &Attestation, entries: &[Arc<Entry>]) -> Result<Minted, EngineError> {
         let minted = self.engine.workload_x509(attestation, entries).await?;
         let bundle = self.bundle_der();
-        let intermediates = pem_to_der(self.engine.signer.intermediates_pem());
         let mut hints = std::collections::HashSet::new();
+        let mut authorities = Vec::new();
         let mut rotate = i64::MAX;
         let mut svids = Vec::with_capacity(minted.len());
         for m in minted {
@@ -341,8 +356,9 @@ impl WorkloadApi {
                 String::new()
             };
             rotate = rotate.min(m.rotate_at);
+            authorities.push(m.authority.clone());
             let mut chain = m.certificate_der;
-            chain.extend_from_slice(&intermediates);
+            chain.extend_from_slice(&crate::util::pem_to_der(&m.chain_pem));
             svids.push(X509svid {
                 spiffe_id: m.entry.spiffe_id.clone(),
                 x509_svid: chain,
@@ -357,6 +373,7 @@ impl WorkloadApi {
             entries: entries.iter().map(|e| e.as_ref().clone()).collect(),
             svids,
             rotate_at: wake_at(rotate),
+            authorities,
         })
     }
 
@@ -365,8 +382,9 @@ impl WorkloadApi {
     async fn x509_stream(self, attestation: Attestation, tx: mpsc::Sender<Result<X509svidResponse, Status>>) {
         let mut entries_changed = self.engine.entries.subscribe();
         let mut bundles_changed = self.federation.subscribe();
+        let mut authorities_changed = self.engine.authority_changes();
         let mut minted: Option<Minted> = None;
-        let mut sent_bundles: Option<BundleMap> = None;
+        let mut sent_bundles: Option<(Vec<u8>, BundleMap)> = None;
         loop {
             let entries = match self.engine.workload_entitled(&attestation).await {
                 Ok(e) if e.is_empty() => {
@@ -389,9 +407,12 @@ impl WorkloadApi {
                 }
             };
             let current: Vec<Entry> = entries.iter().map(|e| e.as_ref().clone()).collect();
-            let mut stale = minted
-                .as_ref()
-                .is_none_or(|m| m.entries != current || tokio::time::Instant::now() >= m.rotate_at);
+            let authorities = self.engine.authorities();
+            let mut stale = minted.as_ref().is_none_or(|m| {
+                m.entries != current
+                    || tokio::time::Instant::now() >= m.rotate_at
+                    || m.superseded(&authorities)
+            });
             if stale {
                 match self.mint(&attestation, &entries).await {
                     // The same SVIDs again (another caller already renewed
@@ -409,9 +430,17 @@ impl WorkloadApi {
                     }
                 }
             }
+            // A prepared or revoked authority changes the own bundle each
+            // SVID comes with: sent at once, before anything it signs.
+            let own = self.bundle_der();
             let federated = self.federated(&entries, |b| b.x509_der());
-            if stale || sent_bundles.as_ref() != Some(&federated) {
-                let svids = minted.as_ref().map(|m| m.svids.clone()).unwrap_or_default();
+            let bundles = (own, federated);
+            if stale || sent_bundles.as_ref() != Some(&bundles) {
+                let mut svids = minted.as_ref().map(|m| m.svids.clone()).unwrap_or_default();
+                for svid in &mut svids {
+                    svid.bundle.clone_from(&bundles.0);
+                }
+                let federated = bundles.1.clone();
                 let resp = X509svidResponse {
                     svids,
                     crl: vec![],
@@ -420,7 +449,7 @@ impl WorkloadApi {
                 if tx.send(Ok(resp)).await.is_err() {
                     return;
                 }
-                sent_bundles = Some(federated);
+                sent_bundles = Some(bundles);
             }
             let rotate_at = minted
                 .as_ref()
@@ -430,6 +459,7 @@ impl WorkloadApi {
                 _ = tokio::time::sleep_until(rotate_at) => {}
                 r = entries_changed.changed() => if r.is_err() { return },
                 r = bundles_changed.changed() => if r.is_err() { return },
+                r = authorities_changed.changed() => if r.is_err() { return },
                 _ = tx.closed() => return,
             }
         }
@@ -447,6 +477,7 @@ impl WorkloadApi {
     ) {
         let mut entries_changed = self.engine.entries.subscribe();
         let mut bundles_changed = self.federation.subscribe();
+        let mut authorities_changed = self.engine.authority_changes();
         let mut sent: Option<BundleMap> = None;
         loop {
             let bundles = match self
@@ -471,6 +502,7 @@ impl WorkloadApi {
             tokio::select! {
                 r = entries_changed.changed() => if r.is_err() { return },
                 r = bundles_changed.changed() => if r.is_err() { return },
+                r = authorities_changed.changed() => if r.is_err() { return },
                 _ = tx.closed() => return,
             }
         }
@@ -480,7 +512,7 @@ impl WorkloadApi {
     /// federated domain's.
     fn jwt_keys_for(&self, trust_domain: &str) -> Result<crate::trust::KeySet, Status> {
         if trust_domain == self.engine.trust_domain {
-            return crate::trust::KeySet::from_jwks(&self.engine.signer.jwks())
+            return crate::trust::KeySet::from_jwks(&self.engine.authorities().jwks())
                 .map_err(|e| Status::internal(e.to_string()));
         }
         self.federation
@@ -488,19 +520,6 @@ impl WorkloadApi {
             .and_then(|b| b.jwt_keys())
             .ok_or_else(|| Status::invalid_argument(format!("no JWT bundle for trust domain {trust_domain}")))
     }
-}
-
-fn pem_to_der(pem_text: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut rest = pem_text.as_bytes();
-    while let Ok((r, pem)) = x509_parser::pem::parse_x509_pem(rest) {
-        out.extend_from_slice(&pem.contents);
-        rest = r;
-        if rest.iter().all(|b| b.is_ascii_whitespace()) {
-            break;
-        }
-    }
-    out
 }
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;

@@ -86,18 +86,18 @@ impl Sds {
         let mut svids = Vec::new();
         let mut rotate_at = i64::MAX;
         if wants_svids {
-            let intermediates = self.api.engine.signer.intermediates_pem();
             for m in self.api.engine.workload_x509(attestation, &entries).await? {
                 rotate_at = rotate_at.min(m.rotate_at);
                 svids.push(SvidPem {
                     spiffe_id: m.entry.spiffe_id.clone(),
-                    chain: format!("{}{intermediates}", pem_block("CERTIFICATE", &m.certificate_der)),
+                    chain: format!("{}{}", pem_block("CERTIFICATE", &m.certificate_der), m.chain_pem),
                     key: pem_block("PRIVATE KEY", &m.key_der),
                 });
             }
         }
         let own = format!("spiffe://{}", self.api.engine.trust_domain);
-        let mut bundles = BTreeMap::from([(own.clone(), self.api.engine.signer.bundle_pem().to_owned())]);
+        let mut bundles =
+            BTreeMap::from([(own.clone(), self.api.engine.authorities().bundle_pem().to_owned())]);
         let federated: BTreeSet<&String> = entries.iter().flat_map(|e| &e.federates_with).collect();
         for td in federated {
             if let Some(b) = self.api.federation.get(td) {
@@ -192,6 +192,7 @@ impl Sds {
         let engine = self.api.engine.clone();
         let mut entries_changed = engine.entries.subscribe();
         let mut bundles_changed = self.api.federation.subscribe();
+        let mut authorities_changed = engine.authority_changes();
         let mut last: Option<DiscoveryRequest> = None;
         let mut last_node: Option<Node> = None;
         let mut nonce: Option<String> = None;
@@ -227,6 +228,7 @@ impl Sds {
                 _ = tokio::time::sleep_until(rotate_at) => {}
                 r = entries_changed.changed() => if r.is_err() { return },
                 r = bundles_changed.changed() => if r.is_err() { return },
+                r = authorities_changed.changed() => if r.is_err() { return },
                 _ = tx.closed() => return,
             }
             let Some(request) = &last else { continue };
