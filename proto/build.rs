@@ -7,7 +7,7 @@ fn main() {
     // SAFETY-free: build scripts are single-threaded; the variable is read by the builder below.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let well_known = protoc_bin_vendored::include_path().expect("vendored well-known types");
-    for dir in ["workload.proto", "envoy", "google"] {
+    for dir in ["workload.proto", "signer.proto", "envoy", "google"] {
         println!("cargo:rerun-if-changed={dir}");
     }
     tonic_prost_build::configure()
@@ -16,6 +16,7 @@ fn main() {
         .compile_protos(
             &[
                 "workload.proto",
+                "signer.proto",
                 "envoy/service/secret/v3/sds.proto",
                 "envoy/extensions/transport_sockets/tls/v3/secret.proto",
             ],

@@ -68,6 +68,8 @@ pub struct Config {
     pub workload_api: WorkloadApiConfig,
     /// The certificate authority's layout.
     pub ca: CaConfig,
+    /// A separate signer process, instead of keys in this one.
+    pub signer: SignerClientConfig,
     /// Where records are kept.
     pub store: StoreConfig,
     /// SPIFFE federation with other trust domains.
@@ -233,6 +235,26 @@ fn take_ssl_params(url: &str) -> (String, Vec<(String, String)>) {
     }
 }
 
+/// Where the keys are: in this process (the default), or in a separate
+/// signer process (`castellan signer`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignerClientConfig {
+    /// `unix:/run/castellan/signer.sock`: sign through that signer; this
+    /// gateway's data directory then holds no CA or JWT key, and `[ca]`
+    /// only sets when automatic rotation acts. Env: `CASTELLAN_SIGNER`.
+    pub endpoint: Option<String>,
+}
+
+impl SignerClientConfig {
+    /// The signer's socket, when one is configured.
+    pub fn socket(&self) -> Option<PathBuf> {
+        self.endpoint
+            .as_deref()
+            .map(|e| PathBuf::from(e.strip_prefix("unix:").unwrap_or(e)))
+    }
+}
+
 /// The certificate authority created on first start, and how its
 /// authorities rotate.
 #[derive(Debug, Clone, Deserialize)]
@@ -278,25 +300,6 @@ impl Default for CaConfig {
             auto_rotate: true,
             prepare_at: 0.5,
             activate_at: 0.8333,
-        }
-    }
-}
-
-impl CaConfig {
-    /// When automatic rotation acts, if it is on.
-    pub fn schedule(&self) -> Option<crate::signer::authorities::Schedule> {
-        self.auto_rotate.then_some(crate::signer::authorities::Schedule {
-            prepare_at: self.prepare_at,
-            activate_at: self.activate_at,
-        })
-    }
-
-    /// How long authorities made by rotation live.
-    pub fn lifetimes(&self) -> crate::signer::Lifetimes {
-        let at = |s: u64| time::Duration::seconds(s.min(i64::MAX as u64) as i64);
-        crate::signer::Lifetimes {
-            x509: at(self.x509_authority_ttl_seconds),
-            jwt: at(self.jwt_key_ttl_seconds),
         }
     }
 }
@@ -510,6 +513,7 @@ impl Default for Config {
             decision_logs: DecisionLogsConfig::default(),
             workload_api: WorkloadApiConfig::default(),
             ca: CaConfig::default(),
+            signer: SignerClientConfig::default(),
             store: StoreConfig::default(),
             federation: FederationConfig::default(),
         }
@@ -588,6 +592,9 @@ impl Config {
         }
         if let Some(v) = get("CASTELLAN_WORKLOAD_SOCKET") {
             self.workload_api.socket = Some(v.into());
+        }
+        if let Some(v) = get("CASTELLAN_SIGNER") {
+            self.signer.endpoint = Some(v);
         }
         if let Some(v) = get("CASTELLAN_PUBLIC_URL") {
             self.public_url = Some(v);
@@ -766,6 +773,14 @@ impl Config {
                         .into(),
                 });
             }
+        }
+        if let Some(e) = &self.signer.endpoint
+            && (!e.starts_with("unix:/") || e.len() < 7)
+        {
+            return Err(ConfigError::Invalid {
+                key: "signer.endpoint",
+                message: format!("`{e}` is not unix:/ABSOLUTE/PATH"),
+            });
         }
         let (p, a) = (self.ca.prepare_at, self.ca.activate_at);
         if !(0.0 < p && p < a && a < 1.0) {

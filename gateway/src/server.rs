@@ -51,11 +51,24 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
     let store = open_store(&config).await?;
 
     let ca_dir = dir.join("ca");
-    let (signer, ca_created) = open_signer(&config, &ca_dir)?;
-    let mut signer = signer.with_lifetimes(config.ca.lifetimes());
-    if config.workload_api.jwt_svid_algorithm == "RS256" {
-        signer = signer.with_rsa_jwt_key(&ca::load_or_create_rsa_jwt_key(&ca_dir)?)?;
-    }
+    let (signer, ca_created): (Arc<dyn Signer>, bool) = match config.signer.socket() {
+        // The keys are elsewhere: this data directory never holds one.
+        Some(socket) => (
+            Arc::new(
+                castellan::signer::remote::RemoteSigner::connect(&socket)
+                    .with_context(|| format!("signer.endpoint unix:{}", socket.display()))?,
+            ),
+            false,
+        ),
+        None => {
+            let (signer, created) = open_signer(&config, &ca_dir)?;
+            let mut signer = signer.with_lifetimes(castellan::signer::Lifetimes::of(&config.ca));
+            if config.workload_api.jwt_svid_algorithm == "RS256" {
+                signer = signer.with_rsa_jwt_key(&ca::load_or_create_rsa_jwt_key(&ca_dir)?)?;
+            }
+            (Arc::new(signer), created)
+        }
+    };
     // A CA that is not valid now would sign nothing valid: refuse to start
     // rather than serve refusals (or, worse, credentials nobody accepts).
     let (from, until) = signer.authorities().x509_validity();
@@ -71,7 +84,6 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
             ca_dir.display()
         );
     }
-    let signer: Arc<dyn Signer> = Arc::new(signer);
 
     let admin_token_path = dir.join("admin.token");
     let oidc = Arc::new(castellan::auth::OidcIssuers::new(&config.oidc_issuers)?);
@@ -152,7 +164,7 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         entries,
         oidc,
         max_in_flight,
-        rotation: config.ca.schedule(),
+        rotation: castellan::signer::authorities::Schedule::of(&config.ca),
     })
     .await
     .map_err(|e| anyhow::anyhow!("engine: {e}"))?;

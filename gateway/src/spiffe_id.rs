@@ -37,6 +37,14 @@ impl serde::Serialize for SpiffeId {
     }
 }
 
+/// A SPIFFE ID deserialises from its URI, validated.
+impl<'de> serde::Deserialize<'de> for SpiffeId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        SpiffeId::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Whether `seg` may be one segment of a SPIFFE ID's path: letters,
 /// digits, `.`, `-` and `_`, and neither empty, `.` nor `..`.
 pub fn valid_path_segment(seg: &str) -> bool {

@@ -6,6 +6,13 @@ pub mod workload {
     tonic::include_proto!("_");
 }
 
+/// Castellan's signer service (`castellan signer`), spoken over a Unix
+/// socket between gateways and the process that holds the keys.
+#[allow(clippy::all, missing_docs)]
+pub mod signer {
+    tonic::include_proto!("castellan.signer.v1");
+}
+
 /// Envoy's Secret Discovery Service (v3), the subset Castellan serves on the
 /// Workload API socket. Modules follow the proto packages, which the
 /// generated code refers to by relative path.

@@ -73,7 +73,10 @@ fn gateways(n: usize, extra: &str, files: &[(&str, String)]) -> Gateways {
     let data = |i: usize| tmp.path().join(format!("g{i}")).join("data");
     let mut nodes = vec![Server::serve(&configs[0], &data(0))];
     for (i, config) in configs.iter().enumerate().skip(1) {
-        copy_dir(&data(0).join("ca"), &data(i).join("ca"));
+        std::fs::create_dir_all(data(i)).unwrap();
+        if data(0).join("ca").exists() {
+            copy_dir(&data(0).join("ca"), &data(i).join("ca"));
+        }
         std::fs::copy(data(0).join("admin.token"), data(i).join("admin.token")).unwrap();
         nodes.push(Server::serve(config, &data(i)));
     }
@@ -832,4 +835,61 @@ fn a_bundle_pushed_through_one_gateway_is_active_on_every_gateway() {
     let node = Server::serve(&config, &dir);
     assert_eq!(node.get("/healthz", None).body["policy_revision"], "cluster-v2");
     issue(&node).assert_problem(403, "policy-denied");
+}
+
+/// Issue 16: gateways rotate together only through one signer. With keys
+/// of their own, each would rotate alone, so they refuse; sharing a signer,
+/// a step through one gateway reaches every gateway's bundles at once.
+#[test]
+fn gateways_rotate_together_through_a_shared_signer_and_refuse_alone() {
+    {
+        let alone = gateways(2, "", &[]);
+        let r = alone.nodes[0].post_admin("/api/v1/ca/authorities", &json!({"kind": "x509"}));
+        r.assert_problem(409, "rotation-refused");
+        assert!(
+            r.body["detail"].as_str().unwrap().contains("[signer] endpoint"),
+            "{}",
+            r.body
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let signer = support::start_signer(tmp.path(), support::my_uid());
+    let g = gateways(
+        2,
+        &format!("[signer]\nendpoint = \"unix:{}\"", signer.socket.display()),
+        &[],
+    );
+    let x509_keys = |node: &Server| {
+        node.get("/.well-known/spiffe-bundle", None).body["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["use"] == "x509-svid")
+            .count()
+    };
+    assert_eq!(x509_keys(&g.nodes[1]), 1);
+    let r = g.nodes[0].post_admin("/api/v1/ca/authorities", &json!({"kind": "x509"}));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["prepared"]["id"].as_str().unwrap().to_owned();
+    let new_root = support::pem_certs(r.body["prepared"]["certificate_pem"].as_str().unwrap()).remove(0);
+    assert!(
+        eventually(Duration::from_secs(2), || x509_keys(&g.nodes[1]) == 2),
+        "the other gateway publishes the prepared authority within 2 s"
+    );
+    let r = g.nodes[1].post_admin(&format!("/api/v1/ca/authorities/{id}/activate"), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Issued through the first gateway: signed by the new authority.
+    let cluster = Cluster::new("https://k8s.rotation.example");
+    g.nodes[0].add_trust_source("rotation", &cluster);
+    let (_, c) = csr();
+    let r = g.nodes[0].post(
+        ISSUE,
+        &issuance_body(&cluster.token("ns", "sa"), &c, Some(600)),
+        None,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let leaf = support::pem_certs(r.body["certificate_pem"].as_str().unwrap()).remove(0);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    let (_, root) = x509_parser::parse_x509_certificate(&new_root).unwrap();
+    leaf.verify_signature(Some(root.public_key())).unwrap();
 }

@@ -45,6 +45,57 @@ pub fn castellan() -> Command {
     c
 }
 
+/// A running `castellan signer`, killed on drop.
+pub struct SignerProcess {
+    child: Child,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Drop for SignerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `castellan signer` with its data in `ROOT/signer`, allowing `allowed_uid`.
+pub fn start_signer(root: &Path, allowed_uid: u32) -> SignerProcess {
+    let config = root.join("signer.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"example.org\"\ndata_dir = \"signer\"\nallowed_uids = [{allowed_uid}]\n\
+             max_x509_ttl_seconds = 86400\nmax_jwt_ttl_seconds = 3600\n"
+        ),
+    )
+    .unwrap();
+    let mut child = castellan()
+        .args(["signer", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(path) = line.strip_prefix("signer listening on unix:") {
+                let _ = tx.send(PathBuf::from(path.trim()));
+            }
+        }
+    });
+    let socket = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the signer started");
+    SignerProcess {
+        child,
+        socket,
+        dir: root.join("signer"),
+    }
+}
+
 /// A running `castellan dev` (or `serve`) process, killed on drop.
 pub struct Server {
     child: Child,

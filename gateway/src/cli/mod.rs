@@ -38,6 +38,9 @@ enum Command {
     Dev(serve::DevArgs),
     /// Run a server from a config file (TLS; the production entry point).
     Serve(serve::ServeArgs),
+    /// Run the signer: the process that holds the CA and JWT keys, for
+    /// gateways configured with `[signer] endpoint`.
+    Signer(SignerArgs),
     /// Get an X.509-SVID from a running server.
     #[command(subcommand)]
     Svid(svid::SvidCommand),
@@ -71,6 +74,13 @@ enum Command {
     #[cfg(feature = "tpm")]
     #[command(subcommand)]
     Tpm(tpm::TpmCommand),
+}
+
+#[derive(Args)]
+struct SignerArgs {
+    /// The signer's config file (trust_domain, data_dir, socket, allowed_uids, caps).
+    #[arg(long)]
+    config: PathBuf,
 }
 
 /// How client commands reach a server.
@@ -157,6 +167,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(cmd) => load::run(cmd).await,
         Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
         Command::Token(cmd) => token::run(cmd).await,
+        Command::Signer(args) => {
+            let config = castellan::signer::service::SignerConfig::load(&args.config)?;
+            castellan::signer::service::run(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ca(cmd) => ca::run(cmd).await,
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Attestor(cmd) => attestor::run(cmd),

@@ -139,6 +139,7 @@ impl From<crate::signer::SignerError> for EngineError {
             S::Rotation(m) => EngineError::RotationRefused(m),
             e @ S::AuthorityInUse { .. } => EngineError::RotationRefused(e.to_string()),
             S::UnknownAuthority(id) => EngineError::UnknownAuthority(id),
+            S::Purpose(m) => EngineError::Forbidden(format!("the signer refused: {m}")),
             S::Unavailable(m) => {
                 tracing::error!(error = %m, "the signer is unavailable");
                 EngineError::SignerUnavailable(format!("the signer is unavailable: {m}"))

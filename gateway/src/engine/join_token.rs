@@ -6,13 +6,7 @@
 
 use crate::trust::TrustSource;
 
-/// The audience every join token carries.
-pub const AUDIENCE: &str = "castellan-join";
-
-/// The issuer of join tokens in `trust_domain`.
-pub fn issuer(trust_domain: &str) -> String {
-    format!("castellan:join-token:{trust_domain}")
-}
+pub use crate::signer::{JOIN_TOKEN_AUDIENCE as AUDIENCE, join_token_issuer as issuer};
 
 /// The built-in trust source that verifies join tokens (never persisted;
 /// rebuilt from the signer's public keys at each start).

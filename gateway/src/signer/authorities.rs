@@ -322,6 +322,16 @@ pub struct Schedule {
     pub activate_at: f64,
 }
 
+impl Schedule {
+    /// When `[ca]` has automatic rotation act, if it is on.
+    pub fn of(ca: &crate::config::CaConfig) -> Option<Self> {
+        ca.auto_rotate.then_some(Self {
+            prepare_at: ca.prepare_at,
+            activate_at: ca.activate_at,
+        })
+    }
+}
+
 /// What automatic rotation does next at `now`, at most one step per kind:
 /// prepare a successor, activate it, or revoke a retired authority that
 /// has expired (nothing it signed can be valid any more).

@@ -43,6 +43,17 @@ pub struct Lifetimes {
     pub jwt: Duration,
 }
 
+impl Lifetimes {
+    /// The lives `[ca]` sets.
+    pub fn of(ca: &crate::config::CaConfig) -> Self {
+        let at = |s: u64| Duration::seconds(s.min(i64::MAX as u64) as i64);
+        Self {
+            x509: at(ca.x509_authority_ttl_seconds),
+            jwt: at(ca.jwt_key_ttl_seconds),
+        }
+    }
+}
+
 impl Default for Lifetimes {
     fn default() -> Self {
         Self {
@@ -101,6 +112,8 @@ pub struct InProcessSigner {
     trust_domain: String,
     dir: PathBuf,
     lifetimes: Lifetimes,
+    /// The life of a listener certificate (at most [`LONGEST_LEAF`]).
+    server_cert_ttl: Duration,
     loaded: ArcSwap<Loaded>,
     /// Serialises rotations (signing does not take it).
     rotation: Mutex<()>,
@@ -149,6 +162,7 @@ impl InProcessSigner {
             trust_domain: trust_domain.to_owned(),
             dir: dir.to_owned(),
             lifetimes: Lifetimes::default(),
+            server_cert_ttl: LONGEST_LEAF,
             loaded: ArcSwap::from_pointee(loaded),
             rotation: Mutex::new(()),
             rsa_jwt: None,
@@ -160,6 +174,12 @@ impl InProcessSigner {
     /// How long authorities made by rotation live.
     pub fn with_lifetimes(mut self, lifetimes: Lifetimes) -> Self {
         self.lifetimes = lifetimes;
+        self
+    }
+
+    /// How long listener certificates live (capped at 90 days).
+    pub fn with_server_cert_ttl(mut self, ttl: Duration) -> Self {
+        self.server_cert_ttl = ttl.min(LONGEST_LEAF);
         self
     }
 
@@ -733,7 +753,7 @@ impl Signer for InProcessSigner {
         let key = SubjectPublicKeyInfo::from_der(public_key_der)
             .map_err(|e| SignerError::PublicKey(e.to_string()))?;
         self.with_x509(|x509| {
-            let mut params = self.leaf_params(x509, LONGEST_LEAF)?;
+            let mut params = self.leaf_params(x509, self.server_cert_ttl)?;
             params
                 .distinguished_name
                 .push(DnType::CommonName, "Castellan API");

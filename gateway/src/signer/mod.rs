@@ -20,6 +20,8 @@ use crate::spiffe_id::SpiffeId;
 
 pub mod authorities;
 mod in_process;
+pub mod remote;
+pub mod service;
 
 pub use authorities::{Authorities, Authority, Kind, Rotation, State};
 pub use in_process::{InProcessSigner, Lifetimes, keyring_exists};
@@ -68,6 +70,10 @@ pub enum SignerError {
         "{id} signed credentials valid until {until}: taint it first (holders re-mint now), or revoke it after then"
     )]
     AuthorityInUse { id: String, until: String },
+    /// The request is outside what this signer signs (its purpose, or its
+    /// caps).
+    #[error("{0}")]
+    Purpose(String),
     /// The separate signer could not be reached or answered an error.
     #[error("signer unavailable: {0}")]
     Unavailable(String),
@@ -95,7 +101,7 @@ impl std::fmt::Display for JwtAlg {
 /// The claims of a JWT-SVID: `sub` is the SPIFFE ID, `aud` at least one
 /// audience, `exp` required (the JWT-SVID standard), plus what agent
 /// identities carry.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct JwtSvidClaims {
     pub sub: SpiffeId,
     pub aud: Vec<String>,
@@ -111,7 +117,7 @@ pub struct JwtSvidClaims {
 }
 
 /// What an agent identity's JWT-SVID says beyond the standard claims.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AgentClaims {
     /// Space-separated scopes.
     pub scope: String,
@@ -127,13 +133,13 @@ pub struct AgentClaims {
 }
 
 /// `cnf` with an RFC 7638 JWK thumbprint.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Confirmation {
     pub jkt: String,
 }
 
 /// One level of an RFC 8693 `act` claim, nesting the one before it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ActClaim {
     pub sub: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -143,15 +149,23 @@ pub struct ActClaim {
 }
 
 /// The task an agent identity is scoped to.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TaskClaim {
     pub id: String,
     pub purpose: String,
 }
 
+/// The audience every join token carries.
+pub const JOIN_TOKEN_AUDIENCE: &str = "castellan-join";
+
+/// The issuer of join tokens in `trust_domain`.
+pub fn join_token_issuer(trust_domain: &str) -> String {
+    format!("castellan:join-token:{trust_domain}")
+}
+
 /// The claims of a join token: a one-time bootstrap credential for a host,
 /// verified by the `join_token` attestor like any token.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct JoinTokenClaims {
     pub iss: String,
     pub aud: Vec<String>,
