@@ -4,8 +4,10 @@
 # software TPM (swtpm, swtpm_setup, tpm2-tools) plus the TSS headers that the
 # castellan-tpm crate's client side and its tests need, and PostgreSQL, whose
 # programs the store tests run a throwaway cluster with (they start it
-# themselves: nothing is left running), and the OpenSSL command line the tests
-# verify chains with. Quiet when everything is already there.
+# themselves: nothing is left running), the OpenSSL command line the tests
+# verify chains with, and SoftHSM2, the PKCS#11 token the HSM tests keep
+# keys in (each test makes its own token directory). Quiet when everything
+# is already there.
 set -euo pipefail
 
 # Installs Debian packages, from the cached package lists first, refreshing
@@ -46,6 +48,12 @@ fi
 # signs (subordinate CAs and their name constraints).
 if ! command -v openssl >/dev/null 2>&1; then
   apt_install openssl
+fi
+
+# SoftHSM2: a real PKCS#11 module and its token tool, for the key-manager
+# tests (`[ca] key_manager = "pkcs11"`).
+if [ ! -e /usr/lib/softhsm/libsofthsm2.so ] || ! command -v softhsm2-util >/dev/null 2>&1; then
+  apt_install softhsm2
 fi
 
 # Python with a real gRPC C-core client (grpcio) for the Workload API tests:

@@ -218,36 +218,17 @@ pub fn load_or_create_under(
         path: dir.join("(ca.upstream)"),
         message,
     };
-    let chain: Vec<String> = crate::util::pem_blocks(&upstream.chain_pem, "CERTIFICATE");
-    let (Some(first), Some(anchor)) = (chain.first(), chain.last()) else {
-        return Err(bad("the upstream certificate file holds no certificate".into()));
-    };
     let upstream_key =
         key_from_pem(&upstream.key_pem).map_err(|e| bad(format!("the upstream key is not usable: {e}")))?;
-    let (_, parsed) = x509_parser::pem::parse_x509_pem(first.as_bytes()).map_err(|e| bad(e.to_string()))?;
-    let upstream_cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
-    if upstream_cert.public_key().raw
-        != rcgen::PublicKeyData::subject_public_key_info(&upstream_key).as_slice()
-    {
-        return Err(bad(
-            "the upstream key is not the key of the upstream certificate (the first in its file)".into(),
-        ));
-    }
-    if !upstream_cert.is_ca() {
-        return Err(bad("the upstream certificate is not a CA".into()));
-    }
-    let upstream_until = OffsetDateTime::from_unix_timestamp(upstream_cert.validity().not_after.timestamp())
-        .map_err(|e| bad(e.to_string()))?;
-    let issuer = Issuer::from_ca_cert_pem(first, upstream_key)?;
-    let now = OffsetDateTime::now_utc();
+    let checked = check_upstream(
+        &upstream.chain_pem,
+        &rcgen::PublicKeyData::subject_public_key_info(&upstream_key),
+    )
+    .map_err(bad)?;
+    let (chain, anchor, upstream_until) = (&checked.chain, &checked.anchor, checked.until);
+    let issuer = Issuer::from_ca_cert_pem(&checked.chain[0], upstream_key)?;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = ca_params(trust_domain, "Castellan CA", &format!("spiffe://{trust_domain}"))?;
-    // Path length 1: it signs SVIDs, and subordinate CAs below it.
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-    params.not_before = now - Duration::minutes(1);
-    params.not_after = (now + INTERMEDIATE_LIFETIME).min(upstream_until);
-    params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(&key, &issuer)?;
+    let cert = new_under_upstream(trust_domain, &issuer, upstream_until, INTERMEDIATE_LIFETIME, &key)?;
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| CaError::Io { path, source }
@@ -256,15 +237,63 @@ pub fn load_or_create_under(
     write_private_file(&p.int_key, key.serialize_pem().as_bytes()).map_err(io(&p.int_key))?;
     // Chains carry Castellan's CA and the upstream's intermediates; the
     // bundle is the upstream's root.
-    let mut intermediates = cert.pem();
-    for c in &chain[..chain.len() - 1] {
-        intermediates.push_str(c);
-    }
+    let intermediates = format!("{}{}", cert.pem(), chain[..chain.len() - 1].concat());
     std::fs::write(&p.root_cert, anchor).map_err(io(&p.root_cert))?;
     std::fs::write(&p.int_cert, &intermediates).map_err(io(&p.int_cert))?;
     let mut material = load(dir, &p, trust_domain)?;
     material.created = true;
     Ok(material)
+}
+
+/// An upstream authority's chain, checked against its key.
+pub(crate) struct CheckedUpstream {
+    /// Its certificates, its own first, up to the root.
+    pub chain: Vec<String>,
+    /// The root relying parties trust.
+    pub anchor: String,
+    /// When its own certificate expires.
+    pub until: OffsetDateTime,
+}
+
+/// Checks that `chain_pem` starts with a CA certificate whose key is `spki`.
+pub(crate) fn check_upstream(chain_pem: &str, spki: &[u8]) -> Result<CheckedUpstream, String> {
+    let chain: Vec<String> = crate::util::pem_blocks(chain_pem, "CERTIFICATE");
+    let (Some(first), Some(anchor)) = (chain.first(), chain.last()) else {
+        return Err("the upstream certificate file holds no certificate".into());
+    };
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(first.as_bytes()).map_err(|e| e.to_string())?;
+    let cert = parsed.parse_x509().map_err(|e| e.to_string())?;
+    if cert.public_key().raw != spki {
+        return Err(
+            "the upstream key is not the key of the upstream certificate (the first in its file)".into(),
+        );
+    }
+    if !cert.is_ca() {
+        return Err("the upstream certificate is not a CA".into());
+    }
+    let until = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+        .map_err(|e| e.to_string())?;
+    let anchor = anchor.clone();
+    Ok(CheckedUpstream { chain, anchor, until })
+}
+
+/// Castellan's CA under an upstream authority (`issuer`, valid until
+/// `upstream_until`): path length 1 (it signs SVIDs, and subordinate CAs
+/// below it), living `lifetime` within the upstream's life.
+pub(crate) fn new_under_upstream<S: rcgen::SigningKey, K: rcgen::SigningKey>(
+    trust_domain: &str,
+    issuer: &Issuer<'_, S>,
+    upstream_until: OffsetDateTime,
+    lifetime: Duration,
+    key: &K,
+) -> Result<rcgen::Certificate, CaError> {
+    let now = OffsetDateTime::now_utc();
+    let mut params = ca_params(trust_domain, "Castellan CA", &format!("spiffe://{trust_domain}"))?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.not_before = now - Duration::minutes(1);
+    params.not_after = (now + lifetime).min(upstream_until);
+    params.use_authority_key_identifier_extension = true;
+    Ok(params.signed_by(key, issuer)?)
 }
 
 /// A self-signed root CA (path length 1: it signs SVIDs, intermediates
@@ -274,8 +303,18 @@ pub(crate) fn new_root(
     trust_domain: &str,
     lifetime: Duration,
 ) -> Result<(CertificateParams, rcgen::Certificate, KeyPair), CaError> {
-    let now = OffsetDateTime::now_utc();
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let (params, cert) = new_root_with(trust_domain, lifetime, &key)?;
+    Ok((params, cert, key))
+}
+
+/// Like [`new_root`], with a key made elsewhere (in an HSM).
+pub(crate) fn new_root_with<K: rcgen::SigningKey>(
+    trust_domain: &str,
+    lifetime: Duration,
+    key: &K,
+) -> Result<(CertificateParams, rcgen::Certificate), CaError> {
+    let now = OffsetDateTime::now_utc();
     let mut root = ca_params(
         trust_domain,
         "Castellan Root CA",
@@ -284,8 +323,8 @@ pub(crate) fn new_root(
     root.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     root.not_before = now - Duration::minutes(1);
     root.not_after = now + lifetime;
-    let cert = root.self_signed(&key)?;
-    Ok((root, cert, key))
+    let cert = root.self_signed(key)?;
+    Ok((root, cert))
 }
 
 /// An intermediate CA (path length 0) signed by `root`, with its new key,
@@ -295,8 +334,19 @@ pub(crate) fn new_intermediate<S: rcgen::SigningKey>(
     root: &Issuer<'_, S>,
     lifetime: Duration,
 ) -> Result<(rcgen::Certificate, KeyPair), CaError> {
-    let now = OffsetDateTime::now_utc();
     let int_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = new_intermediate_with(trust_domain, root, lifetime, &int_key)?;
+    Ok((cert, int_key))
+}
+
+/// Like [`new_intermediate`], with a key made elsewhere (in an HSM).
+pub(crate) fn new_intermediate_with<S: rcgen::SigningKey, K: rcgen::SigningKey>(
+    trust_domain: &str,
+    root: &Issuer<'_, S>,
+    lifetime: Duration,
+    int_key: &K,
+) -> Result<rcgen::Certificate, CaError> {
+    let now = OffsetDateTime::now_utc();
     let mut int = ca_params(
         trust_domain,
         "Castellan Intermediate CA",
@@ -306,8 +356,7 @@ pub(crate) fn new_intermediate<S: rcgen::SigningKey>(
     int.not_before = now - Duration::minutes(1);
     int.not_after = now + lifetime;
     int.use_authority_key_identifier_extension = true;
-    let cert = int.signed_by(&int_key, root)?;
-    Ok((cert, int_key))
+    Ok(int.signed_by(int_key, root)?)
 }
 
 fn ca_params(trust_domain: &str, cn: &str, td_uri: &str) -> Result<CertificateParams, CaError> {

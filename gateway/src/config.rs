@@ -272,6 +272,10 @@ pub struct CaConfig {
     pub upstream_cert_file: Option<PathBuf>,
     /// The external CA's key (PEM), read only when Castellan's CA is made.
     pub upstream_key_file: Option<PathBuf>,
+    /// Or the external CA's key in the `[ca.pkcs11]` token, by label (with
+    /// `key_manager = "pkcs11"`): used once, to sign Castellan's CA, whose
+    /// own key is then made in the token too.
+    pub upstream_key_label: Option<String>,
     /// How long an X.509 authority made by rotation lives (a self-signed
     /// authority, or an intermediate within its root). Default: 31536000
     /// (365 days).
@@ -287,6 +291,24 @@ pub struct CaConfig {
     pub prepare_at: f64,
     /// Default: 0.8333 (five sixths).
     pub activate_at: f64,
+    /// Where new CA and JWT keys are made and kept: `disk` (files in
+    /// `DATA_DIR/ca`, mode 0600) or `pkcs11` (generated inside the token of
+    /// `[ca.pkcs11]`, never exported). Default: `disk`.
+    pub key_manager: String,
+    /// The token, with `key_manager = "pkcs11"`.
+    pub pkcs11: Option<Pkcs11Config>,
+}
+
+/// A PKCS#11 token holding the CA and JWT keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// The PKCS#11 module, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// The label of the token (as `softhsm2-util --init-token --label`).
+    pub token_label: String,
+    /// A file holding the user PIN (read at start; never logged).
+    pub pin_file: PathBuf,
 }
 
 impl Default for CaConfig {
@@ -295,11 +317,14 @@ impl Default for CaConfig {
             intermediate: false,
             upstream_cert_file: None,
             upstream_key_file: None,
+            upstream_key_label: None,
             x509_authority_ttl_seconds: 365 * 86_400,
             jwt_key_ttl_seconds: 365 * 86_400,
             auto_rotate: true,
             prepare_at: 0.5,
             activate_at: 0.8333,
+            key_manager: "disk".into(),
+            pkcs11: None,
         }
     }
 }
@@ -659,6 +684,10 @@ impl Config {
         {
             fix(p);
         }
+        if let Some(p) = self.ca.pkcs11.as_mut() {
+            fix(&mut p.module);
+            fix(&mut p.pin_file);
+        }
         if let Some(p) = self.decision_logs.path.as_mut() {
             fix(p);
         }
@@ -781,6 +810,22 @@ impl Config {
                 key: "signer.endpoint",
                 message: format!("`{e}` is not unix:/ABSOLUTE/PATH"),
             });
+        }
+        match (self.ca.key_manager.as_str(), &self.ca.pkcs11) {
+            ("disk", _) | ("pkcs11", Some(_)) => {}
+            ("pkcs11", None) => {
+                return Err(ConfigError::Invalid {
+                    key: "ca.pkcs11",
+                    message: "key_manager = \"pkcs11\" needs [ca.pkcs11] module, token_label and pin_file"
+                        .into(),
+                });
+            }
+            (other, _) => {
+                return Err(ConfigError::Invalid {
+                    key: "ca.key_manager",
+                    message: format!("must be disk or pkcs11, not `{other}`"),
+                });
+            }
         }
         let (p, a) = (self.ca.prepare_at, self.ca.activate_at);
         if !(0.0 < p && p < a && a < 1.0) {

@@ -61,8 +61,7 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
             false,
         ),
         None => {
-            let (signer, created) = open_signer(&config, &ca_dir)?;
-            let mut signer = signer.with_lifetimes(castellan::signer::Lifetimes::of(&config.ca));
+            let (mut signer, created) = open_signer(&config, &ca_dir)?;
             if config.workload_api.jwt_svid_algorithm == "RS256" {
                 signer = signer.with_rsa_jwt_key(&ca::load_or_create_rsa_jwt_key(&ca_dir)?)?;
             }
@@ -202,27 +201,11 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
 /// The in-process signer over the CA directory: its keyring, or, on first
 /// start, a CA made (or one from before rotation, taken in).
 pub fn open_signer(config: &Config, ca_dir: &Path) -> anyhow::Result<(InProcessSigner, bool)> {
-    if castellan::signer::keyring_exists(ca_dir) {
-        return Ok((InProcessSigner::open(ca_dir, &config.trust_domain)?, false));
-    }
-    let ca = match (&config.ca.upstream_cert_file, &config.ca.upstream_key_file) {
-        // Made before: the upstream files are not needed any more.
-        (Some(_), Some(_)) if ca::exists(ca_dir) => ca::load_or_create(ca_dir, &config.trust_domain, false)?,
-        (Some(cert), Some(key)) => {
-            let read = |p: &Path, what: &str| {
-                std::fs::read_to_string(p).with_context(|| format!("ca.{what} {}", p.display()))
-            };
-            let upstream = ca::Upstream {
-                chain_pem: read(cert, "upstream_cert_file")?,
-                key_pem: read(key, "upstream_key_file")?,
-            };
-            ca::load_or_create_under(ca_dir, &config.trust_domain, &upstream)
-                .context("cannot make the CA under [ca] upstream")?
-        }
-        (None, None) => ca::load_or_create(ca_dir, &config.trust_domain, config.ca.intermediate)?,
-        _ => anyhow::bail!("ca.upstream_cert_file and ca.upstream_key_file go together"),
-    };
-    Ok((InProcessSigner::new(&ca, &config.trust_domain)?, ca.created))
+    Ok(castellan::signer::open_or_create(
+        ca_dir,
+        &config.trust_domain,
+        &config.ca,
+    )?)
 }
 
 impl App {

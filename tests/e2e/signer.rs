@@ -49,6 +49,18 @@ async fn channel(socket: &Path) -> Result<tonic::transport::Channel, tonic::tran
         .await
 }
 
+/// An attested issuance through `server`, which must succeed.
+fn issue(server: &Server, cluster: &Cluster) -> support::Resp {
+    let (_, c) = csr();
+    let r = server.post(
+        ISSUE,
+        &issuance_body(&cluster.token("ns", "sa"), &c, Some(600)),
+        None,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    r
+}
+
 /// Every file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -110,13 +122,7 @@ async fn a_gateway_with_a_separate_signer_holds_no_key_and_issues_through_it() {
     // Attested issuance, signed by the signer.
     let cluster = Cluster::new("https://k8s.signer.example");
     server.add_trust_source("signer", &cluster);
-    let (_, c) = csr();
-    let r = server.post(
-        ISSUE,
-        &issuance_body(&cluster.token("ns", "sa"), &c, Some(600)),
-        None,
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = issue(&server, &cluster);
     let bundle = std::fs::read_to_string(signer.dir.join("ca/bundle.pem")).unwrap();
     assert_eq!(r.body["bundle_pem"].as_str().unwrap(), bundle);
     let leaf = support::pem_certs(r.body["certificate_pem"].as_str().unwrap()).remove(0);
@@ -338,4 +344,185 @@ async fn callers_whose_uid_is_not_allowed_get_nothing() {
     let config = gateway_config(tmp.path(), &signer);
     let stderr = support::serve_refused(&config);
     assert!(stderr.contains("signer.endpoint"), "{stderr}");
+}
+
+/// Issue 16, item 4: the CA and JWT keys generated inside a PKCS#11 token
+/// (SoftHSM2), used through it, rotated in it, never on disk.
+#[test]
+fn keys_in_a_pkcs11_token_sign_rotate_and_never_touch_the_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = support::softhsm_token(tmp.path());
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = {{ enabled = false }}\n\
+             [ca]\nintermediate = true\nkey_manager = \"pkcs11\"\n\
+             [ca.pkcs11]\nmodule = \"{}\"\ntoken_label = \"castellan\"\npin_file = \"pin\"\n",
+            support::SOFTHSM
+        ),
+    )
+    .unwrap();
+    let dir = tmp.path().join("data");
+    let env = [("SOFTHSM2_CONF", conf.as_path())];
+    let server = Server::serve_with_env(&config, &dir, &env);
+
+    let keyring: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ca/authorities.json")).unwrap()).unwrap();
+    for a in keyring["authorities"].as_array().unwrap() {
+        assert!(a["key"].as_str().unwrap().starts_with("pkcs11:castellan-"), "{a}");
+    }
+    let on_disk: Vec<PathBuf> = files(&dir)
+        .into_iter()
+        .filter(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("PRIVATE KEY")))
+        .collect();
+    assert!(on_disk.is_empty(), "private keys on disk: {on_disk:?}");
+
+    // An SVID, chained root → intermediate → leaf, all signed in the token.
+    let cluster = Cluster::new("https://k8s.hsm.example");
+    server.add_trust_source("hsm", &cluster);
+    let verify_chain = |r: &support::Resp| {
+        let chain = support::pem_certs(r.body["chain_pem"].as_str().unwrap());
+        let root = support::pem_certs(r.body["bundle_pem"].as_str().unwrap()).remove(0);
+        let parsed: Vec<_> = chain
+            .iter()
+            .chain(std::iter::once(&root))
+            .map(|d| x509_parser::parse_x509_certificate(d).unwrap().1)
+            .collect();
+        for pair in parsed.windows(2) {
+            pair[0].verify_signature(Some(pair[1].public_key())).unwrap();
+        }
+        assert_eq!(parsed.len(), 3, "leaf, intermediate, root");
+    };
+    verify_chain(&issue(&server, &cluster));
+
+    // A join token by the JWT key in the token, verified with the JWKS.
+    let r = server.post_admin(
+        "/api/v1/join-tokens",
+        &json!({"name": "host-1", "ttl_seconds": 600}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let token = r.body["token"].as_str().unwrap();
+    let jwks = server.get("/.well-known/jwks.json", None).body;
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    let jwk = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"].as_str() == header.kid.as_deref())
+        .unwrap();
+    let key =
+        jsonwebtoken::DecodingKey::from_ec_components(jwk["x"].as_str().unwrap(), jwk["y"].as_str().unwrap())
+            .unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_audience(&["castellan-join"]);
+    jsonwebtoken::decode::<Value>(token, &key, &validation).unwrap();
+
+    // Rotation makes the successor in the token too; after a restart the
+    // keys are found there again.
+    let r = server.post_admin("/api/v1/ca/authorities", &json!({"kind": "x509"}));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["prepared"]["id"].as_str().unwrap().to_owned();
+    let r = server.post_admin(&format!("/api/v1/ca/authorities/{id}/activate"), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    server.stop();
+    let server = Server::serve_with_env(&config, &dir, &env);
+    verify_chain(&issue(&server, &cluster));
+    let listed = server.get_admin("/api/v1/ca/authorities").body;
+    assert_eq!(listed["authorities"][0]["id"], id.as_str());
+    assert!(
+        files(&dir)
+            .iter()
+            .all(|p| !std::fs::read_to_string(p).is_ok_and(|t| t.contains("PRIVATE KEY")))
+    );
+    // A wrong PIN: the gateway does not start, and says why.
+    server.stop();
+    std::fs::write(tmp.path().join("pin"), "0000").unwrap();
+    let out = support::castellan()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PIN") && !stderr.contains("0000"), "{stderr}");
+}
+
+/// Issue 16, item 5: Castellan's CA made under an external root whose key
+/// is in the token (imported, as an operator would), its own key made there.
+#[test]
+fn an_upstream_key_in_the_token_signs_castellans_ca_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = support::softhsm_token(tmp.path());
+    // The corporate root, its key imported into the token.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Corp Root");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let corp = params.self_signed(&key).unwrap();
+    std::fs::write(tmp.path().join("corp.pem"), corp.pem()).unwrap();
+    let pkcs8 = tmp.path().join("corp-key.pem");
+    std::fs::write(&pkcs8, key.serialize_pem()).unwrap();
+    let out = std::process::Command::new("softhsm2-util")
+        .args(["--import"])
+        .arg(&pkcs8)
+        .args([
+            "--token",
+            "castellan",
+            "--label",
+            "corp-ca",
+            "--id",
+            "0c0a",
+            "--pin",
+            "1234",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_file(&pkcs8).unwrap();
+
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = {{ enabled = false }}\n\
+             [ca]\nkey_manager = \"pkcs11\"\nupstream_cert_file = \"corp.pem\"\nupstream_key_label = \"corp-ca\"\n\
+             [ca.pkcs11]\nmodule = \"{}\"\ntoken_label = \"castellan\"\npin_file = \"pin\"\n",
+            support::SOFTHSM
+        ),
+    )
+    .unwrap();
+    let dir = tmp.path().join("data");
+    let server = Server::serve_with_env(&config, &dir, &[("SOFTHSM2_CONF", conf.as_path())]);
+    let cluster = Cluster::new("https://k8s.corp.example");
+    server.add_trust_source("corp", &cluster);
+    let r = issue(&server, &cluster);
+    assert_eq!(
+        support::pem_certs(r.body["bundle_pem"].as_str().unwrap()),
+        vec![corp.der().to_vec()],
+        "the bundle is the corporate root"
+    );
+    let mut chain = support::pem_certs(r.body["chain_pem"].as_str().unwrap());
+    chain.push(corp.der().to_vec());
+    let parsed: Vec<_> = chain
+        .iter()
+        .map(|d| x509_parser::parse_x509_certificate(d).unwrap().1)
+        .collect();
+    assert_eq!(parsed.len(), 3, "leaf, Castellan's CA, the corporate root");
+    for pair in parsed.windows(2) {
+        pair[0].verify_signature(Some(pair[1].public_key())).unwrap();
+    }
+    assert!(
+        files(&dir)
+            .iter()
+            .all(|p| !std::fs::read_to_string(p).is_ok_and(|t| t.contains("PRIVATE KEY")))
+    );
 }

@@ -38,6 +38,42 @@ pub fn serve_refused(config: &Path) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// SoftHSM2's PKCS#11 module (installed by scripts/setup.sh).
+pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// A SoftHSM2 token of its own under `root`, labelled `castellan`, user PIN
+/// in `root/pin`: returns the `SOFTHSM2_CONF` to run the binary with.
+pub fn softhsm_token(root: &Path) -> PathBuf {
+    let tokens = root.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let conf = root.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "castellan",
+            "--pin",
+            "1234",
+            "--so-pin",
+            "5678",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .expect("softhsm2-util (scripts/setup.sh installs softhsm2)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(root.join("pin"), "1234\n").unwrap();
+    conf
+}
+
 /// The binary under test.
 pub fn castellan() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_castellan"));
@@ -169,9 +205,15 @@ impl Server {
 
     /// `castellan serve --config FILE`; the URL is what the server printed.
     pub fn serve(config: &Path, dir: &Path) -> Self {
+        Self::serve_with_env(config, dir, &[])
+    }
+
+    /// `castellan serve --config FILE` with extra environment variables.
+    pub fn serve_with_env(config: &Path, dir: &Path, env: &[(&str, &Path)]) -> Self {
         let mut child = castellan()
             .args(["serve", "--config"])
             .arg(config)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -134,7 +134,6 @@ async fn offline(target: &Target, rotation: Option<Rotation>) -> anyhow::Result<
         .await
         .context("cannot open the store: is the server still running? Then rotate through the API")?;
     let (signer, _) = crate::server::open_signer(&config, &ca_dir)?;
-    let signer = signer.with_lifetimes(castellan::signer::Lifetimes::of(&config.ca));
     let result = signer.rotate(&rotation);
     let detail = serde_json::to_value(&rotation)?;
     let (kind, data) = match &result {

@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
 use super::authorities::{Authorities, Authority, Kind, Rotation, State};
+use super::keys::{CaKey, KeyStore, fresh_name};
+use super::pkcs11::Token;
 use super::*;
 use crate::ca::CaMaterial;
 use crate::spiffe_id::SpiffeId;
@@ -93,9 +95,9 @@ struct Loaded {
 
 struct ActiveX509 {
     id: String,
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Issuer<'static, CaKey>,
     /// What signs subordinate CAs: the root above, or the authority itself.
-    upstream: Issuer<'static, KeyPair>,
+    upstream: Issuer<'static, CaKey>,
     chain_pem: String,
     from: OffsetDateTime,
     until: OffsetDateTime,
@@ -103,7 +105,7 @@ struct ActiveX509 {
 
 struct ActiveJwt {
     id: String,
-    key: jsonwebtoken::EncodingKey,
+    key: CaKey,
     until: i64,
 }
 
@@ -111,6 +113,8 @@ struct ActiveJwt {
 pub struct InProcessSigner {
     trust_domain: String,
     dir: PathBuf,
+    /// Where its keys are (files, or a PKCS#11 token).
+    keys: KeyStore,
     lifetimes: Lifetimes,
     /// The life of a listener certificate (at most [`LONGEST_LEAF`]).
     server_cert_ttl: Duration,
@@ -132,11 +136,29 @@ impl InProcessSigner {
             let keyring = migrate(ca, trust_domain, Lifetimes::default())?;
             save(&ca.dir, &keyring)?;
         }
-        Self::open(&ca.dir, trust_domain)
+        Self::open(&ca.dir, trust_domain, None)
     }
 
-    /// Opens an existing keyring.
-    pub fn open(dir: &Path, trust_domain: &str) -> Result<Self, SignerError> {
+    /// Makes a CA whose keys are generated inside `token` (one tier, with
+    /// `intermediate` a root and an intermediate, or under `upstream`: its
+    /// chain PEM and its key), and opens it.
+    pub fn create_in_token(
+        dir: &Path,
+        trust_domain: &str,
+        token: Arc<Token>,
+        intermediate: bool,
+        upstream: Option<(&str, CaKey)>,
+        lifetimes: Lifetimes,
+    ) -> Result<Self, SignerError> {
+        std::fs::create_dir_all(dir).map_err(|e| SignerError::Key(format!("{}: {e}", dir.display())))?;
+        let keys = KeyStore::new(dir, Some(token.clone()));
+        let keyring = create_keyring(&keys, trust_domain, intermediate, upstream, lifetimes)?;
+        save(dir, &keyring)?;
+        Self::open(dir, trust_domain, Some(token))
+    }
+
+    /// Opens an existing keyring; keys named `pkcs11:…` are in `token`.
+    pub fn open(dir: &Path, trust_domain: &str, token: Option<Arc<Token>>) -> Result<Self, SignerError> {
         let path = dir.join(KEYRING);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| SignerError::Key(format!("{}: {e}", path.display())))?;
@@ -157,10 +179,12 @@ impl InProcessSigner {
                 e.public.signed_until = e.public.signed_until.max(assumed.min(e.public.not_after));
             }
         }
-        let loaded = load(dir, keyring, &[])?;
+        let keys = KeyStore::new(dir, token);
+        let loaded = load(&keys, keyring, &[])?;
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
             dir: dir.to_owned(),
+            keys,
             lifetimes: Lifetimes::default(),
             server_cert_ttl: LONGEST_LEAF,
             loaded: ArcSwap::from_pointee(loaded),
@@ -205,7 +229,7 @@ impl InProcessSigner {
         self.rsa_jwt = Some((key, kid));
         let keyring = self.loaded.load().keyring.clone();
         self.loaded
-            .store(Arc::new(load(&self.dir, keyring, &self.static_jwks)?));
+            .store(Arc::new(load(&self.keys, keyring, &self.static_jwks)?));
         Ok(self)
     }
 
@@ -274,7 +298,7 @@ impl InProcessSigner {
             )));
         }
         self.signed_until[1].fetch_max(exp, Ordering::Relaxed);
-        encode_jwt(claims, jsonwebtoken::Algorithm::ES256, &jwt.key, &jwt.id)
+        jwt.key.sign_jwt(claims, &jwt.id)
     }
 
     /// Applies `rotation` to `keyring` at `now`: the new keyring, and the
@@ -360,7 +384,8 @@ impl InProcessSigner {
         Ok(())
     }
 
-    /// A new authority of `kind`, its keys written.
+    /// A new authority of `kind`, its keys made (in the token, when the
+    /// signer has one).
     fn prepare(
         &self,
         keyring: &Keyring,
@@ -368,32 +393,16 @@ impl InProcessSigner {
         root: bool,
         now: OffsetDateTime,
     ) -> Result<Entry, SignerError> {
-        let td = &self.trust_domain;
-        let dir = self.dir.join("authorities");
-        std::fs::create_dir_all(&dir).map_err(|e| SignerError::Key(format!("{}: {e}", dir.display())))?;
-        let write_key = |name: &str, key: &KeyPair| -> Result<String, SignerError> {
-            let rel = format!("authorities/{name}");
-            crate::util::write_private_file(&self.dir.join(&rel), key.serialize_pem().as_bytes())
-                .map_err(|e| SignerError::Key(format!("{rel}: {e}")))?;
-            Ok(rel)
-        };
-        let t = now.unix_timestamp();
+        let (td, keys, t) = (&self.trust_domain, &self.keys, now.unix_timestamp());
         if kind == Kind::Jwt {
-            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            let mut jwk = p256_jwk(&key, "");
+            let (key, name) = keys.generate(&fresh_name("jwt"))?;
+            let mut jwk = key.jwk("");
             let id = jwk_thumbprint(&jwk);
             jwk["kid"] = id.clone().into();
-            let file = write_key(&format!("{id}.key"), &key)?;
+            let until = (now + self.lifetimes.jwt).unix_timestamp();
             return Ok(Entry {
-                public: Authority::prepared(
-                    id,
-                    Kind::Jwt,
-                    t - 60,
-                    (now + self.lifetimes.jwt).unix_timestamp(),
-                    t,
-                )
-                .with_jwk(jwk),
-                key: file,
+                public: Authority::prepared(id, Kind::Jwt, t - 60, until, t).with_jwk(jwk),
+                key: name,
                 root_key: None,
             });
         }
@@ -405,31 +414,34 @@ impl InProcessSigner {
         let life = self.lifetimes.x509;
         let one_tier = active.public.chain_pem.is_empty();
         let ca_err = |e: crate::ca::CaError| SignerError::Key(e.to_string());
-        // One tier, or a new root asked for: a self-signed root, and under
-        // two tiers an intermediate below it.
-        let (cert_pem, chain_pem, anchor_pem, key, root_key) = if one_tier || root {
-            let (params, cert, key) =
-                crate::ca::new_root(td, if one_tier { life } else { crate::ca::ROOT_LIFETIME })
-                    .map_err(ca_err)?;
+        let made = if one_tier || root {
+            // One tier, or a new root asked for: a self-signed root, and
+            // under two tiers an intermediate below it.
+            let (root_key, root_name) = keys.generate(&fresh_name("root"))?;
+            let root_life = if one_tier { life } else { crate::ca::ROOT_LIFETIME };
+            let (params, root_cert) = crate::ca::new_root_with(td, root_life, &root_key).map_err(ca_err)?;
             if one_tier {
-                (cert.pem(), String::new(), cert.pem(), key, None)
+                Made::signing(
+                    &root_key,
+                    root_name,
+                    root_cert.pem(),
+                    String::new(),
+                    root_cert.pem(),
+                    None,
+                )
             } else {
-                let issuer = Issuer::new(params, &key);
-                let (int, int_key) = crate::ca::new_intermediate(td, &issuer, life).map_err(ca_err)?;
-                (int.pem(), int.pem(), cert.pem(), int_key, Some((key, true)))
+                let issuer = Issuer::new(params, &root_key);
+                let (key, name) = keys.generate(&fresh_name("x509"))?;
+                let int = crate::ca::new_intermediate_with(td, &issuer, life, &key).map_err(ca_err)?;
+                Made::signing(&key, name, int.pem(), int.pem(), root_cert.pem(), Some(root_name))
             }
-        } else if let Some(root_file) = &active.root_key {
-            let root_key = read_key(&self.dir, root_file)?;
-            let issuer = Issuer::from_ca_cert_pem(&active.public.anchor_pem, root_key)
+        } else if let Some(root_name) = &active.root_key {
+            let issuer = Issuer::from_ca_cert_pem(&active.public.anchor_pem, keys.load(root_name)?)
                 .map_err(|e| SignerError::Key(format!("root certificate: {e}")))?;
-            let (int, int_key) = crate::ca::new_intermediate(td, &issuer, life).map_err(ca_err)?;
-            (
-                int.pem(),
-                int.pem(),
-                active.public.anchor_pem.clone(),
-                int_key,
-                None,
-            )
+            let (key, name) = keys.generate(&fresh_name("x509"))?;
+            let int = crate::ca::new_intermediate_with(td, &issuer, life, &key).map_err(ca_err)?;
+            let anchor = active.public.anchor_pem.clone();
+            Made::signing(&key, name, int.pem(), int.pem(), anchor, Some(root_name.clone()))
         } else {
             return Err(refused(
                 "Castellan's CA sits under an upstream authority whose key it does not hold: \
@@ -437,24 +449,57 @@ impl InProcessSigner {
                     .into(),
             ));
         };
-        let id = spki_id(&rcgen::PublicKeyData::subject_public_key_info(&key));
-        let key_file = write_key(&format!("{id}.key"), &key)?;
-        let root_file = match root_key {
-            Some((k, _)) => Some(write_key(&format!("{id}.root.key"), &k)?),
-            None if !one_tier && !root => active.root_key.clone(),
-            None => None,
-        };
-        let all = format!("{cert_pem}{chain_pem}{anchor_pem}");
+        made.entry(t)
+    }
+}
+
+/// An X.509 authority just made: its certificates and the names of its keys.
+struct Made {
+    id: String,
+    key: String,
+    root_key: Option<String>,
+    cert_pem: String,
+    chain_pem: String,
+    anchor_pem: String,
+}
+
+impl Made {
+    fn signing(
+        key: &CaKey,
+        name: String,
+        cert_pem: String,
+        chain_pem: String,
+        anchor_pem: String,
+        root_key: Option<String>,
+    ) -> Self {
+        Self {
+            id: spki_id(&rcgen::PublicKeyData::subject_public_key_info(key)),
+            key: name,
+            root_key,
+            cert_pem,
+            chain_pem,
+            anchor_pem,
+        }
+    }
+
+    /// Its keyring entry, prepared at `now`.
+    fn entry(self, now: i64) -> Result<Entry, SignerError> {
+        let all = format!("{}{}{}", self.cert_pem, self.chain_pem, self.anchor_pem);
         let (from, until) = validity(&all)?;
-        let mut public =
-            Authority::prepared(id, Kind::X509, from.unix_timestamp(), until.unix_timestamp(), t);
-        public.cert_pem = cert_pem;
-        public.chain_pem = chain_pem;
-        public.anchor_pem = anchor_pem;
+        let mut public = Authority::prepared(
+            self.id,
+            Kind::X509,
+            from.unix_timestamp(),
+            until.unix_timestamp(),
+            now,
+        );
+        public.cert_pem = self.cert_pem;
+        public.chain_pem = self.chain_pem;
+        public.anchor_pem = self.anchor_pem;
         Ok(Entry {
             public,
-            key: key_file,
-            root_key: root_file,
+            key: self.key,
+            root_key: self.root_key,
         })
     }
 }
@@ -490,12 +535,6 @@ fn spki_id(spki: &[u8]) -> String {
     hex::encode(&sha2::Sha256::digest(spki)[..20])
 }
 
-fn read_key(dir: &Path, file: &str) -> Result<KeyPair, SignerError> {
-    let pem =
-        std::fs::read_to_string(dir.join(file)).map_err(|e| SignerError::Key(format!("{file}: {e}")))?;
-    KeyPair::from_pem(&pem).map_err(|e| SignerError::Key(format!("{file}: {e}")))
-}
-
 /// The keyring of a CA made before rotation: its signing key is the active
 /// X.509 authority, its JWT key the active JWT authority.
 fn migrate(ca: &CaMaterial, trust_domain: &str, lifetimes: Lifetimes) -> Result<Keyring, SignerError> {
@@ -525,30 +564,120 @@ fn migrate(ca: &CaMaterial, trust_domain: &str, lifetimes: Lifetimes) -> Result<
     x509.anchor_pem = ca.root_cert_pem.clone();
     let jwt_pair =
         KeyPair::from_pem(&ca.jwt_key_pem).map_err(|e| SignerError::Key(format!("JWT key: {e}")))?;
-    let mut jwk = p256_jwk(&jwt_pair, "");
+    let x509 = Entry {
+        public: x509,
+        key: if one_tier { "root.key" } else { "intermediate.key" }.into(),
+        root_key: (!one_tier && ca.root_key_pem.is_some()).then(|| "root.key".into()),
+    };
+    let jwt = active_jwt(p256_jwk(&jwt_pair, ""), "jwt-signing.key".into(), lifetimes, now);
+    Ok(first_keyring(trust_domain, x509, jwt))
+}
+
+/// The active JWT authority of a new keyring: the key `key` (public `jwk`).
+fn active_jwt(mut jwk: serde_json::Value, key: String, lifetimes: Lifetimes, now: OffsetDateTime) -> Entry {
+    let t = now.unix_timestamp();
     let kid = jwk_thumbprint(&jwk);
     jwk["kid"] = kid.clone().into();
-    let t = now.unix_timestamp();
-    let mut jwt =
+    let mut public =
         Authority::prepared(kid, Kind::Jwt, t - 60, (now + lifetimes.jwt).unix_timestamp(), t).with_jwk(jwk);
-    jwt.state = State::Active;
-    jwt.activated_at = Some(t);
-    Ok(Keyring {
+    public.state = State::Active;
+    public.activated_at = Some(t);
+    Entry {
+        public,
+        key,
+        root_key: None,
+    }
+}
+
+/// A keyring's first generation: one active authority of each kind.
+fn first_keyring(trust_domain: &str, x509: Entry, jwt: Entry) -> Keyring {
+    Keyring {
         trust_domain: trust_domain.to_owned(),
         generation: 1,
-        authorities: vec![
-            Entry {
-                public: x509,
-                key: if one_tier { "root.key" } else { "intermediate.key" }.into(),
-                root_key: (!one_tier && ca.root_key_pem.is_some()).then(|| "root.key".into()),
-            },
-            Entry {
-                public: jwt,
-                key: "jwt-signing.key".into(),
-                root_key: None,
-            },
-        ],
+        authorities: vec![x509, jwt],
+    }
+}
+
+/// A new CA's keyring with every key made by `keys` (in a token): an
+/// active X.509 authority (a root, or a root and an intermediate) and an
+/// active JWT key.
+fn create_keyring(
+    keys: &KeyStore,
+    trust_domain: &str,
+    intermediate: bool,
+    upstream: Option<(&str, CaKey)>,
+    lifetimes: Lifetimes,
+) -> Result<Keyring, SignerError> {
+    let now = OffsetDateTime::now_utc();
+    let t = now.unix_timestamp();
+    let made = match upstream {
+        Some((chain_pem, upstream_key)) => {
+            under_upstream(keys, trust_domain, chain_pem, upstream_key, lifetimes)?
+        }
+        None => own_root(keys, trust_domain, intermediate, lifetimes)?,
+    };
+    let mut x509 = made.entry(t)?;
+    x509.public.state = State::Active;
+    x509.public.activated_at = Some(t);
+    let (key, name) = keys.generate(&fresh_name("jwt"))?;
+    let jwt = active_jwt(key.jwk(""), name, lifetimes, now);
+    Ok(first_keyring(trust_domain, x509, jwt))
+}
+
+/// A root of Castellan's own (and, with `intermediate`, an intermediate
+/// under it).
+fn own_root(
+    keys: &KeyStore,
+    trust_domain: &str,
+    intermediate: bool,
+    lifetimes: Lifetimes,
+) -> Result<Made, SignerError> {
+    let ca_err = |e: crate::ca::CaError| SignerError::Key(e.to_string());
+    let (root_key, root_name) = keys.generate(&fresh_name("root"))?;
+    let (params, root_cert) =
+        crate::ca::new_root_with(trust_domain, crate::ca::ROOT_LIFETIME, &root_key).map_err(ca_err)?;
+    Ok(if intermediate {
+        let issuer = Issuer::new(params, &root_key);
+        let (key, name) = keys.generate(&fresh_name("x509"))?;
+        let int =
+            crate::ca::new_intermediate_with(trust_domain, &issuer, lifetimes.x509, &key).map_err(ca_err)?;
+        Made::signing(&key, name, int.pem(), int.pem(), root_cert.pem(), Some(root_name))
+    } else {
+        Made::signing(
+            &root_key,
+            root_name,
+            root_cert.pem(),
+            String::new(),
+            root_cert.pem(),
+            None,
+        )
     })
+}
+
+/// Castellan's CA signed by an upstream authority's key (used once): chains
+/// carry it and the upstream's intermediates; bundles hold the upstream's
+/// root.
+fn under_upstream(
+    keys: &KeyStore,
+    trust_domain: &str,
+    chain_pem: &str,
+    upstream_key: CaKey,
+    lifetimes: Lifetimes,
+) -> Result<Made, SignerError> {
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&upstream_key);
+    let checked = crate::ca::check_upstream(chain_pem, &spki)
+        .map_err(|m| SignerError::Key(format!("ca.upstream: {m}")))?;
+    let issuer = Issuer::from_ca_cert_pem(&checked.chain[0], upstream_key)
+        .map_err(|e| SignerError::Key(format!("ca.upstream: {e}")))?;
+    let (key, name) = keys.generate(&fresh_name("x509"))?;
+    let cert = crate::ca::new_under_upstream(trust_domain, &issuer, checked.until, lifetimes.x509, &key)
+        .map_err(|e| SignerError::Key(e.to_string()))?;
+    let chain = format!(
+        "{}{}",
+        cert.pem(),
+        checked.chain[..checked.chain.len() - 1].concat()
+    );
+    Ok(Made::signing(&key, name, cert.pem(), chain, checked.anchor, None))
 }
 
 /// Writes the keyring index atomically, and beside it `bundle.pem`: the
@@ -567,7 +696,7 @@ fn save(dir: &Path, keyring: &Keyring) -> Result<(), SignerError> {
 }
 
 /// Loads the active keys of `keyring`.
-fn load(dir: &Path, keyring: Keyring, static_jwks: &[serde_json::Value]) -> Result<Loaded, SignerError> {
+fn load(keys: &KeyStore, keyring: Keyring, static_jwks: &[serde_json::Value]) -> Result<Loaded, SignerError> {
     let mut x509 = None;
     let mut jwt = None;
     for e in keyring
@@ -578,14 +707,14 @@ fn load(dir: &Path, keyring: Keyring, static_jwks: &[serde_json::Value]) -> Resu
         let a = &e.public;
         match a.kind {
             Kind::X509 => {
-                let issuer = Issuer::from_ca_cert_pem(&a.cert_pem, read_key(dir, &e.key)?)
+                let issuer = Issuer::from_ca_cert_pem(&a.cert_pem, keys.load(&e.key)?)
                     .map_err(|err| SignerError::Key(format!("{}: {err}", a.id)))?;
                 // Subordinate CAs come from the root above, or from the
                 // authority itself (a self-signed one, or under an upstream
                 // authority whose key Castellan does not hold).
                 let upstream = match &e.root_key {
-                    Some(root) => Issuer::from_ca_cert_pem(&a.anchor_pem, read_key(dir, root)?),
-                    None => Issuer::from_ca_cert_pem(&a.cert_pem, read_key(dir, &e.key)?),
+                    Some(root) => Issuer::from_ca_cert_pem(&a.anchor_pem, keys.load(root)?),
+                    None => Issuer::from_ca_cert_pem(&a.cert_pem, keys.load(&e.key)?),
                 }
                 .map_err(|err| SignerError::Key(format!("{}: {err}", a.id)))?;
                 let at =
@@ -600,13 +729,9 @@ fn load(dir: &Path, keyring: Keyring, static_jwks: &[serde_json::Value]) -> Resu
                 });
             }
             Kind::Jwt => {
-                let pem = std::fs::read(dir.join(&e.key))
-                    .map_err(|err| SignerError::Key(format!("{}: {err}", e.key)))?;
-                let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem)
-                    .map_err(|err| SignerError::Key(format!("{}: {err}", e.key)))?;
                 jwt = Some(ActiveJwt {
                     id: a.id.clone(),
-                    key,
+                    key: keys.load(&e.key)?,
                     until: a.not_after,
                 });
             }
@@ -626,7 +751,7 @@ fn load(dir: &Path, keyring: Keyring, static_jwks: &[serde_json::Value]) -> Resu
 }
 
 /// Deletes key files that no published authority uses any more.
-fn delete_unused_keys(dir: &Path, before: &Keyring, after: &Keyring) {
+fn delete_unused_keys(keys: &KeyStore, before: &Keyring, after: &Keyring) {
     let used = |k: &Keyring| -> std::collections::HashSet<String> {
         k.authorities
             .iter()
@@ -635,23 +760,9 @@ fn delete_unused_keys(dir: &Path, before: &Keyring, after: &Keyring) {
             .collect()
     };
     let still = used(after);
-    for file in used(before).difference(&still) {
-        if let Err(e) = std::fs::remove_file(dir.join(file)) {
-            tracing::warn!(file, error = %e, "could not delete a revoked authority's key");
-        }
+    for key in used(before).difference(&still) {
+        keys.delete(key);
     }
-}
-
-fn encode_jwt(
-    claims: &impl Serialize,
-    algorithm: jsonwebtoken::Algorithm,
-    key: &jsonwebtoken::EncodingKey,
-    kid: &str,
-) -> Result<String, SignerError> {
-    let mut header = jsonwebtoken::Header::new(algorithm);
-    header.kid = Some(kid.to_owned());
-    header.typ = Some("JWT".into());
-    Ok(jsonwebtoken::encode(&header, claims, key)?)
 }
 
 impl Signer for InProcessSigner {
@@ -798,7 +909,7 @@ impl Signer for InProcessSigner {
         self.apply(&mut keyring, rotation, OffsetDateTime::now_utc())?;
         // Load before saving: a key that does not load is refused, and the
         // keyring on disk stays as it was.
-        let loaded = load(&self.dir, keyring, &self.static_jwks)?;
+        let loaded = load(&self.keys, keyring, &self.static_jwks)?;
         save(&self.dir, &loaded.keyring)?;
         if matches!(rotation, Rotation::Activate { .. }) {
             let slot = usize::from(
@@ -806,7 +917,7 @@ impl Signer for InProcessSigner {
             );
             self.signed_until[slot].store(0, Ordering::Relaxed);
         }
-        delete_unused_keys(&self.dir, &current.keyring, &loaded.keyring);
+        delete_unused_keys(&self.keys, &current.keyring, &loaded.keyring);
         let public = loaded.public.clone();
         self.loaded.store(Arc::new(loaded));
         Ok(public)

@@ -20,11 +20,15 @@ use crate::spiffe_id::SpiffeId;
 
 pub mod authorities;
 mod in_process;
+mod keys;
+pub mod pkcs11;
 pub mod remote;
 pub mod service;
+mod setup;
 
 pub use authorities::{Authorities, Authority, Kind, Rotation, State};
 pub use in_process::{InProcessSigner, Lifetimes, keyring_exists};
+pub use setup::open_or_create;
 
 /// How far NotBefore is backdated to absorb clock skew between machines.
 const BACKDATE: Duration = Duration::seconds(30);
@@ -348,13 +352,30 @@ fn finish(
 
 /// The public JWK of a P-256 key.
 pub fn p256_jwk(key: &KeyPair, kid: &str) -> serde_json::Value {
+    p256_jwk_of_point(key.public_key_raw(), kid)
+}
+
+/// The public JWK of a P-256 key given as its uncompressed point.
+pub fn p256_jwk_of_point(raw: &[u8], kid: &str) -> serde_json::Value {
     use base64::Engine as _;
-    let raw = key.public_key_raw();
     serde_json::json!({
         "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
         "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw[1..33]),
         "y": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw[33..65]),
     })
+}
+
+/// A JWS over `claims` with `key`, its header carrying `kid` and `typ: JWT`.
+fn encode_jwt(
+    claims: &impl serde::Serialize,
+    algorithm: jsonwebtoken::Algorithm,
+    key: &jsonwebtoken::EncodingKey,
+    kid: &str,
+) -> Result<String, SignerError> {
+    let mut header = jsonwebtoken::Header::new(algorithm);
+    header.kid = Some(kid.to_owned());
+    header.typ = Some("JWT".into());
+    Ok(jsonwebtoken::encode(&header, claims, key)?)
 }
 
 /// RFC 7638 JWK thumbprint (SHA-256, base64url) of an EC or RSA public JWK.

@@ -532,27 +532,10 @@ pub async fn run(config: SignerConfig) -> anyhow::Result<()> {
 
 /// The signer's keyring: opened, or made on first start (like a gateway's).
 fn open_keyring(config: &SignerConfig, ca_dir: &Path) -> anyhow::Result<InProcessSigner> {
-    let td = &config.trust_domain;
-    let signer = if super::keyring_exists(ca_dir) {
-        InProcessSigner::open(ca_dir, td)?
-    } else {
-        let ca = match (&config.ca.upstream_cert_file, &config.ca.upstream_key_file) {
-            (Some(cert), Some(key)) if !crate::ca::exists(ca_dir) => {
-                let upstream = crate::ca::Upstream {
-                    chain_pem: std::fs::read_to_string(cert)?,
-                    key_pem: std::fs::read_to_string(key)?,
-                };
-                crate::ca::load_or_create_under(ca_dir, td, &upstream)?
-            }
-            _ => crate::ca::load_or_create(ca_dir, td, config.ca.intermediate)?,
-        };
-        InProcessSigner::new(&ca, td)?
-    };
+    let (signer, _) = super::open_or_create(ca_dir, &config.trust_domain, &config.ca)?;
     let server_cert_ttl =
         time::Duration::seconds(config.max_x509_ttl_seconds as i64).min(time::Duration::days(90));
-    let mut signer = signer
-        .with_lifetimes(super::Lifetimes::of(&config.ca))
-        .with_server_cert_ttl(server_cert_ttl);
+    let mut signer = signer.with_server_cert_ttl(server_cert_ttl);
     if config.jwt_rs256 {
         signer = signer.with_rsa_jwt_key(&crate::ca::load_or_create_rsa_jwt_key(ca_dir)?)?;
     }

@@ -142,7 +142,7 @@ fn a_prepared_authority_is_published_first_signs_once_active_and_is_revoked_only
     ));
 
     // The keyring on disk is what the signer had.
-    let reopened = InProcessSigner::open(&ca, "example.org").unwrap();
+    let reopened = InProcessSigner::open(&ca, "example.org", None).unwrap();
     assert_eq!(reopened.authorities().active(Kind::X509).unwrap().id, next.id);
     assert_eq!(reopened.authorities().bundle_pem(), revoked.bundle_pem());
     let leaf = reopened
