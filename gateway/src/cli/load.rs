@@ -27,6 +27,22 @@ pub(super) enum BenchCommand {
     /// A legitimate client's issuances and challenges, alone and during each
     /// flood (challenges, half-sent requests, refusals with new idempotency keys).
     Flood(BenchFlood),
+    /// Signatures per second through the signer a gateway config names: its
+    /// keyring in process (disk or PKCS#11), or its `[signer] endpoint`.
+    Signer(BenchSigner),
+}
+
+#[derive(Args)]
+pub(super) struct BenchSigner {
+    /// The gateway's config file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Threads signing at once.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// Signatures of each kind.
+    #[arg(long, default_value_t = 5_000)]
+    signatures: usize,
 }
 
 #[derive(Args)]
@@ -178,6 +194,7 @@ pub(super) async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::WorkloadApi(args) => bench_workload_api(args).await,
         BenchCommand::Attestors(args) => bench_attestors(args).await,
         BenchCommand::Flood(args) => bench_flood(args).await,
+        BenchCommand::Signer(args) => bench_signer(args),
     }
 }
 
@@ -452,5 +469,75 @@ async fn bench_approvals(args: BenchApprovals) -> anyhow::Result<ExitCode> {
         ms(r.p99),
         ms(r.max)
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Signs `signatures` X.509-SVIDs, then as many JWT-SVIDs, from `threads`
+/// threads, through the signer the config names; prints each rate.
+fn bench_signer(args: BenchSigner) -> anyhow::Result<ExitCode> {
+    use castellan::signer::{JwtAlg, JwtSvidClaims, Signer, Template};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let config = castellan::config::Config::load(&args.config)?;
+    let signer: std::sync::Arc<dyn Signer> = match config.signer.socket() {
+        Some(socket) => std::sync::Arc::new(castellan::signer::remote::RemoteSigner::connect(&socket)?),
+        None => std::sync::Arc::new(crate::server::open_signer(&config, &config.data_dir.join("ca"))?.0),
+    };
+    let where_ = match (&config.signer.endpoint, config.ca.key_manager.as_str()) {
+        (Some(e), _) => format!("signer process at {e}"),
+        (None, "pkcs11") => "in process, keys in the PKCS#11 token".into(),
+        (None, _) => "in process, keys on disk".into(),
+    };
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let id = castellan::spiffe_id::SpiffeId::parse(&format!("spiffe://{}/bench", config.trust_domain))?;
+    println!("signer bench: {where_}, {} threads", args.threads);
+    for kind in ["x509-svid", "jwt-svid"] {
+        let next = AtomicUsize::new(0);
+        let start = std::time::Instant::now();
+        let failed = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..args.threads.max(1))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut failed = 0usize;
+                        while next.fetch_add(1, Ordering::Relaxed) < args.signatures {
+                            let now = castellan::util::now_unix();
+                            let ok = if kind == "x509-svid" {
+                                signer
+                                    .sign_x509_svid(&Template {
+                                        spiffe_id: id.clone(),
+                                        public_key_der: spki.clone(),
+                                        ttl: time::Duration::minutes(5),
+                                        dns_names: vec![],
+                                        extensions: vec![],
+                                    })
+                                    .is_ok()
+                            } else {
+                                let claims = JwtSvidClaims {
+                                    sub: id.clone(),
+                                    aud: vec!["bench".into()],
+                                    iat: now,
+                                    exp: now + 300,
+                                    iss: None,
+                                    jti: None,
+                                    agent: None,
+                                };
+                                signer.sign_jwt_svid(&claims, JwtAlg::ES256).is_ok()
+                            };
+                            failed += usize::from(!ok);
+                        }
+                        failed
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap_or(usize::MAX)).sum::<usize>()
+        });
+        let elapsed = start.elapsed().as_secs_f64();
+        println!(
+            "  {kind:<10} {:>8.0} signatures/s  ({} in {elapsed:.2} s, {failed} failed)",
+            args.signatures as f64 / elapsed,
+            args.signatures
+        );
+        anyhow::ensure!(failed == 0, "{failed} {kind} signatures failed");
+    }
     Ok(ExitCode::SUCCESS)
 }
