@@ -529,7 +529,10 @@ fn bench_signer(args: BenchSigner) -> anyhow::Result<ExitCode> {
                     })
                 })
                 .collect();
-            workers.into_iter().map(|w| w.join().unwrap_or(usize::MAX)).sum::<usize>()
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or(usize::MAX))
+                .sum::<usize>()
         });
         let elapsed = start.elapsed().as_secs_f64();
         println!(

@@ -324,7 +324,7 @@ pub struct Schedule {
 
 impl Schedule {
     /// When `[ca]` has automatic rotation act, if it is on.
-    pub fn of(ca: &crate::config::CaConfig) -> Option<Self> {
+    pub fn of(ca: &super::config::CaConfig) -> Option<Self> {
         ca.auto_rotate.then_some(Self {
             prepare_at: ca.prepare_at,
             activate_at: ca.activate_at,

@@ -47,7 +47,7 @@ pub struct Lifetimes {
 
 impl Lifetimes {
     /// The lives `[ca]` sets.
-    pub fn of(ca: &crate::config::CaConfig) -> Self {
+    pub fn of(ca: &super::config::CaConfig) -> Self {
         let at = |s: u64| Duration::seconds(s.min(i64::MAX as u64) as i64);
         Self {
             x509: at(ca.x509_authority_ttl_seconds),

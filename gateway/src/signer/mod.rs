@@ -19,6 +19,7 @@ use time::{Duration, OffsetDateTime};
 use crate::spiffe_id::SpiffeId;
 
 pub mod authorities;
+pub mod config;
 mod in_process;
 mod keys;
 pub mod pkcs11;

@@ -43,7 +43,7 @@ fn hsm(what: &str) -> impl Fn(cryptoki::error::Error) -> SignerError + '_ {
 
 impl Token {
     /// Loads the module, finds the token by label and logs in.
-    pub fn open(config: &crate::config::Pkcs11Config) -> Result<Arc<Self>, SignerError> {
+    pub fn open(config: &super::config::Pkcs11Config) -> Result<Arc<Self>, SignerError> {
         let context = Pkcs11::new(&config.module)
             .map_err(|e| SignerError::Key(format!("PKCS#11 module {}: {e}", config.module.display())))?;
         match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
@@ -276,7 +276,7 @@ mod tests {
 
     #[test]
     fn a_missing_module_is_a_clear_error() {
-        let err = super::Token::open(&crate::config::Pkcs11Config {
+        let err = super::Token::open(&crate::signer::config::Pkcs11Config {
             module: "/nonexistent/libpkcs11.so".into(),
             token_label: "t".into(),
             pin_file: "/nonexistent/pin".into(),

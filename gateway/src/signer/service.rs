@@ -22,10 +22,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tonic::{Request, Response, Status};
 
+use super::config::CaConfig;
 use super::{
     InProcessSigner, JoinTokenClaims, JwtAlg, JwtSvidClaims, Rotation, Signer, SignerError, Template,
 };
-use crate::config::CaConfig;
 use crate::spiffe_id::SpiffeId;
 
 /// How far a token's `iat` may be from the signer's clock.

@@ -5,10 +5,10 @@
 
 use std::path::Path;
 
+use super::config::CaConfig;
 use super::keys::CaKey;
 use super::pkcs11::Token;
 use super::{InProcessSigner, Lifetimes, SignerError, keyring_exists};
-use crate::config::CaConfig;
 
 /// The signer over `ca_dir`, and whether its CA was made now.
 pub fn open_or_create(
