@@ -58,10 +58,11 @@ fi
 
 # Python with a real gRPC C-core client (grpcio) for the Workload API tests:
 # stock clients built on C-core (py-spiffe, C++, Ruby) are tested with it, and
-# with xds-protos (code generated from Envoy's official protos) as an SDS client.
+# with xds-protos (code generated from Envoy's official protos) as an SDS client,
+# and Prometheus's own Python client, whose text parser checks /metrics.
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$root/target/grpc-venv"
-if ! "$venv/bin/python" -c "import grpc, yaml, envoy.service.secret.v3.sds_pb2_grpc" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import grpc, yaml, envoy.service.secret.v3.sds_pb2_grpc, prometheus_client" 2>/dev/null; then
   if ! python3 -m venv --help >/dev/null 2>&1; then
     apt_install python3 python3-venv
   fi
@@ -69,5 +70,6 @@ if ! "$venv/bin/python" -c "import grpc, yaml, envoy.service.secret.v3.sds_pb2_g
     rm -rf "$venv"
     python3 -m venv "$venv"
   fi
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "grpcio==1.85.*" "xds-protos==1.85.*" "PyYAML==6.*"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "grpcio==1.85.*" "xds-protos==1.85.*" "PyYAML==6.*" \
+    "prometheus-client>=0.20,<1"
 fi

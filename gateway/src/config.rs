@@ -70,6 +70,8 @@ pub struct Config {
     pub ca: CaConfig,
     /// A separate signer process, instead of keys in this one.
     pub signer: SignerClientConfig,
+    /// Prometheus metrics.
+    pub metrics: MetricsConfig,
     /// Where records are kept.
     pub store: StoreConfig,
     /// SPIFFE federation with other trust domains.
@@ -232,6 +234,26 @@ fn take_ssl_params(url: &str) -> (String, Vec<(String, String)>) {
     } else {
         let kept: Vec<&str> = url.split_whitespace().filter(|p| keep(p)).collect();
         (kept.join(" "), ssl)
+    }
+}
+
+/// Prometheus metrics at `GET /metrics`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve them. Default: true.
+    pub enabled: bool,
+    /// A separate plain-HTTP listener for them (e.g. `127.0.0.1:9090`),
+    /// instead of the API listener. Default: none (on the API listener).
+    pub addr: Option<std::net::SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            addr: None,
+        }
     }
 }
 
@@ -467,6 +489,7 @@ impl Default for Config {
             workload_api: WorkloadApiConfig::default(),
             ca: CaConfig::default(),
             signer: SignerClientConfig::default(),
+            metrics: MetricsConfig::default(),
             store: StoreConfig::default(),
             federation: FederationConfig::default(),
         }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 /// The library's top-level modules by layer; lower layers never import
 /// higher ones.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("leaf", &["util", "spiffe_id", "model"]),
+    ("leaf", &["util", "spiffe_id", "model", "metrics"]),
     (
         "stage",
         &[

@@ -31,6 +31,7 @@ pub mod engine;
 pub mod entries;
 pub mod federation;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod policy;

@@ -202,7 +202,15 @@ impl Dispatcher {
                     item.done.push(hook.name.clone());
                     continue;
                 }
-                match self.deliver(hook, &item).await {
+                let delivered = self.deliver(hook, &item).await;
+                let outcome = if delivered.is_ok() { "delivered" } else { "failed" };
+                crate::metrics::get()
+                    .webhook_deliveries
+                    .get_or_create(&crate::metrics::Outcome {
+                        outcome: outcome.into(),
+                    })
+                    .inc();
+                match delivered {
                     Ok(()) => item.done.push(hook.name.clone()),
                     Err(e) => {
                         let attempts = item.attempts.entry(hook.name.clone()).or_insert(0);

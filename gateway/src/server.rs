@@ -48,7 +48,11 @@ pub async fn build(config: Config, extra_sources: Vec<TrustSource>) -> anyhow::R
         .with_context(|| format!("cannot create data directory {}", dir.display()))?;
     restrict_dir(dir)?;
 
-    let store = open_store(&config).await?;
+    let store = open_store(&config).await?.observe_commits(Arc::new(|took| {
+        let m = castellan::metrics::get();
+        m.store_commit_seconds.observe(took.as_secs_f64());
+        m.stage("record", took.as_secs_f64());
+    }));
 
     let ca_dir = dir.join("ca");
     let (signer, ca_created): (Arc<dyn Signer>, bool) = match config.signer.socket() {
@@ -527,7 +531,19 @@ pub async fn serve(
         federation: app.federation.clone(),
         bundle_refresh_hint: app.config.federation.refresh_hint_seconds,
         max_body_bytes: app.config.http.max_body_bytes,
+        metrics_here: app.config.metrics.enabled && app.config.metrics.addr.is_none(),
     };
+    if let (true, Some(addr)) = (app.config.metrics.enabled, app.config.metrics.addr) {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics.addr {addr}"))?;
+        let metrics = castellan::http::metrics_router(state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, metrics).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+    }
     if !app.config.bundles.sources.is_empty() {
         tokio::spawn(castellan::http::watch_bundle_sources(
             state.clone(),

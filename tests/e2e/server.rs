@@ -879,3 +879,132 @@ fn castellan_can_sit_under_an_upstream_root() {
     let r = server.post(ISSUE, &issuance_body(&cluster.token("a", "b"), &c, None), None);
     assert_eq!(r.status, 201, "{}", r.body);
 }
+
+/// Issue 17: `GET /metrics` in the text exposition format, parsed by
+/// Prometheus's own parser (the Python client's OpenMetrics parser), with
+/// what an issuance and a refusal leave behind; and the example alert
+/// rules name only metrics that exist.
+#[test]
+fn metrics_parse_with_prometheus_and_count_what_happened() {
+    let server = Server::dev();
+    let cluster = Cluster::new("https://k8s.metrics.example");
+    server.add_trust_source("metrics", &cluster);
+    let (_, c) = csr();
+    let r = server.post(ISSUE, &issuance_body(&cluster.token("ns", "sa"), &c, None), None);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let other = Cluster::new("https://k8s.metrics.example");
+    let r = server.post(ISSUE, &issuance_body(&other.token("ns", "sa"), &c, None), None);
+    r.assert_problem(403, "attestation-failed");
+
+    let (status, content_type, text) = server.get_text("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/grpc-venv/bin/python");
+    let parse = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    out.append({"family": family.name, "type": family.type, "name": None, "labels": {}, "value": None})
+    for s in family.samples:
+        out.append({"family": family.name, "type": family.type, "name": s.name, "labels": s.labels, "value": s.value})
+print(json.dumps(out))
+"#;
+    let mut child = std::process::Command::new(&python)
+        .args(["-c", parse])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("scripts/setup.sh installs prometheus-client in target/grpc-venv");
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused it: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        samples
+            .iter()
+            .filter(|s| s["name"] == name && labels.iter().all(|(k, v)| s["labels"][*k] == *v))
+            .filter(|s| s["value"].is_number())
+            .map(|s| s["value"].as_f64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        value(
+            "castellan_credentials_issued_total",
+            &[("flow", "issuance"), ("method", "k8s_sat")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "castellan_credentials_refused_total",
+            &[("flow", "issuance"), ("reason", "attestation-failed")]
+        ),
+        1.0
+    );
+    for stage in ["attest", "decide", "sign", "record"] {
+        assert!(
+            value("castellan_stage_duration_seconds_count", &[("stage", stage)]) >= 1.0,
+            "stage {stage} timed"
+        );
+    }
+    assert!(
+        value(
+            "castellan_http_request_duration_seconds_count",
+            &[
+                ("route", "/api/v1/workloads/attested-issuance"),
+                ("status", "2xx")
+            ]
+        ) >= 1.0
+    );
+    let left = value(
+        "castellan_ca_authority_expiry_seconds",
+        &[("kind", "x509"), ("state", "active")],
+    );
+    assert!(left > 86_400.0 * 300.0, "the dev CA has years left: {left}");
+    assert!(samples.iter().any(|s| s["name"] == "castellan_pending_approvals"));
+    assert!(samples.iter().any(|s| s["name"] == "castellan_bundle_revision"));
+
+    // The example alert rules parse, and every metric they name exists.
+    let rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/prometheus/castellan-alerts.yml");
+    let names = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import sys, yaml, re, json\n\
+             doc = yaml.safe_load(open(sys.argv[1]))\n\
+             exprs = [r['expr'] for g in doc['groups'] for r in g['rules']]\n\
+             print(json.dumps(sorted({m for e in exprs for m in re.findall(r'castellan_[a-z_]+', e)})))",
+        ])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        names.status.success(),
+        "{}",
+        String::from_utf8_lossy(&names.stderr)
+    );
+    let names: Vec<String> = serde_json::from_slice(&names.stdout).unwrap();
+    assert!(names.len() >= 6);
+    for n in names {
+        let base = n
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_total")
+            .to_owned();
+        assert!(
+            samples
+                .iter()
+                .any(|s| s["family"] == base.as_str() || s["name"] == n.as_str()),
+            "alert rules name `{n}`, which /metrics does not have"
+        );
+    }
+}

@@ -288,6 +288,23 @@ impl Server {
         Resp::from(req.call().expect("request sent"))
     }
 
+    /// A GET whose body is text: status, content type, body.
+    pub fn get_text(&self, path: &str) -> (u16, String, String) {
+        let r = self.agent.get(self.url(path)).call().expect("request sent");
+        let status = r.status().as_u16();
+        let content_type = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        (
+            status,
+            content_type,
+            r.into_body().read_to_string().unwrap_or_default(),
+        )
+    }
+
     pub fn get_admin(&self, path: &str) -> Resp {
         self.get(path, Some(&self.admin_token.clone()))
     }

@@ -111,6 +111,20 @@ impl Bundles {
         signed: bool,
         keep: impl FnOnce(&BundleInfo) -> Result<(), ActivationError>,
     ) -> Result<BundleInfo, ActivationError> {
+        let result = self.activate_named(name, bundle, signed, keep);
+        if result.is_err() {
+            crate::metrics::get().bundle_activation_failures.inc();
+        }
+        result
+    }
+
+    fn activate_named(
+        &self,
+        name: &str,
+        bundle: Bundle,
+        signed: bool,
+        keep: impl FnOnce(&BundleInfo) -> Result<(), ActivationError>,
+    ) -> Result<BundleInfo, ActivationError> {
         if !crate::auth::valid_name(name) {
             return Err(ActivationError::Conflict(format!(
                 "bundle name `{}` must be 1-64 letters, digits, `-`, `_`, `.`",

@@ -52,13 +52,17 @@ impl Admission {
         }
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
+            crate::metrics::get().overload_refusals.inc();
             return Err(EngineError::Overloaded);
         }
         let acquired = tokio::time::timeout(MAX_WAIT, self.permits.acquire()).await;
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         match acquired {
             Ok(Ok(permit)) => Ok(Admitted { _permit: permit }),
-            Ok(Err(_)) | Err(_) => Err(EngineError::Overloaded),
+            Ok(Err(_)) | Err(_) => {
+                crate::metrics::get().overload_refusals.inc();
+                Err(EngineError::Overloaded)
+            }
         }
     }
 }

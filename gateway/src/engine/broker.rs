@@ -416,6 +416,7 @@ impl Engine {
                 "token {jti} in the delegation chain was revoked"
             )));
         }
+        crate::metrics::get().issued("broker", &attestation.method);
         Ok(Outcome::Issued(Box::new(granted)))
     }
 

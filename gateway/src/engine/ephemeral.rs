@@ -431,6 +431,7 @@ impl Engine {
             ..Effects::default()
         };
         self.store.create_request(request.clone(), effects).await?;
+        crate::metrics::get().issued("ephemeral", "");
         Ok(request)
     }
 
@@ -565,6 +566,13 @@ impl Engine {
             Err(e) => return Err(e.into()),
         };
         let request = if outcome == VoteOutcome::Approved {
+            if let Ok(created) = time::OffsetDateTime::parse(
+                &request.created_at,
+                &time::format_description::well_known::Rfc3339,
+            ) {
+                let waited = time::OffsetDateTime::now_utc() - created;
+                crate::metrics::get().stage("approve_wait", waited.as_seconds_f64().max(0.0));
+            }
             self.issue_approved(request).await?
         } else {
             request
@@ -709,6 +717,7 @@ impl Engine {
             })
             .await?
             .unwrap_or(Err(EngineError::Approval(ApprovalError::NotFound)))?;
+        crate::metrics::get().issued("ephemeral", "");
         self.wake(&updated.id);
         Ok(granted)
     }
@@ -748,17 +757,22 @@ impl Engine {
         let (cert, record) = self.sign_request(&request).await?;
         let approvers = request.approvers();
         let serial = record.serial.clone();
-        self.record_issued(&request.id, cert, move |r| Effects {
-            audit: vec![event(
-                AuditKind::EphemeralIssued,
-                Actor::Castellan,
-                r,
-                json!({ "serial": serial, "approvers": approvers }),
-            )],
-            certificates: vec![record],
-            ..Effects::default()
-        })
-        .await
+        let issued = self
+            .record_issued(&request.id, cert, move |r| Effects {
+                audit: vec![event(
+                    AuditKind::EphemeralIssued,
+                    Actor::Castellan,
+                    r,
+                    json!({ "serial": serial, "approvers": approvers }),
+                )],
+                certificates: vec![record],
+                ..Effects::default()
+            })
+            .await;
+        if issued.is_ok() {
+            crate::metrics::get().issued("ephemeral", "");
+        }
+        issued
     }
 
     /// Cancels a pending request for its requester. A refusal is audited

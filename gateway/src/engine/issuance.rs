@@ -102,6 +102,7 @@ impl Engine {
         // Durable before the answer leaves: a certificate nobody recorded is
         // never handed out.
         self.store.record_issuance(record, event).await?;
+        crate::metrics::get().issued("issuance", &attestation.method);
         Ok(Issued {
             spiffe_id,
             chain_pem: format!("{}{}", cert.pem, cert.chain_pem),

@@ -80,6 +80,7 @@ impl super::Engine {
                 serde_json::json!({ "name": name, "jti": jti, "expires_at": expires_at }),
             );
             self.store.audit(event).await?;
+            crate::metrics::get().issued("join_token", "");
             Ok(JoinToken {
                 token,
                 name: name.to_owned(),

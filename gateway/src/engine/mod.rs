@@ -255,6 +255,7 @@ impl Engine {
         evidence: &str,
         key_spki: Option<&[u8]>,
     ) -> Result<Attestation, EngineError> {
+        let _timer = crate::metrics::StageTimer::start("attest");
         // Flows check this first; checked again here, where modules run.
         check_method(surface, method)?;
         let host_evidence = HOST_EVIDENCE_METHODS.contains(&method);
@@ -377,6 +378,7 @@ impl Engine {
         } else {
             template
         };
+        let _timer = crate::metrics::StageTimer::start("sign");
         Ok(self.signer.sign_x509_svid(template)?)
     }
 
@@ -453,6 +455,22 @@ impl Engine {
     /// Writes a refusal record within the refusal budget; past it, the
     /// refusal is counted for the next `audit.refusals_suppressed` summary.
     pub async fn audit_refused(&self, event: AuditEvent, problem: &str) {
+        let kind = event.kind.as_str();
+        let flow = kind.strip_suffix(".refused").unwrap_or(kind).to_owned();
+        // A method no module serves is the caller's word: not a label.
+        let method = match event.detail["method"].as_str() {
+            Some(m) if self.policies.snapshot().modules.contains_key(m) => m.to_owned(),
+            Some(_) => "unknown".to_owned(),
+            None => String::new(),
+        };
+        crate::metrics::get()
+            .refused
+            .get_or_create(&crate::metrics::Refused {
+                flow,
+                method,
+                reason: problem.to_owned(),
+            })
+            .inc();
         if self.refusals.admit(event.kind.as_str(), problem) {
             self.audit(event).await;
         } else {

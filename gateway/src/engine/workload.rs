@@ -372,6 +372,7 @@ impl Engine {
                     ..Effects::default()
                 })
                 .await?;
+            crate::metrics::get().issued("workload_x509", &attestation.method);
             *cached = Some(CachedX509 {
                 entry: entry.as_ref().clone(),
                 authority: authority.clone(),
@@ -503,6 +504,9 @@ impl Engine {
             ..Effects::default()
         };
         self.store.record(effects).await?;
+        for _ in &minted {
+            crate::metrics::get().issued("workload_jwt", &attestation.method);
+        }
         for m in &minted {
             self.svids.put_jwt(
                 key(&m.entry),

@@ -17,6 +17,7 @@ mod ephemeral;
 mod follow;
 mod idempotency;
 mod issuance;
+pub mod metrics;
 mod problem;
 mod trust_sources;
 
@@ -52,11 +53,18 @@ pub struct AppState {
     /// `spiffe_refresh_hint` of the bundle this server publishes.
     pub bundle_refresh_hint: u64,
     pub max_body_bytes: usize,
+    /// Whether `GET /metrics` is on this listener (else on `[metrics] addr`,
+    /// or nowhere).
+    pub metrics_here: bool,
 }
 
 /// The API's routes.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut routes = Router::new();
+    if state.metrics_here {
+        routes = routes.route("/metrics", get(metrics::render));
+    }
+    routes
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/api/v1/workloads/attested-issuance", post(issuance::attested))
@@ -119,6 +127,14 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             idempotency::layer,
         ))
+        .route_layer(axum::middleware::from_fn(metrics::time_request))
+        .with_state(state)
+}
+
+/// `GET /metrics` alone, for `[metrics] addr`.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::render))
         .with_state(state)
 }
 

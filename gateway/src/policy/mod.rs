@@ -340,6 +340,7 @@ impl Loaded {
     /// Evaluates the entry point `rule` with `input`. Blocking: call from a
     /// blocking thread.
     pub fn eval(&self, rule: &str, input: &Value) -> Result<Value, PolicyError> {
+        let _timer = crate::metrics::StageTimer::start("decide");
         let (_, policy) = self.compiled.iter().find(|(r, _)| *r == rule).ok_or_else(|| {
             PolicyError::BadDecision(format!(
                 "the policy bundle has no `{}` package",

@@ -278,7 +278,12 @@ pub trait Backend: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
+    /// Told how long each write transaction took to become durable.
+    commits: Option<CommitObserver>,
 }
+
+/// What is told each write transaction's time to commit.
+pub type CommitObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -295,7 +300,16 @@ fn parse_cursor(cursor: Option<&str>) -> Result<u64, StoreError> {
 
 impl Store {
     pub fn new(backend: Arc<dyn Backend>) -> Self {
-        Self { backend }
+        Self {
+            backend,
+            commits: None,
+        }
+    }
+
+    /// Tells `observe` each write transaction's time to commit (metrics).
+    pub fn observe_commits(mut self, observe: CommitObserver) -> Self {
+        self.commits = Some(observe);
+        self
     }
 
     /// The embedded redb store at `path`.
@@ -334,6 +348,7 @@ impl Store {
     ) -> Result<T, StoreError> {
         let slot = Arc::new(Mutex::new(None));
         let out = slot.clone();
+        let start = std::time::Instant::now();
         self.backend
             .write(Box::new(move |txn| {
                 let value = f(txn)?;
@@ -341,6 +356,9 @@ impl Store {
                 Ok(())
             }))
             .await?;
+        if let Some(observe) = &self.commits {
+            observe(start.elapsed());
+        }
         let value = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
         value.ok_or(StoreError::Closed)
     }

@@ -380,6 +380,7 @@ impl WorkloadApi {
     /// Runs one X.509-SVID stream: sends a response whenever the SVIDs are
     /// re-minted or the bundles they come with change.
     async fn x509_stream(self, attestation: Attestation, tx: mpsc::Sender<Result<X509svidResponse, Status>>) {
+        let open = crate::metrics::OpenStream::open();
         let mut entries_changed = self.engine.entries.subscribe();
         let mut bundles_changed = self.federation.subscribe();
         let mut authorities_changed = self.engine.authority_changes();
@@ -449,6 +450,7 @@ impl WorkloadApi {
                 if tx.send(Ok(resp)).await.is_err() {
                     return;
                 }
+                open.pushed();
                 sent_bundles = Some(bundles);
             }
             let rotate_at = minted
@@ -475,6 +477,7 @@ impl WorkloadApi {
         render: impl Fn(&Self, &[Arc<Entry>]) -> BundleMap,
         wrap: impl Fn(BundleMap) -> T,
     ) {
+        let open = crate::metrics::OpenStream::open();
         let mut entries_changed = self.engine.entries.subscribe();
         let mut bundles_changed = self.federation.subscribe();
         let mut authorities_changed = self.engine.authority_changes();
@@ -497,6 +500,7 @@ impl WorkloadApi {
                 if tx.send(Ok(wrap(bundles.clone()))).await.is_err() {
                     return;
                 }
+                open.pushed();
                 sent = Some(bundles);
             }
             tokio::select! {

@@ -189,6 +189,7 @@ impl Sds {
         mut inbound: Streaming<DiscoveryRequest>,
         tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     ) {
+        let open = crate::metrics::OpenStream::open();
         let engine = self.api.engine.clone();
         let mut entries_changed = engine.entries.subscribe();
         let mut bundles_changed = self.api.federation.subscribe();
@@ -265,6 +266,7 @@ impl Sds {
             if tx.send(Ok(response)).await.is_err() {
                 return;
             }
+            open.pushed();
             nonce = Some(n);
             sent = Some(resources);
         }
