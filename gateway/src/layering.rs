@@ -16,6 +16,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &[
             "approvals",
             "attest",
+            "audit",
             "auth",
             "broker",
             "bundle",

@@ -20,6 +20,7 @@
 
 pub mod approvals;
 pub mod attest;
+pub mod audit;
 pub mod auth;
 pub mod broker;
 pub mod bundle;

@@ -1008,3 +1008,83 @@ print(json.dumps(out))
         );
     }
 }
+
+/// Issue 17: an export of the audit log, signed by checkpoints, verifies
+/// offline with nothing but the JWKS; each way of tampering is refused and
+/// the first broken entry named.
+#[test]
+fn an_exported_audit_log_verifies_offline_and_tampering_is_named() {
+    let server = Server::dev();
+    server.token("auditor-a", "approver", &[]);
+    server.token("auditor-b", "requester", &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("audit.jsonl");
+    let run = |args: &[&str]| {
+        castellan()
+            .args(args)
+            .args(["--addr", &server.base, "--token", &server.admin_token])
+            .output()
+            .unwrap()
+    };
+    let out = run(&["audit", "export", "--out", export.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let jwks = tmp.path().join("jwks.json");
+    std::fs::write(&jwks, server.get("/.well-known/jwks.json", None).body.to_string()).unwrap();
+    let verify = |file: &std::path::Path, extra: &[&str]| {
+        castellan()
+            .args(["audit", "verify"])
+            .arg(file)
+            .arg("--jwks")
+            .arg(&jwks)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = verify(&export, &[]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("verified:"));
+
+    let lines: Vec<String> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(lines.len() >= 3);
+    assert!(lines.last().unwrap().contains("audit.checkpoint"));
+    let tampered = |name: &str, lines: &[String]| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let out = verify(&path, &[]);
+        assert!(!out.status.success(), "{name} verified");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let mut changed = lines.clone();
+    changed[1] = changed[1].replacen("\"name\":\"", "\"name\":\"forged-", 1);
+    assert_ne!(changed[1], lines[1]);
+    assert!(tampered("changed", &changed).contains("entry 2 breaks the chain"));
+    let mut deleted = lines.clone();
+    deleted.remove(1);
+    assert!(tampered("deleted", &deleted).contains("entry 3 breaks the chain"));
+    let mut reordered = lines.clone();
+    reordered.swap(1, 2);
+    assert!(tampered("reordered", &reordered).contains("entry 3 breaks the chain"));
+    let truncated = &lines[..lines.len() - 1];
+    assert!(tampered("truncated", truncated).contains("does not end with a checkpoint"));
+    // A JWKS that did not sign it: the checkpoint is refused.
+    let other = Server::dev();
+    std::fs::write(&jwks, other.get("/.well-known/jwks.json", None).body.to_string()).unwrap();
+    let out = verify(&export, &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("checkpoint"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The log itself says who made checkpoints.
+    assert!(
+        server
+            .audit()
+            .iter()
+            .any(|e| e["kind"] == "audit.checkpoint" && e["actor"] == "user:admin")
+    );
+}

@@ -181,6 +181,10 @@ async fn a_gateway_with_a_separate_signer_holds_no_key_and_issues_through_it() {
     assert!(keys.is_empty(), "keys in the gateway's data directory: {keys:?}");
     assert!(!dir.join("ca").exists());
 
+    // Audit checkpoints are signed by the signer's JWT key too.
+    let r = server.post_admin("/api/v1/audit/checkpoints", &json!({}));
+    assert_eq!(r.status, 201, "{}", r.body);
+
     // The signer audited each signature, in an unbroken chain.
     let audit = signer_audit(&signer);
     for op in [

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod attestor;
+mod audit;
 mod bundle;
 mod ca;
 mod entry;
@@ -65,6 +66,9 @@ enum Command {
     /// The CA's signing authorities and their rotation (admin).
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// The audit log: list, a signed export, and its offline verification.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Just-in-time, approval-gated certificates.
     #[command(subcommand)]
     Ephemeral(ephemeral::EphemeralCommand),
@@ -173,6 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca(cmd) => ca::run(cmd).await,
+        Command::Audit(cmd) => audit::run(cmd).await,
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Attestor(cmd) => attestor::run(cmd),
         Command::Entry(cmd) => entry::run(cmd).await,

@@ -146,3 +146,29 @@ fn summary(a: &Authorities) -> serde_json::Value {
         .map(|a| json!({ "id": a.id, "kind": a.kind, "state": a.state, "tainted": a.tainted }))
         .collect()
 }
+
+impl Engine {
+    /// Signs the audit log's head now (a checkpoint entry, appended to the
+    /// log itself); the checkpoint's detail. Nothing to sign in an empty log.
+    pub async fn audit_checkpoint(&self, actor: Actor) -> Result<serde_json::Value, EngineError> {
+        let Some((size, head)) = self.store.audit_head().await? else {
+            return Err(EngineError::BadRequest("the audit log is empty".into()));
+        };
+        let claims = crate::signer::AuditCheckpointClaims {
+            iss: crate::signer::audit_issuer(&self.trust_domain),
+            size,
+            head,
+            iat: crate::util::now_unix(),
+        };
+        let signer = self.signer.clone();
+        let signed = claims.clone();
+        let jws = tokio::task::spawn_blocking(move || signer.sign_audit_checkpoint(&signed))
+            .await
+            .map_err(EngineError::Task)??;
+        let detail = crate::audit::checkpoint_detail(&claims, &jws);
+        self.store
+            .audit(AuditEvent::new(AuditKind::AuditCheckpoint, actor, detail.clone()))
+            .await?;
+        Ok(detail)
+    }
+}

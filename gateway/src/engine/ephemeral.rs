@@ -132,6 +132,9 @@ fn decided_before(r: &Request, t: i64) -> bool {
 /// How long a decided request is kept after its deadline.
 pub const REQUEST_RETENTION_SECONDS: i64 = 30 * 86_400;
 
+/// How often the leader signs the audit log's head (when it moved).
+const CHECKPOINT_SECONDS: u64 = 3600;
+
 impl Engine {
     /// Applies one transition to a stored request (see
     /// [`crate::store::Store::update_request`]).
@@ -927,7 +930,23 @@ impl Engine {
                 {
                     self.auto_rotate(schedule).await;
                 }
+                // The audit log's head is signed hourly (if it moved).
+                if ticks % CHECKPOINT_SECONDS == 11 {
+                    self.checkpoint_if_moved().await;
+                }
             }
+        }
+    }
+
+    /// Appends a signed checkpoint unless the log's last entry is one.
+    async fn checkpoint_if_moved(&self) {
+        if let Ok(Some(kind)) = self.store.audit_tail_kind().await
+            && kind == crate::audit::CHECKPOINT
+        {
+            return;
+        }
+        if let Err(e) = self.audit_checkpoint(crate::model::Actor::Castellan).await {
+            tracing::warn!(error = %e, "the audit log's head could not be signed");
         }
     }
 

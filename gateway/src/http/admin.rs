@@ -238,6 +238,17 @@ pub(super) async fn sign_subordinate(
     Ok((StatusCode::CREATED, axum::Json(signed)).into_response())
 }
 
+/// `POST /api/v1/audit/checkpoints` (admin): signs the audit log's head now
+/// (appended as an `audit.checkpoint` entry); answers its size, head and JWS.
+pub(super) async fn audit_checkpoint(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let admin = state.require_admin(&headers, "audit.checkpoint").await?;
+    let detail = state.engine.audit_checkpoint(Actor::from(&admin)).await?;
+    Ok((StatusCode::CREATED, axum::Json(detail)).into_response())
+}
+
 /// `GET /api/v1/audit/verify` (admin): re-hashes the whole audit log, as
 /// every gateway sharing the store wrote it (one chain), and says how many
 /// records verified, or where the chain breaks.

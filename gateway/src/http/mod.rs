@@ -82,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/certificates", get(admin::list_certificates))
         .route("/api/v1/audit", get(admin::list_audit))
         .route("/api/v1/audit/verify", get(admin::verify_audit))
+        .route("/api/v1/audit/checkpoints", post(admin::audit_checkpoint))
         .route("/api/v1/ca/intermediates", post(admin::sign_subordinate))
         .route(
             "/api/v1/ca/authorities",

@@ -51,6 +51,8 @@ audit_kinds! {
     CaRotated => "ca.rotated",
     /// A rotation step was refused.
     CaRotationRefused => "ca.rotation_refused",
+    /// A signed checkpoint of the audit log (its size and head).
+    AuditCheckpoint => "audit.checkpoint",
     /// An attested issuance was refused.
     IssuanceRefused => "issuance.refused",
     /// A just-in-time request was recorded pending.

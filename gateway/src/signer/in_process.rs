@@ -784,6 +784,15 @@ impl Signer for InProcessSigner {
         self.sign_jwt(claims, claims.exp)
     }
 
+    fn sign_audit_checkpoint(&self, claims: &AuditCheckpointClaims) -> Result<String, SignerError> {
+        if claims.iss != super::audit_issuer(&self.trust_domain) || !claims.head.starts_with("sha256:") {
+            return Err(SignerError::Purpose(
+                "an audit checkpoint is this trust domain's, over a sha256 head".into(),
+            ));
+        }
+        self.sign_jwt(claims, claims.iat)
+    }
+
     fn sign_x509_svid(&self, t: &Template) -> Result<IssuedCertificate, SignerError> {
         self.check_identity(&t.spiffe_id)?;
         let public_key = SubjectPublicKeyInfo::from_der(&t.public_key_der)

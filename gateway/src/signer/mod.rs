@@ -160,6 +160,22 @@ pub struct TaskClaim {
     pub purpose: String,
 }
 
+/// The claims of an audit checkpoint: the log's size and the hash of its
+/// last entry, signed with the JWT key (see `crate::audit`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditCheckpointClaims {
+    /// `castellan:audit:<trust domain>`.
+    pub iss: String,
+    pub size: u64,
+    pub head: String,
+    pub iat: i64,
+}
+
+/// The issuer of audit checkpoints in `trust_domain`.
+pub fn audit_issuer(trust_domain: &str) -> String {
+    format!("castellan:audit:{trust_domain}")
+}
+
 /// The audience every join token carries.
 pub const JOIN_TOKEN_AUDIENCE: &str = "castellan-join";
 
@@ -236,6 +252,9 @@ pub trait Signer: Send + Sync + 'static {
 
     /// Signs a join token (ES256) with the JWT key.
     fn sign_join_token(&self, claims: &JoinTokenClaims) -> Result<String, SignerError>;
+
+    /// Signs an audit checkpoint (ES256) with the JWT key.
+    fn sign_audit_checkpoint(&self, claims: &AuditCheckpointClaims) -> Result<String, SignerError>;
 
     /// Issues a TLS server certificate for Castellan's own listener, bound
     /// to `public_key_der` (a SubjectPublicKeyInfo: the caller keeps the

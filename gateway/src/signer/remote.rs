@@ -19,8 +19,8 @@ use pb::signer_client::SignerClient;
 use tonic::transport::Channel;
 
 use super::{
-    Authorities, IssuedCertificate, JoinTokenClaims, JwtAlg, JwtSvidClaims, Rotation, Signer, SignerError,
-    Template,
+    AuditCheckpointClaims, Authorities, IssuedCertificate, JoinTokenClaims, JwtAlg, JwtSvidClaims, Rotation,
+    Signer, SignerError, Template,
 };
 use crate::spiffe_id::SpiffeId;
 
@@ -196,6 +196,16 @@ impl Signer for RemoteSigner {
         };
         Ok(self
             .call(move |mut c| async move { c.sign_join_token(request).await })?
+            .token)
+    }
+
+    fn sign_audit_checkpoint(&self, claims: &AuditCheckpointClaims) -> Result<String, SignerError> {
+        let request = pb::JwtRequest {
+            claims_json: serde_json::to_vec(claims).map_err(|e| SignerError::Template(e.to_string()))?,
+            alg: JwtAlg::ES256.to_string(),
+        };
+        Ok(self
+            .call(move |mut c| async move { c.sign_audit_checkpoint(request).await })?
             .token)
     }
 

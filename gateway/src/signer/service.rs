@@ -24,7 +24,8 @@ use tonic::{Request, Response, Status};
 
 use super::config::CaConfig;
 use super::{
-    InProcessSigner, JoinTokenClaims, JwtAlg, JwtSvidClaims, Rotation, Signer, SignerError, Template,
+    AuditCheckpointClaims, InProcessSigner, JoinTokenClaims, JwtAlg, JwtSvidClaims, Rotation, Signer,
+    SignerError, Template,
 };
 use crate::spiffe_id::SpiffeId;
 
@@ -436,6 +437,28 @@ impl pb::signer_server::Signer for SignerService {
                 let claims = checked?;
                 let token = inner.sign_join_token(&claims)?;
                 Ok((token, json!({ "jti": claims.jti, "exp": claims.exp })))
+            })
+            .await?;
+        Ok(Response::new(pb::Jwt { token }))
+    }
+
+    async fn sign_audit_checkpoint(&self, req: Request<pb::JwtRequest>) -> Result<Response<pb::Jwt>, Status> {
+        let uid = self.caller(&req)?;
+        let r = req.into_inner();
+        let claims: Result<AuditCheckpointClaims, SignerError> =
+            serde_json::from_slice(&r.claims_json).map_err(|e| SignerError::Template(format!("claims: {e}")));
+        let checked = claims.and_then(|c| {
+            if (c.iat - crate::util::now_unix()).abs() > CLOCK_SKEW {
+                return Err(SignerError::Purpose("`iat` is not now".into()));
+            }
+            Ok(c)
+        });
+        let inner = self.inner.clone();
+        let token = self
+            .audited(uid, "audit_checkpoint", String::new(), move || {
+                let claims = checked?;
+                let token = inner.sign_audit_checkpoint(&claims)?;
+                Ok((token, json!({ "size": claims.size, "head": claims.head })))
             })
             .await?;
         Ok(Response::new(pb::Jwt { token }))

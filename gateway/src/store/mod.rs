@@ -411,6 +411,20 @@ impl Store {
         self.backend.audit_records(limit, parse_cursor(cursor)?).await
     }
 
+    /// The audit log's last entry: its sequence number and hash.
+    pub async fn audit_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        self.transact(|t| t.audit_head()).await
+    }
+
+    /// The kind of the audit log's last entry, if any.
+    pub async fn audit_tail_kind(&self) -> Result<Option<String>, StoreError> {
+        let Some((seq, _)) = self.audit_head().await? else {
+            return Ok(None);
+        };
+        let page = self.backend.audit_records(1, seq - 1).await?;
+        Ok(page.items.first().map(|r| r.event.kind.as_str().to_owned()))
+    }
+
     /// Re-hashes the whole audit log; returns the number of entries checked.
     pub async fn verify_audit_chain(&self) -> Result<u64, StoreError> {
         let mut prev = crate::model::genesis_hash();
