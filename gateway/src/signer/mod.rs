@@ -161,7 +161,7 @@ pub struct TaskClaim {
 }
 
 /// The claims of an audit checkpoint: the log's size and the hash of its
-/// last entry, signed with the JWT key (see `crate::audit`).
+/// last entry, signed with the JWT key (the audit module checks them).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AuditCheckpointClaims {
     /// `castellan:audit:<trust domain>`.
