@@ -151,7 +151,11 @@ async fn workload_api_svids_are_in_the_inventory_and_the_audit_and_decisions_are
     let leaf = svid.cert_chain()[0].as_ref().to_vec();
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
     let serial = hex::encode(cert.raw_serial());
-    c.fetch_jwt_svid(&["payments"], None).await.unwrap();
+    let jwt = c.fetch_jwt_svid(&["payments"], None).await.unwrap();
+    let jti = support::jwt_claims(jwt.token())["jti"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     let certs = server.certificates();
     let recorded = certs
@@ -171,8 +175,30 @@ async fn workload_api_svids_are_in_the_inventory_and_the_audit_and_decisions_are
     let audit = server.audit();
     let kind = |k: &str| audit.iter().filter(|e| e["kind"] == k).collect::<Vec<_>>();
     let issued = kind("workload_api.x509_issued");
-    assert!(issued.iter().any(|e| e["detail"]["serial"] == recorded["serial"]));
-    assert_eq!(kind("workload_api.jwt_issued").len(), 1);
+    let x509 = issued
+        .iter()
+        .find(|e| e["detail"]["serial"] == recorded["serial"])
+        .unwrap();
+    let jwt_issued = kind("workload_api.jwt_issued");
+    assert_eq!(jwt_issued.len(), 1);
+    // Each issued credential's entry names it (serial or jti), the policy
+    // revision that allowed it and what the attestation proved.
+    assert_eq!(jwt_issued[0]["detail"]["jtis"], json!([jti]));
+    for e in [x509, jwt_issued[0]] {
+        assert!(
+            e["detail"]["policy_revision"]
+                .as_str()
+                .is_some_and(|r| !r.is_empty()),
+            "{e}"
+        );
+        assert_eq!(e["detail"]["attestation"]["method"], "unix");
+        assert!(
+            e["detail"]["attestation"]["selectors"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(selector))
+        );
+    }
     let refused = kind("workload_api.refused");
     assert!(!refused.is_empty());
     assert_eq!(refused[0]["detail"]["problem"], "not-registered");

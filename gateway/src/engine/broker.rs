@@ -406,8 +406,11 @@ impl Engine {
             let (engine, g) = (self.clone(), grant.clone());
             self.blocking(move || engine.mint_agent(&g)).await?
         };
+        let mut event = issued_event(&grant, &token, &reasons);
+        event.detail["policy_revision"] = self.policies.revision().into();
+        event.detail["attestation"] = json!(crate::model::AttestationSummary::from(&attestation));
         let effects = Effects {
-            audit: vec![issued_event(&grant, &token, &reasons)],
+            audit: vec![event],
             certificates: cert.into_iter().collect(),
             ..Effects::default()
         };

@@ -70,6 +70,8 @@ fn event(kind: AuditKind, actor: Actor, r: &Request, extra: Value) -> AuditEvent
         "spiffe_id": r.spiffe_id,
         "binding": r.binding,
         "requester": r.requester.id,
+        "policy_revision": r.policy_revision,
+        "attestation": r.attestation,
     });
     if let (Some(d), Value::Object(e)) = (detail.as_object_mut(), extra) {
         d.extend(e);
@@ -710,6 +712,8 @@ impl Engine {
                 if let Some(d) = audit.detail.as_object_mut() {
                     d.insert("request_id".into(), json!(r.id));
                     d.insert("approvers".into(), json!(approvers));
+                    d.insert("policy_revision".into(), json!(r.policy_revision));
+                    d.insert("attestation".into(), json!(r.attestation));
                 }
                 Ok(Effects {
                     audit: vec![audit],

@@ -363,6 +363,8 @@ impl Engine {
                     "spiffe_id": record.spiffe_id,
                     "selectors": attestation.selectors,
                     "not_after": record.not_after,
+                    "policy_revision": self.policies.revision(),
+                    "attestation": crate::model::AttestationSummary::from(attestation),
                 }),
             );
             self.store
@@ -468,10 +470,11 @@ impl Engine {
         let engine = self.clone();
         let aud = audience.clone();
         // RSA signing takes milliseconds: keep it off the async workers.
-        let (minted, iat) = self
+        let (minted, jtis, iat) = self
             .blocking(move || {
                 let now = now_unix();
                 let mut out = Vec::with_capacity(missing.len());
+                let mut jtis = Vec::with_capacity(missing.len());
                 for entry in missing {
                     let claims = JwtSvidClaims {
                         sub: SpiffeId::parse(&entry.spiffe_id)
@@ -480,13 +483,15 @@ impl Engine {
                         iat: now,
                         exp: engine.jwt_exp(now, entry.jwt_svid_ttl as i64)?,
                         iss: None,
-                        jti: None,
+                        // Named in the audit log, so each token can be traced.
+                        jti: Some(uuid::Uuid::new_v4().to_string()),
                         agent: None,
                     };
                     let token = engine.signer.sign_jwt_svid(&claims, alg)?;
+                    jtis.extend(claims.jti);
                     out.push(WorkloadJwt { entry, token });
                 }
-                Ok((out, now))
+                Ok((out, jtis, now))
             })
             .await?;
         let effects = Effects {
@@ -498,7 +503,10 @@ impl Engine {
                     "spiffe_ids": minted.iter().map(|m| m.entry.spiffe_id.clone()).collect::<Vec<_>>(),
                     "audience": audience,
                     "iat": iat,
+                    "jtis": jtis,
                     "selectors": attestation.selectors,
+                    "policy_revision": self.policies.revision(),
+                    "attestation": crate::model::AttestationSummary::from(attestation),
                 }),
             )],
             ..Effects::default()
