@@ -1088,3 +1088,85 @@ fn an_exported_audit_log_verifies_offline_and_tampering_is_named() {
             .any(|e| e["kind"] == "audit.checkpoint" && e["actor"] == "user:admin")
     );
 }
+
+/// Issue 17: the inventory and trust sources from the command line, as
+/// tables and as JSON, and a health probe's exit status.
+#[test]
+fn certificates_trust_sources_and_health_from_the_cli() {
+    let server = Server::dev();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = castellan()
+            .args(args)
+            .args(["--addr", &server.base, "--token", &server.admin_token])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cluster = Cluster::new("https://k8s.cli.example");
+    let jwks = tmp.path().join("jwks.json");
+    std::fs::write(&jwks, cluster.jwks().to_string()).unwrap();
+    let (ok, out, err) = run(&[
+        "trust-source",
+        "create",
+        "--name",
+        "cli",
+        "--method",
+        "k8s_sat",
+        "--issuer",
+        "https://k8s.cli.example",
+        "--audience",
+        "castellan",
+        "--jwks-file",
+        jwks.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (ok, out, _) = run(&["trust-source", "list"]);
+    assert!(ok && out.contains(&id) && out.contains("k8s_sat"), "{out}");
+
+    let (_, c) = csr();
+    let r = server.post(ISSUE, &issuance_body(&cluster.token("ns", "sa"), &c, None), None);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let serial = r.body["serial"].as_str().unwrap().to_owned();
+    let (ok, out, _) = run(&["certificates", "list"]);
+    assert!(ok && out.contains(&serial), "{out}");
+    let spiffe_id = r.body["spiffe_id"].as_str().unwrap().to_owned();
+    let (ok, out, _) = run(&["certificates", "list", "--spiffe-id", &spiffe_id, "--json"]);
+    assert!(ok);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.len(), 1);
+    let (ok, out, _) = run(&[
+        "certificates",
+        "list",
+        "--spiffe-id",
+        "spiffe://example.org/nobody",
+        "--json",
+    ]);
+    assert!(ok && out.trim() == "[]", "{out}");
+
+    let (ok, _, err) = run(&["trust-source", "revoke", &id]);
+    assert!(ok, "{err}");
+    let (_, c) = csr();
+    let r = server.post(ISSUE, &issuance_body(&cluster.token("ns", "sa"), &c, None), None);
+    assert_ne!(r.status, 201, "a revoked source attests nothing");
+
+    let probe = |addr: &str| {
+        castellan()
+            .args(["healthcheck", "--addr", addr])
+            .output()
+            .unwrap()
+    };
+    let up = probe(&server.base);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stdout));
+    let base = server.base.clone();
+    server.stop();
+    let down = probe(&base);
+    assert_eq!(down.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&down.stdout).starts_with("not ready"));
+}

@@ -126,22 +126,9 @@ pub(super) async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Every entry, oldest first, page by page.
+/// Every entry, oldest first.
 async fn entries(client: &ClientArgs) -> anyhow::Result<Vec<Value>> {
-    let mut all = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/api/v1/audit?limit=1000&cursor={c}"),
-            None => "/api/v1/audit?limit=1000".to_owned(),
-        };
-        let (_, page) = call(client, Method::GET, &path, None).await?;
-        all.extend(page["items"].as_array().cloned().unwrap_or_default());
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => return Ok(all),
-        }
-    }
+    super::ephemeral::all_pages(client, "/api/v1/audit").await
 }
 
 async fn verify(a: AuditVerify) -> anyhow::Result<ExitCode> {

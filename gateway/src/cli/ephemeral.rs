@@ -141,6 +141,24 @@ pub(super) async fn call(
     ))
 }
 
+/// Every item of a paged admin listing, page by page (1000 at a time).
+pub(super) async fn all_pages(client: &ClientArgs, path: &str) -> anyhow::Result<Vec<Value>> {
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page_path = match &cursor {
+            Some(c) => format!("{path}?limit=1000&cursor={c}"),
+            None => format!("{path}?limit=1000"),
+        };
+        let (_, page) = call(client, Method::GET, &page_path, None).await?;
+        all.extend(page["items"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return Ok(all),
+        }
+    }
+}
+
 fn show_request(r: &Value) {
     let s = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
     println!("request     {}", s("request_id"));

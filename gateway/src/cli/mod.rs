@@ -12,6 +12,7 @@ mod bundle;
 mod ca;
 mod entry;
 mod ephemeral;
+mod inventory;
 mod load;
 mod serve;
 mod svid;
@@ -69,6 +70,14 @@ enum Command {
     /// The audit log: list, a signed export, and its offline verification.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// The certificate inventory (admin).
+    #[command(subcommand)]
+    Certificates(inventory::CertificatesCommand),
+    /// Trust sources: list, show, create, rotate, revoke (admin).
+    #[command(subcommand)]
+    TrustSource(inventory::TrustSourceCommand),
+    /// Exit 0 when the server is ready (its store answers), 1 when not: for probes.
+    Healthcheck(inventory::Healthcheck),
     /// Just-in-time, approval-gated certificates.
     #[command(subcommand)]
     Ephemeral(ephemeral::EphemeralCommand),
@@ -178,6 +187,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ca(cmd) => ca::run(cmd).await,
         Command::Audit(cmd) => audit::run(cmd).await,
+        Command::Certificates(cmd) => inventory::certificates(cmd).await,
+        Command::TrustSource(cmd) => inventory::trust_source(cmd).await,
+        Command::Healthcheck(args) => inventory::healthcheck(args).await,
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Attestor(cmd) => attestor::run(cmd),
         Command::Entry(cmd) => entry::run(cmd).await,
