@@ -1170,3 +1170,35 @@ fn certificates_trust_sources_and_health_from_the_cli() {
     assert_eq!(down.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&down.stdout).starts_with("not ready"));
 }
+
+/// Issue 17: with `[metrics] addr`, metrics leave the API listener for a
+/// listener of their own.
+#[test]
+fn metrics_can_have_a_listener_of_their_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = tmp.path().join("castellan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\n[http]\naddr = \"127.0.0.1:0\"\ntls = {{ enabled = false }}\n\
+             [metrics]\naddr = \"127.0.0.1:{port}\"\n"
+        ),
+    )
+    .unwrap();
+    let server = Server::serve(&config, &tmp.path().join("data"));
+    let (status, _, _) = server.get_text("/metrics");
+    assert_eq!(status, 404, "not on the API listener");
+    let body = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    assert!(body.contains("castellan_overload_refusals_total"), "{body}");
+    assert!(body.trim_end().ends_with("# EOF"));
+}
