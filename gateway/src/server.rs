@@ -762,6 +762,29 @@ mod tests {
         assert!(Arc::ptr_eq(&second, &files.at(now + 33)));
     }
 
+    /// Replaced at the next handshake once another authority signs, long
+    /// before the one it chains to leaves the bundle.
+    #[test]
+    fn the_listener_certificate_follows_the_active_authority() {
+        let now = 1_900_000_000;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let active = Arc::new(std::sync::Mutex::new("a".to_owned()));
+        let (c, a) = (calls.clone(), active.clone());
+        let listener = ListenerCert::new(Box::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+            cert(now, 300)
+        }))
+        .unwrap()
+        .with_epoch(Box::new(move || a.lock().unwrap().clone()));
+        let first = listener.at(now);
+        assert!(Arc::ptr_eq(&first, &listener.at(now + 10)));
+        *active.lock().unwrap() = "b".into();
+        let second = listener.at(now + 11);
+        assert!(!Arc::ptr_eq(&first, &second), "replaced after activation");
+        assert!(Arc::ptr_eq(&second, &listener.at(now + 12)));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
     /// Renewed two thirds into its life; a failed renewal keeps the one in
     /// use and is tried again a minute later.
     #[test]

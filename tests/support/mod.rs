@@ -291,13 +291,7 @@ impl Server {
     /// A GET whose body is text: status, content type, body.
     pub fn get_text(&self, path: &str) -> (u16, String, String) {
         let r = self.agent.get(self.url(path)).call().expect("request sent");
-        let status = r.status().as_u16();
-        let content_type = r
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        let (status, content_type) = (r.status().as_u16(), content_type(&r));
         (
             status,
             content_type,
@@ -472,15 +466,18 @@ pub struct Resp {
     pub body: Value,
 }
 
+/// A response's `content-type`, or "".
+fn content_type(r: &ureq::http::Response<ureq::Body>) -> String {
+    r.headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 impl From<ureq::http::Response<ureq::Body>> for Resp {
     fn from(r: ureq::http::Response<ureq::Body>) -> Self {
-        let status = r.status().as_u16();
-        let content_type = r
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        let (status, content_type) = (r.status().as_u16(), content_type(&r));
         let text = r.into_body().read_to_string().unwrap_or_default();
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
         Self {

@@ -417,24 +417,8 @@ impl InProcessSigner {
         let made = if one_tier || root {
             // One tier, or a new root asked for: a self-signed root, and
             // under two tiers an intermediate below it.
-            let (root_key, root_name) = keys.generate(&fresh_name("root"))?;
             let root_life = if one_tier { life } else { crate::ca::ROOT_LIFETIME };
-            let (params, root_cert) = crate::ca::new_root_with(td, root_life, &root_key).map_err(ca_err)?;
-            if one_tier {
-                Made::signing(
-                    &root_key,
-                    root_name,
-                    root_cert.pem(),
-                    String::new(),
-                    root_cert.pem(),
-                    None,
-                )
-            } else {
-                let issuer = Issuer::new(params, &root_key);
-                let (key, name) = keys.generate(&fresh_name("x509"))?;
-                let int = crate::ca::new_intermediate_with(td, &issuer, life, &key).map_err(ca_err)?;
-                Made::signing(&key, name, int.pem(), int.pem(), root_cert.pem(), Some(root_name))
-            }
+            own_root(keys, td, !one_tier, root_life, life)?
         } else if let Some(root_name) = &active.root_key {
             let issuer = Issuer::from_ca_cert_pem(&active.public.anchor_pem, keys.load(root_name)?)
                 .map_err(|e| SignerError::Key(format!("root certificate: {e}")))?;
@@ -614,7 +598,13 @@ fn create_keyring(
         Some((chain_pem, upstream_key)) => {
             under_upstream(keys, trust_domain, chain_pem, upstream_key, lifetimes)?
         }
-        None => own_root(keys, trust_domain, intermediate, lifetimes)?,
+        None => own_root(
+            keys,
+            trust_domain,
+            intermediate,
+            crate::ca::ROOT_LIFETIME,
+            lifetimes.x509,
+        )?,
     };
     let mut x509 = made.entry(t)?;
     x509.public.state = State::Active;
@@ -624,23 +614,22 @@ fn create_keyring(
     Ok(first_keyring(trust_domain, x509, jwt))
 }
 
-/// A root of Castellan's own (and, with `intermediate`, an intermediate
-/// under it).
+/// A root of Castellan's own living `root_life` (and, with `intermediate`,
+/// an intermediate under it living `life`).
 fn own_root(
     keys: &KeyStore,
     trust_domain: &str,
     intermediate: bool,
-    lifetimes: Lifetimes,
+    root_life: Duration,
+    life: Duration,
 ) -> Result<Made, SignerError> {
     let ca_err = |e: crate::ca::CaError| SignerError::Key(e.to_string());
     let (root_key, root_name) = keys.generate(&fresh_name("root"))?;
-    let (params, root_cert) =
-        crate::ca::new_root_with(trust_domain, crate::ca::ROOT_LIFETIME, &root_key).map_err(ca_err)?;
+    let (params, root_cert) = crate::ca::new_root_with(trust_domain, root_life, &root_key).map_err(ca_err)?;
     Ok(if intermediate {
         let issuer = Issuer::new(params, &root_key);
         let (key, name) = keys.generate(&fresh_name("x509"))?;
-        let int =
-            crate::ca::new_intermediate_with(trust_domain, &issuer, lifetimes.x509, &key).map_err(ca_err)?;
+        let int = crate::ca::new_intermediate_with(trust_domain, &issuer, life, &key).map_err(ca_err)?;
         Made::signing(&key, name, int.pem(), int.pem(), root_cert.pem(), Some(root_name))
     } else {
         Made::signing(

@@ -214,11 +214,6 @@ impl TokenKey {
         }
         Ok(sig)
     }
-
-    /// The public key as a JWK-ready pair of coordinates.
-    pub fn point(&self) -> &[u8] {
-        &self.point
-    }
 }
 
 /// An ECDSA signature `r‖s` as the DER `ECDSA-Sig-Value` certificates carry.
@@ -254,11 +249,6 @@ impl rcgen::SigningKey for TokenKey {
             .map(|raw| der_signature(&raw))
             .map_err(|_| rcgen::Error::RemoteKeyError)
     }
-}
-
-/// Whether `key` (a keyring key name) is in a token.
-pub fn label_of(key: &str) -> Option<&str> {
-    key.strip_prefix(KEY_PREFIX)
 }
 
 #[cfg(test)]
