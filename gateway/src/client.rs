@@ -269,7 +269,11 @@ impl Conn {
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        if body.is_some() {
+        if body.is_some()
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
             req = req.header("content-type", "application/json");
         }
         let req = req.body(Full::new(body.unwrap_or_default()))?;
@@ -311,15 +315,24 @@ impl Conn {
 /// Turns a problem+json body into one readable line.
 pub fn problem_line(status: hyper::StatusCode, body: &[u8]) -> String {
     match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(p) => format!(
-            "{} {}: {}",
-            status.as_u16(),
-            p["type"]
-                .as_str()
-                .and_then(|t| t.strip_prefix(crate::model::PROBLEM_TYPE_PREFIX))
-                .unwrap_or("error"),
-            p["detail"].as_str().unwrap_or("")
-        ),
+        Ok(p) => {
+            let mut line = format!(
+                "{} {}: {}",
+                status.as_u16(),
+                p["type"]
+                    .as_str()
+                    .and_then(|t| t.strip_prefix(crate::model::PROBLEM_TYPE_PREFIX))
+                    .unwrap_or("error"),
+                p["detail"].as_str().unwrap_or("")
+            );
+            // A refusal an operator can ask about: `castellan explain --refusal ID`.
+            if status.as_u16() == 403
+                && let Some(id) = p["request_id"].as_str()
+            {
+                line.push_str(&format!(" (request id {id})"));
+            }
+            line
+        }
         Err(_) => format!("{status}"),
     }
 }

@@ -596,3 +596,88 @@ fn rfc_8693_token_exchange_and_discovery() {
     let jwks = w.server.get("/.well-known/jwks.json", None).body;
     assert!(jwks["keys"][0].get("d").is_none());
 }
+
+/// `castellan agent …` against the world's server, as the admin.
+fn agent_cli(w: &World, args: &[&str]) -> String {
+    let out = support::castellan()
+        .arg("agent")
+        .args(args)
+        .args(["--addr", &w.server.base, "--token", &w.server.admin_token])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn the_agent_cli_lists_who_acts_for_whom_and_revokes() {
+    let w = world();
+    let alice = w.person("alice@example.com");
+    let parent = w
+        .ask(
+            "planner",
+            &["tickets:read"],
+            json!({"delegation": {"subject_token": alice}}),
+        )
+        .body;
+    let child = w
+        .ask(
+            "worker",
+            &["tickets:read"],
+            json!({"delegation": {"subject_token": parent["jwt_svid"]}}),
+        )
+        .body;
+    w.ask("other", &["tickets:read"], json!({}));
+
+    let table = agent_cli(&w, &["list"]);
+    let worker_row = table
+        .lines()
+        .find(|l| l.contains("worker"))
+        .expect("the worker's row");
+    assert!(worker_row.contains("live"), "{table}");
+    assert!(
+        worker_row.contains("spiffe://example.org/agents-cluster/agent/planner")
+            && worker_row.contains("sub-alice@example.com"),
+        "the row names who it acts for: {table}"
+    );
+    let listed: Value =
+        serde_json::from_str(&agent_cli(&w, &["list", "--agent-id", "worker", "--json"])).unwrap();
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{listed}");
+    assert_eq!(items[0]["jti"], child["jti"]);
+
+    // Revoking the planner revokes what was delegated from it.
+    let out = agent_cli(&w, &["revoke", "--agent-id", "planner"]);
+    assert!(out.starts_with("revoked 2 token(s)"), "{out}");
+    let listed: Value = serde_json::from_str(&agent_cli(&w, &["list", "--json"])).unwrap();
+    let state_of = |agent: &str| {
+        listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["agent_id"] == agent)
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state_of("planner"), "revoked");
+    assert_eq!(state_of("worker"), "revoked");
+    assert_eq!(state_of("other"), "live");
+    // One selector at a time, and only for admins.
+    let out = support::castellan()
+        .args([
+            "agent",
+            "revoke",
+            "--agent-id",
+            "a",
+            "--jti",
+            "b",
+            "--addr",
+            &w.server.base,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    w.server
+        .get("/api/v1/broker/agents", None)
+        .assert_problem(401, "unauthorized");
+}

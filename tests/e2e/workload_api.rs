@@ -991,3 +991,197 @@ fn the_envoy_example_is_a_valid_bootstrap() {
         "billing castellan local_app"
     );
 }
+
+/// The id a refusal's message names (`… (request id ID)`).
+fn request_id_in(text: &str) -> String {
+    let at = text
+        .find("request id ")
+        .expect("the refusal names its request id")
+        + "request id ".len();
+    text[at..at + 36].to_owned()
+}
+
+fn explain(server: &Server, args: &[&str]) -> String {
+    let out = support::castellan()
+        .arg("explain")
+        .args(["--addr", &server.base, "--token", &server.admin_token])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn explain_says_why_a_caller_gets_no_identity_and_issues_nothing() {
+    let server = Server::dev();
+    let uid = my_uid();
+    // One entry the caller nearly matches (it lacks a group), one it matches.
+    entry(
+        &server,
+        "spiffe://example.org/near",
+        &format!("unix:uid:{uid}"),
+        "",
+    );
+    let r = server.post_admin(
+        "/api/v1/entries",
+        &json!({"spiffe_id": "spiffe://example.org/almost", "selectors": [format!("unix:uid:{uid}"), "unix:gid:424242"]}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let near = server.get_admin("/api/v1/entries").body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["spiffe_id"] == "spiffe://example.org/near")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        server.delete_admin(&format!("/api/v1/entries/{near}")).status,
+        204
+    );
+    let certificates_before = server.certificates().len();
+
+    // The Workload API refuses, names a request id, and audits the
+    // caller's selectors with why no entry gave it an identity.
+    let c = client(&server).await;
+    let err = format!("{:?}", c.fetch_x509_svid().await.unwrap_err());
+    assert!(err.contains("PermissionDenied"), "{err}");
+    let id = request_id_in(&err);
+    let audit = server.audit();
+    let refused = audit
+        .iter()
+        .find(|e| e["kind"] == "workload_api.refused" && e["detail"]["request_id"] == id.as_str())
+        .expect("the refusal is audited under its request id");
+    let d = &refused["detail"];
+    assert!(
+        d["selectors"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(format!("unix:uid:{uid}")))
+    );
+    assert_eq!(d["explanation"]["matched"], json!([]));
+    assert_eq!(
+        d["explanation"]["closest_unmatched"][0]["missing"],
+        json!(["unix:gid:424242"])
+    );
+
+    // `castellan explain --refusal` finds it and names what is missing.
+    let text = explain(&server, &["--refusal", &id]);
+    assert!(
+        text.contains("workload_api (fetch_x509_svid): not-registered"),
+        "{text}"
+    );
+    assert!(
+        text.contains("spiffe://example.org/almost") && text.contains("lacks unix:gid:424242"),
+        "{text}"
+    );
+
+    // Selectors: with the group, the entry matches and the policy allows it.
+    let text = explain(
+        &server,
+        &[
+            "--selector",
+            &format!("unix:uid:{uid}"),
+            "--selector",
+            "unix:gid:424242",
+        ],
+    );
+    assert!(
+        text.contains("=> Workload API: would receive spiffe://example.org/almost"),
+        "{text}"
+    );
+
+    // Evidence: which trust source verified it, the selectors, the policy.
+    let cluster = support::Cluster::new("https://k8s.explain.example");
+    server.add_trust_source("explain-cluster", &cluster);
+    let token = cluster.token("payments", "api");
+    let json_out = explain(&server, &["--method", "k8s_sat", "--evidence", &token, "--json"]);
+    let x: serde_json::Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(x["attestation"]["verified"], true, "{x}");
+    assert_eq!(x["attestation"]["trust_source"], "explain-cluster");
+    assert!(
+        x["selectors"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("k8s:ns:payments"))
+    );
+    assert_eq!(x["issuance"]["allow"], true);
+    assert_eq!(
+        x["issuance"]["spiffe_id"],
+        "spiffe://example.org/explain-cluster/ns/payments/sa/api"
+    );
+    // A policy denial is given with the policy's reasons.
+    let x: serde_json::Value = serde_json::from_str(&explain(
+        &server,
+        &[
+            "--method",
+            "k8s_sat",
+            "--evidence",
+            &cluster.token("kube-system", "default"),
+            "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(x["issuance"]["allow"], false);
+    assert!(
+        x["issuance"]["reasons"].to_string().contains("kube-system"),
+        "{x}"
+    );
+    // A forged token: the check against the trust source failed, and why.
+    let forger = support::Cluster::new("https://k8s.explain.example");
+    let text = explain(
+        &server,
+        &[
+            "--method",
+            "k8s_sat",
+            "--evidence",
+            &forger.token("payments", "api"),
+        ],
+    );
+    assert!(text.contains("NOT verified: attestation-failed"), "{text}");
+    assert!(text.contains("checked against explain-cluster: failed"), "{text}");
+    // No trust source for the method.
+    let text = explain(&server, &["--method", "github_oidc", "--evidence", &token]);
+    assert!(
+        text.contains("NOT verified: no-trust-source")
+            && text.contains("trust sources for github_oidc: none"),
+        "{text}"
+    );
+
+    // An HTTP refusal names its request id, and explain finds it.
+    let (_, csr_pem) = support::csr();
+    let r = server.post(
+        "/api/v1/workloads/attested-issuance",
+        &support::issuance_body(&forger.token("payments", "api"), &csr_pem, None),
+        None,
+    );
+    r.assert_problem(403, "attestation-failed");
+    let id = r.body["request_id"].as_str().unwrap().to_owned();
+    assert_eq!(r.body["instance"], format!("urn:uuid:{id}"));
+    let text = explain(&server, &["--refusal", &id]);
+    assert!(
+        text.contains("attested-issuance (issue): attestation-failed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("trust sources for k8s_sat: ") && text.contains("explain-cluster"),
+        "{text}"
+    );
+
+    // Explaining issued nothing, and needs the admin role.
+    assert_eq!(server.certificates().len(), certificates_before);
+    server
+        .post("/api/v1/explain", &json!({"selectors": ["unix:uid:0"]}), None)
+        .assert_problem(401, "unauthorized");
+    server
+        .post_admin(
+            "/api/v1/explain",
+            &json!({"selectors": ["a:b:c"], "request_id": id}),
+        )
+        .assert_problem(400, "malformed-request");
+    server
+        .post_admin("/api/v1/explain", &json!({"request_id": "no-such-request"}))
+        .assert_problem(404, "not-found");
+}

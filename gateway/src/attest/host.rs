@@ -12,13 +12,18 @@ impl types::Host for HostState {}
 
 impl crypto::Host for HostState {
     fn verify_jws(&mut self, key_set: String, compact: String) -> Result<crypto::VerifiedJws, String> {
-        let keys = self.trust.key_sets.get(&key_set).ok_or_else(|| {
-            format!(
-                "unknown key set `{}`",
-                key_set.chars().take(64).collect::<String>()
-            )
-        })?;
-        let (header, payload) = keys.verify_compact(&compact)?;
+        let result = self
+            .trust
+            .key_sets
+            .get(&key_set)
+            .ok_or_else(|| {
+                format!(
+                    "unknown key set `{}`",
+                    key_set.chars().take(64).collect::<String>()
+                )
+            })
+            .and_then(|keys| keys.verify_compact(&compact));
+        let (header, payload) = self.note(&key_set, result)?;
         Ok(crypto::VerifiedJws {
             header_json: header.to_string(),
             payload_json: payload,
@@ -42,8 +47,10 @@ impl crypto::Host for HostState {
         message: Vec<u8>,
         signature: Vec<u8>,
     ) -> Result<(), String> {
-        self.cert_set(&cert_set)?
-            .verify_signature(&algorithm, &message, &signature)
+        let result = self
+            .cert_set(&cert_set)
+            .and_then(|set| set.verify_signature(&algorithm, &message, &signature));
+        self.note(&cert_set, result)
     }
 
     fn verify_chain(
@@ -52,7 +59,10 @@ impl crypto::Host for HostState {
         chain: Vec<Vec<u8>>,
         usage: String,
     ) -> Result<crypto::VerifiedCertificate, String> {
-        let leaf = self.cert_set(&cert_set)?.verify_chain(&chain, &usage)?;
+        let result = self
+            .cert_set(&cert_set)
+            .and_then(|set| set.verify_chain(&chain, &usage));
+        let leaf = self.note(&cert_set, result)?;
         Ok(crypto::VerifiedCertificate {
             public_key: leaf.public_key,
             common_name: leaf.common_name,
@@ -63,7 +73,10 @@ impl crypto::Host for HostState {
     }
 
     fn verify_pkcs7(&mut self, cert_set: String, signed_data: Vec<u8>) -> Result<Vec<u8>, String> {
-        self.cert_set(&cert_set)?.verify_pkcs7(&signed_data)
+        let result = self
+            .cert_set(&cert_set)
+            .and_then(|set| set.verify_pkcs7(&signed_data));
+        self.note(&cert_set, result)
     }
 
     fn verify_tpm_quote(
@@ -89,6 +102,18 @@ impl crypto::Host for HostState {
 }
 
 impl HostState {
+    /// Notes which set a check used and how it ended, and passes the result on.
+    fn note<T>(&mut self, set: &str, result: Result<T, String>) -> Result<T, String> {
+        // A hostile module could call in a loop: keep the first few.
+        if self.used.len() < 16 {
+            self.used.push(super::SetUse {
+                set: set.chars().take(64).collect(),
+                error: result.as_ref().err().map(|e| e.chars().take(256).collect()),
+            });
+        }
+        result
+    }
+
     fn cert_set(&self, name: &str) -> Result<std::sync::Arc<crate::trust::certs::CertSet>, String> {
         self.trust.cert_sets.get(name).cloned().ok_or_else(|| {
             format!(

@@ -103,6 +103,17 @@ pub struct HostState {
     trust: Arc<Snapshot>,
     method: String,
     limits: StoreLimits,
+    /// The trust sources' key and certificate sets the module verified
+    /// against, in order, and how each check ended.
+    used: Vec<SetUse>,
+}
+
+/// One verification a module asked the host for: the set it named (`ts:<id>`)
+/// and the error, if the check failed.
+#[derive(Debug, Clone)]
+pub struct SetUse {
+    pub set: String,
+    pub error: Option<String>,
 }
 
 /// A compiled module, ready to instantiate.
@@ -285,6 +296,34 @@ impl Attestors {
         trust: Arc<Snapshot>,
         context: &Value,
     ) -> Result<Attestation, AttestError> {
+        self.attest_traced(modules, method, evidence, trust, context).0
+    }
+
+    /// [`Attestors::attest_in`], also returning the trust sources' sets the
+    /// module verified against and how each check ended (what `explain`
+    /// shows). Blocking.
+    pub fn attest_traced(
+        &self,
+        modules: &ModuleSet,
+        method: &str,
+        evidence: &str,
+        trust: Arc<Snapshot>,
+        context: &Value,
+    ) -> (Result<Attestation, AttestError>, Vec<SetUse>) {
+        let mut used = Vec::new();
+        let result = self.run_module(modules, method, evidence, trust, context, &mut used);
+        (result, used)
+    }
+
+    fn run_module(
+        &self,
+        modules: &ModuleSet,
+        method: &str,
+        evidence: &str,
+        trust: Arc<Snapshot>,
+        context: &Value,
+        used: &mut Vec<SetUse>,
+    ) -> Result<Attestation, AttestError> {
         let module = modules
             .get(method)
             .ok_or_else(|| AttestError::UnknownMethod(method.to_owned()))?;
@@ -309,6 +348,7 @@ impl Attestors {
                 trust,
                 method: method.to_owned(),
                 limits,
+                used: Vec::new(),
             },
         );
         store.limiter(|s| &mut s.limits);
@@ -316,9 +356,9 @@ impl Attestors {
         store.epoch_deadline_trap();
 
         let instance = module.pre.instantiate(&mut store).map_err(trap_text)?;
-        let result = instance
-            .call_attest(&mut store, evidence, &config, &context.to_string())
-            .map_err(trap_text)?;
+        let result = instance.call_attest(&mut store, evidence, &config, &context.to_string());
+        *used = std::mem::take(&mut store.data_mut().used);
+        let result = result.map_err(trap_text)?;
         // The store (and the instance in it) is dropped here, whatever happened.
         match result {
             Ok(a) => {

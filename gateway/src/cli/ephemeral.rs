@@ -145,6 +145,7 @@ pub(super) async fn call(
 pub(super) async fn all_pages(client: &ClientArgs, path: &str) -> anyhow::Result<Vec<Value>> {
     let mut all = Vec::new();
     let mut cursor: Option<String> = None;
+    let progress = super::Progress::new("reading");
     loop {
         let page_path = match &cursor {
             Some(c) => format!("{path}?limit=1000&cursor={c}"),
@@ -152,6 +153,7 @@ pub(super) async fn all_pages(client: &ClientArgs, path: &str) -> anyhow::Result
         };
         let (_, page) = call(client, Method::GET, &page_path, None).await?;
         all.extend(page["items"].as_array().cloned().unwrap_or_default());
+        progress.show(format_args!("{} records", all.len()));
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
             None => return Ok(all),
@@ -299,7 +301,10 @@ pub(super) async fn ephemeral(cmd: EphemeralCommand) -> anyhow::Result<ExitCode>
 }
 
 async fn wait(client: &ClientArgs, id: &str, timeout: u64) -> anyhow::Result<Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(timeout);
+    let progress = super::Progress::new("waiting for approval");
+    let mut votes_seen = 0;
     loop {
         let left = deadline
             .saturating_duration_since(std::time::Instant::now())
@@ -313,6 +318,23 @@ async fn wait(client: &ClientArgs, id: &str, timeout: u64) -> anyhow::Result<Val
         )
         .await?;
         let state = v["state"].as_str().unwrap_or_default();
+        // Each new vote is worth a line wherever stderr goes.
+        let votes = v["approvals"].as_array().map(Vec::as_slice).unwrap_or_default();
+        for vote in votes.iter().skip(votes_seen) {
+            eprintln!(
+                "{} by {}: {}",
+                vote["decision"].as_str().unwrap_or("vote"),
+                vote["approver"].as_str().unwrap_or("?"),
+                vote["reason"].as_str().unwrap_or("")
+            );
+        }
+        votes_seen = votes.len();
+        progress.show(format_args!(
+            "{state}, {} of {} approvals, {} s",
+            votes.iter().filter(|x| x["decision"] == "approve").count(),
+            v["required_approvals"],
+            started.elapsed().as_secs()
+        ));
         if !matches!(state, "pending" | "approved") || std::time::Instant::now() >= deadline {
             return Ok(v);
         }

@@ -107,6 +107,37 @@ pub(super) struct TrustSourceRotate {
     overlap_seconds: u64,
 }
 
+#[derive(Subcommand)]
+pub(super) enum AgentCommand {
+    /// Agent tokens kept until they expire, newest first (admin).
+    List(AgentList),
+    /// Revoke an agent's tokens, a task's, or one token, with every token
+    /// delegated from them (admin).
+    Revoke(AgentRevoke),
+}
+
+#[derive(Args)]
+pub(super) struct AgentList {
+    #[command(flatten)]
+    target: TrustSourceTarget,
+    /// Only this agent's tokens.
+    #[arg(long)]
+    agent_id: Option<String>,
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["agent_id", "task_id", "jti"]))]
+pub(super) struct AgentRevoke {
+    #[command(flatten)]
+    target: TrustSourceTarget,
+    #[arg(long)]
+    agent_id: Option<String>,
+    #[arg(long)]
+    task_id: Option<String>,
+    #[arg(long)]
+    jti: Option<String>,
+}
+
 /// `castellan healthcheck`: exit 0 when the server is ready, 1 when not.
 #[derive(Args)]
 pub(super) struct Healthcheck {
@@ -221,6 +252,105 @@ pub(super) async fn trust_source(cmd: TrustSourceCommand) -> anyhow::Result<Exit
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn agent(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AgentCommand::List(a) => {
+            let path = match &a.agent_id {
+                Some(id) => format!("/api/v1/broker/agents?limit=5000&agent_id={}", url_escape(id)),
+                None => "/api/v1/broker/agents?limit=5000".to_owned(),
+            };
+            let (_, answer) = call(&a.target.client, Method::GET, &path, None).await?;
+            if a.target.json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<38} {:<20} {:<8} {:<20} {:<40} ACTS FOR",
+                "JTI", "AGENT", "STATE", "EXPIRES", "SPIFFE ID"
+            );
+            for t in answer["items"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                let f = |k: &str| t[k].as_str().unwrap_or("-").to_owned();
+                let expires = t["exp"]
+                    .as_i64()
+                    .and_then(|e| time::OffsetDateTime::from_unix_timestamp(e).ok())
+                    .map(castellan::util::rfc3339)
+                    .unwrap_or_default();
+                let chain: Vec<String> = t["chain"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|l| {
+                        format!(
+                            "{} {}",
+                            l["kind"].as_str().unwrap_or("?"),
+                            l["sub"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{:<38} {:<20} {:<8} {:<20} {:<40} {}",
+                    f("jti"),
+                    f("agent_id"),
+                    f("state"),
+                    expires,
+                    f("spiffe_id"),
+                    if chain.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        chain.join(" <- ")
+                    }
+                );
+            }
+            if answer["truncated"] == true {
+                println!("(more tokens than shown: narrow with --agent-id)");
+            }
+        }
+        AgentCommand::Revoke(a) => {
+            let body = json!({ "agent_id": a.agent_id, "task_id": a.task_id, "jti": a.jti });
+            let body = Value::Object(
+                body.as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            );
+            let (_, answer) = call(
+                &a.target.client,
+                Method::POST,
+                "/api/v1/broker/revocations",
+                Some(body),
+            )
+            .await?;
+            if a.target.json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let revoked = answer["revoked"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            println!("revoked {} token(s)", revoked.len());
+            for r in revoked {
+                println!(
+                    "  {} ({})",
+                    r["jti"].as_str().unwrap_or("-"),
+                    r["agent_id"].as_str().unwrap_or("-")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `s` safe in a query string.
+fn url_escape(s: &str) -> String {
+    serde_urlencoded::to_string([("", s)])
+        .map(|q| q.trim_start_matches('=').to_owned())
+        .unwrap_or_default()
 }
 
 pub(super) async fn healthcheck(a: Healthcheck) -> anyhow::Result<ExitCode> {

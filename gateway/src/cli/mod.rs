@@ -12,6 +12,7 @@ mod bundle;
 mod ca;
 mod entry;
 mod ephemeral;
+mod explain;
 mod inventory;
 mod load;
 mod serve;
@@ -76,6 +77,12 @@ enum Command {
     /// Trust sources: list, show, create, rotate, revoke (admin).
     #[command(subcommand)]
     TrustSource(inventory::TrustSourceCommand),
+    /// Why a caller would get, or did not get, an identity (admin): from
+    /// evidence, selectors or a refused request's id. Issues nothing.
+    Explain(explain::Explain),
+    /// Agent tokens the broker issued: list, revoke (admin).
+    #[command(subcommand)]
+    Agent(inventory::AgentCommand),
     /// Exit 0 when the server is ready (its store answers), 1 when not: for probes.
     Healthcheck(inventory::Healthcheck),
     /// Just-in-time, approval-gated certificates.
@@ -108,6 +115,42 @@ struct ClientArgs {
     /// API token.
     #[arg(long, env = "CASTELLAN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+}
+
+/// A progress line on stderr for long-running commands, redrawn in place;
+/// shown only when stderr is a terminal, so scripts and logs stay clean.
+pub(crate) struct Progress {
+    on: bool,
+    what: &'static str,
+    shown: std::cell::Cell<bool>,
+}
+
+impl Progress {
+    pub(crate) fn new(what: &'static str) -> Self {
+        use std::io::IsTerminal as _;
+        Self {
+            on: std::io::stderr().is_terminal(),
+            what,
+            shown: std::cell::Cell::new(false),
+        }
+    }
+
+    pub(crate) fn show(&self, text: impl std::fmt::Display) {
+        if self.on {
+            use std::io::Write as _;
+            eprint!("\r\x1b[2K{}: {text}", self.what);
+            let _ = std::io::stderr().flush();
+            self.shown.set(true);
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if self.shown.get() {
+            eprintln!();
+        }
+    }
 }
 
 impl ClientArgs {
@@ -190,6 +233,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Certificates(cmd) => inventory::certificates(cmd).await,
         Command::TrustSource(cmd) => inventory::trust_source(cmd).await,
         Command::Healthcheck(args) => inventory::healthcheck(args).await,
+        Command::Explain(args) => explain::run(args).await,
+        Command::Agent(cmd) => inventory::agent(cmd).await,
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Attestor(cmd) => attestor::run(cmd),
         Command::Entry(cmd) => entry::run(cmd).await,

@@ -74,6 +74,9 @@ pub enum EngineError {
     /// A rotation step was refused (the reason says what to do instead).
     #[error("{0}")]
     RotationRefused(String),
+    /// What was asked about does not exist.
+    #[error("{0}")]
+    NotFound(String),
     /// No signing authority has that id.
     #[error("no authority `{0}`")]
     UnknownAuthority(String),
@@ -183,7 +186,7 @@ impl EngineError {
             EngineError::Store(_) => "unavailable",
             EngineError::CaUnavailable(_) => "ca-unavailable",
             EngineError::RotationRefused(_) => "rotation-refused",
-            EngineError::UnknownAuthority(_) => "not-found",
+            EngineError::UnknownAuthority(_) | EngineError::NotFound(_) => "not-found",
             EngineError::SignerUnavailable(_) => "signer-unavailable",
             EngineError::Policy(_)
             | EngineError::InvalidDecision(_)
@@ -217,7 +220,7 @@ impl EngineError {
                 _ => 403,
             },
             EngineError::RotationRefused(_) => 409,
-            EngineError::UnknownAuthority(_) => 404,
+            EngineError::UnknownAuthority(_) | EngineError::NotFound(_) => 404,
             EngineError::Overloaded
             | EngineError::Store(_)
             | EngineError::CaUnavailable(_)

@@ -31,6 +31,7 @@ pub mod broker;
 mod csr;
 pub mod ephemeral;
 mod errors;
+pub mod explain;
 pub mod issuance;
 pub mod join_token;
 mod refusals;
@@ -118,6 +119,8 @@ pub struct Refusal {
     pub method: Option<String>,
     /// The caller's selectors, when attestation got that far.
     pub selectors: Option<Vec<String>>,
+    /// Why no entry gave the caller an identity (Workload API).
+    pub explanation: Option<serde_json::Value>,
 }
 
 impl Refusal {
@@ -128,6 +131,7 @@ impl Refusal {
             actor,
             method: None,
             selectors: None,
+            explanation: None,
         }
     }
 
@@ -291,16 +295,12 @@ impl Engine {
                 self.trust.snapshot(),
                 &context,
             )
-            .map_err(|e| match e {
-                AttestError::UnknownMethod(m) => EngineError::UnknownMethod(m),
-                AttestError::NoTrustSource(m) => EngineError::NoTrustSource(m),
-                AttestError::Malformed(_) | AttestError::Rejected(_) => {
-                    EngineError::AttestationFailed(AttestationFailure::Evidence(e))
-                }
-                other => {
+            .map_err(|e| {
+                let e = attest_error(e);
+                if let EngineError::Attestor(other) = &e {
                     tracing::warn!(method, error = %other, "attestor failed");
-                    EngineError::Attestor(other)
                 }
+                e
             })?;
         if let Some(once) = &attestation.single_use {
             self.spend(method, once)?;
@@ -430,9 +430,13 @@ impl Engine {
 
     /// Audits a refusal. Every flow calls this on every error, and surfaces
     /// call it for requests refused before they reach a flow (malformed or
-    /// oversized bodies), so each refusal is recorded exactly once.
-    pub async fn audit_refusal(&self, refusal: Refusal, error: &EngineError) {
+    /// oversized bodies), so each refusal is recorded exactly once. The
+    /// record carries the request's id ([`request_id`]), which
+    /// `castellan explain --refusal` finds it by; the id is returned.
+    pub async fn audit_refusal(&self, refusal: Refusal, error: &EngineError) -> String {
+        let request_id = request_id().unwrap_or_else(new_request_id);
         let mut detail = json!({
+            "request_id": request_id,
             "surface": refusal.surface.as_str(),
             "operation": refusal.operation,
             "status": error.status(),
@@ -448,8 +452,12 @@ impl Engine {
         if let Some(r) = error.reasons() {
             detail["reasons"] = r.into();
         }
+        if let Some(x) = refusal.explanation {
+            detail["explanation"] = x;
+        }
         let event = AuditEvent::new(refusal.surface.refusal_kind(), refusal.actor, detail);
         self.audit_refused(event, error.slug()).await;
+        request_id
     }
 
     /// Writes a refusal record within the refusal budget; past it, the
@@ -508,6 +516,26 @@ impl Engine {
     }
 }
 
+tokio::task_local! {
+    /// The id of the request being served, set by the surface that took it.
+    static REQUEST_ID: String;
+}
+
+/// Runs `f` as request `id`: a refusal it leads to is recorded under it.
+pub async fn as_request<F: std::future::Future>(id: String, f: F) -> F::Output {
+    REQUEST_ID.scope(id, f).await
+}
+
+/// The id of the request being served, if a surface named one.
+pub fn request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+/// A fresh request id.
+pub fn new_request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
 /// Waits for `f` from a blocking stage (on the blocking pool, inside the
 /// runtime).
 fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, EngineError> {
@@ -525,6 +553,18 @@ fn check_method(surface: Surface, method: &str) -> Result<(), EngineError> {
         return Err(EngineError::HostEvidenceOnly(printable(method)));
     }
     Ok(())
+}
+
+/// What an attestor's error means for the request.
+fn attest_error(e: AttestError) -> EngineError {
+    match e {
+        AttestError::UnknownMethod(m) => EngineError::UnknownMethod(m),
+        AttestError::NoTrustSource(m) => EngineError::NoTrustSource(m),
+        AttestError::Malformed(_) | AttestError::Rejected(_) => {
+            EngineError::AttestationFailed(AttestationFailure::Evidence(e))
+        }
+        other => EngineError::Attestor(other),
+    }
 }
 
 /// At most 64 printable characters of a caller-supplied name.

@@ -287,23 +287,34 @@ impl Engine {
         operation: &'static str,
         attestation: &Attestation,
     ) -> Result<Vec<Arc<Entry>>, EngineError> {
-        let result = match self.workload_entitled(attestation).await {
-            Ok(e) if e.is_empty() => Err(EngineError::NotRegistered),
-            other => other,
+        let error = match self.workload_entitled(attestation).await {
+            Ok(e) if e.is_empty() => EngineError::NotRegistered,
+            Err(e) => e,
+            entitled => return entitled,
         };
-        self.audited(|| caller_refusal(operation, attestation), result)
-            .await
+        self.workload_refused(operation, attestation, &error).await;
+        Err(error)
     }
 
-    /// Audits a Workload API refusal for an attested caller.
+    /// Audits a Workload API refusal for an attested caller, with its
+    /// selectors and, when no entry gave it an identity, why not: the
+    /// matching entries' policy answers and the closest misses. Returns the
+    /// request id the record carries.
     pub async fn workload_refused(
-        &self,
+        self: &Arc<Self>,
         operation: &'static str,
         attestation: &Attestation,
         error: &EngineError,
-    ) {
-        self.audit_refusal(caller_refusal(operation, attestation), error)
-            .await;
+    ) -> String {
+        let mut refusal = caller_refusal(operation, attestation);
+        if matches!(error, EngineError::NotRegistered) {
+            let (engine, a) = (self.clone(), attestation.clone());
+            let report = self
+                .blocking(move || Ok(engine.entries_dry(&engine.policies.snapshot(), &a)))
+                .await;
+            refusal.explanation = report.ok().map(|r| r.for_audit());
+        }
+        self.audit_refusal(refusal, error).await
     }
 
     /// Mints an X.509-SVID with a fresh key for each entry, records them in

@@ -104,6 +104,62 @@ pub(super) async fn revoke(State(state): State<AppState>, req: Request<Body>) ->
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AgentsQuery {
+    agent_id: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/broker/agents` (admin): the agent tokens kept (until they
+/// expire), newest first, optionally one agent's, with whom each acts for
+/// and whether it is revoked.
+pub(super) async fn agents(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<AgentsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    state.require_admin(&headers, "broker.agents").await?;
+    let Ok(Query(q)) = q else {
+        return Err(Problem::malformed(
+            "invalid query: `agent_id` and `limit` are accepted",
+        ));
+    };
+    let limit = q.limit.unwrap_or(500).clamp(1, 5000);
+    let (tokens, truncated) = state
+        .engine
+        .store
+        .agent_tokens(q.agent_id, limit)
+        .await
+        .map_err(|e| AppState::unavailable("the agent tokens could not be read", e))?;
+    let now = crate::util::now_unix();
+    let items: Vec<Value> = tokens
+        .into_iter()
+        .map(|t| {
+            let state = match (&t.revoked_at, t.exp <= now) {
+                (Some(_), _) => "revoked",
+                (None, true) => "expired",
+                (None, false) => "live",
+            };
+            json!({
+                "jti": t.jti,
+                "agent_id": t.agent_id,
+                "spiffe_id": t.spiffe_id,
+                "task_id": t.task_id,
+                "scopes": t.scopes,
+                "audience": t.audience,
+                "iat": t.iat,
+                "exp": t.exp,
+                "parent_jti": t.parent_jti,
+                "chain": t.chain,
+                "revoked_at": t.revoked_at,
+                "state": state,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "items": items, "truncated": truncated })).into_response())
+}
+
+#[derive(Deserialize)]
 pub(super) struct FeedQuery {
     cursor: Option<String>,
     limit: Option<usize>,

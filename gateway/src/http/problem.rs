@@ -104,7 +104,14 @@ impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let unauthorized = status == StatusCode::UNAUTHORIZED;
-        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let mut doc = serde_json::to_value(&self).unwrap_or_default();
+        // The occurrence: the request's id (which `castellan explain
+        // --refusal` takes), also as the RFC 9457 `instance`.
+        if let (Some(id), Some(obj)) = (crate::engine::request_id(), doc.as_object_mut()) {
+            obj.insert("instance".into(), format!("urn:uuid:{id}").into());
+            obj.insert("request_id".into(), id.into());
+        }
+        let body = serde_json::to_vec(&doc).unwrap_or_default();
         let mut resp = (status, body).into_response();
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -154,6 +154,10 @@ impl Txn for Data {
             .collect())
     }
 
+    fn agent_tokens_all(&mut self) -> Result<Vec<AgentToken>, StoreError> {
+        Ok(self.agent_tokens.values().cloned().collect())
+    }
+
     fn agent_token_children(&mut self, parent_jti: &str) -> Result<Vec<AgentToken>, StoreError> {
         Ok(self
             .agent_tokens

@@ -172,6 +172,8 @@ pub trait Txn {
     fn put_agent_token(&mut self, token: &AgentToken) -> Result<(), StoreError>;
     /// Tokens whose `agent_id`, `task_id` or `jti` is the filter's one.
     fn agent_tokens_matching(&mut self, filter: &RevocationFilter) -> Result<Vec<AgentToken>, StoreError>;
+    /// Every token kept (they are purged once expired).
+    fn agent_tokens_all(&mut self) -> Result<Vec<AgentToken>, StoreError>;
     /// Tokens minted with `parent_jti` as their parent.
     fn agent_token_children(&mut self, parent_jti: &str) -> Result<Vec<AgentToken>, StoreError>;
 
@@ -423,6 +425,32 @@ impl Store {
         };
         let page = self.backend.audit_records(1, seq - 1).await?;
         Ok(page.items.first().map(|r| r.event.kind.as_str().to_owned()))
+    }
+
+    /// The refusal recorded for request `request_id`, searched among the
+    /// last `within` audit entries, newest first.
+    pub async fn find_refusal(
+        &self,
+        request_id: &str,
+        within: u64,
+    ) -> Result<Option<AuditRecord>, StoreError> {
+        let Some((head, _)) = self.audit_head().await? else {
+            return Ok(None);
+        };
+        let mut after = head.saturating_sub(within);
+        let mut found = None;
+        loop {
+            let page = self.backend.audit_records(1000, after).await?;
+            for r in &page.items {
+                if r.event.kind.as_str().ends_with("refused") && r.event.detail["request_id"] == request_id {
+                    found = Some(r.clone());
+                }
+            }
+            match page.items.last() {
+                Some(last) if page.next_cursor.is_some() => after = last.seq,
+                _ => return Ok(found),
+            }
+        }
     }
 
     /// Re-hashes the whole audit log; returns the number of entries checked.
@@ -699,6 +727,29 @@ impl Store {
             t.put_agent_token(&token)?;
             rules::apply_effects(t, effects)?;
             Ok(None)
+        })
+        .await
+    }
+
+    /// Agent tokens, newest first: `agent_id`'s, or everyone's; at most
+    /// `limit`, and whether more were left out.
+    pub async fn agent_tokens(
+        &self,
+        agent_id: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<AgentToken>, bool), StoreError> {
+        self.transact(move |t| {
+            let mut tokens = match agent_id {
+                Some(agent_id) => t.agent_tokens_matching(&RevocationFilter {
+                    agent_id: Some(agent_id),
+                    ..RevocationFilter::default()
+                })?,
+                None => t.agent_tokens_all()?,
+            };
+            tokens.sort_by(|a, b| b.iat.cmp(&a.iat).then_with(|| a.jti.cmp(&b.jti)));
+            let more = tokens.len() > limit;
+            tokens.truncate(limit);
+            Ok((tokens, more))
         })
         .await
     }

@@ -721,6 +721,10 @@ impl Txn for PgTxn<'_, '_> {
         Ok(all.into_iter().filter(|t| filter.matches(t)).collect())
     }
 
+    fn agent_tokens_all(&mut self) -> Result<Vec<AgentToken>, StoreError> {
+        self.docs("SELECT doc FROM agent_tokens", &[], "agent token")
+    }
+
     fn agent_token_children(&mut self, parent_jti: &str) -> Result<Vec<AgentToken>, StoreError> {
         self.docs(
             "SELECT doc FROM agent_tokens WHERE parent_jti = $1 ORDER BY jti",

@@ -369,6 +369,10 @@ impl Txn for Tables<'_> {
             .collect())
     }
 
+    fn agent_tokens_all(&mut self) -> Result<Vec<AgentToken>, StoreError> {
+        self.all_agent_tokens()
+    }
+
     fn agent_token_children(&mut self, parent_jti: &str) -> Result<Vec<AgentToken>, StoreError> {
         let (from, to) = (format!("{parent_jti}\0"), format!("{parent_jti}\u{1}"));
         let mut jtis = Vec::new();

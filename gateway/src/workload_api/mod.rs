@@ -90,6 +90,24 @@ fn status(e: EngineError) -> Status {
     }
 }
 
+/// Runs an engine call as a request of its own: a refusal is audited under
+/// a fresh request id, and its status names it.
+async fn traced<T>(call: impl std::future::Future<Output = Result<T, EngineError>>) -> Result<T, Status> {
+    let id = crate::engine::new_request_id();
+    crate::engine::as_request(id.clone(), call)
+        .await
+        .map_err(|e| naming(status(e), &id))
+}
+
+/// `status` with the request id its refusal was audited under, which
+/// `castellan explain --refusal` takes.
+fn naming(status: Status, request_id: &str) -> Status {
+    Status::new(
+        status.code(),
+        format!("{} (request id {request_id})", status.message()),
+    )
+}
+
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
     match req.metadata().get(SECURITY_HEADER).and_then(|v| v.to_str().ok()) {
         Some("true") => Ok(()),
@@ -276,10 +294,11 @@ impl WorkloadApi {
             self.engine.audit_refusal(refusal, &refused).await;
             return Err(Status::permission_denied(refused.detail()));
         };
-        self.engine
-            .workload_caller(operation, HostEvidence::from_kernel(evidence))
-            .await
-            .map_err(status)
+        traced(
+            self.engine
+                .workload_caller(operation, HostEvidence::from_kernel(evidence)),
+        )
+        .await
     }
 
     /// Entitled entries, or PermissionDenied (audited) when there are none.
@@ -288,10 +307,7 @@ impl WorkloadApi {
         operation: &'static str,
         attestation: &Attestation,
     ) -> Result<Vec<Arc<Entry>>, Status> {
-        self.engine
-            .workload_entitled_or_refused(operation, attestation)
-            .await
-            .map_err(status)
+        traced(self.engine.workload_entitled_or_refused(operation, attestation)).await
     }
 
     fn own_key(&self) -> String {
@@ -389,14 +405,12 @@ impl WorkloadApi {
         loop {
             let entries = match self.engine.workload_entitled(&attestation).await {
                 Ok(e) if e.is_empty() => {
-                    self.engine
+                    let id = self
+                        .engine
                         .workload_refused("fetch_x509_svid", &attestation, &EngineError::NotRegistered)
                         .await;
-                    let _ = tx
-                        .send(Err(Status::permission_denied(
-                            "the caller's identities were removed",
-                        )))
-                        .await;
+                    let removed = Status::permission_denied("the caller's identities were removed");
+                    let _ = tx.send(Err(naming(removed, &id))).await;
                     return;
                 }
                 Ok(e) => e,
@@ -600,10 +614,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }
         if entries.is_empty() {
             let refused = EngineError::NotRegistered;
-            self.engine
+            let id = self
+                .engine
                 .workload_refused("fetch_jwt_svid", &attestation, &refused)
                 .await;
-            return Err(status(refused));
+            return Err(naming(status(refused), &id));
         }
         let minted = self
             .engine
