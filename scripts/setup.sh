@@ -6,7 +6,8 @@
 # programs the store tests run a throwaway cluster with (they start it
 # themselves: nothing is left running), the OpenSSL command line the tests
 # verify chains with, and SoftHSM2, the PKCS#11 token the HSM tests keep
-# keys in (each test makes its own token directory). Quiet when everything
+# keys in (each test makes its own token directory), and headless Chromium
+# with chromedriver for the console's browser test. Quiet when everything
 # is already there.
 set -euo pipefail
 
@@ -54,6 +55,12 @@ fi
 # tests (`[ca] key_manager = "pkcs11"`).
 if [ ! -e /usr/lib/softhsm/libsofthsm2.so ] || ! command -v softhsm2-util >/dev/null 2>&1; then
   apt_install softhsm2
+fi
+
+# Headless Chromium and its WebDriver server, for the approver console's
+# end-to-end test (a real browser; nothing is downloaded at run time).
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  apt_install chromium chromium-driver
 fi
 
 # Python with a real gRPC C-core client (grpcio) for the Workload API tests:

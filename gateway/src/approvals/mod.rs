@@ -220,6 +220,20 @@ impl Request {
             .collect()
     }
 
+    /// The key the credential will be bound to, as approvers compare it with
+    /// the requester's: `jkt:` and the RFC 7638 thumbprint for an agent's
+    /// key, else `sha256:` and the hex SHA-256 of its SubjectPublicKeyInfo.
+    pub fn key_fingerprint(&self) -> String {
+        use base64::Engine as _;
+        if let Some(jkt) = self.agent.as_ref().and_then(|g| g.jkt.as_ref()) {
+            return format!("jkt:{jkt}");
+        }
+        match base64::engine::general_purpose::STANDARD.decode(&self.public_key) {
+            Ok(der) => format!("sha256:{}", crate::util::sha256_hex(&der)),
+            Err(_) => String::new(),
+        }
+    }
+
     /// The view callers get: everything but the raw public key.
     pub fn view(&self) -> Value {
         let mut v = json!({
@@ -234,6 +248,7 @@ impl Request {
             "emergency": self.emergency,
             "post_review": self.post_review,
             "binding": self.binding,
+            "key_fingerprint": self.key_fingerprint(),
             "required_approvals": self.rule.required_approvals,
             "approver_groups": self.rule.approver_groups,
             "approvals": self.votes,

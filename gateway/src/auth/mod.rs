@@ -12,7 +12,7 @@ use crate::util::write_private_file;
 mod oidc;
 
 pub use crate::model::{OidcLink, Principal, PrincipalKind, Role, TokenRecord};
-pub use oidc::{OidcIdentity, OidcIssuerConfig, OidcIssuers, Purpose};
+pub use oidc::{LoginClient, OidcIdentity, OidcIssuerConfig, OidcIssuers, Purpose};
 
 /// Prefix that makes Castellan tokens recognisable to secret scanners.
 const TOKEN_PREFIX: &str = "cst_";
@@ -107,6 +107,11 @@ impl Authenticator {
                         .is_some_and(|l| l.issuer == issuer && l.subject == subject)
             })
             .map(|r| r.name.clone())
+    }
+
+    /// The issuers the console signs people in with (those with a `client_id`).
+    pub fn login_clients(&self) -> Vec<LoginClient> {
+        self.oidc.login_clients()
     }
 
     /// Whether `name` is a configured OIDC issuer.

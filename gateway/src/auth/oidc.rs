@@ -56,6 +56,46 @@ pub struct OidcIssuerConfig {
     /// Claim with the person's groups. Default: `groups`.
     #[serde(default = "default_groups_claim")]
     pub groups_claim: String,
+    /// The approver console signs people in with this issuer through the
+    /// authorization-code flow with PKCE when set: the client id Castellan
+    /// is registered as (it must be one of `audiences`).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// A file holding the client secret, for a confidential client (PKCE
+    /// is used either way). Never logged.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// The authorization and token endpoints; discovered from
+    /// `ISSUER/.well-known/openid-configuration` when not set.
+    #[serde(default)]
+    pub authorization_endpoint: Option<String>,
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    /// Scopes asked for. Default: `openid email profile`.
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    /// Extra roots for the token endpoint and discovery (the public web
+    /// roots are built in).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_scopes() -> Vec<String> {
+    ["openid", "email", "profile"].map(str::to_owned).to_vec()
+}
+
+/// How the console signs people in with an issuer (authorization code +
+/// PKCE), from its `[[oidc_issuers]]` entry.
+#[derive(Debug, Clone)]
+pub struct LoginClient {
+    pub name: String,
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: Option<String>,
+    pub authorization_endpoint: Option<String>,
+    pub token_endpoint: Option<String>,
+    pub scopes: Vec<String>,
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_name_claim() -> String {
@@ -69,6 +109,8 @@ fn default_groups_claim() -> String {
 struct Issuer {
     config: OidcIssuerConfig,
     keys: KeySet,
+    /// Read from `client_secret_file` at start.
+    client_secret: Option<String>,
 }
 
 /// Why an `[[oidc_issuers]]` entry was refused at start.
@@ -198,9 +240,31 @@ impl OidcIssuers {
             };
             let keys =
                 KeySet::from_jwks(&jwks).map_err(|source| OidcConfigError::Keys { name: name(), source })?;
+            if let Some(id) = &c.client_id
+                && (id.is_empty() || !c.audiences.contains(id))
+            {
+                return Err(OidcConfigError::Missing {
+                    name: name(),
+                    missing: "`client_id` among `audiences` (the console's ID tokens are issued to it) is",
+                });
+            }
+            let client_secret = match &c.client_secret_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .map_err(|source| OidcConfigError::Read {
+                            name: name(),
+                            path: p.display().to_string(),
+                            source,
+                        })?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
+            };
             issuers.push(Issuer {
                 config: c.clone(),
                 keys,
+                client_secret,
             });
         }
         Ok(Self { issuers })
@@ -217,6 +281,26 @@ impl OidcIssuers {
             .iter()
             .find(|i| i.config.issuer == iss)
             .map(|i| i.config.name.as_str())
+    }
+
+    /// The issuers the console can sign people in with, by name.
+    pub fn login_clients(&self) -> Vec<LoginClient> {
+        self.issuers
+            .iter()
+            .filter_map(|i| {
+                let c = &i.config;
+                Some(LoginClient {
+                    name: c.name.clone(),
+                    issuer: c.issuer.clone(),
+                    client_id: c.client_id.clone()?,
+                    client_secret: i.client_secret.clone(),
+                    authorization_endpoint: c.authorization_endpoint.clone(),
+                    token_endpoint: c.token_endpoint.clone(),
+                    scopes: c.scopes.clone(),
+                    ca_file: c.ca_file.clone(),
+                })
+            })
+            .collect()
     }
 
     /// The `[[oidc_issuers]]` names, for validating token links.

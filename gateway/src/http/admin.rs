@@ -180,14 +180,24 @@ pub(super) async fn revoke_token(
     Ok(axum::Json(record.view()).into_response())
 }
 
-/// `GET /api/v1/certificates` (admin): the inventory, in issuance order.
+/// `GET /api/v1/certificates` (admin or approver): the inventory, in
+/// issuance order; `?newest=true` gives the last `limit` certificates.
 pub(super) async fn list_certificates(
     State(state): State<AppState>,
     headers: HeaderMap,
     q: PageParams,
 ) -> Result<Response, Problem> {
-    state.require_admin(&headers, "certificates.list").await?;
-    let (limit, cursor) = parse_page(q)?;
+    state.require_reviewer(&headers, "certificates.list").await?;
+    let (limit, mut cursor, newest) = parse_page(q)?;
+    if newest {
+        let total = state
+            .engine
+            .store
+            .count_certificates()
+            .await
+            .map_err(|e| AppState::unavailable("the inventory could not be read", e))?;
+        cursor = Some(total.saturating_sub(limit as u64).to_string());
+    }
     let page = state
         .engine
         .store
@@ -197,14 +207,25 @@ pub(super) async fn list_certificates(
     Ok(axum::Json(json!({ "items": page.items, "next_cursor": page.next_cursor })).into_response())
 }
 
-/// `GET /api/v1/audit` (admin): the hash-chained audit log.
+/// `GET /api/v1/audit` (admin or approver): the hash-chained audit log;
+/// `?newest=true` gives the last `limit` entries.
 pub(super) async fn list_audit(
     State(state): State<AppState>,
     headers: HeaderMap,
     q: PageParams,
 ) -> Result<Response, Problem> {
-    state.require_admin(&headers, "audit.list").await?;
-    let (limit, cursor) = parse_page(q)?;
+    state.require_reviewer(&headers, "audit.list").await?;
+    let (limit, mut cursor, newest) = parse_page(q)?;
+    if newest {
+        let head = state
+            .engine
+            .store
+            .audit_head()
+            .await
+            .map_err(|e| AppState::unavailable("the audit log could not be read", e))?;
+        let last = head.map_or(0, |(seq, _)| seq);
+        cursor = Some(last.saturating_sub(limit as u64).to_string());
+    }
     let page = state
         .engine
         .store
@@ -267,6 +288,44 @@ pub(super) async fn verify_audit(
         )),
         Err(e) => Err(AppState::unavailable("the audit log could not be read", e)),
     }
+}
+
+/// `POST /api/v1/explain` (admin): why a caller would get, or did not get,
+/// an identity. The body names one of: `method` and `evidence`;
+/// `selectors` (and optionally `method`); or a refused request's
+/// `request_id`. Nothing is issued, spent or recorded.
+pub(super) async fn explain(State(state): State<AppState>, req: Request<Body>) -> Result<Response, Problem> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ExplainBody {
+        method: Option<String>,
+        evidence: Option<String>,
+        selectors: Option<Vec<String>>,
+        request_id: Option<String>,
+    }
+    let (parts, body) = req.into_parts();
+    state.require_admin(&parts.headers, "explain").await?;
+    let b: ExplainBody = read_json(body, state.max_body_bytes).await?;
+    use crate::engine::explain::Ask;
+    let ask = match (b.method, b.evidence, b.selectors, b.request_id) {
+        (Some(method), Some(evidence), None, None) => Ask::Evidence { method, evidence },
+        (method, None, Some(selectors), None) => {
+            if selectors.is_empty() || selectors.len() > 256 || selectors.iter().any(|s| s.len() > 1024) {
+                return Err(Problem::malformed(
+                    "`selectors` must hold 1 to 256 selectors of at most 1024 bytes",
+                ));
+            }
+            Ask::Selectors { method, selectors }
+        }
+        (None, None, None, Some(id)) => Ask::Refusal(id),
+        _ => {
+            return Err(Problem::malformed(
+                "send one of: `method` and `evidence`; `selectors` (and optionally `method`); or `request_id`",
+            ));
+        }
+    };
+    let explanation = state.engine.explain(ask).await?;
+    Ok(axum::Json(explanation).into_response())
 }
 
 /// `POST /api/v1/join-tokens` (admin): a one-time token for bootstrapping a

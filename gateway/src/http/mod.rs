@@ -12,6 +12,7 @@ mod admin;
 mod authorities;
 mod broker;
 mod bundles;
+mod console;
 mod entries;
 mod ephemeral;
 mod follow;
@@ -58,13 +59,13 @@ pub struct AppState {
     pub metrics_here: bool,
 }
 
-/// The API's routes.
+/// The API's routes, and the approver console's.
 pub fn router(state: AppState) -> Router {
     let mut routes = Router::new();
     if state.metrics_here {
         routes = routes.route("/metrics", get(metrics::render));
     }
-    routes
+    let api = routes
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/api/v1/workloads/attested-issuance", post(issuance::attested))
@@ -83,6 +84,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/audit", get(admin::list_audit))
         .route("/api/v1/audit/verify", get(admin::verify_audit))
         .route("/api/v1/audit/checkpoints", post(admin::audit_checkpoint))
+        .route("/api/v1/explain", post(admin::explain))
         .route("/api/v1/ca/intermediates", post(admin::sign_subordinate))
         .route(
             "/api/v1/ca/authorities",
@@ -107,6 +109,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/broker/revocations",
             post(broker::revoke).get(broker::revocation_feed),
         )
+        .route("/api/v1/broker/agents", get(broker::agents))
         .route("/oauth2/token", post(broker::token))
         .route("/oauth2/introspect", post(broker::introspect))
         .route("/.well-known/openid-configuration", get(broker::discovery))
@@ -129,7 +132,25 @@ pub fn router(state: AppState) -> Router {
             idempotency::layer,
         ))
         .route_layer(axum::middleware::from_fn(metrics::time_request))
-        .with_state(state)
+        .layer(axum::middleware::from_fn(request_id))
+        .with_state(state.clone());
+    api.clone().merge(console::router(state, api))
+}
+
+/// The header that names a request's id on every answer.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Gives every request an id, always the server's own (a caller's choice
+/// could collide with another request's): refusals are audited under it,
+/// problem responses carry it (`request_id`, `instance`) and every answer
+/// names it in `X-Request-Id`.
+async fn request_id(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let id = crate::engine::new_request_id();
+    let mut resp = crate::engine::as_request(id.clone(), next.run(req)).await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp
 }
 
 /// `GET /metrics` alone, for `[metrics] addr`.
@@ -195,21 +216,42 @@ impl AppState {
 
     /// Requires the admin role; a failed attempt is audited.
     async fn require_admin(&self, headers: &HeaderMap, what: &str) -> Result<Principal, Problem> {
+        self.require_role(headers, what, &[Role::Admin]).await
+    }
+
+    /// Requires the admin or approver role (reading the inventory and the
+    /// audit log, which approvers review); a failed attempt is audited.
+    async fn require_reviewer(&self, headers: &HeaderMap, what: &str) -> Result<Principal, Problem> {
+        self.require_role(headers, what, &[Role::Admin, Role::Approver])
+            .await
+    }
+
+    async fn require_role(
+        &self,
+        headers: &HeaderMap,
+        what: &str,
+        roles: &[Role],
+    ) -> Result<Principal, Problem> {
         let p = self.require_principal(headers, what).await?;
-        if p.role == Role::Admin {
+        if roles.contains(&p.role) {
             return Ok(p);
         }
+        let needed = if roles.len() == 1 {
+            "the admin role"
+        } else {
+            "the admin or approver role"
+        };
         let event = AuditEvent::new(
             AuditKind::AuthRefused,
             Actor::from(&p),
-            json!({ "endpoint": what, "reason": "not an admin" }),
+            json!({ "endpoint": what, "reason": format!("needs {needed}") }),
         );
         self.engine.audit_refused(event, "forbidden").await;
         Err(Problem::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             "Forbidden",
-            format!("{what} needs the admin role"),
+            format!("{what} needs {needed}"),
         ))
     }
 
@@ -249,6 +291,9 @@ async fn healthz(State(state): State<AppState>) -> Response {
 struct PageQuery {
     limit: Option<usize>,
     cursor: Option<String>,
+    /// The newest `limit` items instead of a page from `cursor`.
+    #[serde(default)]
+    newest: bool,
 }
 
 type PageParams = Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>;
@@ -269,7 +314,7 @@ pub(super) fn secret_response(status: StatusCode, body: impl serde::Serialize) -
         .into_response()
 }
 
-fn parse_page(q: PageParams) -> Result<(usize, Option<String>), Problem> {
+fn parse_page(q: PageParams) -> Result<(usize, Option<String>, bool), Problem> {
     let Query(q) = q.map_err(|e| Problem::malformed(format!("invalid query: {e}")))?;
     let limit = match q.limit {
         None => 100,
@@ -281,7 +326,7 @@ fn parse_page(q: PageParams) -> Result<(usize, Option<String>), Problem> {
     {
         return Err(Problem::malformed("`cursor` is not one this server returned"));
     }
-    Ok((limit, q.cursor))
+    Ok((limit, q.cursor, q.newest))
 }
 
 /// At most 64 printable characters of a caller-supplied name.
