@@ -169,22 +169,47 @@ async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, E
 /// How long a request may take to send its body once its headers arrived.
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How much of an oversized body is read and thrown away, so that the
+/// client, still sending, receives the `413` instead of a reset connection.
+const OVERSIZE_DRAIN: usize = 1 << 20;
+/// How long that may take.
+const OVERSIZE_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A request body, at most `limit` bytes, arriving within the body timeout.
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, EngineError> {
-    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit))
-        .await
-        .map_err(|_| EngineError::BadRequest("the request body did not arrive in time".into()))?;
-    read.map_err(|e| {
-        // `to_bytes` reports the limit through the error's source chain.
-        let mut source: Option<&dyn std::error::Error> = Some(&e);
-        while let Some(s) = source {
-            if s.is::<http_body_util::LengthLimitError>() {
-                return EngineError::TooLarge { limit };
+    use http_body_util::BodyExt as _;
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|_| EngineError::BadRequest("the request body could not be read".into()))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(EngineError::TooLarge { limit });
+                }
+                buf.extend_from_slice(&data);
             }
-            source = s.source();
         }
-        EngineError::BadRequest("the request body could not be read".into())
-    })
+        Ok(())
+    };
+    let result = tokio::time::timeout(BODY_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| EngineError::BadRequest("the request body did not arrive in time".into()))
+        .and_then(|r| r);
+    if let Err(EngineError::TooLarge { .. }) = &result {
+        // Bounded in bytes and time: a larger or slower body is cut off.
+        let drain = async {
+            let mut thrown = 0;
+            while thrown < OVERSIZE_DRAIN
+                && let Some(Ok(frame)) = body.frame().await
+            {
+                thrown += frame.data_ref().map_or(0, |d| d.len());
+            }
+        };
+        let _ = tokio::time::timeout(OVERSIZE_DRAIN_TIMEOUT, drain).await;
+    }
+    result.map(|()| buf.freeze())
 }
 
 impl AppState {
