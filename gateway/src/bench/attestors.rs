@@ -41,6 +41,7 @@ pub struct Options {
     pub methods: Vec<String>,
     /// The TPM for the `tpm` row.
     pub tpm: Option<TpmTarget>,
+    pub server_pid: Option<u32>,
 }
 
 /// A TPM to measure the `tpm` method with.
@@ -480,6 +481,8 @@ async fn measure(conn: &mut Conn, opts: &Options, methods: &[&'static str]) -> a
     for &method in methods {
         eprintln!("preparing {} {method} proofs…", opts.requests);
         let (bodies, source) = prepare(conn, opts, method).await?;
+        let probe = super::cpu::Probe::new(opts.endpoint.authority(), opts.server_pid);
+        let cpu_start = probe.start();
         let started = Instant::now();
         let measured = super::run_paced(
             &opts.endpoint,
@@ -492,6 +495,7 @@ async fn measure(conn: &mut Conn, opts: &Options, methods: &[&'static str]) -> a
         )
         .await;
         let elapsed = started.elapsed();
+        let server_cpu = probe.since(cpu_start);
         if let Some(id) = source {
             let _ = conn
                 .send(
@@ -506,7 +510,10 @@ async fn measure(conn: &mut Conn, opts: &Options, methods: &[&'static str]) -> a
         latencies.sort();
         rows.push(Row {
             method,
-            report: super::summarise(opts.requests, latencies, &statuses, elapsed),
+            report: super::Report {
+                server_cpu,
+                ..super::summarise(opts.requests, latencies, &statuses, elapsed)
+            },
         });
     }
     Ok(rows)

@@ -4,6 +4,7 @@
 //! a chosen concurrency over keep-alive connections, and prints issuances/s
 //! and latency percentiles. It measures; it asserts nothing.
 
+pub mod cpu;
 mod flood;
 
 use std::sync::Arc;
@@ -29,6 +30,8 @@ pub struct Options {
     pub concurrency: usize,
     pub requests: usize,
     pub warmup: usize,
+    /// The server's process, when not the one listening on the port here.
+    pub server_pid: Option<u32>,
 }
 
 /// What was measured.
@@ -41,6 +44,8 @@ pub struct Report {
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
+    /// What the server's process spent during the measured part.
+    pub server_cpu: Option<cpu::ServerCpu>,
 }
 
 impl Report {
@@ -118,6 +123,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let path = "/api/v1/workloads/attested-issuance";
     let warm = opts.concurrency.min(opts.warmup.max(1));
     drop(run_paced(&opts.endpoint, path, bodies.clone(), 0, opts.warmup, warm, None).await?);
+    let probe = cpu::Probe::new(opts.endpoint.authority(), opts.server_pid);
+    let cpu_start = probe.start();
     let started = Instant::now();
     let (mut latencies, statuses) = run_paced(
         &opts.endpoint,
@@ -130,9 +137,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     )
     .await?;
     let elapsed = started.elapsed();
+    let server_cpu = probe.since(cpu_start);
     remove_source(&mut admin, &opts.admin_token, &source).await;
     latencies.sort();
-    Ok(summarise(opts.requests, latencies, &statuses, elapsed))
+    Ok(Report {
+        server_cpu,
+        ..summarise(opts.requests, latencies, &statuses, elapsed)
+    })
 }
 
 fn generate_bodies(key: &KeyPair, kid: &str, issuer: &str, n: usize) -> anyhow::Result<Vec<Bytes>> {
@@ -165,6 +176,8 @@ pub struct ApprovalReport {
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
+    /// The server's CPU over the whole flows (create, two votes, the poll).
+    pub server_cpu: Option<cpu::ServerCpu>,
 }
 
 /// Measures the time from the final approval being sent to a requester that
@@ -175,6 +188,7 @@ pub async fn run_approvals(
     vote_endpoint: Endpoint,
     admin_token: &str,
     requests: usize,
+    server_pid: Option<u32>,
 ) -> anyhow::Result<ApprovalReport> {
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let mut admin = endpoint.connect().await?;
@@ -222,6 +236,8 @@ pub async fn run_approvals(
         "the voting gateway does not know the bench's tokens after 5 s"
     );
     let mut latencies = Vec::with_capacity(requests);
+    let probe = cpu::Probe::new(endpoint.authority(), server_pid);
+    let cpu_start = probe.start();
     for _ in 0..requests {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
@@ -285,6 +301,7 @@ pub async fn run_approvals(
         p50: pct(0.5),
         p99: pct(0.99),
         max: latencies.last().copied().unwrap_or_default(),
+        server_cpu: probe.since(cpu_start),
     })
 }
 
@@ -296,6 +313,7 @@ pub struct BrokerOptions {
     pub requests: usize,
     /// Open-loop rate in requests/s; `None` runs flat out (closed loop).
     pub rate: Option<f64>,
+    pub server_pid: Option<u32>,
 }
 
 /// Agent identities with a one-hop delegation chain: a parent agent's
@@ -376,6 +394,8 @@ pub async fn run_broker(opts: BrokerOptions) -> anyhow::Result<Report> {
         )
         .await?,
     );
+    let probe = cpu::Probe::new(opts.endpoint.authority(), opts.server_pid);
+    let cpu_start = probe.start();
     let started = Instant::now();
     let (mut latencies, statuses) = run_paced(
         &opts.endpoint,
@@ -388,9 +408,13 @@ pub async fn run_broker(opts: BrokerOptions) -> anyhow::Result<Report> {
     )
     .await?;
     let elapsed = started.elapsed();
+    let server_cpu = probe.since(cpu_start);
     remove_source(&mut admin, &opts.admin_token, &source).await;
     latencies.sort();
-    Ok(summarise(opts.requests, latencies, &statuses, elapsed))
+    Ok(Report {
+        server_cpu,
+        ..summarise(opts.requests, latencies, &statuses, elapsed)
+    })
 }
 
 fn summarise(requests: usize, latencies: Vec<Duration>, statuses: &[u16], elapsed: Duration) -> Report {
@@ -416,6 +440,7 @@ fn summarise(requests: usize, latencies: Vec<Duration>, statuses: &[u16], elapse
         p50: pct(0.50),
         p99: pct(0.99),
         max: latencies.last().copied().unwrap_or_default(),
+        server_cpu: None,
     }
 }
 

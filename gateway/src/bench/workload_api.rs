@@ -37,6 +37,7 @@ pub struct Options {
     pub svid_ttl: u64,
     pub jwt_concurrency: usize,
     pub jwt_requests: usize,
+    pub server_pid: Option<u32>,
 }
 
 /// What was measured.
@@ -306,6 +307,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
 /// `FetchJWTSVID` from `jwt_concurrency` connections.
 async fn run_jwt(opts: &Options) -> anyhow::Result<super::Report> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let probe = super::cpu::Probe::new(opts.endpoint.authority(), opts.server_pid);
+    let cpu_start = probe.start();
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..opts.jwt_concurrency {
@@ -344,5 +347,8 @@ async fn run_jwt(opts: &Options) -> anyhow::Result<super::Report> {
     // failure as 0.
     let mut statuses = vec![201u16; latencies.len()];
     statuses.extend(std::iter::repeat_n(0, refused));
-    Ok(super::summarise(opts.jwt_requests, latencies, &statuses, elapsed))
+    Ok(super::Report {
+        server_cpu: probe.since(cpu_start),
+        ..super::summarise(opts.jwt_requests, latencies, &statuses, elapsed)
+    })
 }

@@ -70,6 +70,10 @@ pub(super) struct BenchFlood {
 pub(super) struct BenchAttestors {
     #[command(flatten)]
     server: ServerArgs,
+    /// The server's process id, for its CPU time [default: the process
+    /// listening on the address's port on this machine].
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// File holding the admin API token.
     #[arg(long)]
     token_file: PathBuf,
@@ -100,6 +104,10 @@ pub(super) struct BenchAttestors {
 pub(super) struct BenchWorkloadApi {
     #[command(flatten)]
     server: ServerArgs,
+    /// The server's process id, for its CPU time [default: the process
+    /// listening on the address's port on this machine].
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// File holding the admin API token (to register the bench entries).
     #[arg(long)]
     token_file: PathBuf,
@@ -129,6 +137,10 @@ pub(super) struct BenchWorkloadApi {
 pub(super) struct BenchBroker {
     #[command(flatten)]
     server: ServerArgs,
+    /// The server's process id, for its CPU time [default: the process
+    /// listening on the address's port on this machine].
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// File holding the admin API token (to register the bench trust source).
     #[arg(long)]
     token_file: PathBuf,
@@ -147,6 +159,10 @@ pub(super) struct BenchBroker {
 pub(super) struct BenchApprovals {
     #[command(flatten)]
     server: ServerArgs,
+    /// The server's process id, for its CPU time [default: the process
+    /// listening on the address's port on this machine].
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// File holding the admin API token (to create the bench's own tokens).
     #[arg(long)]
     token_file: PathBuf,
@@ -163,6 +179,10 @@ pub(super) struct BenchApprovals {
 pub(super) struct BenchIssuance {
     #[command(flatten)]
     server: ServerArgs,
+    /// The server's process id, for its CPU time [default: the process
+    /// listening on the address's port on this machine].
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Admin API token (used only to register the bench trust source).
     #[arg(
         long,
@@ -260,6 +280,7 @@ async fn bench(args: BenchIssuance) -> anyhow::Result<ExitCode> {
         concurrency: args.concurrency,
         requests: args.requests,
         warmup: args.warmup,
+        server_pid: args.server_pid,
     })
     .await?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
@@ -279,6 +300,9 @@ async fn bench(args: BenchIssuance) -> anyhow::Result<ExitCode> {
         ms(report.p99),
         ms(report.max)
     );
+    if let Some(c) = report.server_cpu {
+        println!("{}", c.line(report.issued, "issuance"));
+    }
     Ok(if report.refused.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -317,6 +341,7 @@ async fn bench_attestors(args: BenchAttestors) -> anyhow::Result<ExitCode> {
         requests: args.requests,
         methods: args.methods,
         tpm,
+        server_pid: args.server_pid,
     })
     .await?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
@@ -324,10 +349,15 @@ async fn bench_attestors(args: BenchAttestors) -> anyhow::Result<ExitCode> {
         "attested issuance by method: {} requests each, concurrency {}",
         args.requests, args.concurrency
     );
-    println!("  method        issued/s    p50 ms   p99 ms   refused");
+    println!("  method        issued/s    p50 ms   p99 ms   CPU ms/op   refused");
     for r in rows {
+        let cpu = r
+            .report
+            .server_cpu
+            .map(|c| format!("{:.3}", ms(c.per_op(r.report.issued))))
+            .unwrap_or_else(|| "-".into());
         println!(
-            "  {:<12} {:>9.0} {:>9.2} {:>8.2}   {:?}",
+            "  {:<12} {:>9.0} {:>9.2} {:>8.2}   {cpu:>9}   {:?}",
             r.method,
             r.report.rate(),
             ms(r.report.p50),
@@ -357,6 +387,7 @@ async fn bench_workload_api(args: BenchWorkloadApi) -> anyhow::Result<ExitCode> 
         svid_ttl: args.svid_ttl,
         jwt_concurrency: args.jwt_concurrency,
         jwt_requests: args.jwt_requests,
+        server_pid: args.server_pid,
     })
     .await?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
@@ -401,6 +432,9 @@ async fn bench_workload_api(args: BenchWorkloadApi) -> anyhow::Result<ExitCode> 
         ms(r.jwt.p99),
         ms(r.jwt.max)
     );
+    if let Some(c) = r.jwt.server_cpu {
+        println!("{}", c.line(r.jwt.issued, "JWT-SVID"));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -418,6 +452,7 @@ async fn bench_broker(args: BenchBroker) -> anyhow::Result<ExitCode> {
         concurrency: args.concurrency,
         requests: args.requests,
         rate: args.rate,
+        server_pid: args.server_pid,
     })
     .await?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
@@ -442,6 +477,9 @@ async fn bench_broker(args: BenchBroker) -> anyhow::Result<ExitCode> {
         ms(r.p99),
         ms(r.max)
     );
+    if let Some(c) = r.server_cpu {
+        println!("{}", c.line(r.issued, "identity"));
+    }
     Ok(if r.refused.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -457,7 +495,8 @@ async fn bench_approvals(args: BenchApprovals) -> anyhow::Result<ExitCode> {
         Some(a) => Endpoint::parse(a, args.server.ca_file.as_deref())?,
         None => endpoint.clone(),
     };
-    let r = crate::bench::run_approvals(endpoint, vote_endpoint, &token, args.requests).await?;
+    let r =
+        crate::bench::run_approvals(endpoint, vote_endpoint, &token, args.requests, args.server_pid).await?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     println!(
         "final approval -> long-polling requester holds its certificate: {} requests",
@@ -469,6 +508,12 @@ async fn bench_approvals(args: BenchApprovals) -> anyhow::Result<ExitCode> {
         ms(r.p99),
         ms(r.max)
     );
+    if let Some(c) = r.server_cpu {
+        println!(
+            "{}",
+            c.line(r.requests, "request (created, two votes, collected)")
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
