@@ -468,6 +468,9 @@ pub struct IssuanceConfig {
     pub max_ttl_seconds: u64,
     /// The shortest lifetime that may be requested, in seconds. Default: 60.
     pub min_ttl_seconds: u64,
+    /// Verified service-account tokens remembered, so the same token is not
+    /// verified again until it expires (0: off). Default: 65536.
+    pub evidence_cache_entries: usize,
 }
 
 impl Default for Config {
@@ -535,6 +538,7 @@ impl Default for IssuanceConfig {
         Self {
             max_ttl_seconds: 86_400,
             min_ttl_seconds: 60,
+            evidence_cache_entries: 65_536,
         }
     }
 }

@@ -82,6 +82,7 @@ pub struct Metrics {
     pub authority_expiry_seconds: Family<Authority, Gauge<f64, AtomicU64>>,
     pub webhook_deliveries: Family<Outcome, Counter>,
     pub overload_refusals: Counter,
+    pub evidence_cache: Family<Outcome, Counter>,
 }
 
 /// From 0.5 ms to about 16 s.
@@ -106,6 +107,7 @@ impl Metrics {
             authority_expiry_seconds: Family::default(),
             webhook_deliveries: Family::default(),
             overload_refusals: Counter::default(),
+            evidence_cache: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -173,6 +175,11 @@ impl Metrics {
             "Requests refused because every admission permit and queue slot was taken",
             m.overload_refusals.clone(),
         );
+        registry.register(
+            "evidence_cache_lookups",
+            "Lookups of verified service-account tokens, by outcome (hit, miss)",
+            m.evidence_cache.clone(),
+        );
         // Both outcomes from the start, so that rules over them see zeros.
         for outcome in ["delivered", "failed"] {
             m.webhook_deliveries
@@ -182,6 +189,15 @@ impl Metrics {
                 .inc_by(0);
         }
         Self { registry, ..m }
+    }
+
+    /// A lookup of verified evidence.
+    pub fn evidence_cache(&self, hit: bool) {
+        self.evidence_cache
+            .get_or_create(&Outcome {
+                outcome: if hit { "hit" } else { "miss" }.into(),
+            })
+            .inc();
     }
 
     /// Times a stage.

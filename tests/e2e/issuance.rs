@@ -596,6 +596,67 @@ fn a_dev_token_bound_to_a_key_certifies_only_that_key() {
         rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
     );
     assert_eq!(server.certificates().len(), 1);
+    // Once verified for its key, the token is still refused for another
+    // (a verified token is remembered only with the key it binds).
+    let out = issue(Some(&other), "other-again");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bound to another key"));
+    assert_eq!(server.certificates().len(), 1);
+}
+
+/// The evidence cache's counter of `outcome` on /metrics.
+fn evidence_lookups(server: &Server, outcome: &str) -> u64 {
+    let (_, _, text) = server.get_text("/metrics");
+    let needle = format!("castellan_evidence_cache_lookups_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(needle.as_str()))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// Issue 18: a service-account token verified once is reused until it
+/// expires, for any key it does not bind, and forgotten at once when its
+/// trust source is revoked.
+#[test]
+fn a_verified_token_is_reused_until_its_trust_source_changes() {
+    let server = Server::dev();
+    let cluster = Cluster::new("https://k8s.reuse.example");
+    let source = server.add_trust_source("reuse", &cluster);
+    let token = cluster.token("payments", "api");
+    let issue = || {
+        let (_, c) = csr();
+        server.post(ISSUE, &issuance_body(&token, &c, None), None)
+    };
+    assert_eq!(issue().status, 201);
+    let hits = evidence_lookups(&server, "hit");
+    for _ in 0..3 {
+        let r = issue();
+        assert_eq!(r.status, 201, "{}", r.body);
+        assert_eq!(
+            r.body["spiffe_id"],
+            "spiffe://example.org/reuse/ns/payments/sa/api"
+        );
+    }
+    assert_eq!(
+        evidence_lookups(&server, "hit"),
+        hits + 3,
+        "the token was verified once"
+    );
+    // Each issuance is still decided, signed, recorded and audited.
+    assert_eq!(server.certificates().len(), 4);
+    // A token changed by one byte is not the same token.
+    let mut forged = token.clone();
+    forged.pop();
+    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    let (_, c) = csr();
+    server
+        .post(ISSUE, &issuance_body(&forged, &c, None), None)
+        .assert_problem(403, "attestation-failed");
+    // Revoking the trust source forgets what it verified.
+    let r = server.post_admin(&format!("/api/v1/trust-sources/{source}/revoke"), &json!({}));
+    assert!(r.status < 300, "{}", r.body);
+    let refused = issue();
+    assert!(refused.status == 403 || refused.status == 422, "{}", refused.body);
+    assert_eq!(server.certificates().len(), 4);
 }
 
 /// Writes a policy bundle directory with one `issuance.rego`.

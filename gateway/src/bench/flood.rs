@@ -66,7 +66,13 @@ pub async fn run_flood(opts: FloodOptions) -> anyhow::Result<Vec<Phase>> {
     let source = super::register_source(&mut admin, &opts.admin_token, "bench-flood").await?;
     let per_phase = 4000;
     eprintln!("generating {} tokens and CSRs…", per_phase * 4);
-    let bodies = super::generate_bodies(&source.key, &source.kid, &source.issuer, per_phase * 4)?;
+    let bodies = super::generate_bodies(
+        &source.key,
+        &source.kid,
+        &source.issuer,
+        per_phase * 4,
+        per_phase * 4,
+    )?;
     let mut phases = Vec::new();
     for (i, flood) in [
         Flood::None,

@@ -32,6 +32,9 @@ pub struct Options {
     pub warmup: usize,
     /// The server's process, when not the one listening on the port here.
     pub server_pid: Option<u32>,
+    /// Distinct tokens, presented in turn (as pods present their projected
+    /// tokens many times); `None`: a new token for every request.
+    pub tokens: Option<usize>,
 }
 
 /// What was measured.
@@ -119,6 +122,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         &source.kid,
         &source.issuer,
         total,
+        opts.tokens.unwrap_or(total).max(1),
     )?));
     let path = "/api/v1/workloads/attested-issuance";
     let warm = opts.concurrency.min(opts.warmup.max(1));
@@ -146,19 +150,29 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     })
 }
 
-fn generate_bodies(key: &KeyPair, kid: &str, issuer: &str, n: usize) -> anyhow::Result<Vec<Bytes>> {
+fn generate_bodies(
+    key: &KeyPair,
+    kid: &str,
+    issuer: &str,
+    n: usize,
+    distinct_tokens: usize,
+) -> anyhow::Result<Vec<Bytes>> {
     let mut out = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(distinct_tokens.min(n));
     for i in 0..n {
-        let token = mint_projected_token(
-            key,
-            kid,
-            issuer,
-            "castellan-bench",
-            "bench",
-            &format!("load-{}", i % 64),
-            None,
-            3600,
-        )?;
+        if tokens.len() < distinct_tokens {
+            tokens.push(mint_projected_token(
+                key,
+                kid,
+                issuer,
+                "castellan-bench",
+                "bench",
+                &format!("load-{}", i % 64),
+                None,
+                3600,
+            )?);
+        }
+        let token = tokens[i % distinct_tokens].clone();
         let csr_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
             .serialize_request(&csr_key)?

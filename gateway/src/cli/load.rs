@@ -203,6 +203,10 @@ pub(super) struct BenchIssuance {
     /// Unmeasured requests sent first.
     #[arg(long, default_value_t = 500)]
     warmup: usize,
+    /// Distinct service-account tokens, presented in turn as pods present
+    /// theirs many times [default: a new token for every request].
+    #[arg(long)]
+    tokens: Option<usize>,
 }
 
 /// Runs one `castellan bench` command.
@@ -281,12 +285,18 @@ async fn bench(args: BenchIssuance) -> anyhow::Result<ExitCode> {
         requests: args.requests,
         warmup: args.warmup,
         server_pid: args.server_pid,
+        tokens: args.tokens,
     })
     .await?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "attested issuance: {} requests at concurrency {}",
-        report.requests, args.concurrency
+        "attested issuance: {} requests at concurrency {}, {}",
+        report.requests,
+        args.concurrency,
+        match args.tokens {
+            Some(n) => format!("{n} distinct tokens in turn"),
+            None => "a new token for each".to_owned(),
+        }
     );
     println!("  issued       {}", report.issued);
     if !report.refused.is_empty() {

@@ -31,6 +31,7 @@ pub mod broker;
 mod csr;
 pub mod ephemeral;
 mod errors;
+mod evidence_cache;
 pub mod explain;
 pub mod issuance;
 pub mod join_token;
@@ -176,6 +177,8 @@ pub struct Engine {
     admission: Admission,
     /// Single-use evidence already seen (the store keeps it across restarts).
     replay: ReplayCache,
+    /// Verified bearer tokens, reused until they expire.
+    evidence: evidence_cache::EvidenceCache,
     /// How many refusals are written to the audit log one by one.
     refusals: refusals::RefusalBudget,
     /// Workload API SVIDs shared by the callers of one entry.
@@ -205,6 +208,7 @@ impl Engine {
             policies: parts.policies,
             signer: parts.signer,
             store: parts.store.clone(),
+            evidence: evidence_cache::EvidenceCache::new(parts.limits.evidence_cache_entries),
             limits: parts.limits,
             entries: parts.entries,
             public_url: OnceLock::new(),
@@ -263,12 +267,13 @@ impl Engine {
         // Flows check this first; checked again here, where modules run.
         check_method(surface, method)?;
         let host_evidence = HOST_EVIDENCE_METHODS.contains(&method);
-        if !snapshot.modules.contains_key(method) {
+        let Some(module) = snapshot.modules.get(method) else {
             return Err(EngineError::UnknownMethod(printable(method)));
-        }
+        };
         let mut context = json!({ "trust_domain": self.trust_domain });
-        if let Some(spki) = key_spki {
-            context["key_sha256"] = crate::util::sha256_hex(spki).into();
+        let key_sha256 = key_spki.map(crate::util::sha256_hex);
+        if let Some(k) = &key_sha256 {
+            context["key_sha256"] = k.clone().into();
         }
         // Host-gathered evidence never answers a challenge.
         let challenge = if host_evidence {
@@ -276,6 +281,23 @@ impl Engine {
         } else {
             crate::attest::challenge::challenge_id(evidence)
         };
+        let trust = self.trust.snapshot();
+        let cacheable = challenge.is_none() && self.evidence.applies(method);
+        let under = evidence_cache::Under {
+            method,
+            evidence,
+            key_sha256: key_sha256.as_deref(),
+            trust: &trust,
+            module,
+            now: crate::util::now_unix(),
+        };
+        if cacheable {
+            let cached = self.evidence.get(&under);
+            crate::metrics::get().evidence_cache(cached.is_some());
+            if let Some(attestation) = cached {
+                return Ok(attestation);
+            }
+        }
         if let Some(id) = challenge {
             let taken = block_on(self.challenges.take(&id, method, crate::util::now_unix()))?;
             let challenge = taken.map_err(|e| match e {
@@ -288,13 +310,7 @@ impl Engine {
         }
         let attestation = self
             .attestors
-            .attest_in(
-                &snapshot.modules,
-                method,
-                evidence,
-                self.trust.snapshot(),
-                &context,
-            )
+            .attest_in(&snapshot.modules, method, evidence, trust.clone(), &context)
             .map_err(|e| {
                 let e = attest_error(e);
                 if let EngineError::Attestor(other) = &e {
@@ -304,6 +320,9 @@ impl Engine {
             })?;
         if let Some(once) = &attestation.single_use {
             self.spend(method, once)?;
+        }
+        if cacheable {
+            self.evidence.put(&under, &attestation);
         }
         Ok(attestation)
     }
