@@ -4,6 +4,7 @@
 //! and running a bundle's `test_` rules. Policies never do crypto.
 
 mod decision_log;
+mod memo;
 mod tester;
 
 pub use decision_log::DecisionLogger;
@@ -111,6 +112,9 @@ pub struct Loaded {
     pub bundles: Vec<BundleInfo>,
     /// Where decisions are logged, when enabled.
     logger: Option<Arc<DecisionLogger>>,
+    /// Decisions already made by this snapshot, by (entry point, input), when
+    /// its policies are deterministic (see [`memo::is_deterministic`]).
+    memo: Option<memo::Memo>,
 }
 
 /// The active snapshot; swapped whole, never mutated in place.
@@ -272,6 +276,7 @@ impl BundleFiles {
                 })?;
             compiled.push((*rule, policy));
         }
+        let deterministic = self.rego.iter().all(|(_, text)| memo::is_deterministic(text));
         Ok(Loaded {
             engine,
             compiled,
@@ -279,6 +284,7 @@ impl BundleFiles {
             modules: Default::default(),
             bundles: Vec::new(),
             logger: None,
+            memo: deterministic.then(memo::Memo::default),
         })
     }
 }
@@ -364,7 +370,20 @@ impl Loaded {
         input: &impl Serialize,
     ) -> Result<T, PolicyError> {
         let input = serde_json::to_value(input).map_err(|e| PolicyError::Eval(e.to_string()))?;
-        let value = self.eval(rule, &input)?;
+        // With decision logs on, every evaluation is logged: nothing is reused.
+        let memo = self.memo.as_ref().filter(|_| self.logger.is_none());
+        let key = memo.map(|_| memo::key(rule, &input));
+        let remembered = memo.zip(key.as_ref()).and_then(|(m, k)| m.get(k));
+        let value = match remembered {
+            Some(v) => v,
+            None => {
+                let v = self.eval(rule, &input)?;
+                if let (Some(m), Some(k)) = (memo, key) {
+                    m.put(k, &v);
+                }
+                v
+            }
+        };
         if let Some(logger) = &self.logger {
             logger.log(rule, &input, &value, &self.bundles);
         }
