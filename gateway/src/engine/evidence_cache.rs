@@ -114,6 +114,20 @@ impl EvidenceCache {
         Some(entry.attestation.clone())
     }
 
+    /// Whether this evidence is remembered (whatever key it is presented
+    /// with, and without checking the snapshots): a hint that attesting it
+    /// will be cheap, never a verdict.
+    pub(super) fn probably_has(&self, method: &str, evidence: &str, now: i64) -> bool {
+        if !self.applies(method) {
+            return false;
+        }
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state
+            .entries
+            .get(&key_of(method, evidence))
+            .is_some_and(|e| now < e.until)
+    }
+
     /// Remembers a fresh attestation, if it can be reused safely.
     pub(super) fn put(&self, u: &Under<'_>, attestation: &Attestation) {
         if attestation.single_use.is_some() {

@@ -63,7 +63,18 @@ impl Engine {
 
     async fn issue_attested_inner(self: &Arc<Self>, req: AttestedRequest) -> Result<Issued, EngineError> {
         super::check_method(Surface::AttestedIssuance, &req.method)?;
-        let signed = {
+        // Evidence verified before leaves a CSR check, a remembered decision
+        // and a signature: cheaper than handing the request to the blocking
+        // pool and back, so it runs here, under an admission permit all the
+        // same. Anything else (a sandbox call, a policy evaluation) goes to
+        // the blocking pool.
+        let signed = if self
+            .evidence
+            .probably_has(&req.method, &req.evidence, crate::util::now_unix())
+        {
+            let _admitted = self.admit().await?;
+            self.attest_decide_sign(&req)?
+        } else {
             let engine = self.clone();
             self.blocking(move || engine.attest_decide_sign(&req)).await?
         };
