@@ -220,6 +220,12 @@ function render(r) {
     li.textContent = v.decision + " by " + v.approver + " at " + v.at + (v.reason ? ": " + v.reason : "");
     votes.appendChild(li);
   }
+  if (!votes.children.length) {
+    const li = document.createElement("li");
+    li.className = "none";
+    li.textContent = "none yet";
+    votes.appendChild(li);
+  }
   text($("d-issued"), r.serial ? "serial " + r.serial + ", valid until " + r.not_after : "");
   show($("vote-form"), r.state === "pending");
 }
