@@ -107,7 +107,22 @@ pub(super) struct Delegations {
     /// Revoked token ids and their expiry: forgotten once expired, when no
     /// verifier would accept the token anyway.
     revoked: ArcSwap<HashMap<String, i64>>,
+    /// Parent tokens whose signature verified, by SHA-256 of the token, with
+    /// the keys they verified under: a parent delegates many times with one
+    /// token. Only the signature is remembered; issuer, expiry, revocation
+    /// and the registry are checked on every use.
+    signed: std::sync::Mutex<SignedTokens>,
 }
+
+/// Verified signatures of parent tokens (see [`Delegations::signed`]).
+#[derive(Default)]
+struct SignedTokens {
+    keys: Option<Arc<KeySet>>,
+    payloads: HashMap<[u8; 32], Arc<Value>>,
+}
+
+/// Parent tokens remembered at once, at most.
+const MAX_SIGNED_TOKENS: usize = 16_384;
 
 /// The revoked, unexpired token ids in the store's revocation feed.
 async fn revoked_set(store: &Store) -> Result<HashMap<String, i64>, EngineError> {
@@ -152,7 +167,39 @@ impl Delegations {
             oidc,
             own_keys: ArcSwap::from_pointee(own_keys),
             revoked: ArcSwap::from_pointee(revoked),
+            signed: std::sync::Mutex::default(),
         })
+    }
+
+    /// The claims of one of Castellan's own tokens whose signature verifies
+    /// with the current keys: remembered, or checked now.
+    fn signed_claims(&self, token: &str) -> Result<Arc<Value>, String> {
+        use sha2::Digest as _;
+        let keys = self.own_keys.load_full();
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        {
+            let mut cache = self.signed.lock().unwrap_or_else(|p| p.into_inner());
+            if !cache.keys.as_ref().is_some_and(|k| Arc::ptr_eq(k, &keys)) {
+                // The keys rotated: what verified under the old ones is forgotten.
+                *cache = SignedTokens {
+                    keys: Some(keys.clone()),
+                    payloads: HashMap::new(),
+                };
+            }
+            if let Some(claims) = cache.payloads.get(&digest) {
+                return Ok(claims.clone());
+            }
+        }
+        let (_, payload) = keys.verify_compact(token)?;
+        let claims: Arc<Value> = Arc::new(serde_json::from_str(&payload).map_err(|_| "payload is not JSON")?);
+        let mut cache = self.signed.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.keys.as_ref().is_some_and(|k| Arc::ptr_eq(k, &keys)) {
+            if cache.payloads.len() >= MAX_SIGNED_TOKENS {
+                cache.payloads.clear();
+            }
+            cache.payloads.insert(digest, claims.clone());
+        }
+        Ok(claims)
     }
 }
 
@@ -181,8 +228,7 @@ impl Engine {
     /// Verifies one of Castellan's own agent JWT-SVIDs: signature, issuer,
     /// expiry, revocation. Returns its claims and registry record.
     pub async fn verify_own(&self, token: &str) -> Result<(Value, AgentToken), String> {
-        let (_, payload) = self.delegations.own_keys.load().verify_compact(token)?;
-        let claims: Value = serde_json::from_str(&payload).map_err(|_| "payload is not JSON")?;
+        let claims = self.delegations.signed_claims(token)?;
         if claims.get("iss").and_then(Value::as_str) != Some(self.issuer().as_str()) {
             return Err("not issued by this Castellan".into());
         }
@@ -203,7 +249,7 @@ impl Engine {
         if record.revoked_at.is_some() {
             return Err("token revoked".into());
         }
-        Ok((claims, record))
+        Ok((claims.as_ref().clone(), record))
     }
 
     /// Verifies a delegation's subject token: a person's ID token from a
