@@ -4,10 +4,10 @@
 //! new. So the attestation of the same token is reused until the token's
 //! expiry, keyed by a hash of the whole token, and:
 //!
-//! - only for methods listed in [`CACHED_METHODS`], whose evidence is a
-//!   bearer token the module reports the expiry (`expires_at`) and key
-//!   binding (`key_bound`) of; never for single-use evidence or evidence
-//!   that answers a challenge;
+//! - only for methods listed in [`CACHED_METHODS`]: bearer tokens whose
+//!   module reports their expiry (`expires_at`) and key binding
+//!   (`key_bound`), and the Workload API's host evidence (for a minute);
+//!   never for single-use evidence or evidence that answers a challenge;
 //! - a token bound to a key (its audience names the key's hash) is reused
 //!   only for that same key;
 //! - everything is dropped when the trust sources change (a rotation, a
@@ -24,11 +24,17 @@ use crate::attest::Module;
 use crate::model::Attestation;
 use crate::trust::Snapshot;
 
-/// Methods whose attestations may be reused.
-pub const CACHED_METHODS: &[&str] = &["k8s_sat"];
+/// Methods whose attestations may be reused: bearer tokens that report
+/// their expiry, and `unix`, whose evidence the host gathers from the kernel
+/// for every call (the same evidence, byte for byte, is the same process
+/// with the same attributes).
+pub const CACHED_METHODS: &[&str] = &["k8s_sat", "unix"];
 
 /// How long an attestation is reused at most, whatever the token says.
 const MAX_REUSE_SECONDS: i64 = 3600;
+
+/// How long an attestation of host evidence is reused.
+const HOST_REUSE_SECONDS: i64 = 60;
 
 /// What one lookup is made under.
 pub(super) struct Under<'a> {
@@ -133,18 +139,23 @@ impl EvidenceCache {
         if attestation.single_use.is_some() {
             return;
         }
-        let until = match attestation.claims.get("expires_at").and_then(|v| v.as_i64()) {
-            Some(exp) => exp.min(u.now + MAX_REUSE_SECONDS),
-            None => return,
-        };
-        let bound_to = match attestation.claims.get("key_bound").and_then(|v| v.as_bool()) {
-            Some(true) => match u.key_sha256 {
-                Some(k) => Some(k.to_owned()),
+        let (until, bound_to) = if crate::attest::HOST_EVIDENCE_METHODS.contains(&u.method) {
+            (u.now + HOST_REUSE_SECONDS, None)
+        } else {
+            let until = match attestation.claims.get("expires_at").and_then(|v| v.as_i64()) {
+                Some(exp) => exp.min(u.now + MAX_REUSE_SECONDS),
                 None => return,
-            },
-            Some(false) => None,
-            // A module that does not say whether the token binds a key.
-            None => return,
+            };
+            let bound_to = match attestation.claims.get("key_bound").and_then(|v| v.as_bool()) {
+                Some(true) => match u.key_sha256 {
+                    Some(k) => Some(k.to_owned()),
+                    None => return,
+                },
+                Some(false) => None,
+                // A module that does not say whether the token binds a key.
+                None => return,
+            };
+            (until, bound_to)
         };
         if until <= u.now {
             return;
