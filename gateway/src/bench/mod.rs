@@ -7,6 +7,7 @@
 pub mod cpu;
 mod flood;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -328,6 +329,8 @@ pub struct BrokerOptions {
     /// Open-loop rate in requests/s; `None` runs flat out (closed loop).
     pub rate: Option<f64>,
     pub server_pid: Option<u32>,
+    /// One token per agent, presented every time, instead of a new one per request.
+    pub reuse_tokens: bool,
 }
 
 /// Agent identities with a one-hop delegation chain: a parent agent's
@@ -382,10 +385,21 @@ pub async fn run_broker(opts: BrokerOptions) -> anyhow::Result<Report> {
     eprintln!("generating {total} agent requests…");
     let url = format!("{castellan}{path}");
     let mut bodies = Vec::with_capacity(total);
+    // With `reuse_tokens`, each of the 64 agents presents one token, as pods
+    // present their projected token many times.
+    let mut minted: HashMap<String, String> = HashMap::new();
     for i in 0..total {
         let sa = format!("bench-child-{}", i % 64);
+        let evidence = match minted.get(&sa) {
+            Some(t) if opts.reuse_tokens => t.clone(),
+            _ => {
+                let t = token(&sa)?;
+                minted.insert(sa.clone(), t.clone());
+                t
+            }
+        };
         let b = json!({
-            "agent_id": sa, "method": "k8s_sat", "evidence": token(&sa)?,
+            "agent_id": sa, "method": "k8s_sat", "evidence": evidence,
             "scopes": ["tickets:read"], "audience": ["https://tools.bench"],
             "public_key_jwk": child_key.jwk,
             "delegation": {"subject_token": parent_jwt},

@@ -153,6 +153,10 @@ pub(super) struct BenchBroker {
     /// Open-loop rate (requests/s); latency counts from each request's due time.
     #[arg(long)]
     rate: Option<f64>,
+    /// Each of the 64 agents presents one token every time (as pods present
+    /// their projected token) [default: a new token per request].
+    #[arg(long)]
+    reuse_tokens: bool,
 }
 
 #[derive(Args)]
@@ -463,6 +467,7 @@ async fn bench_broker(args: BenchBroker) -> anyhow::Result<ExitCode> {
         requests: args.requests,
         rate: args.rate,
         server_pid: args.server_pid,
+        reuse_tokens: args.reuse_tokens,
     })
     .await?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
