@@ -199,6 +199,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         "  bundles          PUT /api/v1/bundles/<name>; signature verification off (dev)"
     )?;
     writeln!(out, "  workload API     unix:{}", app.workload_socket().display())?;
+    writeln!(
+        out,
+        "  approver console http://{local}/console/ (sign in with an approver token)"
+    )?;
     writeln!(out, "listening on http://{local}")?;
     out.flush()?;
     drop(out);
@@ -253,6 +257,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         trust_domain = %app.config.trust_domain,
         data_dir = %app.config.data_dir.display(),
         admin_token = %app.admin_token_path.display(),
+        console = %format!("{scheme}://{local}/console/"),
         "castellan serving"
     );
     println!("listening on {scheme}://{local}");
