@@ -36,14 +36,15 @@ const MAX_REUSE_SECONDS: i64 = 3600;
 /// How long an attestation of host evidence is reused.
 const HOST_REUSE_SECONDS: i64 = 60;
 
-/// What one lookup is made under.
-pub(super) struct Under<'a> {
+/// What one lookup is made under. `M` is the attestor module (a stand-in
+/// in unit tests).
+pub(super) struct Under<'a, M = Module> {
     pub method: &'a str,
     pub evidence: &'a str,
     /// The hash of the key the caller wants certified.
     pub key_sha256: Option<&'a str>,
     pub trust: &'a Arc<Snapshot>,
-    pub module: &'a Arc<Module>,
+    pub module: &'a Arc<M>,
     pub now: i64,
 }
 
@@ -54,17 +55,26 @@ struct Entry {
     bound_to: Option<String>,
 }
 
-#[derive(Default)]
-struct State {
+struct State<M> {
     trust: Option<Arc<Snapshot>>,
-    modules: HashMap<String, Arc<Module>>,
+    modules: HashMap<String, Arc<M>>,
     entries: HashMap<[u8; 32], Entry>,
 }
 
+impl<M> Default for State<M> {
+    fn default() -> Self {
+        Self {
+            trust: None,
+            modules: HashMap::new(),
+            entries: HashMap::new(),
+        }
+    }
+}
+
 /// The cache; `capacity` 0 turns it off.
-pub(super) struct EvidenceCache {
+pub(super) struct EvidenceCache<M = Module> {
     capacity: usize,
-    state: Mutex<State>,
+    state: Mutex<State<M>>,
 }
 
 fn key_of(method: &str, evidence: &str) -> [u8; 32] {
@@ -76,7 +86,7 @@ fn key_of(method: &str, evidence: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
-impl EvidenceCache {
+impl<M> EvidenceCache<M> {
     pub(super) fn new(capacity: usize) -> Self {
         Self {
             capacity,
@@ -90,7 +100,7 @@ impl EvidenceCache {
     }
 
     /// Forgets everything verified under other snapshots than `u`'s.
-    fn align(state: &mut State, u: &Under<'_>) {
+    fn align(state: &mut State<M>, u: &Under<'_, M>) {
         let same_trust = state.trust.as_ref().is_some_and(|t| Arc::ptr_eq(t, u.trust));
         let same_module = state
             .modules
@@ -108,7 +118,7 @@ impl EvidenceCache {
     }
 
     /// The attestation remembered for this evidence, if still good.
-    pub(super) fn get(&self, u: &Under<'_>) -> Option<Attestation> {
+    pub(super) fn get(&self, u: &Under<'_, M>) -> Option<Attestation> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Self::align(&mut state, u);
         let key = key_of(u.method, u.evidence);
@@ -135,7 +145,7 @@ impl EvidenceCache {
     }
 
     /// Remembers a fresh attestation, if it can be reused safely.
-    pub(super) fn put(&self, u: &Under<'_>, attestation: &Attestation) {
+    pub(super) fn put(&self, u: &Under<'_, M>, attestation: &Attestation) {
         if attestation.single_use.is_some() {
             return;
         }
@@ -176,5 +186,117 @@ impl EvidenceCache {
                 bound_to,
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn attestation(claims: serde_json::Value) -> Attestation {
+        Attestation {
+            method: "k8s_sat".into(),
+            subject: "ns/a/sa/b".into(),
+            selectors: vec!["k8s:ns:a".into()],
+            claims,
+            single_use: None,
+        }
+    }
+
+    struct World {
+        trust: Arc<Snapshot>,
+        module: Arc<()>,
+    }
+
+    impl World {
+        fn new() -> Self {
+            Self {
+                trust: Arc::new(Snapshot::default()),
+                module: Arc::new(()),
+            }
+        }
+
+        fn under<'a>(&'a self, evidence: &'a str, key: Option<&'a str>, now: i64) -> Under<'a, ()> {
+            Under {
+                method: "k8s_sat",
+                evidence,
+                key_sha256: key,
+                trust: &self.trust,
+                module: &self.module,
+                now,
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_is_reused_until_it_expires_and_only_as_presented() {
+        let c = EvidenceCache::<()>::new(16);
+        let w = World::new();
+        c.put(
+            &w.under("tok", None, 100),
+            &attestation(json!({"expires_at": 200, "key_bound": false})),
+        );
+        assert!(c.get(&w.under("tok", Some("any-key"), 150)).is_some());
+        assert!(c.get(&w.under("tok", None, 200)).is_none(), "expired");
+        assert!(c.get(&w.under("tok2", None, 150)).is_none(), "another token");
+    }
+
+    #[test]
+    fn a_key_bound_token_is_reused_only_for_its_key() {
+        let c = EvidenceCache::<()>::new(16);
+        let w = World::new();
+        c.put(
+            &w.under("tok", Some("k1"), 100),
+            &attestation(json!({"expires_at": 200, "key_bound": true})),
+        );
+        assert!(c.get(&w.under("tok", Some("k1"), 150)).is_some());
+        assert!(c.get(&w.under("tok", Some("k2"), 150)).is_none());
+        assert!(c.get(&w.under("tok", None, 150)).is_none());
+    }
+
+    #[test]
+    fn what_cannot_be_reused_safely_is_not_remembered() {
+        let c = EvidenceCache::<()>::new(16);
+        let w = World::new();
+        let no_expiry = attestation(json!({"key_bound": false}));
+        let silent_on_binding = attestation(json!({"expires_at": 200}));
+        let mut single_use = attestation(json!({"expires_at": 200, "key_bound": false}));
+        single_use.single_use = Some(crate::model::SingleUse {
+            id: "x".into(),
+            until: 200,
+        });
+        for (ev, a) in [("a", no_expiry), ("b", silent_on_binding), ("c", single_use)] {
+            c.put(&w.under(ev, None, 100), &a);
+            assert!(c.get(&w.under(ev, None, 150)).is_none(), "{ev}");
+        }
+        assert!(
+            !EvidenceCache::<()>::new(0).applies("k8s_sat"),
+            "capacity 0 turns it off"
+        );
+        assert!(!c.applies("join_token"));
+    }
+
+    #[test]
+    fn new_trust_sources_or_a_new_module_forget_everything() {
+        let c = EvidenceCache::<()>::new(16);
+        let w = World::new();
+        let a = attestation(json!({"expires_at": 200, "key_bound": false}));
+        c.put(&w.under("tok", None, 100), &a);
+        let rotated = World {
+            trust: Arc::new(Snapshot::default()),
+            module: w.module.clone(),
+        };
+        assert!(c.get(&rotated.under("tok", None, 150)).is_none());
+        assert!(
+            c.get(&w.under("tok", None, 150)).is_none(),
+            "forgotten, not set aside"
+        );
+        c.put(&w.under("tok", None, 100), &a);
+        let rebundled = World {
+            trust: w.trust.clone(),
+            module: Arc::new(()),
+        };
+        assert!(c.get(&rebundled.under("tok", None, 150)).is_none());
     }
 }
