@@ -189,6 +189,9 @@ impl Dispatcher {
 
     async fn pass(&self) -> Result<(), crate::store::StoreError> {
         let now = now_unix();
+        // Delivered items leave in one transaction per pass, not one each
+        // (with no webhooks configured, every event is delivered at once).
+        let mut delivered = Vec::new();
         for mut item in self.store.outbox(100).await? {
             if item.next_attempt_at > now {
                 continue;
@@ -232,12 +235,15 @@ impl Dispatcher {
             }
             let all_done = self.hooks.iter().all(|h| item.done.contains(&h.name));
             if all_done {
-                self.store.outbox_update(item.seq, None).await?;
+                delivered.push(item.seq);
             } else if failed {
                 let worst = item.attempts.values().copied().max().unwrap_or(1);
                 item.next_attempt_at = now + (1i64 << (worst - 1).min(9)).min(MAX_BACKOFF_SECONDS);
                 self.store.outbox_update(item.seq, Some(item)).await?;
             }
+        }
+        if !delivered.is_empty() {
+            self.store.outbox_remove(delivered).await?;
         }
         Ok(())
     }

@@ -643,6 +643,12 @@ impl Store {
         .await
     }
 
+    /// Removes delivered outbox items, in one transaction.
+    pub async fn outbox_remove(&self, seqs: Vec<u64>) -> Result<(), StoreError> {
+        self.transact(move |t| seqs.iter().try_for_each(|seq| t.delete_outbox(*seq)))
+            .await
+    }
+
     /// A stored idempotent response.
     pub async fn idempotency_get(&self, key: &str) -> Result<Option<IdempotentResponse>, StoreError> {
         self.backend.idempotent(key).await
