@@ -296,26 +296,13 @@ impl Attestors {
         trust: Arc<Snapshot>,
         context: &Value,
     ) -> Result<Attestation, AttestError> {
-        self.attest_traced(modules, method, evidence, trust, context).0
+        self.attest_traced(modules, method, evidence, trust, context, &mut Vec::new())
     }
 
-    /// [`Attestors::attest_in`], also returning the trust sources' sets the
-    /// module verified against and how each check ended (what `explain`
-    /// shows). Blocking.
+    /// [`Attestors::attest_in`], also noting in `used` the trust sources'
+    /// sets the module verified against and how each check ended (what
+    /// `explain` shows). Blocking.
     pub fn attest_traced(
-        &self,
-        modules: &ModuleSet,
-        method: &str,
-        evidence: &str,
-        trust: Arc<Snapshot>,
-        context: &Value,
-    ) -> (Result<Attestation, AttestError>, Vec<SetUse>) {
-        let mut used = Vec::new();
-        let result = self.run_module(modules, method, evidence, trust, context, &mut used);
-        (result, used)
-    }
-
-    fn run_module(
         &self,
         modules: &ModuleSet,
         method: &str,

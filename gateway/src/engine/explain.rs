@@ -306,9 +306,10 @@ impl Engine {
             );
         }
         let context = json!({ "trust_domain": self.trust_domain });
-        let (result, used) =
+        let mut used = Vec::new();
+        let result =
             self.attestors
-                .attest_traced(&snapshot.modules, &method, evidence, trust, &context);
+                .attest_traced(&snapshot.modules, &method, evidence, trust, &context, &mut used);
         report.checks = used
             .into_iter()
             .map(|u| TrustCheck {
