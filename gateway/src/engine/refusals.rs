@@ -64,6 +64,14 @@ impl RefusalBudget {
         false
     }
 
+    /// Whether a refusal now would be written (without spending the room):
+    /// work that only enriches the record can be skipped when it would not.
+    pub(super) fn has_room(&self) -> bool {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = Instant::now().duration_since(s.refilled).as_secs_f64();
+        (s.tokens + elapsed * PER_SECOND).min(BURST) >= 1.0
+    }
+
     /// The counts suppressed since the last summary, and since when.
     pub(super) fn take_summary(&self) -> Option<(String, Counts)> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -307,7 +307,9 @@ impl Engine {
         error: &EngineError,
     ) -> String {
         let mut refusal = caller_refusal(operation, attestation);
-        if matches!(error, EngineError::NotRegistered) {
+        // The explanation only enriches the record: under a flood of
+        // refusals, past the refusal budget, it is not worked out at all.
+        if matches!(error, EngineError::NotRegistered) && self.refusals.has_room() {
             let (engine, a) = (self.clone(), attestation.clone());
             let report = self
                 .blocking(move || Ok(engine.entries_dry(&engine.policies.snapshot(), &a)))
